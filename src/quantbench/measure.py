@@ -1,0 +1,108 @@
+"""What a saved model costs: bytes on disk, bytes of weights, bits per weight, and peak memory while running."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+GB = 1e9
+
+
+def disk_bytes(folder: str | Path) -> int:
+    """Every file of the saved model, tokenizer and configs included: what a user downloads."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def safetensors_index(folder: str | Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, bytes) for every tensor in the folder's safetensors files, read from headers only."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            out[name] = (meta["dtype"], meta["shape"], end - start)
+    return out
+
+
+def weight_bytes(folder: str | Path) -> int:
+    """Bytes of all stored tensors: the weights a GPU holds after loading, without tokenizer and configs."""
+    return sum(b for _, _, b in safetensors_index(folder).values())
+
+
+def bits_per_weight(folder: str | Path, linear_shapes: dict[str, tuple[int, int]]) -> float:
+    """Average stored bits per weight of the quantizable linear layers, scales, zeros and codebooks included.
+
+    `linear_shapes` maps each linear layer of the *original* model (e.g. 'model.layers.0.mlp.up_proj') to its
+    (out, in) shape; every stored tensor under that prefix (weight, qweight, scales, qzeros, codes, ...) counts.
+    """
+    index = safetensors_index(folder)
+    stored = 0
+    for prefix in linear_shapes:
+        stored += sum(b for name, (_, _, b) in index.items() if name.startswith(prefix + "."))
+    n_weights = sum(o * i for o, i in linear_shapes.values())
+    return 8 * stored / n_weights
+
+
+def linear_shapes(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of every nn.Linear of an unquantized model, except the output head."""
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith(skip)
+    }
+
+
+class PeakMemory:
+    """Peak process memory (RSS, sampled every 20 ms) and peak CUDA memory over a `with` block.
+
+    RSS is sampled rather than read from ru_maxrss because that one never goes down between the jobs of a
+    multirun, which all run in one process.
+    """
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self.peak_cuda = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        proc = psutil.Process()
+        self.peak_rss = proc.memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval_s):
+                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
+        if torch.cuda.is_available():
+            self.peak_cuda = torch.cuda.max_memory_allocated()
+
+
+class Stopwatch:
+    """`with Stopwatch() as t: ...; t.seconds`"""
+
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

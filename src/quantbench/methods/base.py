@@ -1,0 +1,55 @@
+"""The interface every method implements, and the helpers most of them share."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from quantbench.errors import ConfigError
+from quantbench.models import SourceModel
+from quantbench.tracking import library_version
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype {name!r} is not a torch dtype; use float16, bfloat16 or float32.")
+    return dtype
+
+
+class Method:
+    """Quantize a source model, save it in a serving format, and hand back the in-memory model.
+
+    Subclasses set `library` (the pip distribution doing the work) and `quant_format` (what is on disk), and
+    implement `quantize`. The saved folder is the artifact: it is never re-saved after loading, because some
+    formats do not survive a save of a loaded model.
+    """
+
+    library: str = "transformers"
+    quant_format: str = "safetensors"
+    needs_calibration: bool = False
+
+    def __init__(self, name: str, **knobs):
+        self.name = name
+        self.knobs = knobs
+
+    def validate(self, model_config, hardware: DictConfig) -> None:
+        """Raise ConfigError for settings this method cannot honour on this model and hardware. Cheap."""
+
+    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
+                 calibration: list[str] | None = None) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def tags(self) -> dict[str, str]:
+        return {"method": self.name, "quant_library": self.library,
+                "quant_library_version": library_version(self.library), "quant_format": self.quant_format}
+
+
+def linear_kernel(model: torch.nn.Module, linear_names: list[str]) -> str:
+    """Which module classes actually run the (formerly nn.Linear) layers, read from the loaded model."""
+    modules = dict(model.named_modules())
+    kinds = Counter(f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" for n in linear_names if n in modules)
+    return ", ".join(f"{k} x{c}" for k, c in kinds.most_common()) or "unknown"

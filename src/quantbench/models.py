@@ -1,0 +1,117 @@
+"""Resolving a model reference (embedded default, local folder or hub id) and loading it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from quantbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass
+class SourceModel:
+    """A model that exists: a local folder, or a hub id that is cached or reachable."""
+
+    name: str
+    reference: str  # what the user wrote
+    path_or_id: str  # what from_pretrained gets
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path_or_id).is_dir()
+
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path_or_id, revision=self.revision, trust_remote_code=self.trust_remote_code)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path_or_id, revision=self.revision, trust_remote_code=self.trust_remote_code)
+
+    def load(self, dtype: torch.dtype, device: str, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.path_or_id,
+            revision=self.revision,
+            dtype=dtype,
+            device_map=device,
+            trust_remote_code=self.trust_remote_code,
+            **kwargs,
+        )
+
+
+def resolve(model_cfg: DictConfig, cache_dir: str | Path) -> SourceModel:
+    """Turn `model.pretrained` into a SourceModel, or raise ConfigError without loading any weights."""
+    ref = str(model_cfg.pretrained)
+    common = dict(name=model_cfg.name, reference=ref, revision=model_cfg.get("revision"),
+                  trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    if ref.startswith(EMBEDDED_PREFIX):
+        return SourceModel(path_or_id=str(embedded_root(ref, cache_dir) / "model"), **common)
+    if _looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"model.pretrained={ref!r}: no such folder. Give an existing local model folder "
+                              f"(with config.json), a hub id such as 'meta-llama/Llama-3.1-8B-Instruct', "
+                              f"or 'embedded:tiny' for the built-in model.")
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.pretrained={ref!r}: the folder exists but has no config.json, so it is not "
+                              f"a Hugging Face model folder.")
+        return SourceModel(path_or_id=str(path.resolve()), **common)
+    return SourceModel(path_or_id=_resolve_hub_id(ref, model_cfg.get("revision")), **common)
+
+
+def embedded_root(ref: str, cache_dir: str | Path) -> Path:
+    """The folder of an embedded fixture (model/ and tasks/), built on first use."""
+    from quantbench.fixtures import tiny
+
+    name = ref.removeprefix(EMBEDDED_PREFIX)
+    if name != "tiny":
+        raise ConfigError(f"{ref!r}: unknown embedded model {name!r}; the only embedded model is 'embedded:tiny'.")
+    return tiny.build(cache_dir=Path(cache_dir) / "quantbench")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or os.path.isdir(ref) or ref.count("/") > 1
+
+
+def hub_offline() -> bool:
+    """True when the hub cannot be used: HF_HUB_OFFLINE is set or huggingface.co is unreachable (3 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection(HUB_HOST, timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
+    """A hub id resolves to its cached snapshot when there is one; otherwise the hub must be reachable."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                 allow_patterns=["config.json", "*.safetensors", "*.json", "*.model"])
+    except Exception:  # not (fully) cached
+        pass
+    if hub_offline():
+        raise ConfigError(f"model.pretrained={repo_id!r} is a hub id, it is not in the local Hugging Face cache, and "
+                          f"the hub cannot be reached (offline or HF_HUB_OFFLINE=1). Download it first "
+                          f"(`huggingface-cli download {repo_id}`) or point model.pretrained at a local folder.")
+    return repo_id

@@ -1,0 +1,159 @@
+"""One job, one process: validate -> track -> load+quantize+save -> measure -> evaluate -> benchmark -> log.
+
+The pipeline knows steps, not methods: everything method-specific sits behind `methods.base.Method`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from quantbench import bench, calibration, evaluation, measure, models
+from quantbench.errors import ConfigError
+from quantbench.methods.base import Method, linear_kernel, torch_dtype
+from quantbench.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything a job needs, checked before any weights are loaded."""
+
+    method: Method
+    source: models.SourceModel
+    model_config: object
+    linear_shapes: dict[str, tuple[int, int]]  # the source model's quantizable layers, for bits per weight
+    eval_plan: evaluation.EvalPlan | None
+    bench_plan: bench.BenchPlan | None
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
+    hw = cfg.hardware
+    torch_dtype(hw.dtype)
+    if hw.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"hardware={hw.name} asks for device {hw.device!r} but no CUDA GPU is visible; "
+                          f"use hardware=cpu on this machine.")
+    try:
+        method: Method = hydra.utils.instantiate(cfg.method)
+    except Exception as exc:
+        raise ConfigError(f"method={cfg.method.get('name')}: cannot build it from its config: {exc}") from exc
+    bench_plan = bench.plan(cfg.bench)
+    if method.needs_calibration:
+        calibration.check(cfg.calibration)
+    source = models.resolve(cfg.model, cfg.paths.cache)
+    model_config = source.config()
+    method.validate(model_config, hw)
+    eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
+    return Job(method, source, model_config, _linear_shapes(model_config), eval_plan, bench_plan)
+
+
+def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
+    """Run one job and return its metrics (Hydra sweepers can optimise on them)."""
+    out_dir = Path(out_dir or _job_output_dir()) / "model"
+    tracker = Tracker(cfg.tracking)
+    tags = {"model": cfg.model.name, "hardware": cfg.hardware.name, "eval": cfg.eval.name, "bench": cfg.bench.name,
+            "method": cfg.method.name, **_sweep_tags()}
+    metrics: dict[str, float] = {}
+    with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags):
+        try:
+            job = prepare(cfg)
+        except ConfigError as exc:
+            log.error("Bad input: %s", exc)
+            raise
+        tracker.set_tags(job.method.tags())
+        model = None
+        try:
+            with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
+                calib = calibration.texts(cfg.calibration, cfg.paths.cache) if job.method.needs_calibration else None
+                log.info("Quantizing %s with %s", job.source.reference, job.method.name)
+                model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
+            tokenizer = job.source.tokenizer()
+            tokenizer.save_pretrained(out_dir)
+            metrics |= {
+                "quantize_s": quantize_time.seconds,
+                "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
+                "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
+                "bits_per_weight": measure.bits_per_weight(out_dir, job.linear_shapes),
+                "quantize_peak_mem_gb": _peak_gb(mem),
+            }
+            tracker.log_metrics(metrics)
+            tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
+
+            if job.eval_plan is not None:
+                with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
+                    result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
+                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": _peak_gb(mem)}
+                tracker.log_metrics(metrics)
+                tracker.log_json(result.results, "eval/results.json")
+                tracker.log_json(result.samples, "eval/samples.json")
+
+            if job.bench_plan is not None:
+                backend = bench.load_backend(job.bench_plan.backend)
+                with measure.PeakMemory() as mem:
+                    speed = backend.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
+                metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
+                tracker.log_metrics(metrics)
+                tracker.set_tags(speed.tags)
+                tracker.log_json(speed.detail, "bench/benchmark.json")
+
+            metrics["peak_mem_gb"] = max(v for k, v in metrics.items() if k.endswith("_peak_mem_gb"))
+            tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
+            if cfg.tracking.get("log_model", True):
+                tracker.log_folder(out_dir, "model")
+        finally:
+            del model
+            _release_memory()
+    log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics
+
+
+def _linear_shapes(model_config) -> dict[str, tuple[int, int]]:
+    """Shapes of the source model's linear layers, from its config alone (meta device: no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    return measure.linear_shapes(skeleton)
+
+
+def _peak_gb(mem: measure.PeakMemory) -> float:
+    return (mem.peak_cuda if mem.peak_cuda else mem.peak_rss) / measure.GB
+
+
+def _release_memory() -> None:
+    """The jobs of a multirun share one process: free this job's memory before the next starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _job_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.output_dir
+    return tempfile.mkdtemp(prefix="quantbench-")
+
+
+def _sweep_tags() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    tags = {"hydra_output_dir": hc.runtime.output_dir}
+    if hc.mode == RunMode.MULTIRUN:
+        tags |= {"sweep_id": Path(hc.sweep.dir).name, "sweep_dir": str(hc.sweep.dir), "job_num": str(hc.job.num),
+                 "overrides": " ".join(hc.overrides.task)}
+    return tags

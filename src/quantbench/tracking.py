@@ -1,0 +1,134 @@
+"""The only module that talks to MLflow: one run per job, params from the resolved config, metrics as they come.
+
+Runs are started before any heavy work so that a job that fails (bad input, an exception mid-way) still
+leaves a FAILED run with the reason, and everything logged up to that point stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000
+TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def library_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin wrapper that knows where the store is and which experiment a study logs to."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        if cfg.uri.startswith("sqlite:///"):
+            Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(cfg.uri)
+        self.client = MlflowClient(cfg.uri)
+        self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
+
+    def _experiment_id(self, name: str, artifact_root: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if artifact_root:
+            Path(artifact_root).mkdir(parents=True, exist_ok=True)
+            location = Path(artifact_root).resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created by a concurrent job in the meantime
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    @contextmanager
+    def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Iterator["Tracker"]:
+        """Start a run with params and the config YAML; on an exception, end it FAILED with the reason."""
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as active:
+            self.run_id = active.info.run_id
+            mlflow.set_tags({**self.environment_tags(), **tags})
+            resolved = OmegaConf.to_container(job_cfg, resolve=True)
+            self.log_params(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
+            mlflow.log_text(OmegaConf.to_yaml(job_cfg, resolve=True), "config/config.yaml")
+            try:
+                yield self
+            except BaseException as exc:
+                reason = str(exc).strip() or type(exc).__name__
+                mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
+                mlflow.end_run(status="FAILED")
+                raise
+
+    @staticmethod
+    def environment_tags() -> dict[str, str]:
+        import torch
+
+        tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
+        tags.update({
+            "git_commit": git_commit(),
+            "host.platform": platform.platform(),
+            "host.cpu_count": str(os.cpu_count()),
+            "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        })
+        return tags
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if clean:
+            mlflow.log_metrics(clean)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(json.dumps(obj, indent=2, default=str))
+            mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def log_folder(self, folder: str | Path, artifact_path: str) -> None:
+        mlflow.log_artifacts(str(folder), artifact_path)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return mlflow.get_artifact_uri(artifact_path)

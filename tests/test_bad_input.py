@@ -1,0 +1,80 @@
+"""Bad input: a clear error naming the bad value before any model is loaded, a non-zero exit, and a FAILED
+MLflow run that says why; the other jobs of a sweep still run."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from conftest import ROOT, run_cli
+from quantbench import bench, models, pipeline
+from quantbench.errors import ConfigError
+
+
+def cfg_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("bench.streams=[0,8]", "bench.streams=[0, 8]"),
+    ("bench.prompt_tokens=-5", "bench.prompt_tokens=-5"),
+    ("bench.output_tokens=0", "bench.output_tokens=0"),
+    ("bench.backend=tensorrt", "'tensorrt'"),
+])
+def test_nonsensical_bench_values_are_named(override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        bench.plan(cfg_with(override).bench)
+    assert needle in str(err.value)
+
+
+def test_missing_model_folder_is_named():
+    cfg = cfg_with("model.pretrained=/no/such/model")
+    with pytest.raises(ConfigError) as err:
+        models.resolve(cfg.model, "/tmp")
+    assert "/no/such/model" in str(err.value) and "no such folder" in str(err.value)
+
+
+def test_hub_id_while_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = cfg_with("model=llama-3.1-8b-instruct")
+    with pytest.raises(ConfigError) as err:
+        models.resolve(cfg.model, "/tmp")
+    assert "meta-llama/Llama-3.1-8B-Instruct" in str(err.value) and "offline" in str(err.value)
+
+
+def test_unknown_eval_task_names_the_known_ones(tiny_root):
+    cfg = cfg_with("eval.tasks=[tiny_facts,no_such_task]")
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg)
+    assert "no_such_task" in str(err.value) and "tiny_arith" in str(err.value)
+
+
+def test_gpu_hardware_without_a_gpu_is_refused(tiny_root):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        pipeline.prepare(cfg_with("hardware=h100"))
+
+
+def test_unknown_method_lists_the_valid_choices(tmp_path):
+    store = run_cli("method=awqq", mlruns=tmp_path / "mlruns", workdir=tmp_path, check=False, timeout=300)
+    assert store.result.returncode != 0
+    assert "awqq" in store.result.stdout and "fp16" in store.result.stdout and "bnb_nf4" in store.result.stdout
+
+
+@pytest.mark.e2e
+def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, tiny_root):
+    store = run_cli("-m", "model.pretrained=/no/such/model,embedded:tiny", "method=fp16", "eval=none", "bench=none",
+                    mlruns=tmp_path / "mlruns", workdir=tmp_path, check=False)
+    assert store.result.returncode != 0
+    assert "/no/such/model" in store.result.stdout
+    failed, finished = store.runs()
+    assert failed.info.status == "FAILED" and finished.info.status == "FINISHED"
+    assert "/no/such/model" in failed.data.tags["failure_reason"]
+    assert "disk_gb" not in failed.data.metrics  # failed before any model was loaded
+    assert failed.data.params["model.pretrained"] == "/no/such/model"  # what was logged is kept
+    assert finished.data.metrics["disk_gb"] > 0

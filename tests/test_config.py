@@ -1,0 +1,63 @@
+"""Configuration is the interface: every option of every group composes, and builds what it names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ["method", "model", "eval", "hardware", "bench", "calibration", "tracking"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_resolves(group, option):
+    from omegaconf import OmegaConf
+
+    cfg = compose_with(f"{group}={option}")
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("option", options("method"))
+def test_every_method_config_builds_its_method(option):
+    from quantbench.methods.base import Method
+
+    method = instantiate(compose_with(f"method={option}").method)
+    assert isinstance(method, Method) and method.name == option
+
+
+def test_the_defaults_are_the_offline_embedded_setup():
+    cfg = compose_with()
+    assert (cfg.method.name, cfg.model.name, cfg.eval.name, cfg.hardware.name, cfg.tracking.name) == (
+        "fp16", "tiny", "tiny", "cpu", "local")
+    assert cfg.tracking.uri.startswith("sqlite:///") and cfg.tracking.uri.endswith("mlruns/mlflow.db")
+
+
+def test_hardware_configs_carry_datasheet_bandwidth():
+    for option in options("hardware"):
+        hw = compose_with(f"hardware={option}").hardware
+        if hw.device == "cuda":
+            assert hw.memory_bandwidth_gbs > 500 and hw.memory_gb >= 24
+
+
+def test_help_explains_usage():
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "python run.py -m method=fp16,bnb_nf4" in out.stdout
+    for group in GROUPS:
+        assert f"{group}:" in out.stdout

@@ -1,0 +1,87 @@
+"""The walking skeleton, end to end: `python run.py -m` (the default sweep) through real Hydra, real lm-eval,
+real bitsandbytes and a real MLflow store; the assertions read what the store holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EXPECTED_METRICS = ["disk_gb", "weight_gb", "bits_per_weight", "peak_mem_gb", "quantize_s", "tiny_facts_acc",
+                    "tiny_facts_acc_stderr", "tiny_arith_acc", "tokens_per_s_1_stream", "tokens_per_s_8_streams",
+                    "tokens_per_s_1_stream_min", "tokens_per_s_1_stream_max", "ttft_s_1_stream"]
+
+
+@pytest.fixture(scope="module")
+def runs(default_sweep):
+    return {r.data.tags["method"]: r for r in default_sweep.runs()}
+
+
+def test_the_default_sweep_finishes_one_run_per_method(runs, default_sweep):
+    assert sorted(runs) == ["bnb_nf4", "fp16"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert len({r.data.tags["sweep_id"] for r in runs.values()}) == 1  # one sweep, one tag
+
+
+def test_each_run_logs_the_metrics_with_units(runs):
+    for method, run in runs.items():
+        missing = [m for m in EXPECTED_METRICS if m not in run.data.metrics]
+        assert not missing, f"{method} lacks {missing}"
+        assert run.data.metrics["tokens_per_s_8_streams"] > 0
+
+
+def test_params_are_the_resolved_config_and_tags_say_where_it_ran(runs):
+    run = runs["bnb_nf4"]
+    assert run.data.params["method.quant_type"] == "nf4"
+    assert run.data.params["bench.streams"] == "[1, 8]"
+    assert run.data.params["model.pretrained"] == "embedded:tiny"
+    for tag in ("version.torch", "version.transformers", "quant_library_version", "git_commit", "hardware"):
+        assert run.data.tags[tag]
+    assert run.data.tags["quant_library"] == "bitsandbytes"
+    assert "Linear4bit" in run.data.tags["eval_kernel"]
+    assert "torch.nn.modules.linear.Linear" in runs["fp16"].data.tags["eval_kernel"]
+
+
+def test_fp16_scores_at_least_0_8_and_nf4_is_logged_beside_it(runs):
+    fp16 = runs["fp16"].data.metrics
+    assert (fp16["tiny_facts_acc"] + fp16["tiny_arith_acc"]) / 2 >= 0.8
+    nf4 = runs["bnb_nf4"].data.metrics
+    assert 0.25 < nf4["tiny_facts_acc"] <= 1.0
+
+
+def test_nf4_is_smaller_on_disk_and_about_4_bits_per_weight(runs):
+    fp16, nf4 = runs["fp16"].data.metrics, runs["bnb_nf4"].data.metrics
+    assert fp16["bits_per_weight"] == 16
+    assert 4.0 < nf4["bits_per_weight"] < 4.6
+    assert nf4["weight_gb"] < 0.6 * fp16["weight_gb"]
+
+
+def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(runs, default_sweep, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(default_sweep.uri)
+    for method, run in runs.items():
+        names = {a.path for a in default_sweep.client.list_artifacts(run.info.run_id)}
+        assert {"config", "eval", "bench", "model"} <= names
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model", dst_path=str(tmp_path / method))
+        script = (
+            "import sys, torch\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "ids = t('Q: What is 2 plus 3? A:', return_tensors='pt').input_ids\n"
+            "out = m.generate(ids, max_new_tokens=2, do_sample=False)\n"
+            "print('GENERATED', t.decode(out[0, ids.shape[1]:]))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script, local], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "GENERATED 5" in out.stdout, out.stdout
+
+
+def test_sweep_folders_go_under_multirun(default_sweep):
+    sweep_dirs = list(Path(default_sweep.artifacts).parents[1].glob("multirun/*/.hydra")) + list(
+        Path(default_sweep.artifacts).parents[1].glob("multirun/*/*/.hydra"))
+    assert sweep_dirs

@@ -1,0 +1,50 @@
+"""What a saved model costs, computed from the files on disk."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from quantbench import measure
+
+
+def test_bits_per_weight_counts_every_tensor_of_a_quantized_layer(tmp_path):
+    # a 4-bit layer of 256x512 with group size 128: packed int32 weights + fp16 scales + packed zeros
+    out_f, in_f, group = 256, 512, 128
+    save_file({
+        "layer.qweight": torch.zeros(in_f // 8, out_f, dtype=torch.int32),
+        "layer.scales": torch.zeros(in_f // group, out_f, dtype=torch.float16),
+        "layer.qzeros": torch.zeros(in_f // group, out_f // 8, dtype=torch.int32),
+        "other.weight": torch.zeros(1000, dtype=torch.float32),  # not a quantized layer: not counted
+    }, tmp_path / "model.safetensors")
+    bpw = measure.bits_per_weight(tmp_path, {"layer": (out_f, in_f)})
+    assert bpw == 4 + 16 / group + 4 / group
+
+
+def test_unquantized_bf16_is_16_bits_per_weight(tmp_path):
+    save_file({"a.weight": torch.zeros(64, 32, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    assert measure.bits_per_weight(tmp_path, {"a": (64, 32)}) == 16
+
+
+def test_disk_and_weight_bytes(tmp_path):
+    save_file({"w": torch.zeros(1000, dtype=torch.float16)}, tmp_path / "model.safetensors")
+    (tmp_path / "tokenizer.json").write_text("x" * 100)
+    assert measure.weight_bytes(tmp_path) == 2000
+    assert measure.disk_bytes(tmp_path) > 2100  # weights + header + tokenizer
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with measure.PeakMemory() as mem:
+        base = mem.peak_rss
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+        block.add_(1)
+        import time
+
+        time.sleep(0.1)
+        del block
+    assert mem.peak_rss - base > 50 * 2**20
+
+
+def test_linear_shapes_skip_the_output_head():
+    net = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 4), "lm_head": torch.nn.Linear(4, 100)})
+    assert measure.linear_shapes(net) == {"proj": (4, 8)}
