@@ -97,9 +97,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
                 tracker.log_json(result.samples, "eval/samples.json")
 
             if job.bench_plan is not None:
-                backend = bench.load_backend(job.bench_plan.backend)
                 with measure.PeakMemory() as mem:
-                    speed = backend.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
+                    speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
                 metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
                 tracker.log_metrics(metrics)
                 tracker.set_tags(speed.tags)

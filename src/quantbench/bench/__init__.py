@@ -67,6 +67,11 @@ def load_backend(name: str):
     return importlib.import_module(f"quantbench.bench.{name}")
 
 
+def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig) -> BenchResult:
+    """Benchmark with the planned backend: the in-memory model (hf) or the saved folder (vllm)."""
+    return load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
+
+
 def stream_label(n: int) -> str:
     return f"{n}_stream" if n == 1 else f"{n}_streams"
 
