@@ -15,6 +15,13 @@ HUB_DATASETS = {
     "Salesforce/wikitext": dict(name="wikitext-2-raw-v1", split="train"),
 }
 
+# For fingerprinting artifacts of real models when no calibration text was loaded (fp16, bitsandbytes).
+ENGLISH_PROBE = (
+    "The quick brown fox jumps over the lazy dog. Quantization stores the weights of a neural network with fewer "
+    "bits, trading a little accuracy for memory and speed. Large language models read text as tokens and predict "
+    "the next token from the ones before it, one step at a time."
+)
+
 
 def check(cfg: DictConfig) -> None:
     """Fail fast: sizes make sense, and a hub dataset is only asked for when the hub can be reached."""

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from quantbench import bench, calibration, evaluation, measure, models
+from quantbench import bench, calibration, evaluation, fingerprint, measure, models
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.tracking import Tracker
@@ -72,8 +73,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
         tracker.set_tags(job.method.tags())
         model = None
         try:
+            calib = _calibration(cfg, job, seed=int(cfg.calibration.seed))
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
-                calib = calibration.texts(cfg.calibration, cfg.paths.cache) if job.method.needs_calibration else None
                 log.info("Quantizing %s with %s", job.source.reference, job.method.name)
                 model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
             tokenizer = job.source.tokenizer()
@@ -88,6 +89,11 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
             tracker.log_metrics(metrics)
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
+            probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
+            metrics |= fingerprint.verify(model, out_dir, probe, cfg.hardware.device)
+            tracker.log_metrics(metrics)
+            tracker.set_tags({"artifact_verified": "true"})
+
             if job.eval_plan is not None:
                 with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
                     result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
@@ -95,6 +101,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
                 tracker.log_metrics(metrics)
                 tracker.log_json(result.results, "eval/results.json")
                 tracker.log_json(result.samples, "eval/samples.json")
+                metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker)
 
             if job.bench_plan is not None:
                 with measure.PeakMemory() as mem:
@@ -113,6 +120,49 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
             _release_memory()
     log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:
+    if not job.method.needs_calibration:
+        return None
+    return calibration.texts(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
+
+
+def _probe_text(cfg: DictConfig) -> str:
+    """Text for the artifact fingerprint: the model's own language for the embedded model, English otherwise."""
+    if str(cfg.calibration.dataset).startswith(models.EMBEDDED_PREFIX):
+        return calibration.texts(cfg.calibration, cfg.paths.cache)[0]
+    return calibration.ENGLISH_PROBE
+
+
+def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, float], tracker: Tracker) -> dict[str, float]:
+    """Re-quantize with calibration seeds seed+1 .. seed+repeats-1, evaluate each, log mean and spread.
+
+    Only calibrated methods are repeated: re-running a deterministic quantizer and evaluation gives the same
+    number again and measures nothing. The artifact, the benchmark and `<task>_acc` stay those of the first seed.
+    """
+    repeats = int(cfg.get("repeats", 1))
+    if repeats < 2 or not job.method.needs_calibration:
+        return {}
+    accs = {k: [v] for k, v in first.items() if k.endswith("_acc")}
+    tracker.log_metrics({f"{k}_repeat": v[0] for k, v in accs.items()}, step=0)
+    base = int(cfg.calibration.seed)
+    for r in range(1, repeats):
+        log.info("Repeat %d/%d: re-quantizing with calibration seed %d", r + 1, repeats, base + r)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = job.method.quantize(job.source, Path(tmp), cfg.hardware, _calibration(cfg, job, base + r))
+            result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
+            del model
+            _release_memory()
+        for k in accs:
+            accs[k].append(result.metrics[k])
+        tracker.log_metrics({f"{k}_repeat": result.metrics[k] for k in accs}, step=r)
+    out = {"acc_repeats": float(repeats)}
+    for k, values in accs.items():
+        out[f"{k}_mean"] = statistics.mean(values)
+        out[f"{k}_std"] = statistics.stdev(values)
+    tracker.log_metrics(out)
+    return out
 
 
 def _linear_shapes(model_config) -> dict[str, tuple[int, int]]:

@@ -113,10 +113,10 @@ class Tracker:
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
-            mlflow.log_metrics(clean)
+            mlflow.log_metrics(clean, step=step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
