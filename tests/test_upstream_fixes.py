@@ -1,0 +1,124 @@
+"""Each workaround in quantbench.methods._upstream_fixes, twice: the raw upstream code still has the defect (when
+this fails, upstream fixed it: delete the workaround), and the workaround still works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantbench.methods import _upstream_fixes
+
+no_accelerator = pytest.mark.skipif(torch.accelerator.is_available(),
+                                    reason="the pin_memory defect only shows without an accelerator")
+
+
+def _cache_with_one_cpu_tensor():
+    from llmcompressor.pipelines.cache import IntermediatesCache, IntermediateValue
+
+    value = torch.arange(4.0)
+    return IntermediatesCache([{"x": IntermediateValue(value=value, device=None)}], offload_device=None), value
+
+
+# --- llm-compressor 0.14: AWQ pins memory without an accelerator --------------------------------------------------
+
+
+@no_accelerator
+def test_llmcompressor_still_pins_memory_without_an_accelerator():
+    with _upstream_fixes.llmcompressor_scope():  # only to keep the import's environment changes out of this process
+        cache, _ = _cache_with_one_cpu_tensor()
+    with pytest.raises(RuntimeError, match="accelerator"):
+        cache.pin_memory(0)
+
+
+@no_accelerator
+def test_llmcompressor_scope_skips_pinning_then_puts_everything_back(monkeypatch):
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    original = IntermediatesCache.pin_memory
+    with _upstream_fixes.llmcompressor_scope():
+        cache, value = _cache_with_one_cpu_tensor()
+        cache.pin_memory(0)  # no error
+        assert cache.fetch(0)["x"] is value
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # what llm-compressor's Oneshot does
+    assert IntermediatesCache.pin_memory is original
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+
+
+def test_llmcompressor_scope_releases_the_sessions_model():
+    from llmcompressor.core import active_session
+
+    with _upstream_fixes.llmcompressor_scope():
+        active_session().state.model = torch.nn.Linear(2, 2)  # what oneshot leaves behind
+    assert active_session().state.model is None
+
+
+# --- GPTQModel 7.6: import rewrites os.environ; its thread pool cannot be built on 1-2 cores -----------------------
+
+# Runs in a fresh interpreter (the import's effects happen once per process), as if the machine had 2 cores.
+PROBE = """
+import json, os, sys
+os.cpu_count = lambda: 2
+for key in ("GPTQMODEL_CPU_WORKERS", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE"):
+    os.environ.pop(key, None)
+before = dict(os.environ)
+fixed = sys.argv[1] == "fixed"
+pool_error = None
+if fixed:
+    from quantbench.methods._upstream_fixes import gptqmodel_scope
+    with gptqmodel_scope():
+        import gptqmodel
+        try:
+            gptqmodel.get_device_thread_pool()
+        except ValueError as exc:
+            pool_error = str(exc)
+else:
+    import gptqmodel
+    try:
+        gptqmodel._build_device_thread_pool()
+    except ValueError as exc:
+        pool_error = str(exc)
+after = dict(os.environ)
+changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+print(json.dumps({"changed": changed, "pool_error": pool_error}))
+os._exit(0)  # the pool's worker threads would keep the interpreter alive
+"""
+
+
+def _probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.e2e
+def test_gptqmodel_still_changes_the_environment_and_cannot_build_its_pool_on_2_cores():
+    raw = _probe("raw")
+    assert "HF_HOME" in raw["changed"], raw  # tokenicer's /tmp/tokenicer_hf_home
+    assert raw["pool_error"] and "model_loader:cpu" in raw["pool_error"], raw
+
+
+@pytest.mark.e2e
+def test_gptqmodel_scope_keeps_the_environment_and_builds_the_pool_on_2_cores():
+    fixed = _probe("fixed")
+    assert fixed == {"changed": [], "pool_error": None}
+
+
+def test_gptqmodel_still_logs_into_the_working_directory_and_the_scope_redirects_it(tmp_path):
+    """Upstream writes per-layer logs to ./logs; inside gptqmodel_scope(log_dir=...) they go to the job folder."""
+    from pathlib import Path
+
+    from quantbench.methods._upstream_fixes import gptqmodel_scope
+
+    with gptqmodel_scope():
+        from gptqmodel.looper import loop_processor
+    assert loop_processor._PROJECT_LOG_DIR == Path("logs")  # fails once upstream stops writing into the cwd
+    with gptqmodel_scope(log_dir=tmp_path):
+        assert loop_processor._PROJECT_LOG_DIR == tmp_path
+    assert loop_processor._PROJECT_LOG_DIR == Path("logs")
