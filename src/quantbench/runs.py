@@ -1,0 +1,317 @@
+"""Reading a sweep back from MLflow: the one place report, registry and recommend get their runs from.
+
+Every consumer needs the same things: the runs of one sweep (summary runs excluded), one comparable label
+per run, the FP16 baseline, and the paired per-task accuracy differences against it. Runs that FAILED, never
+finished, or were expected by the sweep but logged nothing stay in the selection as such, so that nothing
+downstream can silently turn them into zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from quantbench import stats
+
+log = logging.getLogger(__name__)
+
+SUMMARY_TAG = "quantbench.summary"
+ALL_SWEEPS = "all"
+ROOT = Path(os.environ.get("QUANTBENCH_ROOT") or Path(__file__).resolve().parents[2])
+DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+_ACC = re.compile(r"^(?P<task>.+)_acc$")
+_TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
+# Overrides that say where things go, not what was measured: useless for telling two runs apart.
+_LOCATION_KEYS = ("paths.", "tracking.", "hydra.")
+
+
+def stream_label(n: int) -> str:
+    return f"{n}_stream" if n == 1 else f"{n}_streams"
+
+
+@dataclass
+class RunRow:
+    """One run of the sweep, or a placeholder for a job the sweep expected but that logged no run."""
+
+    run_id: str | None
+    method: str
+    status: str  # FINISHED, FAILED, RUNNING, KILLED, SCHEDULED, or MISSING
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifact_uri: str | None = None
+    start_time: int = 0
+    label: str = ""
+
+    @classmethod
+    def from_run(cls, run: Run) -> "RunRow":
+        tags = dict(run.data.tags)
+        method = tags.get("method") or run.data.params.get("method.name") or run.info.run_name or "?"
+        return cls(run.info.run_id, method, run.info.status, dict(run.data.metrics), dict(run.data.params), tags,
+                   run.info.artifact_uri, run.info.start_time or 0, label=method)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self.tags.get("failure_reason")
+
+    @property
+    def status_text(self) -> str:
+        """What the tables show instead of numbers a run does not have."""
+        if self.status == "FAILED":
+            return f"FAILED: {self.failure_reason or 'no reason logged'}"
+        if self.status == "MISSING":
+            return "MISSING: the sweep expected this job but it logged no run"
+        if self.status in ("RUNNING", "SCHEDULED"):
+            return f"UNFINISHED ({self.status}: still running, or killed before it could end)"
+        return self.status
+
+    def short_status(self, limit: int = 160) -> str:
+        """One line for a table cell or a log line: the reason's start and its last line (usually the exception)."""
+        text = self.status_text
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(text) <= limit and len(lines) <= 1:
+            return text
+        last = lines[-1][: limit // 2] if len(lines) > 1 else ""
+        return " ".join(text[: limit - len(last) - 2].split()) + "… " + last
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8] if self.run_id else "—"
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this run was asked to evaluate (config), else those it has accuracies for."""
+        try:
+            listed = json.loads(self.params.get("eval.tasks", "null"))
+        except json.JSONDecodeError:
+            listed = None
+        if isinstance(listed, list) and listed:
+            return [str(t) for t in listed]
+        return sorted(m["task"] for k in self.metrics if (m := _ACC.match(k)))
+
+    def acc(self, task: str) -> float | None:
+        """The task's accuracy; with calibration repeats and no single value, their mean."""
+        value = self.metrics.get(f"{task}_acc")
+        return value if value is not None else self.metrics.get(f"{task}_acc_mean")
+
+    def mean_acc(self, tasks: list[str] | None = None) -> float | None:
+        """Mean accuracy over tasks; None unless every task has one (a partial mean would flatter a run)."""
+        values = [self.acc(t) for t in (tasks or self.tasks)]
+        if not values or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)
+
+    def mean_acc_stderr(self, tasks: list[str] | None = None) -> float | None:
+        errs = [self.metrics.get(f"{t}_acc_stderr") for t in (tasks or self.tasks)]
+        if not errs or any(e is None for e in errs):
+            return None
+        return sum(e * e for e in errs) ** 0.5 / len(errs)
+
+    @property
+    def streams(self) -> list[int]:
+        return sorted(int(m["n"]) for k in self.metrics if (m := _TPS.match(k)))
+
+    def tokens_per_s(self, n: int = 1) -> float | None:
+        return self.metrics.get(f"tokens_per_s_{stream_label(n)}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.params.get("hardware.device", "").startswith("cuda") or self.tags.get("host.gpu", "none") != "none"
+
+
+@dataclass
+class Selection:
+    """The runs one report, registration or recommendation rests on."""
+
+    experiment: str
+    experiment_id: str
+    sweep: str
+    rows: list[RunRow]
+    baseline_method: str
+    baseline: RunRow | None = None
+    baseline_note: str = ""
+
+    @property
+    def finished(self) -> list[RunRow]:
+        return [r for r in self.rows if r.ok]
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks of the finished runs (a failed run's config must not add a column nobody measured)."""
+        seen: dict[str, None] = {}
+        measured = self.finished + ([self.baseline] if self.baseline else [])
+        for r in measured or self.rows:
+            seen.update(dict.fromkeys(r.tasks))
+        return list(seen)
+
+    @property
+    def streams(self) -> list[int]:
+        return sorted({n for r in self.rows for n in r.streams})
+
+    def is_baseline(self, row: RunRow) -> bool:
+        return self.baseline is not None and row.run_id == self.baseline.run_id
+
+
+class Store:
+    """An MLflow tracking store, read-mostly."""
+
+    def __init__(self, uri: str = DEFAULT_URI):
+        self.uri = uri
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per samples.json is noise
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._samples: dict[str, dict | None] = {}
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            known = [e.name for e in self.client.search_experiments()]
+            raise SystemExit(f"No experiment {name!r} in {self.uri}; it has: {known or 'none'}. "
+                             f"Run a sweep first (make run) or pass --experiment/--tracking-uri.")
+        return exp.experiment_id
+
+    def runs(self, experiment_id: str, filter_string: str | None = None) -> list[RunRow]:
+        """Every run of the experiment that matches the filter, newest first, summary runs left out."""
+        found = self.client.search_runs([experiment_id], filter_string=filter_string or "", max_results=10_000,
+                                        order_by=["attributes.start_time DESC"])
+        return [RunRow.from_run(r) for r in found if r.data.tags.get(SUMMARY_TAG) != "true"]
+
+    def select(self, experiment: str, sweep: str | None = None, filter_string: str | None = None,
+               baseline: str = "fp16") -> Selection:
+        """The runs of one sweep (default: the latest), labelled, with the baseline resolved."""
+        exp_id = self.experiment_id(experiment)
+        every = self.runs(exp_id, filter_string)
+        if sweep is None:
+            sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
+        rows = every if sweep == ALL_SWEEPS else [r for r in every if r.tags.get("sweep_id") == sweep]
+        if not rows:
+            raise SystemExit(f"No runs for sweep {sweep!r} in experiment {experiment!r}"
+                             + (f" matching {filter_string!r}" if filter_string else "") + ".")
+        rows.sort(key=lambda r: (int(r.tags.get("job_num", 10**6)), r.start_time))
+        if not filter_string:  # a run the filter left out is not missing
+            rows += _missing_jobs(rows)
+        _label(rows)
+        sel = Selection(experiment, exp_id, sweep, rows, baseline)
+        sel.baseline, sel.baseline_note = _resolve_baseline(rows, every, baseline)
+        return sel
+
+    def samples(self, row: RunRow) -> dict | None:
+        """eval/samples.json of a run ({task: [{doc_id, acc}]}), or None when it was not logged."""
+        if row.run_id is None:
+            return None
+        if row.run_id not in self._samples:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = self.client.download_artifacts(row.run_id, "eval/samples.json", tmp)
+                    self._samples[row.run_id] = json.loads(Path(path).read_text())
+            except (MlflowException, OSError, json.JSONDecodeError) as exc:
+                log.debug("No samples for run %s: %s", row.run_id, exc)
+                self._samples[row.run_id] = None
+        return self._samples[row.run_id]
+
+    def compare(self, sel: Selection) -> dict[str, dict[str, stats.Difference]]:
+        """run_id -> task -> accuracy difference vs the baseline, paired by doc_id where samples allow."""
+        out: dict[str, dict[str, stats.Difference]] = {}
+        base = sel.baseline
+        if base is None:
+            return out
+        base_samples = self.samples(base) or {}
+        for row in sel.finished:
+            if row.run_id == base.run_id:
+                continue
+            row_samples = self.samples(row) or {}
+            per_task: dict[str, stats.Difference] = {}
+            for task in sel.tasks:
+                if task in base_samples and task in row_samples:
+                    a, b = stats.pair_by_doc(base_samples[task], row_samples[task])
+                    if len(a):
+                        per_task[task] = stats.paired_bootstrap(a, b)
+                        continue
+                acc_a, acc_b = base.acc(task), row.acc(task)
+                se_a, se_b = base.metrics.get(f"{task}_acc_stderr"), row.metrics.get(f"{task}_acc_stderr")
+                if None not in (acc_a, acc_b, se_a, se_b):
+                    per_task[task] = stats.unpaired_normal(acc_a, se_a, acc_b, se_b)
+            out[row.run_id] = per_task
+        return out
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """The flags every reader of a sweep shares."""
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default: %(default)s)")
+    p.add_argument("--experiment", default="quantbench-tiny", help="experiment name (default: %(default)s)")
+    p.add_argument("--sweep", help=f"sweep_id to read, or '{ALL_SWEEPS}' (default: the latest sweep)")
+    p.add_argument("--filter", help="extra MLflow search filter, e.g. \"tags.hardware = 'cpu'\"")
+    p.add_argument("--baseline", default="fp16", help="baseline method (default: %(default)s)")
+
+
+def _resolve_baseline(rows: list[RunRow], every: list[RunRow], method: str) -> tuple[RunRow | None, str]:
+    """The sweep's own finished baseline run; else the latest finished one in the experiment, said so."""
+    own = [r for r in rows if r.method == method and r.ok]
+    if own:
+        return own[-1], ""
+    in_sweep = [r for r in rows if r.method == method]
+    why = (f"the sweep's {method} run is {in_sweep[-1].status_text.split(':')[0]}" if in_sweep
+           else f"the sweep has no {method} run")
+    evals = {r.tags.get("eval") for r in rows if r.run_id}
+    older = [r for r in every if r.method == method and r.ok and r.tags.get("eval") in evals]
+    if older:
+        b = older[0]
+        return b, (f"{why}; baseline taken from run {b.run_id} (sweep {b.tags.get('sweep_id', 'none')}) "
+                   f"of the same experiment.")
+    return None, f"{why} and the experiment has no finished {method} run: no Δ vs baseline."
+
+
+def _label(rows: list[RunRow]) -> None:
+    """Label runs by method; where a method occurs twice, add the overrides that tell them apart."""
+    by_method: dict[str, list[RunRow]] = {}
+    for r in rows:
+        by_method.setdefault(r.method, []).append(r)
+    for group in by_method.values():
+        if len(group) == 1:
+            group[0].label = group[0].method
+            continue
+        for r in group:
+            extra = [o for o in r.tags.get("overrides", "").split()
+                     if not o.startswith("method=") and not o.startswith(_LOCATION_KEYS)]
+            r.label = f"{r.method} ({' '.join(extra)})" if extra else f"{r.method} ({r.short_id})"
+        if len({r.label for r in group}) < len(group):
+            for r in group:
+                r.label = f"{r.label} [{r.short_id}]"
+
+
+def _missing_jobs(rows: list[RunRow]) -> list[RunRow]:
+    """Placeholders for methods the sweep's multirun.yaml asked for but that have no run at all."""
+    sweep_dirs = {r.tags.get("sweep_dir") for r in rows} - {None}
+    if len(sweep_dirs) != 1:
+        return []
+    path = Path(sweep_dirs.pop()) / "multirun.yaml"
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(path)
+        task = [o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] == "method"]
+        sweeper = cfg.hydra.get("sweeper", {}).get("params") or {}
+        spec = task[0] if task else (f"method={sweeper['method']}" if "method" in sweeper else None)
+        if spec is None:
+            return []
+        override = OverridesParser.create().parse_overrides([spec])[0]
+        expected = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception as exc:  # the yaml is a courtesy: no sweep folder here, or a syntax we don't expand
+        log.debug("Cannot read the expected jobs from %s: %s", path, exc)
+        return []
+    seen = {r.method for r in rows}
+    return [RunRow(None, str(m), "MISSING", label=str(m)) for m in expected if str(m) not in seen]

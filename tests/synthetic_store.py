@@ -1,0 +1,84 @@
+"""Fill a real (temporary, SQLite) MLflow store with synthetic quantbench runs: the report, registry and
+recommend tests read them back exactly as they read a sweep's runs, without quantizing anything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "quantbench-tiny"
+
+
+def make_store(root: Path) -> tuple[str, MlflowClient, str]:
+    """A fresh store under `root`: (uri, client, experiment_id), artifacts in root/artifacts."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (root / "artifacts").mkdir(parents=True, exist_ok=True)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").resolve().as_uri())
+    return uri, client, exp_id
+
+
+def correctness(n: int, n_correct: int, flips_down: int = 0, flips_up: int = 0) -> list[int]:
+    """0/1 per document: the first n_correct right, then `flips_down` of those wrong and `flips_up` of the
+    wrong ones right — a candidate that differs from the baseline on exactly those documents."""
+    acc = [1] * n_correct + [0] * (n - n_correct)
+    for i in range(flips_down):
+        acc[i] = 0
+    for i in range(flips_up):
+        acc[n_correct + i] = 1
+    return acc
+
+
+def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1",
+            samples: dict[str, list[int]] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None, status: str = "FINISHED", failure_reason: str | None = None,
+            model_dir: Path | None = None, job_num: int = 0, sweep_dir: Path | None = None,
+            tasks: list[str] | None = None) -> str:
+    """One run shaped like pipeline.run's: tags, params, accuracy metrics + stderr from `samples`, samples.json."""
+    run_tags = {"method": method, "model": "tiny", "eval": "tiny", "hardware": "cpu", "sweep_id": sweep,
+                "job_num": str(job_num), "quant_library": "transformers", **(tags or {})}
+    if sweep_dir is not None:
+        run_tags["sweep_dir"] = str(sweep_dir)
+    if failure_reason:
+        run_tags["failure_reason"] = failure_reason
+    run = client.create_run(exp_id, run_name=f"{method}-tiny", tags=run_tags)
+    rid = run.info.run_id
+    client.log_param(rid, "method.name", method)
+    client.log_param(rid, "eval.tasks", json.dumps(tasks or sorted(samples or {})))
+    client.log_param(rid, "repeats", "1")
+    client.log_param(rid, "hardware.device", "cpu")
+    values = dict(metrics or {})
+    for task, acc in (samples or {}).items():
+        p, n = sum(acc) / len(acc), len(acc)
+        values[f"{task}_acc"] = p
+        values[f"{task}_acc_stderr"] = math.sqrt(p * (1 - p) / (n - 1))
+    for key, value in values.items():
+        client.log_metric(rid, key, value)
+    if samples:
+        client.log_dict(rid, {t: [{"doc_id": i, "acc": float(a)} for i, a in enumerate(acc)]
+                              for t, acc in samples.items()}, "eval/samples.json")
+    if model_dir is not None:
+        client.log_artifacts(rid, str(model_dir), "model")
+    client.set_terminated(rid, status)
+    return rid
+
+
+def tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random hidden-64 Llama with the embedded tokenizer: small, real, loadable, generates."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantbench.fixtures import tiny
+
+    tokenizer = tiny._build_tokenizer(tiny.World.generate(tiny.TinyRecipe()))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,106 @@
+"""`make register` on a real SQLite MLflow store: policy reasons, idempotent registration, the alias moving,
+and models:/<name>@champion loading back into transformers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from omegaconf.errors import ConfigKeyError
+from synthetic_store import correctness, log_run, make_store, tiny_model
+
+from quantbench import registry
+from quantbench.runs import Store
+
+N = 400
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """fp16 (fast, big), bnb_nf4 (within noise, small, slower), aqlm_2bit (tiny, 15 pp worse), one FAILED."""
+    root = tmp_path_factory.mktemp("registry_store")
+    uri, client, exp = make_store(root / "mlruns")
+    ids = {
+        "fp16": log_run(client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 360)},
+                        metrics={"disk_gb": 0.007, "tokens_per_s_1_stream": 200.0},
+                        model_dir=tiny_model(root / "m_fp16", seed=0)),
+        "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, samples={"t1": correctness(N, 360, 3, 2)},
+                           metrics={"disk_gb": 0.002, "tokens_per_s_1_stream": 140.0},
+                           model_dir=tiny_model(root / "m_nf4", seed=1)),
+        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, samples={"t1": correctness(N, 360, 60)},
+                             metrics={"disk_gb": 0.001, "tokens_per_s_1_stream": 300.0}),
+        "gptq": log_run(client, exp, "gptq", job_num=3, status="FAILED", failure_reason="packing failed",
+                        tasks=["t1"]),
+    }
+    return uri, ids
+
+
+def decisions(uri, *overrides):
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    return st, sel, {d.row.method: d for d in registry.decide(sel, st.compare(sel), registry.load_policy(
+        overrides=list(overrides)))}
+
+
+def test_default_policy_reasons(store):
+    uri, _ = store
+    _, _, ds = decisions(uri)
+    assert ds["fp16"].won and "tokens_per_s_1_stream" in ds["fp16"].why
+    assert not ds["bnb_nf4"].won and "lost the tie-break on tokens_per_s_1_stream: 140 vs 200" in ds["bnb_nf4"].why
+    assert ds["aqlm_2bit"].rejected == ["t1 drops 15.00 pp vs fp16 > max 2"]
+    assert ds["gptq"].why == "rejected: FAILED: packing failed"
+
+
+def test_policy_overrides_and_rejections(store):
+    uri, _ = store
+    _, _, ds = decisions(uri, "max_disk_gb=0.005", "min_tokens_per_s_1_stream=100")
+    assert ds["bnb_nf4"].won
+    assert ds["fp16"].rejected == ["disk_gb 0.007 > max 0.005"]
+    _, _, ds = decisions(uri, "max_acc_drop_points=null", "rank_by=tokens_per_s_1_stream", "tie_tolerance=0")
+    assert ds["aqlm_2bit"].won  # without the accuracy guard the fastest wins
+    _, _, ds = decisions(uri, "max_acc_drop_points=null", "reject_significantly_worse=true", "tie_break=disk_gb")
+    assert "significantly worse than the baseline on t1" in ds["aqlm_2bit"].rejected[0]
+    assert ds["bnb_nf4"].won  # tied with fp16 on accuracy, smaller
+    with pytest.raises(ConfigKeyError):  # a typo must not silently drop a rule
+        registry.load_policy(overrides=["max_dsk_gb=1"])
+
+
+def test_register_is_idempotent_and_moves_the_alias(store, caplog):
+    uri, ids = store
+    st = Store(uri)
+    with caplog.at_level(logging.INFO):
+        assert registry.main(["--tracking-uri", uri]) == 0
+    assert "WON  fp16" in caplog.text and "LOST aqlm_2bit" in caplog.text
+    versions = st.client.search_model_versions("name = 'quantbench-tiny'")
+    assert len(versions) == 1 and versions[0].run_id == ids["fp16"]
+    assert versions[0].source.endswith(f"{ids['fp16']}/artifacts/model")
+    assert registry.main(["--tracking-uri", uri]) == 0  # same winner: no new version
+    assert len(st.client.search_model_versions("name = 'quantbench-tiny'")) == 1
+
+    assert registry.main(["--tracking-uri", uri, "max_disk_gb=0.005"]) == 0
+    champion = st.client.get_model_version_by_alias("quantbench-tiny", "champion")
+    assert champion.run_id == ids["bnb_nf4"] and str(champion.version) == "2"
+    assert champion.tags["policy.max_disk_gb"] == "0.005" and champion.tags["metric.disk_gb"] == "0.002"
+    assert "mean accuracy" in champion.tags["why"]
+
+    assert registry.main(["--tracking-uri", uri]) == 0  # back to fp16: the alias moves back, no version 3
+    assert str(st.client.get_model_version_by_alias("quantbench-tiny", "champion").version) == "1"
+    assert len(st.client.search_model_versions("name = 'quantbench-tiny'")) == 2
+
+
+def test_nothing_registered_when_policy_rejects_all(store, caplog):
+    uri, _ = store
+    with caplog.at_level(logging.INFO):
+        assert registry.main(["--tracking-uri", uri, "--dry-run", "min_tokens_per_s_1_stream=1000",
+                              "registered_name=never"]) == 1
+    assert "No run satisfies the policy" in caplog.text
+    assert not Store(uri).client.search_registered_models("name = 'never'")
+
+
+def test_champion_loads_and_generates(store, tmp_path):
+    uri, _ = store
+    assert registry.main(["--tracking-uri", uri, "registered_name=loadable"]) == 0
+    folder = registry.load_champion(Store(uri), "loadable", dst=tmp_path / "champion")
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    text = registry.smoke_generate(folder, new_tokens=4)
+    assert text.startswith("Where does") and len(text.split()) > 2

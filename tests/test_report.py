@@ -1,0 +1,163 @@
+"""`make report` and `recommend` on a real SQLite MLflow store filled with synthetic runs.
+
+The required check: runs whose accuracies differ by less than the noise are called indistinguishable, runs
+that differ clearly are not; FAILED and missing runs show as such, never as zeros.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import pytest
+from synthetic_store import correctness, log_run, make_store
+
+from quantbench import recommend, report
+from quantbench.runs import SUMMARY_TAG, Store
+
+N1, N2 = 400, 300
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An old sweep sx (no fp16) and s0, then sweep s1: fp16, a within-noise 4-bit, a clearly worse (but fast) 2-bit, a FAILED
+    run, and a method the sweep asked for that never logged a run."""
+    root = tmp_path_factory.mktemp("report_store")
+    uri, client, exp = make_store(root / "mlruns")
+    log_run(client, exp, "bnb_nf4", sweep="sx", samples={"t1": correctness(N1, 350), "t2": correctness(N2, 240)})
+    log_run(client, exp, "fp16", sweep="s0", samples={"t1": correctness(N1, 300), "t2": correctness(N2, 200)},
+            metrics={"disk_gb": 9.9})
+    sweep_dir = root / "multirun" / "s1"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - method=fp16,bnb_nf4,aqlm_2bit,gptq,awq\n    - paths.mlruns=/x\n")
+    common = {"sweep": "s1", "sweep_dir": sweep_dir}
+    ids = {
+        "fp16": log_run(client, exp, "fp16", job_num=0, **common,
+                        samples={"t1": correctness(N1, 360), "t2": correctness(N2, 240)},
+                        metrics={"disk_gb": 16.1, "weight_gb": 16.0, "bits_per_weight": 16.0, "peak_mem_gb": 17.0,
+                                 "tokens_per_s_1_stream": 322.0, "tokens_per_s_8_streams": 1660.0,
+                                 "roofline_tokens_per_s_1_stream": 500.0, "roofline_fraction_1_stream": 0.644}),
+        "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, **common,
+                           samples={"t1": correctness(N1, 360, flips_down=3, flips_up=2),
+                                    "t2": correctness(N2, 240, flips_down=1, flips_up=1)},
+                           tags={"quant_library": "bitsandbytes"},
+                           metrics={"disk_gb": 5.73, "weight_gb": 5.6, "bits_per_weight": 4.2, "peak_mem_gb": 6.5,
+                                    "tokens_per_s_1_stream": 206.0, "tokens_per_s_8_streams": 1048.0}),
+        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, **common,
+                             samples={"t1": correctness(N1, 360, flips_down=60), "t2": correctness(N2, 240, 30)},
+                             metrics={"disk_gb": 4.08, "weight_gb": 3.9, "bits_per_weight": 2.1, "peak_mem_gb": 4.8,
+                                      "tokens_per_s_1_stream": 400.0, "tokens_per_s_8_streams": 2000.0,
+                                      "t1_acc_mean": 0.74, "t1_acc_std": 0.012, "acc_repeats": 3.0}),
+        "gptq": log_run(client, exp, "gptq", job_num=3, **common, status="FAILED",
+                        failure_reason="CUDA out of memory while packing layer 3", tasks=["t1", "t2"]),
+    }
+    return uri, ids, root
+
+
+@pytest.fixture(scope="module")
+def built(store):
+    uri, ids, root = store
+    out = root / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out)]) == 0
+    return out
+
+
+def read_csv(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_verdicts_follow_the_noise(built):
+    rows = {(r["method"], r["task"]): r for r in read_csv(built / "accuracy.csv")}
+    close = rows[("bnb_nf4", "t1")]
+    assert float(close["delta"]) == pytest.approx(-1 / N1)
+    assert close["verdict"] == "within noise" and float(close["ci_low"]) < 0 < float(close["ci_high"])
+    assert rows[("bnb_nf4", "t2")]["verdict"] == "within noise"
+    clear = rows[("aqlm_2bit", "t1")]
+    assert float(clear["delta"]) == pytest.approx(-60 / N1)
+    assert clear["verdict"] == "significantly worse" and float(clear["ci_high"]) < 0
+    assert rows[("aqlm_2bit", "t2")]["verdict"] == "significantly worse"
+    assert rows[("fp16", "t1")]["verdict"] == "baseline"
+    assert close["ci_method"] == "paired bootstrap" and close["n_paired"] == str(N1)
+    assert (clear["acc_mean"], clear["acc_std"], clear["repeats"]) == ("0.74", "0.012", "3")
+    assert close["acc_mean"] == "" and close["repeats"] == ""  # no repeats: absent, not 0
+    assert "74.00 ± 1.20 (n=3)" in (built / "report.md").read_text()
+
+
+def test_failed_and_missing_runs_are_shown_as_such_not_as_zeros(built):
+    md = (built / "report.md").read_text()
+    assert "FAILED: CUDA out of memory while packing layer 3" in md
+    assert "| awq | MISSING" in md  # asked for by multirun.yaml, never logged
+    for name in ("memory", "accuracy", "throughput"):
+        failed = [r for r in read_csv(built / f"{name}.csv") if r["method"] == "gptq"]
+        assert failed and all(r["status"] == "FAILED" for r in failed)
+        numeric = {k: v for r in failed for k, v in r.items() if k not in ("method", "run_id", "status",
+                                                                             "failure_reason", "task", "repeats")}
+        assert set(numeric.values()) <= {""}, numeric  # empty, never 0
+    memory = {r["method"]: r for r in read_csv(built / "memory.csv")}
+    assert memory["awq"]["status"] == "MISSING" and memory["awq"]["disk_gb"] == ""
+    assert float(memory["bnb_nf4"]["delta_disk_gb"]) == pytest.approx(5.73 - 16.1)
+
+
+def test_tables_and_plot(built):
+    md = (built / "report.md").read_text()
+    assert "sweep s1" in md  # the latest sweep by default, not s0
+    for title in ("(a) Memory footprint", "(b) Accuracy", "(c) Throughput", "Decision matrix"):
+        assert f"## {title}" in md
+    assert "64%" in md and "roofline @ 1" in md  # roofline fraction shown where logged
+    assert (built / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decision_matrix_prefers_fast_only_within_noise(built):
+    matrix = {r["constraint"].split(" (")[0]: r for r in read_csv(built / "decision_matrix.csv")}
+    assert matrix["Production inference"]["recommended"] == "bnb_nf4"  # aqlm is faster but significantly worse
+    assert matrix["Fine-tuning"]["recommended"] == "bnb_nf4"
+    assert matrix["Tight GPU memory / absolute minimum memory"]["recommended"] == "aqlm_2bit"
+    assert matrix["Mature tooling / legacy stack support"]["recommended"] == "none measured"  # gptq FAILED
+
+
+def test_summary_run_holds_the_report_and_is_never_read_as_a_run(store, built):
+    uri, ids, root = store
+    st = Store(uri)
+    exp_id = st.experiment_id("quantbench-tiny")
+    summaries = st.client.search_runs([exp_id], f"tags.`{SUMMARY_TAG}` = 'true'")
+    assert [s.info.run_name for s in summaries] == ["report-s1"]
+    files = {a.path for a in st.client.list_artifacts(summaries[0].info.run_id, "report")}
+    assert {"report/report.md", "report/pareto.png", "report/accuracy.csv", "report/memory.csv",
+            "report/throughput.csv", "report/decision_matrix.csv"} <= files
+    sel = st.select("quantbench-tiny")
+    assert sel.sweep == "s1" and {r.run_id for r in sel.rows if r.run_id} == set(ids.values())
+    # Rebuilding reuses the summary run instead of adding another.
+    assert report.main(["--tracking-uri", uri, "--out", str(root / "out2")]) == 0
+    assert len(st.client.search_runs([exp_id], f"tags.`{SUMMARY_TAG}` = 'true'")) == 1
+
+
+def test_baseline_outside_the_sweep_is_said(store):
+    uri, ids, _ = store
+    st = Store(uri)
+    sel = st.select("quantbench-tiny", sweep="sx")  # a sweep without fp16: the latest finished fp16 stands in
+    assert sel.baseline.run_id == ids["fp16"] and "baseline taken from run" in sel.baseline_note
+    assert st.compare(sel)[sel.rows[0].run_id]["t1"].delta == pytest.approx(-10 / N1)
+    sel = st.select("quantbench-tiny", sweep="s1", filter_string="tags.method != 'fp16'")
+    assert sel.baseline is None and "no fp16 run" in sel.baseline_note
+    assert "awq" not in [r.method for r in sel.rows]  # filtered out is not missing
+
+
+def test_recommend_from_measurements(store, caplog):
+    uri, ids, _ = store
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    comps = st.compare(sel)
+    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=8, fine_tune=True))
+    assert rec.choice.row.run_id == ids["bnb_nf4"]
+    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=5))
+    assert rec.choice.row.method == "aqlm_2bit"  # the only one that fits, said to be worse
+    assert "significantly worse" in rec.why
+    rec = recommend.recommend(sel, comps, recommend.Constraints(min_tokens_per_s=250))
+    assert rec.choice.row.method == "fp16"  # aqlm is faster but fp16 is within noise of itself
+    assert any("aqlm_2bit" in o and "significantly worse" in o for o in rec.others)
+    with caplog.at_level(logging.INFO):
+        rc = recommend.main(["--tracking-uri", uri, "--gpu-memory-gb", "6", "--min-accuracy", "0.99"])
+    assert rc == 1 and "No measured method meets every constraint" in caplog.text
+    assert "mean accuracy" in caplog.text and ids["bnb_nf4"] in caplog.text
