@@ -1,4 +1,4 @@
-"""What the weight-only integer methods (AWQ, GPTQ) share: cheap checks of bits and group size, and calibration
+"""What the weight-only integer methods (AWQ, GPTQ, AutoRound) share: cheap checks of bits and group size, and calibration
 texts turned into token ids of a fixed maximum length."""
 
 from __future__ import annotations
