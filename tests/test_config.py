@@ -61,3 +61,15 @@ def test_help_explains_usage():
     assert "python run.py -m method=fp16,bnb_nf4" in out.stdout
     for group in GROUPS:
         assert f"{group}:" in out.stdout
+
+
+def test_the_seed_study_is_one_config():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=seed"], return_hydra_config=True)
+    assert cfg.model.pretrained == "meta-llama/Llama-3.1-8B-Instruct"
+    assert list(cfg.eval.tasks) == ["mmlu", "arc_challenge"] and cfg.eval.num_fewshot == 0
+    assert (cfg.bench.backend, cfg.bench.prompt_tokens, cfg.bench.output_tokens) == ("vllm", 100, 250)
+    assert list(cfg.bench.streams) == [1, 8] and cfg.repeats == 3
+    methods = cfg.hydra.sweeper.params.method.split(",")
+    assert methods == ["fp16", "bnb_nf4", "awq", "gptq", "autoround_sym", "aqlm_2bit_pretrained"]
+    assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)

@@ -61,6 +61,16 @@ def linear_shapes(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
     }
 
 
+def linear_shapes_of_config(model_config) -> dict[str, tuple[int, int]]:
+    """`linear_shapes` of the model a config describes, built on the meta device: no weights are loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    return linear_shapes(skeleton)
+
+
 class PeakMemory:
     """Peak process memory (RSS, sampled every 20 ms) and peak CUDA memory over a `with` block.
 

@@ -54,7 +54,7 @@ def prepare(cfg: DictConfig) -> Job:
     model_config = source.config()
     method.validate(model_config, hw)
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
-    return Job(method, source, model_config, _linear_shapes(model_config), eval_plan, bench_plan)
+    return Job(method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan)
 
 
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
@@ -163,16 +163,6 @@ def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, floa
         out[f"{k}_std"] = statistics.stdev(values)
     tracker.log_metrics(out)
     return out
-
-
-def _linear_shapes(model_config) -> dict[str, tuple[int, int]]:
-    """Shapes of the source model's linear layers, from its config alone (meta device: no weights loaded)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    return measure.linear_shapes(skeleton)
 
 
 def _peak_gb(mem: measure.PeakMemory) -> float:
