@@ -1,11 +1,13 @@
 """Throughput benchmarks. One module per backend (`hf`, `vllm`), chosen by `bench.backend`.
 
-A backend module exposes `run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`.
+A backend module exposes `run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`. `run()` here adds the
+memory-bandwidth roofline (bench/roofline.py) to whatever the backend measured, so every backend reports it.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import statistics
 from dataclasses import dataclass, field
@@ -14,6 +16,18 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VllmKnobs:
+    """`bench.vllm` (all optional): how the vLLM backend sizes its engine."""
+
+    kv_cache_gb: float | None = 1.0  # explicit KV cache (GiB); null: vLLM's memory-utilisation default
+    enforce_eager: bool = False  # skip torch.compile (faster start, slower decode)
+    max_model_len: int | None = None  # null: prompt_tokens + output_tokens, all the benchmark needs
+    cpu_threads: int | None = None  # OpenMP threads of the CPU engine; null: usable cores - 1 (at least 1)
 
 
 @dataclass
@@ -24,6 +38,7 @@ class BenchPlan:
     streams: list[int]
     warmup: int
     repeats: int
+    vllm: VllmKnobs = field(default_factory=VllmKnobs)
 
 
 @dataclass
@@ -57,10 +72,28 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
         problems.append(f"bench.repeats={cfg.repeats} (must be >= 1)")
     if int(cfg.warmup) < 0:
         problems.append(f"bench.warmup={cfg.warmup} (must be >= 0)")
+    knobs = _vllm_knobs(cfg.get("vllm") or {}, problems)
+    if knobs.max_model_len is not None and knobs.max_model_len < int(cfg.prompt_tokens) + int(cfg.output_tokens):
+        problems.append(f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = "
+                        f"{int(cfg.prompt_tokens) + int(cfg.output_tokens)})")
     if problems:
         raise ConfigError("Nonsensical benchmark settings: " + "; ".join(problems) + ".")
     return BenchPlan(backend=backend, prompt_tokens=int(cfg.prompt_tokens), output_tokens=int(cfg.output_tokens),
-                     streams=[int(s) for s in streams], warmup=int(cfg.warmup), repeats=int(cfg.repeats))
+                     streams=[int(s) for s in streams], warmup=int(cfg.warmup), repeats=int(cfg.repeats), vllm=knobs)
+
+
+def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
+    known = set(VllmKnobs.__dataclass_fields__)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        problems.append(f"bench.vllm has unknown keys {unknown} (known: {sorted(known)})")
+        return VllmKnobs()
+    knobs = VllmKnobs(**{k: cfg[k] for k in cfg})
+    if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
+        problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
+    if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
+        problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
+    return knobs
 
 
 def load_backend(name: str):
@@ -68,8 +101,24 @@ def load_backend(name: str):
 
 
 def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig) -> BenchResult:
-    """Benchmark with the planned backend: the in-memory model (hf) or the saved folder (vllm)."""
-    return load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
+    """Benchmark with the planned backend (the in-memory model for hf, the saved folder for vllm), then set each
+    stream count's median against the memory-bandwidth roofline of the saved model on this hardware."""
+    from quantbench.bench import roofline
+
+    result = load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
+    extra, tags = roofline.metrics(model_dir, plan.prompt_tokens, plan.output_tokens, plan.streams, result.metrics,
+                                   hardware)
+    result.metrics.update(extra)
+    result.tags.update(tags)
+    result.detail["roofline"] = {"decode_bytes": vars(roofline.decode_bytes(model_dir)), **extra, **tags}
+    for n in plan.streams:
+        label = stream_label(n)
+        if f"roofline_fraction_{label}" in extra:
+            log.info("%s: %.1f tokens/s = %.1f%% of the %.1f tokens/s bandwidth roofline (%.1f GB/s, %s)", label,
+                     result.metrics[f"tokens_per_s_{label}"], 100 * extra[f"roofline_fraction_{label}"],
+                     extra[f"roofline_tokens_per_s_{label}"], extra["memory_bandwidth_gbs"],
+                     tags["memory_bandwidth_source"])
+    return result
 
 
 def stream_label(n: int) -> str:
