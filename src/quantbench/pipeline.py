@@ -104,6 +104,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
                 metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker)
 
             if job.bench_plan is not None:
+                if bench.loads_from_disk(job.bench_plan) and cfg.hardware.device.startswith("cuda"):
+                    # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy.
+                    model = None
+                    _release_memory()
                 with measure.PeakMemory() as mem:
                     speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
                 metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}

@@ -100,17 +100,28 @@ def load_backend(name: str):
     return importlib.import_module(f"quantbench.bench.{name}")
 
 
+def loads_from_disk(plan: BenchPlan) -> bool:
+    """True for backends that serve the saved folder themselves (vLLM), so the in-memory model may be freed."""
+    return bool(getattr(load_backend(plan.backend), "LOADS_FROM_DISK", False))
+
+
 def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig) -> BenchResult:
     """Benchmark with the planned backend (the in-memory model for hf, the saved folder for vllm), then set each
     stream count's median against the memory-bandwidth roofline of the saved model on this hardware."""
     from quantbench.bench import roofline
 
     result = load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
-    extra, tags = roofline.metrics(model_dir, plan.prompt_tokens, plan.output_tokens, plan.streams, result.metrics,
-                                   hardware)
+    try:
+        extra, tags = roofline.metrics(model_dir, plan.prompt_tokens, plan.output_tokens, plan.streams,
+                                       result.metrics, hardware)
+        decode = roofline.decode_bytes(model_dir)
+    except (OSError, KeyError, ValueError) as exc:  # keep the measurement; say why there is no roofline
+        log.warning("No roofline for %s: %s", model_dir, exc)
+        result.tags["roofline_unavailable"] = str(exc)[:250]
+        return result
     result.metrics.update(extra)
     result.tags.update(tags)
-    result.detail["roofline"] = {"decode_bytes": vars(roofline.decode_bytes(model_dir)), **extra, **tags}
+    result.detail["roofline"] = {"decode_bytes": vars(decode), **extra, **tags}
     for n in plan.streams:
         label = stream_label(n)
         if f"roofline_fraction_{label}" in extra:

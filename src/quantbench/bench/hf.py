@@ -30,6 +30,10 @@ def random_prompts(tokenizer, n: int, length: int, seed: int = 0) -> torch.Tenso
 
 
 def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
+    if model is None:  # the pipeline freed it for a backend that serves from disk, which then fell back to us
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=hardware.device)
     device = model.device
     metrics: dict[str, float] = {}
     detail: dict = {"backend": "hf", "runs": []}

@@ -1,0 +1,123 @@
+"""The vLLM side of bench/vllm.py, run as `python -m quantbench.bench._vllm_engine request.json result.json`.
+
+Why a child process: importing vLLM and starting its engine changes the importing process for good (os.environ,
+LD_PRELOAD, a torch.distributed group, `torch.set_num_threads` replaced by a no-op, the engine's memory), and on
+CPU its OpenMP threads must be configured before the process starts. The Hydra job, its multirun siblings and
+pytest stay clean; this process starts with `_vllm_compat.engine_env`, measures, writes JSON and exits.
+
+This is the only quantbench module that imports vllm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger("quantbench.bench.vllm_engine")
+
+
+def describe_linear_layers(model) -> dict[str, int]:
+    """'<quant method class>[/<scheme>]: <kernel>' -> count, for every vLLM linear layer of the loaded model.
+
+    The kernel is the object vLLM chose at load time: a `...Kernel` instance held by the quant method or its
+    scheme (mixed-precision, scaled-mm, FP4/FP8 kernels; compressed-tensors keeps the scheme on the layer), else
+    the CPU GEMM bound to the layer (`layer.cpu_linear`: oneDNN, sgl-kernel or the torch fallback), else the quant
+    method's GEMM function.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
+    kinds: Counter[str] = Counter()
+    for _, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        method = getattr(module, "quant_method", None)
+        scheme = getattr(method, "scheme", None) or getattr(module, "scheme", None)  # compressed-tensors: on the layer
+        label = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
+        kinds[f"{label}: {_kernel_name(module, method, scheme)}"] += 1
+    return dict(kinds)
+
+
+def _kernel_name(layer, method, scheme) -> str:
+    for owner in (method, scheme):
+        for value in vars(owner).values() if owner is not None else ():
+            if "Kernel" in type(value).__name__ and not isinstance(value, type):
+                return type(value).__name__
+    cpu_linear = getattr(layer, "cpu_linear", None)
+    if cpu_linear is not None:
+        code = getattr(cpu_linear, "__code__", None)  # a lambda around the chosen op, e.g. ops.onednn_mm(...)
+        return "cpu:" + (code.co_names[-1] if code is not None and code.co_names else getattr(cpu_linear, "__name__", "?"))
+    gemm = getattr(method, "_gemm_impl", None)
+    return getattr(gemm, "__name__", "unknown")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def measure(request: dict) -> dict:
+    """Start one engine on the saved model, then time every stream count of the plan."""
+    from quantbench.bench._vllm_compat import installed_vllm
+
+    started = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=request["model_dir"], **request["engine"])
+    engine_start_s = time.perf_counter() - started
+    log.info("vLLM engine ready in %.1f s", engine_start_s)
+
+    quant_method = llm.llm_engine.model_config.quantization or "none"
+    try:
+        linear_kernels = llm.apply_model(describe_linear_layers)[0]
+        kernel_source = "model"
+    except Exception as exc:  # noqa: BLE001 - the tag says where the answer came from
+        log.warning("Could not walk vLLM's model for its linear kernels: %s", exc)
+        linear_kernels, kernel_source = {}, f"unavailable: {exc}"
+
+    new_tokens = int(request["output_tokens"])
+    greedy = dict(temperature=0.0, ignore_eos=True)  # no per-request seed: it would force the slower seeded sampler
+
+    def generate(prompts: list, tokens: int) -> float:
+        params = SamplingParams(max_tokens=tokens, min_tokens=tokens, **greedy)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        produced = sorted({len(o.outputs[0].token_ids) for o in outputs})
+        prompt_lens = sorted({len(o.prompt_token_ids) for o in outputs})
+        if len(outputs) != len(prompts) or produced != [tokens] or prompt_lens != [request["prompt_tokens"]]:
+            raise RuntimeError(f"vLLM produced {produced} tokens for prompts of {prompt_lens} tokens; expected exactly "
+                               f"{tokens} for {len(prompts)} prompts of {request['prompt_tokens']}")
+        return elapsed
+
+    runs = []
+    for n in request["streams"]:
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"][str(n)]]
+        for _ in range(request["warmup"]):
+            generate(prompts, new_tokens)
+        seconds = [generate(prompts, new_tokens) for _ in range(request["repeats"])]
+        ttft = [generate(prompts, 1) for _ in range(request["repeats"])]
+        tps = [n * new_tokens / s for s in seconds]
+        runs.append({"streams": n, "seconds": seconds, "tokens_per_s": tps, "ttft_s": ttft})
+        log.info("vLLM, %d stream(s): %s output tokens/s", n, ", ".join(f"{t:.1f}" for t in tps))
+
+    dist = installed_vllm()
+    return {"vllm_distribution": dist[0] if dist else "?", "vllm_version": dist[1] if dist else "?",
+            "engine_start_s": engine_start_s, "quant_method": quant_method, "linear_kernels": linear_kernels,
+            "kernel_source": kernel_source, "runs": runs, "peak_rss_gb": _peak_rss_gb()}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    request_path, result_path = Path(argv[0]), Path(argv[1])
+    result = measure(json.loads(request_path.read_text()))
+    result_path.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

