@@ -83,7 +83,8 @@ def measure(request: dict) -> dict:
     greedy = dict(temperature=0.0, ignore_eos=True)  # no per-request seed: it would force the slower seeded sampler
 
     def generate(prompts: list, tokens: int) -> float:
-        params = SamplingParams(max_tokens=tokens, min_tokens=tokens, **greedy)
+        # ignore_eos already makes max_tokens exact (checked below); min_tokens would add a logits processor per step
+        params = SamplingParams(max_tokens=tokens, **greedy)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
