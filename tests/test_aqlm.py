@@ -18,7 +18,7 @@ from quantbench import calibration, measure
 from quantbench.errors import ConfigError
 from quantbench.methods import aqlm_2bit, aqlm_quantizer as aq
 from quantbench.models import SourceModel
-from conftest import CACHE, run_cli
+from conftest import CACHE
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16"})
 # The search settings of conf/method/aqlm_2bit.yaml, for the tiny model's 2x8.
@@ -379,11 +379,10 @@ def test_an_interrupted_quantization_resumes_after_the_last_finished_layer(quick
 # -- one real job ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def aqlm_job(tiny_root, tmp_path_factory):
-    """`python run.py -m method=bnb_nf4,aqlm_2bit` on the embedded model: the 4-bit reference and AQLM side by side."""
-    work = tmp_path_factory.mktemp("aqlm_job")
-    store = run_cli("-m", "method=bnb_nf4,aqlm_2bit", "bench.repeats=1", mlruns=work / "mlruns", workdir=work)
-    return {r.data.tags["method"]: r for r in store.runs()}, store
+def aqlm_job(default_sweep):
+    """The default sweep (`python run.py -m`, shared with tests/test_e2e_sweep.py): AQLM and the 4-bit reference,
+    bnb_nf4, side by side."""
+    return {r.data.tags["method"]: r for r in default_sweep.runs()}, default_sweep
 
 
 @pytest.mark.e2e

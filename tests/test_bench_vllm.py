@@ -185,58 +185,82 @@ def test_the_cpu_engine_runs_in_process_with_a_core_to_spare_and_caches_in_the_p
 # --- end to end: our figure against vLLM's own benchmark ----------------------------------------------------------
 
 PROMPT, OUTPUT, STREAMS = 100, 250, 8  # the seed's shape, at 8 concurrent streams
-RUNS = 5  # our timed repeats, in one engine
-CLI_RUNS, WAVES = 3, 4  # vLLM CLI processes (each times its request set once), batches of STREAMS requests in each
+PAIRS = 6  # engine processes of ours and of vLLM's CLI, run in alternation
+REPEATS = 3  # our timed repeats in each of our engines
+WAVES = 4  # batches of STREAMS requests in each CLI process (it times its whole request set once)
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_root):
-    """One engine, shared by every assertion below: our backend through bench.run (roofline included)."""
+def run_ours(model_dir: Path) -> BenchResult:
+    """Our backend through bench.run (roofline included): one engine, warm-up, REPEATS timed runs."""
     from transformers import AutoTokenizer
 
-    model = tiny_root / "model"
-    plan = bench.BenchPlan("vllm", PROMPT, OUTPUT, [STREAMS], warmup=1, repeats=RUNS)
-    return bench.run(plan, None, AutoTokenizer.from_pretrained(model), model, CPU)
+    plan = bench.BenchPlan("vllm", PROMPT, OUTPUT, [STREAMS], warmup=1, repeats=REPEATS)
+    return bench.run(plan, None, AutoTokenizer.from_pretrained(model_dir), model_dir, CPU)
+
+
+def run_cli(model_dir: Path, out: Path, seed: int) -> float:
+    """`vllm bench throughput` (random dataset) on the same model, lengths, stream count and engine settings
+    (`--disable-log-stats` as vllm.LLM defaults to; a warm-up of one batch as ours); its output tokens/s."""
+    result = out / f"cli{seed}.json"
+    cmd = [sys.executable, "-m", "quantbench.bench._vllm_compat", "bench", "throughput",
+           "--model", str(model_dir), "--dataset-name", "random",
+           "--random-input-len", str(PROMPT), "--random-output-len", str(OUTPUT),
+           "--num-prompts", str(WAVES * STREAMS), "--max-num-seqs", str(STREAMS), "--num-warmups", str(STREAMS),
+           "--max-model-len", str(PROMPT + OUTPUT), "--kv-cache-memory-bytes", str(2**30),
+           "--no-enable-prefix-caching", "--disable-log-stats", "--dtype", "bfloat16", "--seed", str(seed),
+           "--output-json", str(result)]
+    proc = subprocess.run(cmd, env=engine_env("cpu"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(result.read_text())
+    # its tokens_per_second counts prompt tokens too; output tokens are exactly OUTPUT per request (EOS ignored)
+    return data["num_requests"] * OUTPUT / data["elapsed_time"]
 
 
 @pytest.fixture(scope="module")
-def cli_output_tokens_per_s(tiny_root, tmp_path_factory) -> list[float]:
-    """`vllm bench throughput` (random dataset) on the same model, lengths, stream count and engine settings
-    (`--disable-log-stats` as vllm.LLM defaults to; warm-up of one batch as ours)."""
-    out = tmp_path_factory.mktemp("vllm_cli")
-    figures = []
-    for i in range(CLI_RUNS):
-        result = out / f"run{i}.json"
-        cmd = [sys.executable, "-m", "quantbench.bench._vllm_compat", "bench", "throughput",
-               "--model", str(tiny_root / "model"), "--dataset-name", "random",
-               "--random-input-len", str(PROMPT), "--random-output-len", str(OUTPUT),
-               "--num-prompts", str(WAVES * STREAMS), "--max-num-seqs", str(STREAMS), "--num-warmups", str(STREAMS),
-               "--max-model-len", str(PROMPT + OUTPUT), "--kv-cache-memory-bytes", str(2**30),
-               "--no-enable-prefix-caching", "--disable-log-stats", "--dtype", "bfloat16", "--seed", str(i),
-               "--output-json", str(result)]
-        proc = subprocess.run(cmd, env=engine_env("cpu"), capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        data = json.loads(result.read_text())
-        # its tokens_per_second counts prompt tokens too; output tokens are exactly OUTPUT per request (EOS ignored)
-        figures.append(data["num_requests"] * OUTPUT / data["elapsed_time"])
-    return figures
+def pairs(tiny_root, tmp_path_factory) -> list[tuple[BenchResult, float]]:
+    """PAIRS (ours, CLI) measurements, alternating which goes first (ours, CLI, CLI, ours, ours, CLI, ...).
+
+    On a shared 2-core VM the speed of the same engine moves by +-15% between processes and drifts over minutes
+    (seen: 1,250 to 2,700 output tokens/s for the same 8-stream decode), so only neighbours are comparable, and
+    the alternation keeps a trend (or the first engine's compilation) from favouring one side."""
+    model_dir, out = tiny_root / "model", tmp_path_factory.mktemp("vllm_cli")
+    run_cli(model_dir, out, seed=PAIRS)  # not counted: the first engine after other work ran up to 40% slow (seen)
+    measured = []
+    for i in range(PAIRS):
+        if i % 2 == 0:
+            ours = run_ours(model_dir)
+            theirs = run_cli(model_dir, out, i)
+        else:
+            theirs = run_cli(model_dir, out, i)
+            ours = run_ours(model_dir)
+        measured.append((ours, theirs))
+    return measured
+
+
+@pytest.fixture(scope="module")
+def ours(pairs) -> BenchResult:
+    return pairs[0][0]
 
 
 @pytest.mark.e2e
-def test_our_8_stream_figure_matches_vllm_bench_throughput(ours, cli_output_tokens_per_s):
-    """Same figure as vLLM's own benchmark, within 15%: our median of 5 timed runs against 3 CLI processes. The CLI times its whole request set once per process, and a single ~1 s batch of 8 measured anywhere
-    from 720 to 2730 tokens/s on this 2-core machine, so each CLI process serves WAVES batches of 8 (32 requests,
-    at most 8 at a time, all of the same length: the same 8-stream decode, timed over ~4x longer).
+def test_our_8_stream_figure_matches_vllm_bench_throughput(pairs):
+    """Same figure as vLLM's own benchmark, within 15%: the geometric mean, over PAIRS neighbouring pairs of
+    engines, of our median of REPEATS timed runs divided by the CLI's figure. Each CLI process serves WAVES
+    batches of 8 (32 requests, at most 8 at a time, all of the same length: the same 8-stream decode, timed over
+    ~4x longer), because it times its whole request set once and a single ~1 s batch is at the mercy of the VM.
+    One pair's ratio scatters with a standard deviation of ~13% here (13 pairs, 0.79 to 1.21; more in a pair
+    whose engines start while the machine is still slow from earlier work), so the mean of six has one of ~5.5%.
     """
     label = f"tokens_per_s_{STREAMS}_streams"
-    theirs = cli_output_tokens_per_s
-    print(f"\nours: median {ours.metrics[label]:.0f} of {RUNS} [{ours.metrics[label + '_min']:.0f}-"
-          f"{ours.metrics[label + '_max']:.0f}]; vllm bench throughput: median {statistics.median(theirs):.0f} of "
-          f"{[round(x) for x in theirs]}")
-    # Within 15% of what vLLM's own benchmark measured on this machine: of its slowest to its fastest process.
-    # (One CLI process varies by +-15% on a 2-core VM, so a median of 3 is itself that noisy; a figure that counted
-    # prompt tokens, or timed something else, would be off by far more: 100 prompt + 250 output tokens is +40%.)
-    assert min(theirs) * 0.85 <= ours.metrics[label] <= max(theirs) * 1.15
+    ratios = [ours.metrics[label] / theirs for ours, theirs in pairs]
+    for (ours, theirs), ratio in zip(pairs, ratios):
+        print(f"ours {ours.metrics[label]:.0f} [{ours.metrics[label + '_min']:.0f}-{ours.metrics[label + '_max']:.0f}]"
+              f" vs vllm bench throughput {theirs:.0f}: ratio {ratio:.3f}")
+    mean_ratio = statistics.geometric_mean(ratios)
+    print(f"geometric mean ratio {mean_ratio:.3f}")
+    # A figure that counted prompt tokens, or timed something else, would be off by far more: 100 prompt +
+    # 250 output tokens is +40%.
+    assert 0.85 <= mean_ratio <= 1.15, ratios
 
 
 @pytest.mark.e2e

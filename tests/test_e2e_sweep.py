@@ -42,6 +42,8 @@ def test_each_run_logs_the_metrics_with_units(runs):
         missing = [m for m in EXPECTED_METRICS if m not in run.data.metrics]
         assert not missing, f"{method} lacks {missing}"
         assert run.data.metrics["tokens_per_s_8_streams"] > 0
+        # the HF backend names the decode path it ran (bench=smoke asks for the dynamic cache on a CPU)
+        assert run.data.tags["bench_path"].startswith("transformers.generate, dynamic KV cache, eager decode"), method
 
 
 def test_params_are_the_resolved_config_and_tags_say_where_it_ran(runs):

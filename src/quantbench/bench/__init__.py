@@ -31,6 +31,17 @@ class VllmKnobs:
 
 
 @dataclass
+class HfKnobs:
+    """`bench.hf` (all optional): how the transformers backend decodes."""
+
+    cache: str = "static"  # "static": KV cache allocated once (what transformers compiles); "dynamic": grown per token
+    compile: str = "auto"  # "auto": transformers' own rule (CUDA/XPU, static cache, compileable quantizer); "never"
+
+    CACHES = ("static", "dynamic")
+    COMPILES = ("auto", "never")
+
+
+@dataclass
 class BenchPlan:
     backend: str
     prompt_tokens: int
@@ -39,6 +50,7 @@ class BenchPlan:
     warmup: int
     repeats: int
     vllm: VllmKnobs = field(default_factory=VllmKnobs)
+    hf: HfKnobs = field(default_factory=HfKnobs)
 
 
 @dataclass
@@ -73,13 +85,15 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
     if int(cfg.warmup) < 0:
         problems.append(f"bench.warmup={cfg.warmup} (must be >= 0)")
     knobs = _vllm_knobs(cfg.get("vllm") or {}, problems)
+    hf_knobs = _hf_knobs(cfg.get("hf") or {}, problems)
     if knobs.max_model_len is not None and knobs.max_model_len < int(cfg.prompt_tokens) + int(cfg.output_tokens):
         problems.append(f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = "
                         f"{int(cfg.prompt_tokens) + int(cfg.output_tokens)})")
     if problems:
         raise ConfigError("Nonsensical benchmark settings: " + "; ".join(problems) + ".")
     return BenchPlan(backend=backend, prompt_tokens=int(cfg.prompt_tokens), output_tokens=int(cfg.output_tokens),
-                     streams=[int(s) for s in streams], warmup=int(cfg.warmup), repeats=int(cfg.repeats), vllm=knobs)
+                     streams=[int(s) for s in streams], warmup=int(cfg.warmup), repeats=int(cfg.repeats), vllm=knobs,
+                     hf=hf_knobs)
 
 
 def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
@@ -93,6 +107,20 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
         problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
         problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
+    return knobs
+
+
+def _hf_knobs(cfg, problems: list[str]) -> HfKnobs:
+    known = set(HfKnobs.__dataclass_fields__)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        problems.append(f"bench.hf has unknown keys {unknown} (known: {sorted(known)})")
+        return HfKnobs()
+    knobs = HfKnobs(**{k: str(cfg[k]) for k in cfg})
+    if knobs.cache not in HfKnobs.CACHES:
+        problems.append(f"bench.hf.cache={knobs.cache!r} (one of {list(HfKnobs.CACHES)})")
+    if knobs.compile not in HfKnobs.COMPILES:
+        problems.append(f"bench.hf.compile={knobs.compile!r} (one of {list(HfKnobs.COMPILES)})")
     return knobs
 
 

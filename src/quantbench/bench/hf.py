@@ -2,6 +2,14 @@
 
 Greedy decoding of exactly `output_tokens` new tokens per stream (EOS cannot end a stream early because
 min_new_tokens == max_new_tokens), prompts of `prompt_tokens` random non-special tokens, warm-up first.
+
+As fast as transformers allows (`bench.hf`): a static KV cache, with which transformers itself compiles the decode
+step (torch.compile, mode "reduce-overhead": CUDA graphs) where its own rule allows it: CUDA/XPU, and a quantizer
+it marks compileable (compressed-tensors yes; bitsandbytes, GPTQ, AQLM no). We use that path rather than wrapping
+`model.forward` in torch.compile ourselves, which fails with transformers 5.17 / torch 2.11 on an H100 ("accessing
+tensor output of CUDAGraphs that has been overwritten"). The `bench_path` tag says which path really ran, read
+back from the model after the warm-up; a static cache that fails falls back to the dynamic one, with the reason
+in the `bench_hf_fallback_reason` tag.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import time
 
 import torch
 
-from quantbench.bench import BenchPlan, BenchResult, summarize
+from quantbench.bench import BenchPlan, BenchResult, HfKnobs, stream_label, summarize
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,37 @@ def random_prompts(tokenizer, n: int, length: int, seed: int = 0) -> torch.Tenso
     return pool[torch.randint(len(pool), (n, length), generator=g)]
 
 
+def generate_options(knobs: HfKnobs) -> dict:
+    """generate() keyword arguments for the planned cache and compile choice."""
+    options: dict = {}
+    if knobs.cache == "static":
+        options["cache_implementation"] = "static"
+    if knobs.compile == "never":
+        options["disable_compile"] = True
+    return options
+
+
+def why_not_compiled(model, knobs: HfKnobs) -> str:
+    """transformers' auto-compile rule (GenerationMixin._valid_auto_compile_criteria), in words."""
+    if knobs.cache != "static":
+        return "transformers compiles decoding only with a static cache"
+    if knobs.compile == "never":
+        return "bench.hf.compile=never"
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        return f"transformers marks {type(quantizer).__name__} as not compileable"
+    if model.device.type not in ("cuda", "xpu"):
+        return f"transformers compiles decoding only on CUDA/XPU, not {model.device.type}"
+    return "transformers did not compile"
+
+
+def describe_path(model, knobs: HfKnobs, compiled: bool) -> str:
+    cache = "static" if knobs.cache == "static" else "dynamic"
+    decode = ("decode compiled by transformers (torch.compile, reduce-overhead)" if compiled
+              else f"eager decode ({why_not_compiled(model, knobs)})")
+    return f"transformers.generate, {cache} KV cache, {decode}"
+
+
 def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if model is None:  # the pipeline freed it for a backend that serves from disk, which then fell back to us
         from transformers import AutoModelForCausalLM
@@ -39,12 +78,16 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     detail: dict = {"backend": "hf", "runs": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    knobs = plan.hf
+    options = generate_options(knobs)
+    tags: dict[str, str] = {"bench_backend": "hf"}
+
     def generate(ids: torch.Tensor, new_tokens: int) -> float:
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad, **options)
         _sync(device)
         elapsed = time.perf_counter() - start
         produced = out.shape[1] - ids.shape[1]
@@ -52,9 +95,22 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
             raise RuntimeError(f"generate() produced {produced} tokens, expected exactly {new_tokens}")
         return elapsed
 
+    # transformers keeps its compiled decode step on the model; a fresh one tells whether this benchmark compiled
+    vars(model).pop("_compiled_call", None)
     for n in plan.streams:
         ids = random_prompts(tokenizer, n, plan.prompt_tokens).to(device)
-        for _ in range(plan.warmup):
+        try:
+            generate(ids, plan.output_tokens)  # the first warm-up (always one here): it compiles, or fails over
+        except Exception as exc:  # noqa: BLE001 - not silent: the reason becomes a tag and a warning
+            if knobs.cache != "static":
+                raise
+            reason = f"static KV cache failed ({type(exc).__name__}: {str(exc)[:200]}); fell back to the dynamic cache"
+            log.warning("hf backend: %s", reason)
+            tags["bench_hf_fallback_reason"] = reason
+            knobs = HfKnobs(cache="dynamic", compile=knobs.compile)
+            options = generate_options(knobs)
+            generate(ids, plan.output_tokens)
+        for _ in range(plan.warmup - 1):  # the rest of the planned warm-ups
             generate(ids, plan.output_tokens)
         seconds = [generate(ids, plan.output_tokens) for _ in range(plan.repeats)]
         ttft = [generate(ids, 1) for _ in range(plan.repeats)]
@@ -62,6 +118,9 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         metrics.update(summarize("tokens_per_s", n, tps))
         metrics.update(summarize("ttft_s", n, ttft))
         detail["runs"].append({"streams": n, "seconds": seconds, "tokens_per_s": tps, "ttft_s": ttft})
-        log.info("hf backend, %d stream(s): %.1f output tokens/s (median of %d)", n, metrics[f"tokens_per_s_{n}_stream" + ("" if n == 1 else "s")], plan.repeats)
-    return BenchResult(metrics=metrics, tags={"bench_backend": "hf", "bench_path": "transformers.generate, dynamic KV cache"},
-                       detail=detail)
+        log.info("hf backend, %s: %.1f output tokens/s (median of %d)", stream_label(n),
+                 metrics[f"tokens_per_s_{stream_label(n)}"], plan.repeats)
+    tags["bench_path"] = describe_path(model, knobs, compiled=getattr(model, "_compiled_call", None) is not None)
+    detail["path"] = tags["bench_path"]
+    log.info("hf backend path: %s", tags["bench_path"])
+    return BenchResult(metrics=metrics, tags=tags, detail=detail)
