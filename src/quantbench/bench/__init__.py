@@ -96,13 +96,18 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
                      hf=hf_knobs)
 
 
-def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
-    known = set(VllmKnobs.__dataclass_fields__)
+def _read_knobs(knob_type, cfg, group: str, problems: list[str]):
+    """`bench.<group>` as a `knob_type` dataclass; unknown keys are a problem (and leave the defaults)."""
+    known = set(knob_type.__dataclass_fields__)
     unknown = sorted(set(cfg) - known)
     if unknown:
-        problems.append(f"bench.vllm has unknown keys {unknown} (known: {sorted(known)})")
-        return VllmKnobs()
-    knobs = VllmKnobs(**{k: cfg[k] for k in cfg})
+        problems.append(f"bench.{group} has unknown keys {unknown} (known: {sorted(known)})")
+        return knob_type()
+    return knob_type(**{k: cfg[k] for k in cfg})
+
+
+def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
+    knobs = _read_knobs(VllmKnobs, cfg, "vllm", problems)
     if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
         problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
@@ -111,12 +116,7 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
 
 
 def _hf_knobs(cfg, problems: list[str]) -> HfKnobs:
-    known = set(HfKnobs.__dataclass_fields__)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        problems.append(f"bench.hf has unknown keys {unknown} (known: {sorted(known)})")
-        return HfKnobs()
-    knobs = HfKnobs(**{k: str(cfg[k]) for k in cfg})
+    knobs = _read_knobs(HfKnobs, cfg, "hf", problems)
     if knobs.cache not in HfKnobs.CACHES:
         problems.append(f"bench.hf.cache={knobs.cache!r} (one of {list(HfKnobs.CACHES)})")
     if knobs.compile not in HfKnobs.COMPILES:
