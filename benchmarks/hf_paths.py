@@ -69,6 +69,8 @@ def main() -> None:
                              "(method=bnb_nf4's settings), saved first so that the roofline counts its bytes")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
+    if args.random_shape and not args.tokenizer_dir:
+        parser.error("--random-shape needs --tokenizer-dir (any tokenizer: its ids make the prompts)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,9 +103,10 @@ def main() -> None:
         cfg = OmegaConf.create({"backend": "hf", "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
                                 "streams": [int(s) for s in args.streams.split(",")], "warmup": 1,
                                 "repeats": args.repeats, "hf": PATHS[name]})
-        result = bench.run(bench.plan(cfg), model, tokenizer, model_dir, hardware)
+        plan = bench.plan(cfg)
+        result = bench.run(plan, model, tokenizer, model_dir, hardware)
         m = result.metrics
-        for n in bench.plan(cfg).streams:
+        for n in plan.streams:
             label = bench.stream_label(n)
             rows.append({"path": name, "streams": n, "tokens_per_s": m[f"tokens_per_s_{label}"],
                          "min": m[f"tokens_per_s_{label}_min"], "max": m[f"tokens_per_s_{label}_max"],

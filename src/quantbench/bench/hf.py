@@ -6,8 +6,8 @@ min_new_tokens == max_new_tokens), prompts of `prompt_tokens` random non-special
 As fast as transformers allows (`bench.hf`): a static KV cache, with which transformers itself compiles the decode
 step (torch.compile, mode "reduce-overhead": CUDA graphs) where its own rule allows it: CUDA/XPU, and a quantizer
 it marks compileable (compressed-tensors yes; bitsandbytes, GPTQ, AQLM no). We use that path rather than wrapping
-`model.forward` in torch.compile ourselves, which fails with transformers 5.17 / torch 2.11 on an H100 ("accessing
-tensor output of CUDAGraphs that has been overwritten"). The `bench_path` tag says which path really ran, read
+`model.forward` in torch.compile ourselves, which was reported to fail with transformers 5.17 / torch 2.11 on an
+H100 ("accessing tensor output of CUDAGraphs that has been overwritten"); this path ran there on an H200 (README). The `bench_path` tag says which path really ran, read
 back from the model after the warm-up; a static cache that fails falls back to the dynamic one, with the reason
 in the `bench_hf_fallback_reason` tag.
 """
@@ -62,10 +62,9 @@ def why_not_compiled(model, knobs: HfKnobs) -> str:
 
 
 def describe_path(model, knobs: HfKnobs, compiled: bool) -> str:
-    cache = "static" if knobs.cache == "static" else "dynamic"
     decode = ("decode compiled by transformers (torch.compile, reduce-overhead)" if compiled
               else f"eager decode ({why_not_compiled(model, knobs)})")
-    return f"transformers.generate, {cache} KV cache, {decode}"
+    return f"transformers.generate, {knobs.cache} KV cache, {decode}"
 
 
 def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
