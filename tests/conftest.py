@@ -60,6 +60,6 @@ def tiny_root() -> Path:
 
 @pytest.fixture(scope="session")
 def default_sweep(tiny_root, tmp_path_factory) -> Store:
-    """The README's default sweep (`python run.py -m`): fp16 and bnb_nf4 on the embedded model."""
+    """The README's default sweep (`python run.py -m`): every default method on the embedded model, run once."""
     work = tmp_path_factory.mktemp("default_sweep")
     return run_cli("-m", mlruns=work / "mlruns", workdir=work)
