@@ -68,7 +68,7 @@ def test_roofline_tokens_per_s_by_hand(tmp_path):
 def test_roofline_metrics_use_the_datasheet_and_divide_the_median(tmp_path):
     hw = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": 2.0})
     measured = {"tokens_per_s_1_stream": 100.0, "tokens_per_s_4_streams": 200.0}
-    metrics, tags = roofline.metrics(_model_dir(tmp_path), 100, 50, [1, 4], measured, hw)
+    metrics, tags = roofline.metrics(roofline.decode_bytes(_model_dir(tmp_path)), 100, 50, [1, 4], measured, hw)
     assert tags == {"memory_bandwidth_source": "datasheet"}
     assert metrics["memory_bandwidth_gbs"] == 2.0
     assert metrics["roofline_tokens_per_s_1_stream"] == pytest.approx(2e9 / 5872)

@@ -140,9 +140,9 @@ def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig
 
     result = load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
     try:
-        extra, tags = roofline.metrics(model_dir, plan.prompt_tokens, plan.output_tokens, plan.streams,
-                                       result.metrics, hardware)
         decode = roofline.decode_bytes(model_dir)
+        extra, tags = roofline.metrics(decode, plan.prompt_tokens, plan.output_tokens, plan.streams,
+                                       result.metrics, hardware)
     except (OSError, KeyError, ValueError) as exc:  # keep the measurement; say why there is no roofline
         log.warning("No roofline for %s: %s", model_dir, exc)
         result.tags["roofline_unavailable"] = str(exc)[:250]

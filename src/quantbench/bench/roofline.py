@@ -132,13 +132,12 @@ def memory_bandwidth(hardware, cache_file: Path | None = None) -> tuple[float, s
     return gbs, "measured"
 
 
-def metrics(model_dir: str | Path, prompt_tokens: int, output_tokens: int, streams: list[int],
+def metrics(b: DecodeBytes, prompt_tokens: int, output_tokens: int, streams: list[int],
             measured: dict[str, float], hardware) -> tuple[dict[str, float], dict[str, str]]:
     """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s) (measured median / roofline)."""
     from quantbench.bench import stream_label
 
     bandwidth, source = memory_bandwidth(hardware)
-    b = decode_bytes(model_dir)
     out: dict[str, float] = {"memory_bandwidth_gbs": bandwidth}
     for n in streams:
         label = stream_label(n)
