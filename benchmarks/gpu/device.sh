@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# benchmarks/gpu/device.sh STEP [ARGS] — run on the lent GPU test machine (no network; /tmp survives ~30 s between
+# commands; at most 64 MiB travels with each command). Stage the bundles with one command per chunk, back to back:
+#   vllm1, vllm2, vllm3   vLLM 0.26.0 for the image's torch 2.11.0+cu130 (../shared/gpu/make_vllm_bundle.sh .gpu/vllm)
+#   deps N                chunk N of quantbench's own dependencies (benchmarks/gpu/make_deps_bundle.sh .gpu/deps)
+# then any other step runs `ARGS` with the staged packages on PYTHONPATH, e.g.
+#   bash benchmarks/gpu/device.sh run python3 -m pytest -m gpu tests/gpu
+# Each staging step carries its chunk (device `carry`: .gpu/vllm/p1, ...). If /tmp is empty, start over at vllm1.
+set -euo pipefail
+step=${1:?step}; shift
+pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$@"; }
+case "$step" in
+  vllm1) cp .gpu/vllm/p1/* /tmp/ ;;
+  vllm2) mkdir -p /tmp/vllm && cat /tmp/vllm.tar.xz.part0 .gpu/vllm/p2/vllm.tar.xz.part1 | xz -d | tar -x -C /tmp/vllm
+         rm -f /tmp/vllm.tar.xz.part0 ;;
+  vllm3) pipi /tmp/site .gpu/vllm/p3/*.whl ;;
+  deps)  pipi /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
+  run)
+    # Our pins first (compressed-tensors 0.19 for llm-compressor), then vLLM and its bundle; quantbench from src/.
+    export PYTHONPATH="$PWD/src:/tmp/site2:/tmp/vllm:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    export PYTHONUNBUFFERED=1 QUANTBENCH_CACHE="${QUANTBENCH_CACHE:-$PWD/.cache}"
+    export PATH="/tmp/site2/bin:$PATH"
+    "$@" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
