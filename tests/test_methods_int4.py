@@ -71,6 +71,12 @@ def test_supported_bit_widths(source, name, bits, ok):
             m.validate(source.config(), CPU)
 
 
+def test_gptq_names_its_kernel_backends_when_given_one_it_lacks(source):
+    with pytest.raises(ConfigError, match="method.backend='machette'.*'marlin'"):
+        method_from_yaml("gptq", "method.backend=machette").validate(source.config(), CPU)
+    method_from_yaml("gptq", "method.backend=marlin").validate(source.config(), CPU)
+
+
 def test_gptq_refuses_act_order_together_with_group_aware_reordering(source):
     with pytest.raises(ConfigError, match="act_group_aware=false"):
         method_from_yaml("gptq", "method.desc_act=true").validate(source.config(), CPU)

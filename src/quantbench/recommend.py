@@ -63,7 +63,10 @@ class Recommendation:
 
 
 def memory_need(row: RunRow) -> tuple[float | None, str]:
-    """GPU memory a run needs: its measured peak if it ran on a GPU, else its weights (a CPU peak is host RSS)."""
+    """GPU memory a run needs: what serving it took on the GPU (vLLM's engine, read from the device) if measured, else
+    its measured peak if it ran on a GPU, else its weights (a CPU peak is host RSS)."""
+    if row.on_gpu and row.metrics.get("serve_mem_gb") is not None:
+        return row.metrics["serve_mem_gb"], "GPU memory to serve it"
     if row.on_gpu and row.metrics.get("peak_mem_gb") is not None:
         return row.metrics["peak_mem_gb"], "peak GPU memory"
     if row.metrics.get("weight_gb") is not None:
@@ -121,7 +124,9 @@ def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recom
     pool.sort(key=lambda a: (-(a.row.tokens_per_s(c.streams) or -1.0), a.memory_gb or 0.0))
     best = pool[0]
     why = (f"{best.row.label} (run {best.row.run_id}): {_describe(best, sel, c)}"
-           + ("" if best.worse_on else f"; no task significantly worse than {sel.baseline_method}")
+           + ("" if best.worse_on else f"; no task significantly worse than {sel.baseline_method}"
+              if comparisons.get(best.row.run_id or "") else f"; accuracy not compared with {sel.baseline_method}"
+              + (" (random weights)" if best.row.random_weights else ""))
            + ("" if accurate else " — but every feasible run is significantly worse than the baseline somewhere: "
               + "; ".join(best.worse_on)))
     others = []

@@ -1,6 +1,6 @@
 """The pipeline on a CUDA GPU (`pytest -m gpu`; skipped where no CUDA device is visible, so CI never runs them).
 
-Every method through `python run.py -m` on the embedded model with a GPU hardware config (accuracy means something
+Every method through `python run.py` on the embedded model with a GPU hardware config (accuracy means something
 there), and one artifact served by vLLM's CUDA build. Run on the lent H100/H200 test machine; its log is committed
 under benchmarks/results/.
 """
@@ -15,7 +15,11 @@ from conftest import run_cli
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-METHODS = ["fp16", "bnb_nf4", "awq", "gptq", "autoround_sym", "aqlm_2bit"]
+# Per-method overrides for the GPU test machine: it has no network, and GPTQModel's default kernel on Hopper (Machete)
+# is built on first use against a CUTLASS release it downloads (seen failing there, 2026-11-28); auto-round's 200
+# iterations do not separate anything on the embedded model (conf/method/autoround_sym.yaml), 20 keep the test short.
+METHODS = {"fp16": [], "bnb_nf4": [], "awq": [], "gptq": ["method.backend=marlin"],
+           "autoround_sym": ["method.iters=20"], "aqlm_2bit": []}
 
 
 def gpu_hardware() -> str:
@@ -25,40 +29,42 @@ def gpu_hardware() -> str:
 
 
 @pytest.fixture(scope="module")
-def cuda_sweep(tiny_root, tmp_path_factory):
-    work = tmp_path_factory.mktemp("cuda_sweep")
-    return run_cli("-m", f"method={','.join(METHODS)}", f"hardware={gpu_hardware()}", "eval=tiny", "bench=smoke",
-                   mlruns=work / "mlruns", workdir=work, check=False, timeout=3000)
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_runs")
 
 
 @pytest.fixture(scope="module")
-def cuda_runs(cuda_sweep):
-    return {r.data.tags["method"]: r for r in cuda_sweep.runs()}
+def fp16_run(tiny_root, store_dir):
+    return _run("fp16", store_dir)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_finishes_the_pipeline_on_cuda(cuda_runs, cuda_sweep, method):
-    run = cuda_runs.get(method)
-    assert run is not None, cuda_sweep.result.stdout[-4000:]
-    assert run.info.status == "FINISHED", run.data.tags.get("failure_reason", cuda_sweep.result.stdout[-4000:])
+def _run(method: str, work):
+    """One job through `python run.py` on the GPU, into a store shared by this module's tests."""
+    store = run_cli(f"method={method}", *METHODS[method], f"hardware={gpu_hardware()}", "eval=tiny", "bench=smoke",
+                    mlruns=work / "mlruns", workdir=work / method, check=False, timeout=1200)
+    runs = [r for r in store.runs() if r.data.tags["method"] == method]
+    assert runs, store.result.stdout[-4000:]
+    return runs[-1], store
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_finishes_the_pipeline_on_cuda(tiny_root, store_dir, fp16_run, method):
+    """Quantized on the GPU, verified in a fresh process, scored by lm-eval on CUDA and benchmarked; the embedded
+    model keeps its facts: 4-bit within 5 points of fp16, 2-bit within 15."""
+    run, store = fp16_run if method == "fp16" else _run(method, store_dir)
+    assert run.info.status == "FINISHED", run.data.tags.get("failure_reason", store.result.stdout[-4000:])
     assert run.data.tags["artifact_verified"] == "true"
     assert run.data.params["hardware.device"] == "cuda"
+    assert run.data.metrics["quantize_peak_mem_gb"] > 0  # CUDA's allocator saw the model
     assert run.data.metrics["tokens_per_s_1_stream"] > 0
-    # quantized on the GPU: CUDA's allocator saw the model
-    assert run.data.metrics["quantize_peak_mem_gb"] > 0
-
-
-def test_accuracy_on_cuda_matches_what_the_cpu_gives(cuda_runs):
-    """The embedded model knows its facts on CUDA too; 4-bit stays within 5 points of fp16, 2-bit within 15."""
-    fp16 = cuda_runs["fp16"].data.metrics["tiny_facts_acc"]
+    fp16 = fp16_run[0].data.metrics["tiny_facts_acc"]
     assert fp16 >= 0.8
-    for method, run in cuda_runs.items():
-        floor = fp16 - (0.15 if method.startswith("aqlm") else 0.05)
-        assert run.data.metrics["tiny_facts_acc"] >= floor, method
+    assert run.data.metrics["tiny_facts_acc"] >= fp16 - (0.15 if method.startswith("aqlm") else 0.05)
 
 
 def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, tmp_path):
-    store = run_cli("method=gptq", f"hardware={gpu_hardware()}", "eval=none", "bench=smoke", "bench.backend=vllm",
+    store = run_cli("method=gptq", *METHODS["gptq"], f"hardware={gpu_hardware()}", "eval=none", "bench=smoke",
+                    "bench.backend=vllm",
                     mlruns=tmp_path / "mlruns", workdir=tmp_path, timeout=1200)
     (run,) = store.runs()
     tags, metrics = run.data.tags, run.data.metrics

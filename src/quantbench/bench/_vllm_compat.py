@@ -20,7 +20,12 @@
    `gpu_memory_utilization` (0.92) of the node's RAM and refuses to start when that much is not free
    ("Available memory on node 0 ... is less than desired CPU memory utilization").
 
-3. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
+3. Reading the kernel choice on CUDA: there vLLM runs its engine core in a second process, and `LLM.apply_model`
+   (how bench/_vllm_engine.py walks the loaded layers for their kernels) ships the function to it, which vLLM 0.26
+   refuses without VLLM_ALLOW_INSECURE_SERIALIZATION=1 ("Object of type <class 'function'> is not serializable";
+   seen on an H100, 2026-11-28). Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
+
+4. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
    them in the project cache (`<cache>/vllm`, the folder above quantbench.fixtures.tiny.default_cache_dir()),
    where a second engine start for the same model loads the compiled graph instead of compiling (~2 min -> ~15 s).
 """
@@ -92,6 +97,8 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
     if device.startswith("cpu"):
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env["OMP_NUM_THREADS"] = str(cpu_threads(threads))
+    else:
+        env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # workaround 3
     return env
 
 

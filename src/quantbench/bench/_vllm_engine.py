@@ -1,4 +1,5 @@
-"""The vLLM side of bench/vllm.py, run as `python -m quantbench.bench._vllm_engine request.json result.json`.
+"""The vLLM side of bench/vllm.py, run as `python -m quantbench.bench._vllm_engine request.json result.json` (or
+`--probe result.json`: what this vLLM can serve on this machine, see `vllm.capabilities`).
 
 Why a child process: importing vLLM and starting its engine changes the importing process for good (os.environ,
 LD_PRELOAD, a torch.distributed group, `torch.set_num_threads` replaced by a no-op, the engine's memory), and on
@@ -53,7 +54,8 @@ def _kernel_name(layer, method, scheme) -> str:
         code = getattr(cpu_linear, "__code__", None)  # a lambda around the chosen op, e.g. ops.onednn_mm(...)
         return "cpu:" + (code.co_names[-1] if code is not None and code.co_names else getattr(cpu_linear, "__name__", "?"))
     gemm = getattr(method, "_gemm_impl", None)
-    return getattr(gemm, "__name__", "unknown")
+    # no kernel object (e.g. BitsAndBytesLinearMethod calls bitsandbytes' own matmul from its apply())
+    return getattr(gemm, "__name__", "its own apply()")
 
 
 def _peak_rss_gb() -> float:

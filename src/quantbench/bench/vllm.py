@@ -159,6 +159,13 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     }
     if knobs.kv_cache_gb is not None:
         engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
+    if device.startswith("cuda"):
+        # vLLM refuses to start unless gpu_memory_utilization x total is free, and this process keeps its CUDA
+        # context (and whatever the allocator holds): ask for what is free, less a margin.
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        engine["gpu_memory_utilization"] = round(min(0.9, (free - GiB) / total), 3)
     env = engine_env(device, knobs.cpu_threads)
     if knobs.disabled_kernels:
         env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)

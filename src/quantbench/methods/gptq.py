@@ -33,8 +33,9 @@ class GPTQ(Method):
 
     def __init__(self, name: str, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                  act_group_aware: bool = True, damp_percent: float = 0.05, seq_len: int = 128,
-                 batch_size: int = 1):
+                 batch_size: int = 1, backend: str = "auto"):
         super().__init__(name)
+        self.backend = str(backend)
         self.bits, self.group_size, self.sym, self.desc_act = int(bits), int(group_size), bool(sym), bool(desc_act)
         self.act_group_aware, self.damp_percent = bool(act_group_aware), float(damp_percent)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
@@ -51,6 +52,13 @@ class GPTQ(Method):
         if self.seq_len < 8 or self.batch_size < 1:
             raise ConfigError(f"method.seq_len={self.seq_len} and method.batch_size={self.batch_size}: "
                               f"need at least 8 tokens per sequence and a batch of at least 1.")
+        with gptqmodel_scope():
+            from gptqmodel import BACKEND
+
+        choices = sorted(b.value for b in BACKEND)
+        if self.backend not in choices:
+            raise ConfigError(f"method.backend={self.backend!r} is not a GPTQModel kernel backend; choose one of "
+                              f"{choices} (auto: GPTQModel's choice for the device).")
 
     def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
                  calibration: list[str] | None = None) -> torch.nn.Module:
@@ -75,14 +83,18 @@ class GPTQ(Method):
             qmodel.save(str(out_dir))
             del qmodel
             gc.collect()
-            return reload(out_dir, source, dtype, hardware.device)
+            return reload(out_dir, source, dtype, hardware.device, self.backend)
 
 
-def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The saved folder through GPTQModel's loader (it picks the fastest kernel for the device); the transformers
-    model inside is what lm-eval's HFLM gets. transformers' own GPTQ loader would need optimum as well."""
+def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str, backend: str = "auto") -> torch.nn.Module:
+    """The saved folder through GPTQModel's loader with the kernel `backend` (auto: the fastest for the device); the
+    transformers model inside is what lm-eval's HFLM gets. transformers' own GPTQ loader would need optimum as well.
+
+    On Hopper, auto picks Machete, which GPTQModel 7.6 builds on first use against a CUTLASS release it downloads:
+    without network (our GPU test machine) that fails, so there `method.backend=marlin`."""
     with gptqmodel_scope():
-        from gptqmodel import GPTQModel
+        from gptqmodel import BACKEND, GPTQModel
 
-        loaded = GPTQModel.load(str(folder), dtype=dtype, device=device, trust_remote_code=source.trust_remote_code)
+        loaded = GPTQModel.load(str(folder), dtype=dtype, device=device, backend=BACKEND(backend),
+                                trust_remote_code=source.trust_remote_code)
     return loaded.model
