@@ -25,7 +25,7 @@ run: install        ## the default sweep on the embedded model; extra Hydra over
 	$(BIN)/python run.py -m $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)

