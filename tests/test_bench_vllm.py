@@ -102,8 +102,11 @@ def test_cpu_bandwidth_is_measured_once_and_cached_by_cpu_model(tmp_path, monkey
     assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
 
 
-def test_bandwidth_measurement_counts_read_and_write_bytes():
-    assert 0.1 < roofline.measure_bandwidth_gbs(size_bytes=2**24, repeats=2) < 10_000
+def test_bandwidth_measurement_counts_read_and_write_bytes(monkeypatch):
+    """A copy of N bytes that takes 1 ms moves 2N bytes (read + write): 2 * 2**24 B / 1 ms = 33.55 GB/s, not 16.8."""
+    clock = iter([10.000, 10.001, 20.000, 20.001])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(clock))
+    assert roofline.measure_bandwidth_gbs(size_bytes=2**24, repeats=2) == pytest.approx(2 * 2**24 / 1e-3 / 1e9)
 
 
 # --- fallback decision, kernel flags, config --------------------------------------------------------------------
@@ -297,14 +300,14 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
         assert "cpu:onednn_mm" in kernel
     assert m[f"tokens_per_s_{label}_min"] <= m[f"tokens_per_s_{label}"] <= m[f"tokens_per_s_{label}_max"]
     assert 0 < m[f"ttft_s_{label}"] < 60
-    assert m[f"roofline_fraction_{label}"] == pytest.approx(m[f"tokens_per_s_{label}"] / m[f"roofline_tokens_per_s_{label}"])
+    assert 0 < m[f"roofline_fraction_{label}"] < 1  # the arithmetic is checked by hand above; here: a real figure under its bound
     assert tags["memory_bandwidth_source"] == "measured" and m["memory_bandwidth_gbs"] > 0
 
 
 # --- kernel choice and serving memory, with the engine process faked at its seam ----------------------------------
 
 def _fake_engine(kernels: dict[str, int], seen: dict):
-    def run_engine(request, env, device="cpu"):
+    def run_engine(request, env, device="cpu", timeout_s=None):
         seen["env"] = env
         runs = [{"streams": n, "seconds": [1.0], "tokens_per_s": [10.0], "ttft_s": [0.1]} for n in request["streams"]]
         return {"engine_start_s": 5.0, "peak_rss_gb": 1.5, "gpu_mem_gb": 0.0, "runs": runs, "linear_kernels": kernels,
@@ -367,8 +370,9 @@ def test_on_the_avx2_path_gptq_falls_back_to_hf_and_fp16_still_runs_on_vllm(tiny
     runs = {r.data.tags["method"]: r for r in store.runs()}
     assert {m: r.info.status for m, r in runs.items()} == {"fp16": "FINISHED", "gptq": "FINISHED"}
     fp16, gptq = runs["fp16"].data.tags, runs["gptq"].data.tags
-    assert fp16["bench_backend"] == "vllm" and fp16["slow_kernel_fallback"] == (
-        "true" if "cpu:linear" in fp16["vllm_linear_kernel"] else "false")
+    # oneDNN held to AVX2 refuses bf16 matmuls, as on an AVX2-only CPU: vLLM runs torch's linear, and the run says so
+    assert fp16["bench_backend"] == "vllm" and "cpu:linear" in fp16["vllm_linear_kernel"]
+    assert fp16["slow_kernel_fallback"] == "true" and "oneDNN unavailable" in fp16["slow_kernel_reason"]
     assert (gptq["bench_backend"], gptq["bench_requested_backend"]) == ("hf", "vllm")
     reason = gptq["bench_fallback_reason"]
     assert "cpu_gemm_wna16" in reason and "_C_AVX2" in reason and "no AVX-512" in reason
@@ -387,3 +391,29 @@ def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tm
     assert run.data.tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in run.data.tags
     assert "CPUWNA16LinearKernel" in run.data.tags["vllm_linear_kernel"]
     assert run.data.metrics["tokens_per_s_1_stream"] > 0
+
+
+def test_a_hung_engine_is_killed_with_its_children_at_its_time_limit(tmp_path, monkeypatch):
+    """An engine that never answers (here: a shell that starts a child and sleeps) ends the job with a reason
+    within its limit, and neither it nor the process it started is left running."""
+    import time
+
+    pids = tmp_path / "pids"
+    hung = tmp_path / "hung-engine"
+    hung.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! > {pids}\necho engine starting\nsleep 300\n")
+    hung.chmod(0o755)
+    monkeypatch.setattr(vllm_backend, "ENGINE_COMMAND", [str(hung)])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not finish within 2 s \(bench.vllm.timeout_s\)"):
+        vllm_backend._run_engine({"model_dir": "m"}, dict(os.environ), "cpu", timeout_s=2)
+    assert time.monotonic() - started < 20
+    for pid in map(int, pids.read_text().split()):
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "State:\tZ" in status.read_text(), f"process {pid} outlived the engine"
+
+
+def test_the_engine_time_limit_is_a_checked_knob():
+    cfg = OmegaConf.create({"backend": "vllm", "prompt_tokens": 8, "output_tokens": 8, "streams": [1], "warmup": 0,
+                            "repeats": 1, "vllm": {"timeout_s": 0}})
+    with pytest.raises(ConfigError, match="timeout_s=0"):
+        bench.plan(cfg)

@@ -46,3 +46,16 @@ def test_an_artifact_that_does_not_load_is_refused(tmp_path, saved):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(RuntimeError, match="does not reload"):
         fingerprint.verify(model, tmp_path, ids, "cpu")
+
+
+def test_a_model_whose_loss_is_nan_in_both_copies_is_refused(tmp_path, saved):
+    """NaN compares false with every tolerance, so two NaN fingerprints would 'agree': the check must refuse them."""
+    from transformers import AutoModelForCausalLM
+
+    model, folder, ids = saved
+    broken = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fingerprint.verify(broken, tmp_path, ids, "cpu")

@@ -69,17 +69,23 @@ with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED)
 os.replace(tmp, src)
 EOF
 
-# 5. Split into chunks of at most 55 MiB each.
+# 5. Split into chunks of at most 55 MiB each. Wheels that install files into the same package folder (mlflow,
+#    mlflow-skinny and mlflow-tracing all write mlflow/) must share a chunk: `pip install --target` merges them within
+#    one call but skips a folder that an earlier call already created (seen on the GPU machine, 2026-11-28).
 python3 - "$whl" "$out" <<'EOF'
 import os, sys, shutil
 src, out = sys.argv[1:]; cap = 55 * 2**20
-files = sorted(((os.path.getsize(os.path.join(src, f)), f) for f in os.listdir(src)), reverse=True)
-n = -(-sum(s for s, _ in files) // cap)
-while True:  # as few chunks as fit, filled evenly (largest file into the emptiest chunk)
+group = lambda f: "mlflow" if f.startswith("mlflow") else f
+units: dict[str, list] = {}
+for f in os.listdir(src):
+    u = units.setdefault(group(f), [0, []]); u[0] += os.path.getsize(os.path.join(src, f)); u[1].append(f)
+units = sorted(units.values(), reverse=True)
+n = -(-sum(s for s, _ in units) // cap)
+while True:  # as few chunks as fit, filled evenly (largest unit into the emptiest chunk)
     bins = [[0, []] for _ in range(n)]
-    for size, f in files:
-        if size > cap: sys.exit(f"{f} is {size} bytes, over 55 MiB")
-        b = min(bins, key=lambda b: b[0]); b[0] += size; b[1].append(f)
+    for size, fs in units:
+        if size > cap: sys.exit(f"{fs} are {size} bytes together, over 55 MiB")
+        b = min(bins, key=lambda b: b[0]); b[0] += size; b[1].extend(fs)
     if max(b[0] for b in bins) <= cap: break
     n += 1
 for i, (_, fs) in enumerate(bins, 1):

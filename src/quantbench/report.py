@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantbench import recommend, stats
-from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, stream_label
+from quantbench.bench import stream_label
+from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from quantbench import stats
+from quantbench.bench import stream_label
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
 # Overrides that say where things go, not what was measured: useless for telling two runs apart.
 _LOCATION_KEYS = ("paths.", "tracking.", "hydra.")
-
-
-def stream_label(n: int) -> str:
-    return f"{n}_stream" if n == 1 else f"{n}_streams"
 
 
 @dataclass

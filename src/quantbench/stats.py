@@ -113,12 +113,6 @@ def mcnemar(baseline: Sequence[float], candidate: Sequence[float]) -> float:
     return min(1.0, 2 * tail)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (x smaller is better, y larger is better),
     ordered by x: the frontier of the size/accuracy trade-off."""

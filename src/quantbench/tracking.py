@@ -130,5 +130,3 @@ class Tracker:
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(folder), artifact_path)
 
-    def artifact_uri(self, artifact_path: str) -> str:
-        return mlflow.get_artifact_uri(artifact_path)

