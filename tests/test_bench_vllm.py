@@ -207,7 +207,10 @@ def test_the_cpu_engine_runs_in_process_with_a_core_to_spare_and_caches_in_the_p
 # --- end to end: our figure against vLLM's own benchmark ----------------------------------------------------------
 
 PROMPT, OUTPUT, STREAMS = 100, 250, 8  # the seed's shape, at 8 concurrent streams
-PAIRS = 6  # engine processes of ours and of vLLM's CLI, run in alternation
+# Engine processes of ours and of vLLM's CLI, run in alternation. Five: one pair's ratio scatters by ~13%, so the mean
+# of five scatters by ~5.8% and the 15% band is 2.6 of those; a sixth pair bought 0.2 sigma for ~1 minute here and
+# ~2 on a 2-core AVX2 machine, where make test must stay under 45 minutes.
+PAIRS = 5
 REPEATS = 3  # our timed repeats in each of our engines
 WAVES = 4  # batches of STREAMS requests in each CLI process (it times its whole request set once)
 
@@ -271,7 +274,7 @@ def test_our_8_stream_figure_matches_vllm_bench_throughput(pairs):
     batches of 8 (32 requests, at most 8 at a time, all of the same length: the same 8-stream decode, timed over
     ~4x longer), because it times its whole request set once and a single ~1 s batch is at the mercy of the VM.
     One pair's ratio scatters with a standard deviation of ~13% here (13 pairs, 0.79 to 1.21; more in a pair
-    whose engines start while the machine is still slow from earlier work), so the mean of six has one of ~5.5%.
+    whose engines start while the machine is still slow from earlier work), so the mean of five has one of ~5.8%.
     """
     label = f"tokens_per_s_{STREAMS}_streams"
     ratios = [ours.metrics[label] / theirs for ours, theirs in pairs]
@@ -296,8 +299,8 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
     # oneDNN may refuse the bf16 matmul on a CPU without AVX-512 BF16 (seen on an AMD EPYC with AVX2): then vLLM runs
     # torch's linear and the run must say so; where the CPU has AVX-512 BF16, oneDNN serves it.
     assert tags["slow_kernel_fallback"] == ("true" if "cpu:linear" in kernel else "false")
-    if vllm_backend.capabilities()["cpu"]["avx512_bf16"]:
-        assert "cpu:onednn_mm" in kernel
+    if vllm_backend.capabilities()["cpu"]["avx512_bf16"]:  # a native bf16 GEMM: oneDNN, or the AMX-packed kernel
+        assert "cpu:linear" not in kernel
     assert m[f"tokens_per_s_{label}_min"] <= m[f"tokens_per_s_{label}"] <= m[f"tokens_per_s_{label}_max"]
     assert 0 < m[f"ttft_s_{label}"] < 60
     assert 0 < m[f"roofline_fraction_{label}"] < 1  # the arithmetic is checked by hand above; here: a real figure under its bound
