@@ -161,3 +161,43 @@ def test_recommend_from_measurements(store, caplog):
         rc = recommend.main(["--tracking-uri", uri, "--gpu-memory-gb", "6", "--min-accuracy", "0.99"])
     assert rc == 1 and "No measured method meets every constraint" in caplog.text
     assert "mean accuracy" in caplog.text and ids["bnb_nf4"] in caplog.text
+
+
+def test_random_weight_runs_show_speed_and_size_but_no_accuracy(tmp_path):
+    """model=llama-3.1-8b-shape: chance-level accuracy is not a result, so the report and recommend leave it out."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    gpu = {"weights": "random", "hardware": "h100", "model": "llama-3.1-8b-shape", "host.gpu": "NVIDIA H100 80GB HBM3"}
+    log_run(client, exp, "fp16", tags=gpu, samples={"t1": correctness(N1, 100)},
+            metrics={"disk_gb": 16.06, "serve_mem_gb": 18.3, "tokens_per_s_1_stream": 153.8})
+    log_run(client, exp, "bnb_nf4", tags=gpu | {"quant_library": "bitsandbytes"}, samples={"t1": correctness(N1, 104)},
+            metrics={"disk_gb": 5.71, "serve_mem_gb": 8.7, "tokens_per_s_1_stream": 170.3})
+    out = tmp_path / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    accuracy = read_csv(out / "accuracy.csv")
+    assert {r["verdict"] for r in accuracy} == {"random weights: accuracy not meaningful"}
+    assert all(r["acc"] == "" for r in accuracy)
+    memory = {r["method"]: r for r in read_csv(out / "memory.csv")}
+    assert float(memory["bnb_nf4"]["serve_mem_gb"]) == 8.7
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(gpu_memory_gb=10))
+    assert rec.choice.row.method == "bnb_nf4"  # fp16 needs 18.3 GB to serve
+    assert "accuracy not compared with fp16 (random weights)" in rec.why and "significantly" not in rec.why
+
+
+def test_a_summary_run_whose_upload_fails_ends_failed_with_the_reason(store, monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, _, _ = store
+
+    def refuse(self, run_id, local_path, artifact_path=None):
+        raise OSError("artifact store is read-only")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
+    with pytest.raises(OSError):
+        report.main(["--tracking-uri", uri, "--out", str(tmp_path / "out"), "--sweep", "s0"])
+    st = Store(uri)
+    (summary,) = [r for r in st.client.search_runs([st.experiment_id("quantbench-tiny")],
+                                                   f"tags.`{SUMMARY_TAG}` = 'true'") if r.info.run_name == "report-s0"]
+    assert summary.info.status == "FAILED"
+    assert "read-only" in summary.data.tags["failure_reason"]

@@ -281,12 +281,17 @@ def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(sel.experiment_id, run_name=name, tags=tags).info.run_id
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
-    for f in files:
-        client.log_artifact(run_id, str(f), "report")
-    for status in ("FINISHED", "FAILED", "MISSING"):
-        client.log_metric(run_id, f"runs_{status.lower()}", sum(r.status == status for r in sel.rows))
+    try:
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        for f in files:
+            client.log_artifact(run_id, str(f), "report")
+        for status in ("FINISHED", "FAILED", "MISSING"):
+            client.log_metric(run_id, f"runs_{status.lower()}", sum(r.status == status for r in sel.rows))
+    except Exception as exc:  # an upload that fails must not leave the summary run RUNNING forever
+        client.set_tag(run_id, "failure_reason", f"logging the report failed: {type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -231,11 +231,11 @@ class Store:
         """run_id -> task -> accuracy difference vs the baseline, paired by doc_id where samples allow."""
         out: dict[str, dict[str, stats.Difference]] = {}
         base = sel.baseline
-        if base is None:
+        if base is None or base.random_weights:
             return out
         base_samples = self.samples(base) or {}
         for row in sel.finished:
-            if row.run_id == base.run_id:
+            if row.run_id == base.run_id or row.random_weights:  # chance against chance compares nothing
                 continue
             row_samples = self.samples(row) or {}
             per_task: dict[str, stats.Difference] = {}
@@ -303,6 +303,9 @@ def _missing_jobs(rows: list[RunRow]) -> list[RunRow]:
     if len(sweep_dirs) != 1:
         return []
     path = Path(sweep_dirs.pop()) / "multirun.yaml"
+    if not path.exists():  # the store was made on another machine (e.g. the GPU results): nothing to compare with
+        log.info("No %s here: MISSING jobs of this sweep cannot be listed", path)
+        return []
     try:
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from omegaconf import OmegaConf
@@ -315,8 +318,9 @@ def _missing_jobs(rows: list[RunRow]) -> list[RunRow]:
             return []
         override = OverridesParser.create().parse_overrides([spec])[0]
         expected = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-    except Exception as exc:  # the yaml is a courtesy: no sweep folder here, or a syntax we don't expand
-        log.debug("Cannot read the expected jobs from %s: %s", path, exc)
+    except Exception as exc:  # the tables still stand without it; say why the MISSING rows do not
+        log.warning("Cannot read the sweep's jobs from %s (%s: %s): jobs that never started are not listed as MISSING",
+                    path, type(exc).__name__, exc)
         return []
     seen = {r.method for r in rows}
     return [RunRow(None, str(m), "MISSING", label=str(m)) for m in expected if str(m) not in seen]
