@@ -57,3 +57,20 @@ def test_peak_memory_sees_a_transient_allocation():
 def test_linear_shapes_skip_the_output_head():
     net = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 4), "lm_head": torch.nn.Linear(4, 100)})
     assert measure.linear_shapes(net) == {"proj": (4, 8)}
+
+
+def test_cpu_model_and_flags_come_from_the_first_cpu_listed(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
+    assert measure.cpu_info(cpuinfo) == ("AMD EPYC 7B13", {"fpu", "avx2", "fma"})
+    assert measure.cpu_info(tmp_path / "absent") == ("unknown", set())
+
+
+def test_runs_are_tagged_with_the_cpu_and_the_features_that_decide_kernel_paths():
+    from quantbench.tracking import Tracker
+
+    tags = Tracker.environment_tags()
+    model, flags = measure.cpu_info()
+    assert tags["host.cpu"] == model
+    assert set(tags["host.cpu_isa"].split()) == {f for f in measure.CPU_ISA_FLAGS if f in flags} or not flags

@@ -71,6 +71,21 @@ def linear_shapes_of_config(model_config) -> dict[str, tuple[int, int]]:
     return linear_shapes(skeleton)
 
 
+# The x86 features that decide CPU kernel paths (vLLM's kernel library, oneDNN's bf16 GEMMs), for tags and cache keys.
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) of the first CPU listed; ("unknown", set()) where there is no such file."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown", set()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
+
+
 class PeakMemory:
     """Peak process memory (RSS, sampled every 20 ms) and peak CUDA memory over a `with` block.
 

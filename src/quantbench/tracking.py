@@ -21,6 +21,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench.measure import CPU_ISA_FLAGS, cpu_info
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
@@ -99,11 +101,14 @@ class Tracker:
     def environment_tags() -> dict[str, str]:
         import torch
 
+        cpu_model, cpu_flags = cpu_info()
         tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
         tags.update({
             "git_commit": git_commit(),
             "host.platform": platform.platform(),
             "host.cpu_count": str(os.cpu_count()),
+            "host.cpu": cpu_model,
+            "host.cpu_isa": " ".join(f for f in CPU_ISA_FLAGS if f in cpu_flags) or "none of " + ",".join(CPU_ISA_FLAGS),
             "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         })
         return tags

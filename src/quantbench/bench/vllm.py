@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from quantbench.bench import BenchPlan, BenchResult, hf, summarize
 from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
+from quantbench.measure import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,8 @@ def capabilities(cache_dir: Path | None = None) -> dict:
 
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what decides vLLM's CPU kernel library)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    return " ".join(fields.get(k, "").strip() for k in ("model name\t", "flags\t\t"))
+    model, flags = cpu_info()
+    return f"{model} {' '.join(sorted(flags))}"
 
 
 def unsupported_reason(model_dir: str | Path, hardware, caps: dict | None = None) -> str | None:
