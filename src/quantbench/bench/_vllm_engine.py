@@ -128,8 +128,8 @@ def force_cpu_isa() -> None:
     library of such a CPU on a more capable one.
 
     vLLM's CPU platform picks `_C` / `_C_AVX512` / `_C_AVX2` from torch.cpu's feature checks when it imports its
-    kernels; answering them as that CPU would lets tests and benchmarks take each path on any machine. Only this
-    child process is changed.
+    kernels; answering them as that CPU would makes vLLM take that CPU's path, so tests and benchmarks can take each
+    path on any machine. Only this child process is changed (oneDNN is held to the same ISA by `engine_env`).
     """
     isa = os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "").lower()
     if not isa:

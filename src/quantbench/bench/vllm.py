@@ -83,7 +83,7 @@ def capabilities(cache_dir: Path | None = None) -> dict:
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     env = engine_env("cpu")
-    cmd = [sys.executable, "-m", "quantbench.bench._vllm_engine", "--probe", str(path)]
+    cmd = [*ENGINE_COMMAND, "--probe", str(path)]
     log.info("Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not path.exists():
