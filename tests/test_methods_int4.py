@@ -25,9 +25,9 @@ from quantbench.models import SourceModel
 
 CPU = OmegaConf.create({"device": "cpu", "dtype": "bfloat16"})
 PROMPT = "Q: What is 14 plus 9? A: 23. Q: What is the job of Alan Quill? A:"
-METHODS = ["awq", "gptq"]
+METHODS = ["awq", "gptq", "rtn"]
 # What each method stores per linear layer instead of a 16-bit `weight`.
-PACKED = {"awq": "weight_packed", "gptq": "qweight"}
+PACKED = {"awq": "weight_packed", "gptq": "qweight", "rtn": "weight_packed"}
 
 
 def method_from_yaml(name: str, *overrides: str) -> Method:
@@ -114,7 +114,8 @@ def environ_before() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def artifacts(source, environ_before, tmp_path_factory) -> dict[str, dict]:
-    """awq then gptq, in this process, with 16 calibration texts: the saved folder and the in-memory logits."""
+    """awq, gptq, then rtn, in this process, with 16 calibration texts (rtn ignores them): the saved folder and the
+    in-memory logits."""
     texts = calibration.texts(OmegaConf.create(dict(dataset="embedded:tiny", num_samples=16, seq_len=128, seed=0)),
                               CACHE)
     ids = source.tokenizer()(PROMPT, return_tensors="pt").input_ids
@@ -167,10 +168,10 @@ def test_saved_linear_weights_are_really_4_bit(artifacts, source, name):
         assert stored[f"{layer}.{PACKED[name]}"][0] == "I32", layer  # packed integers...
         assert f"{layer}.weight" not in stored, layer  # ...and no 16-bit copy beside them
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
-    if name == "awq":
+    if name in ("awq", "rtn"):
         weights = qcfg["config_groups"]["group_0"]["weights"]
         assert (qcfg["quant_method"], qcfg["format"]) == ("compressed-tensors", "pack-quantized")
-        assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, False)
+        assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, name == "rtn")
     else:
         assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == \
             ("gptq", 4, 128, True, False)
@@ -193,8 +194,17 @@ def test_the_folder_reloads_in_a_fresh_process_and_matches_the_evaluated_model(a
 def test_the_evaluated_models_run_int4_kernels_or_the_dequantized_artifact(artifacts):
     assert artifacts["gptq"]["kernel"].startswith("gptqmodel.nn_modules.qlinear.")
     # transformers decompresses compressed-tensors INT4 to the compute dtype on CPU: a plain Linear is expected.
-    assert artifacts["awq"]["kernel"] in ("torch.nn.modules.linear.Linear",
-                                          "compressed_tensors.linear.compressed_linear.CompressedLinear")
+    for name in ("awq", "rtn"):
+        assert artifacts[name]["kernel"] in ("torch.nn.modules.linear.Linear",
+                                             "compressed_tensors.linear.compressed_linear.CompressedLinear")
+
+
+def test_rtn_is_the_uncalibrated_baseline_in_the_same_format_as_awq(source):
+    rtn, awq = method_from_yaml("rtn"), method_from_yaml("awq")
+    rtn.validate(source.config(), CPU)
+    assert (rtn.bits, rtn.group_size, rtn.symmetric, rtn.needs_calibration) == (4, 128, True, False)
+    assert rtn.tags()["quant_format"] == awq.tags()["quant_format"] == "compressed-tensors"
+    assert rtn.tags()["quant_library"] == "llmcompressor"
 
 
 @pytest.mark.e2e

@@ -1,5 +1,5 @@
-"""What the weight-only integer methods (AWQ, GPTQ, AutoRound) share: cheap checks of bits and group size, and calibration
-texts turned into token ids of a fixed maximum length."""
+"""What the weight-only integer methods (AWQ, GPTQ, AutoRound, RTN) share: cheap checks of bits and group size, the
+compressed-tensors weight scheme, and calibration texts turned into token ids of a fixed maximum length."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def encode(tokenizer, texts: list[str], max_len: int) -> list[dict[str, list[int
     enc = tokenizer(list(texts), truncation=True, max_length=int(max_len))
     return [{"input_ids": ids, "attention_mask": mask}
             for ids, mask in zip(enc["input_ids"], enc["attention_mask"]) if len(ids) > 0]
+
+
+def int_weight_scheme(bits: int, group_size: int, symmetric: bool):
+    """compressed-tensors' scheme for INT weights of every Linear layer: per group of `group_size` input columns, or
+    per output channel for -1; activations untouched (W4A16 / W8A16)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    grouped = group_size > 0
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
+                               strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
+    return QuantizationScheme(targets=["Linear"], weights=weights)
