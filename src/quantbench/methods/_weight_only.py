@@ -47,12 +47,14 @@ def encode(tokenizer, texts: list[str], max_len: int) -> list[dict[str, list[int
             for ids, mask in zip(enc["input_ids"], enc["attention_mask"]) if len(ids) > 0]
 
 
-def int_weight_scheme(bits: int, group_size: int, symmetric: bool):
-    """compressed-tensors' scheme for INT weights of every Linear layer: per group of `group_size` input columns, or
-    per output channel for -1; activations untouched (W4A16 / W8A16)."""
+def int_weight_modifier(bits: int, group_size: int, symmetric: bool):
+    """llm-compressor's modifier that rounds the INT weights of every Linear layer but the LM head: per group of
+    `group_size` input columns, or per output channel for -1; activations untouched (W4A16 / W8A16)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
 
     grouped = group_size > 0
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
                                strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
-    return QuantizationScheme(targets=["Linear"], weights=weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])

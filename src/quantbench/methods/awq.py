@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
 from quantbench.methods._upstream_fixes import llmcompressor_scope
-from quantbench.methods._weight_only import check_bits, check_group_size, encode, int_weight_scheme
+from quantbench.methods._weight_only import check_bits, check_group_size, encode, int_weight_modifier
 from quantbench.methods.base import Method, torch_dtype
 from quantbench.models import SourceModel
 
@@ -72,12 +72,10 @@ class AWQ(Method):
 
     def recipe(self) -> list:
         """AWQ smoothing, then the weight-only INT quantization it was smoothing for (lm_head stays 16-bit)."""
-        from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        scheme = int_weight_scheme(self.bits, self.group_size, symmetric=not self.zero_point)
         return [AWQModifier(duo_scaling=self.duo_scaling),
-                QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+                int_weight_modifier(self.bits, self.group_size, symmetric=not self.zero_point)]
 
 
 def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str) -> torch.nn.Module:

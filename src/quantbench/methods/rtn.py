@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from quantbench.methods._upstream_fixes import llmcompressor_scope
-from quantbench.methods._weight_only import check_bits, check_group_size, int_weight_scheme
+from quantbench.methods._weight_only import check_bits, check_group_size, int_weight_modifier
 from quantbench.methods.awq import SUPPORTED_BITS, reload
 from quantbench.methods.base import Method, torch_dtype
 from quantbench.models import SourceModel
@@ -42,10 +42,8 @@ class RTN(Method):
         model = source.load(dtype=dtype, device=hardware.device)
         with llmcompressor_scope():
             from llmcompressor import oneshot
-            from llmcompressor.modifiers.quantization import QuantizationModifier
 
-            scheme = int_weight_scheme(self.bits, self.group_size, self.symmetric)
-            oneshot(model=model, recipe=[QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])])
+            oneshot(model=model, recipe=[int_weight_modifier(self.bits, self.group_size, self.symmetric)])
             model.save_pretrained(out_dir, save_compressed=True)
         del model
         gc.collect()
