@@ -232,3 +232,21 @@ def test_the_libraries_leave_the_process_as_they_found_it(artifacts, environ_bef
     first, second = load_file(artifacts["awq"]["folder"] / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.e2e
+def test_the_artifact_check_reloads_gptq_with_the_kernel_the_job_chose(artifacts):
+    """method.backend reaches the fresh-process reload: on an offline H100, GPTQModel's default kernel there (Machete)
+    downloads CUTLASS, so a check that ignored the choice failed a good artifact (2026-11-28)."""
+    from quantbench import fingerprint
+
+    method = method_from_yaml("gptq", "method.backend=torch")
+    assert method.loading_attributes() == {"backend": "torch"}
+    assert method_from_yaml("gptq").loading_attributes() == {}  # auto: the saved config as it is
+    art = artifacts["gptq"]
+    ids = art["ids"][0].tolist()
+    chosen = fingerprint.of_saved(art["folder"], ids, "cpu", loading_attributes=method.loading_attributes())
+    default = fingerprint.of_saved(art["folder"], ids, "cpu")
+    assert chosen.compare(default)[1] == 1.0
+    with pytest.raises(RuntimeError, match="does not reload"):
+        fingerprint.of_saved(art["folder"], ids, "cpu", loading_attributes={"backend": "no_such_kernel"})

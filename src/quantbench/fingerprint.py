@@ -53,10 +53,14 @@ def of_model(model, ids: list[int]) -> Fingerprint:
     return Fingerprint(nll=nll, predictions=logits.argmax(-1).tolist())
 
 
-def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800) -> Fingerprint:
-    """Reload `model_dir` in a fresh Python process (no state shared with this one) and fingerprint it."""
+def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800,
+             loading_attributes: dict | None = None) -> Fingerprint:
+    """Reload `model_dir` in a fresh Python process (no state shared with this one) and fingerprint it.
+
+    `loading_attributes` override the saved quantization config's loading-time settings (transformers'
+    `get_loading_attributes`, e.g. GPTQ's kernel `backend`), as a user passes them to `from_pretrained`."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"ids": ids, "device": device}, f)
+        json.dump({"ids": ids, "device": device, "loading_attributes": loading_attributes or {}}, f)
     try:
         out = subprocess.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
                              capture_output=True, text=True, timeout=timeout_s, env={**os.environ})
@@ -68,9 +72,10 @@ def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800
     return Fingerprint(**json.loads(last))
 
 
-def verify(model, model_dir: Path, ids: list[int], device: str) -> dict[str, float]:
+def verify(model, model_dir: Path, ids: list[int], device: str,
+           loading_attributes: dict | None = None) -> dict[str, float]:
     """Compare the in-memory model with its reloaded artifact; raise with a clear reason if they differ."""
-    mine, saved = of_model(model, ids), of_saved(model_dir, ids, device)
+    mine, saved = of_model(model, ids), of_saved(model_dir, ids, device, loading_attributes=loading_attributes)
     for which, fp in (("in memory", mine), ("reloaded", saved)):
         if not math.isfinite(fp.nll):  # NaN compares false with everything: it would pass the checks below
             raise RuntimeError(f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "
@@ -88,7 +93,14 @@ def _main(model_dir: str, request: str) -> None:
     from transformers import AutoModelForCausalLM
 
     spec = json.loads(Path(request).read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=spec["device"])
+    kwargs = {}
+    if spec.get("loading_attributes"):
+        from transformers import AutoConfig
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        saved = AutoConfig.from_pretrained(model_dir).quantization_config
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**saved, **spec["loading_attributes"]})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=spec["device"], **kwargs)
     model.eval()
     fp = of_model(model, spec["ids"])
     print(json.dumps({"nll": fp.nll, "predictions": fp.predictions}))

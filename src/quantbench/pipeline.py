@@ -92,7 +92,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
             probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
-            metrics |= fingerprint.verify(model, out_dir, probe, cfg.hardware.device)
+            metrics |= fingerprint.verify(model, out_dir, probe, cfg.hardware.device,
+                                          loading_attributes=job.method.loading_attributes())
             tracker.log_metrics(metrics)
             tracker.set_tags({"artifact_verified": "true"})
 

@@ -43,6 +43,11 @@ class Method:
                  calibration: list[str] | None = None) -> torch.nn.Module:
         raise NotImplementedError
 
+    def loading_attributes(self) -> dict:
+        """Settings a user passes to `from_pretrained` to load the saved folder as this method did (e.g. a kernel);
+        the fresh-process artifact check loads with them."""
+        return {}
+
     def tags(self) -> dict[str, str]:
         return {"method": self.name, "quant_library": self.library,
                 "quant_library_version": library_version(self.library), "quant_format": self.quant_format}

@@ -60,6 +60,11 @@ class GPTQ(Method):
             raise ConfigError(f"method.backend={self.backend!r} is not a GPTQModel kernel backend; choose one of "
                               f"{choices} (auto: GPTQModel's choice for the device).")
 
+    def loading_attributes(self) -> dict:
+        """The kernel choice holds for the fresh-process reload too (transformers' GPTQConfig `backend`): with auto,
+        GPTQModel would build Machete there and fail without network, as it did on the offline H100."""
+        return {} if self.backend == "auto" else {"backend": self.backend}
+
     def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
                  calibration: list[str] | None = None) -> torch.nn.Module:
         """Quantize and save with GPTQModel's own save before any forward pass of the packed model, then hand back
