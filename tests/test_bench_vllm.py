@@ -387,13 +387,31 @@ def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tm
 
     if not vllm_backend.capabilities()["cpu"]["cpu_gemm_wna16"]:
         pytest.skip("this CPU's vLLM kernel library has no cpu_gemm_wna16 (the AVX2 test covers its fallback)")
-    store = run_cli("method=gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    # A list override makes the sweep job's folder name a glob pattern ("...disabled_kernels=[Machete...]...")
+    store = run_cli("-m", "method=gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
+                    "bench.vllm.disabled_kernels=[MacheteLinearKernel]", mlruns=tmp_path / "mlruns", workdir=tmp_path)
     (run,) = store.runs()
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED", store.result.stdout[-3000:]
+    assert "[MacheteLinearKernel]" in run.data.tags["hydra_output_dir"]
     assert run.data.tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in run.data.tags
     assert "CPUWNA16LinearKernel" in run.data.tags["vllm_linear_kernel"]
     assert run.data.metrics["tokens_per_s_1_stream"] > 0
+
+
+def test_a_folder_whose_path_is_a_glob_pattern_is_served_through_links(tmp_path):
+    """vLLM globs for weight files: a job folder named after a list override must still find them."""
+    import glob
+
+    folder = tmp_path / "0_bench.vllm.disabled_kernels=[MacheteLinearKernel]" / "model"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    assert glob.glob(str(folder / "*.safetensors")) == []  # the bug: the name is read as a character class
+    served = vllm_backend.glob_safe(folder, tmp_path / "link")
+    assert [Path(p).name for p in glob.glob(str(served / "*.safetensors"))] == ["model.safetensors"]
+    assert (served / "model.safetensors").read_bytes() == b"weights"
+    plain = tmp_path / "plain"
+    assert vllm_backend.glob_safe(plain, tmp_path / "unused") == plain and not (tmp_path / "unused").exists()
 
 
 def test_a_hung_engine_is_killed_with_its_children_at_its_time_limit(tmp_path, monkeypatch):

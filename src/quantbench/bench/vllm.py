@@ -214,6 +214,20 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     return BenchResult(metrics=metrics, tags=tags, detail=detail)
 
 
+def glob_safe(model_dir: Path, link_dir: Path) -> Path:
+    """`model_dir`, or where its path has glob metacharacters, a folder of links to its files at `link_dir`.
+
+    vLLM finds the weights with glob(<folder>/*.safetensors), so a folder named like a Hydra sweep job after a list
+    override (`0_bench.vllm.disabled_kernels=[MacheteLinearKernel],...`) reads as a character class and "Cannot find
+    any model weights" (seen on the H100, 2026-11-28). Links per file, so that resolving the folder stays safe."""
+    if not any(c in str(model_dir) for c in "[]*?"):
+        return model_dir
+    link_dir.mkdir()
+    for f in Path(model_dir).iterdir():
+        (link_dir / f.name).symlink_to(f.resolve())
+    return link_dir
+
+
 def _device_used_bytes(device: str) -> int:
     """Memory in use on the whole CUDA device (every process), as the driver reports it."""
     import torch
@@ -239,6 +253,7 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
     """
     with tempfile.TemporaryDirectory(prefix="quantbench-vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request = {**request, "model_dir": str(glob_safe(Path(request["model_dir"]), Path(tmp) / "model"))}
         req.write_text(json.dumps(request))
         cmd = [*ENGINE_COMMAND, str(req), str(res)]
         log.info("Starting the vLLM engine on %s (OMP_NUM_THREADS=%s)", request["model_dir"],
