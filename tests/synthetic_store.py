@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from quantbench import measure
 
 EXPERIMENT = "quantbench-tiny"
 
@@ -62,6 +65,9 @@ def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1"
                               for t, acc in samples.items()}, "eval/samples.json")
     if model_dir is not None:
         client.log_artifacts(rid, str(model_dir), "model")
+        with tempfile.TemporaryDirectory() as tmp:  # as the pipeline does: the folder's sha256s beside it
+            (Path(tmp) / "model_sha256.json").write_text(json.dumps(measure.file_sha256(model_dir)))
+            client.log_artifact(rid, str(Path(tmp) / "model_sha256.json"))
     client.set_terminated(rid, status)
     return rid
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from mlflow.exceptions import MlflowException
 from omegaconf.errors import ConfigKeyError
 from synthetic_store import correctness, log_run, make_store, tiny_model
 
@@ -104,3 +105,16 @@ def test_champion_loads_and_generates(store, tmp_path):
     assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
     text = registry.smoke_generate(folder, new_tokens=4)
     assert text.startswith("Where does") and len(text.split()) > 2
+
+
+def test_a_model_folder_changed_after_its_run_is_not_registered(tmp_path):
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    run_id = log_run(client, exp, "fp16", samples={"t1": correctness(N, 360)}, metrics={"disk_gb": 0.007},
+                     model_dir=tiny_model(tmp_path / "m", seed=0))
+    logged = Store(uri).client.get_run(run_id).info.artifact_uri.removeprefix("file://")
+    with open(f"{logged}/model/config.json", "a") as f:
+        f.write(" ")  # one byte more than the job measured
+    with pytest.raises(SystemExit, match=r"config\.json \(changed\).*Nothing registered"):
+        registry.main(["--tracking-uri", uri, "registered_name=edited"])
+    with pytest.raises(MlflowException, match="edited"):
+        Store(uri).client.get_registered_model("edited")

@@ -18,6 +18,28 @@ def disk_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+MODEL_SHA256 = "model_sha256.json"  # logged beside a run's model/ folder: relative file path -> sha256
+
+
+def file_sha256(folder: str | Path) -> dict[str, str]:
+    """relative path -> sha256 of every file of the folder: the artifact's identity, checked before registration."""
+    import hashlib
+
+    out = {}
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            out[f.relative_to(folder).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
+def changed_files(folder: str | Path, expected: dict[str, str]) -> list[str]:
+    """What differs between the folder and its recorded sha256s: changed, missing and unexpected files, by name."""
+    found = file_sha256(folder)
+    changed = [f"{name} (changed)" for name in expected if name in found and found[name] != expected[name]]
+    return (changed + [f"{name} (missing)" for name in expected if name not in found]
+            + [f"{name} (not in the record)" for name in found if name not in expected])
+
+
 def safetensors_index(folder: str | Path) -> dict[str, tuple[str, list[int], int]]:
     """name -> (dtype, shape, bytes) for every tensor in the folder's safetensors files, read from headers only."""
     out = {}

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from quantbench import bench, calibration, evaluation, fingerprint, measure, models
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
-from quantbench.tracking import Tracker
+from quantbench.runs import RESUMED_TAG
+from quantbench.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,29 @@ def prepare(cfg: DictConfig) -> Job:
     return Job(method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan)
 
 
-def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
-    """Run one job and return its metrics (Hydra sweepers can optimise on them)."""
+@dataclass
+class Outcome:
+    """What a job did: FINISHED (ran now) or SKIPPED (a FINISHED run with its config hash was already there)."""
+
+    status: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
+    """Run one job, unless the store already has a FINISHED run of the same config (`force=true` reruns it)."""
     out_dir = Path(out_dir or _job_output_dir()) / "model"
     tracker = Tracker(cfg.tracking)
+    tracker.fail_interrupted_runs()
+    if not cfg.get("force", False):
+        done = tracker.finished_run(config_hash(cfg))
+        if done is not None:
+            log.info("Skipping %s: run %s of experiment %r already FINISHED with this config (config_hash %s); "
+                     "force=true reruns it", cfg.method.name, done, cfg.tracking.experiment, config_hash(cfg))
+            sweep = _sweep_tags()
+            if "sweep_id" in sweep:  # the run counts as this sweep's too (report, register, recommend read it)
+                tracker.client.set_tag(done, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
+            return Outcome("SKIPPED", done, dict(tracker.client.get_run(done).data.metrics))
     tags = {"model": cfg.model.name, "hardware": cfg.hardware.name, "eval": cfg.eval.name, "bench": cfg.bench.name,
             "method": cfg.method.name, **_sweep_tags()}
     if models.has_random_weights(str(cfg.model.pretrained)):
@@ -122,13 +142,15 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float]:
 
             metrics["peak_mem_gb"] = max(v for k, v in metrics.items() if k.endswith("_peak_mem_gb"))
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
+            # the files' sha256s are logged whether or not the files are: registration and users check against them
+            tracker.log_json(measure.file_sha256(out_dir), measure.MODEL_SHA256)
             if cfg.tracking.get("log_model", True):
                 tracker.log_folder(out_dir, "model")
         finally:
             del model
             _release_memory()
     log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
-    return metrics
+    return Outcome("FINISHED", tracker.run_id, metrics)
 
 
 def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:

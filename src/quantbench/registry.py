@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import recommend
+from quantbench import measure, recommend
 from quantbench.runs import ROOT, RunRow, Selection, Store, add_store_args
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,15 @@ def register(store: Store, sel: Selection, decision: Decision, policy: DictConfi
     Returns the version, whether it was created now, and the version the alias pointed to before.
     """
     client, name, row = store.client, policy.registered_name, decision.row
+    if not client.list_artifacts(row.run_id, MODEL_DIR):
+        raise SystemExit(f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder "
+                         f"(was tracking.log_model=false?); nothing to register.")
+    verify_files(store, row)
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Quantized models chosen by quantbench's selection policy "
                                                          "(conf/policy). Load with models:/<name>@champion.")
-    if not client.list_artifacts(row.run_id, MODEL_DIR):
-        raise SystemExit(f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder "
-                         f"(was tracking.log_model=false?); nothing to register.")
     source = f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}"
     same = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{row.run_id}'")
             if v.source == source]
@@ -188,6 +189,31 @@ def register(store: Store, sel: Selection, decision: Decision, policy: DictConfi
     for key, value in _version_tags(sel, decision, policy).items():
         client.set_model_version_tag(name, version.version, key, value)
     return version, created, previous
+
+
+def verify_files(store: Store, row: RunRow) -> None:
+    """Refuse to register a model folder whose files are not the ones the job measured (their sha256s, logged by the
+    job beside the folder): a folder edited or truncated after the run would be registered under its numbers."""
+    import json
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="quantbench-verify-") as tmp:
+        try:
+            record = mlflow.artifacts.download_artifacts(run_id=row.run_id, artifact_path=measure.MODEL_SHA256,
+                                                         dst_path=tmp, tracking_uri=store.uri)
+        except (MlflowException, OSError) as exc:
+            raise SystemExit(f"Run {row.run_id} ({row.label}) has no {measure.MODEL_SHA256} (runs logged before quantbench "
+                             f"recorded file hashes have none), so its model folder cannot be checked; rerun the job "
+                             f"with force=true. ({type(exc).__name__})") from exc
+        expected = json.loads(Path(record).read_text())
+        folder = mlflow.artifacts.download_artifacts(run_id=row.run_id, artifact_path=MODEL_DIR,
+                                                     dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri)
+        wrong = measure.changed_files(folder, expected)
+    if wrong:
+        raise SystemExit(f"Run {row.run_id} ({row.label}): its logged model folder is not what the job measured — "
+                         f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''} (sha256 against {measure.MODEL_SHA256}). "
+                         f"Nothing registered; rerun the job with force=true.")
 
 
 def _version_tags(sel: Selection, decision: Decision, policy: DictConfig) -> dict[str, str]:

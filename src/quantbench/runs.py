@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 SUMMARY_TAG = "quantbench.summary"
 ALL_SWEEPS = "all"
+RESUMED_TAG = "resumed_in"  # resumed_in.<sweep_id> = the job number a later sweep gave a run it skipped
 ROOT = Path(os.environ.get("QUANTBENCH_ROOT") or Path(__file__).resolve().parents[2])
 DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
 _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
 # Overrides that say where things go, not what was measured: useless for telling two runs apart.
-_LOCATION_KEYS = ("paths.", "tracking.", "hydra.")
+LOCATION_KEYS = ("paths.", "tracking.", "hydra.")
 
 
 @dataclass
@@ -201,13 +202,13 @@ class Store:
         every = self.runs(exp_id, filter_string)
         if sweep is None:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
-        rows = every if sweep == ALL_SWEEPS else [r for r in every if r.tags.get("sweep_id") == sweep]
+        rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if not rows:
             raise SystemExit(f"No runs for sweep {sweep!r} in experiment {experiment!r}"
                              + (f" matching {filter_string!r}" if filter_string else "") + ".")
-        rows.sort(key=lambda r: (int(r.tags.get("job_num", 10**6)), r.start_time))
+        rows.sort(key=lambda r: (int(r.tags.get(f"{RESUMED_TAG}.{sweep}", r.tags.get("job_num", 10**6))), r.start_time))
         if not filter_string:  # a run the filter left out is not missing
-            rows += _missing_jobs(rows)
+            rows += _missing_jobs([r for r in rows if r.tags.get("sweep_id") == sweep] or rows, rows)
         _label(rows)
         sel = Selection(experiment, exp_id, sweep, rows, baseline)
         sel.baseline, sel.baseline_note = _resolve_baseline(rows, every, baseline)
@@ -290,16 +291,22 @@ def _label(rows: list[RunRow]) -> None:
             continue
         for r in group:
             extra = [o for o in r.tags.get("overrides", "").split()
-                     if not o.startswith("method=") and not o.startswith(_LOCATION_KEYS)]
+                     if not o.startswith("method=") and not o.startswith(LOCATION_KEYS)]
             r.label = f"{r.method} ({' '.join(extra)})" if extra else f"{r.method} ({r.short_id})"
         if len({r.label for r in group}) < len(group):
             for r in group:
                 r.label = f"{r.label} [{r.short_id}]"
 
 
-def _missing_jobs(rows: list[RunRow]) -> list[RunRow]:
-    """Placeholders for methods the sweep's multirun.yaml asked for but that have no run at all."""
-    sweep_dirs = {r.tags.get("sweep_dir") for r in rows} - {None}
+def in_sweep(tags: dict[str, str], sweep: str) -> bool:
+    """A run belongs to the sweep that ran it and to every later sweep that skipped its job as already FINISHED."""
+    return tags.get("sweep_id") == sweep or f"{RESUMED_TAG}.{sweep}" in tags
+
+
+def _missing_jobs(own: list[RunRow], rows: list[RunRow]) -> list[RunRow]:
+    """Placeholders for methods the sweep's multirun.yaml asked for but that have no run at all (`own`: the runs the
+    sweep itself started, whose sweep_dir holds that file; `rows`: all of the sweep's runs, resumed ones included)."""
+    sweep_dirs = {r.tags.get("sweep_dir") for r in own} - {None}
     if len(sweep_dirs) != 1:
         return []
     path = Path(sweep_dirs.pop()) / "multirun.yaml"

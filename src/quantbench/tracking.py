@@ -6,6 +6,7 @@ leaves a FAILED run with the reason, and everything logged up to that point stay
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,27 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
 TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
+# Where a job writes and logs, and whether it reruns, do not change what it measures: left out of its identity.
+NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force")
+
+
+def config_hash(job_cfg: DictConfig) -> str:
+    """The identity of a job: sha256 of its resolved config minus paths, tracking and `force`. Two jobs with the same
+    hash quantize, evaluate and benchmark the same thing; a rerun of a sweep skips those already FINISHED."""
+    resolved = OmegaConf.to_container(job_cfg, resolve=True)
+    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_CONFIG_HASH}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether process `pid` still runs and is the one that started at `started` (a reused pid is not)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -80,12 +102,40 @@ class Tracker:
         except mlflow.exceptions.MlflowException:  # created by a concurrent job in the meantime
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def finished_run(self, config_hash: str) -> str | None:
+        """The id of a FINISHED run of this experiment with this config hash, if any."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1,
+                                       filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
+        return runs[0].info.run_id if runs else None
+
+    def fail_interrupted_runs(self) -> list[str]:
+        """End FAILED, with reason "interrupted", this experiment's RUNNING runs whose process on this host is gone
+        (killed, out of memory, machine restarted). Runs of other hosts cannot be checked from here and are left."""
+        host, ended = platform.node(), []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            tags = run.data.tags
+            if tags.get("host.name") != host or "pid" not in tags:
+                continue
+            started = float(tags["pid_started"]) if "pid_started" in tags else None
+            if process_alive(int(tags["pid"]), started):
+                continue
+            reason = (f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
+                      f"killed or crashed before the run could end. Found by the next quantbench job on this store.")
+            self.client.set_tag(run.info.run_id, "failure_reason", reason)
+            self.client.set_tag(run.info.run_id, "failure_type", "Interrupted")
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            log.warning("Run %s (%s) was left RUNNING by a process that is gone: marked FAILED (interrupted)",
+                        run.info.run_id, run.info.run_name)
+            ended.append(run.info.run_id)
+        return ended
+
     @contextmanager
     def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Iterator["Tracker"]:
         """Start a run with params and the config YAML; on an exception, end it FAILED with the reason."""
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({**self.environment_tags(), **tags})
+            mlflow.set_tags({**self.environment_tags(), **tags, "config_hash": config_hash(job_cfg)})
             resolved = OmegaConf.to_container(job_cfg, resolve=True)
             self.log_params(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
             mlflow.log_text(OmegaConf.to_yaml(job_cfg, resolve=True), "config/config.yaml")
@@ -95,6 +145,7 @@ class Tracker:
                 reason = str(exc).strip() or type(exc).__name__
                 mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
                 mlflow.end_run(status="FAILED")
+                exc.add_note(f"MLflow run {self.run_id} ended FAILED")
                 raise
 
     @staticmethod
@@ -103,8 +154,13 @@ class Tracker:
 
         cpu_model, cpu_flags = cpu_info()
         tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
+        import psutil
+
         tags.update({
             "git_commit": git_commit(),
+            "host.name": platform.node(),
+            "pid": str(os.getpid()),  # with pid_started: lets a later job tell a killed run from a running one
+            "pid_started": repr(psutil.Process().create_time()),
             "host.platform": platform.platform(),
             "host.cpu_count": str(os.cpu_count()),
             "host.cpu": cpu_model,

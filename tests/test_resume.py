@@ -1,0 +1,109 @@
+"""Sweeps that lose nothing: a rerun does only what is missing, a killed job's run is marked interrupted by the next
+job on the store, and every multirun ends with a table of what each job did."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from conftest import CACHE, ROOT, run_cli
+from quantbench import runs as runs_module
+from quantbench.tracking import Tracker, config_hash
+
+QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
+
+
+# --- unit: the job's identity and the liveness check ---------------------------------------------------------------
+
+
+def test_the_config_hash_ignores_where_things_go_and_changes_with_what_is_measured():
+    base = {"method": {"name": "gptq", "bits": 4}, "seed": 0, "force": False,
+            "paths": {"root": "/a"}, "tracking": {"uri": "sqlite:///a.db"}}
+    h = config_hash(OmegaConf.create(base))
+    moved = {**base, "paths": {"root": "/b"}, "tracking": {"uri": "sqlite:///b.db"}, "force": True}
+    assert config_hash(OmegaConf.create(moved)) == h
+    assert config_hash(OmegaConf.create({**base, "seed": 1})) != h
+    assert config_hash(OmegaConf.create({**base, "method": {"name": "gptq", "bits": 3}})) != h
+
+
+def _running_run(tracker: Tracker, name: str, tags: dict[str, str]) -> str:
+    run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags=tags)
+    return run.info.run_id
+
+
+def test_only_runs_whose_process_is_gone_on_this_host_are_marked_interrupted(tmp_path):
+    tracker = Tracker(OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e",
+                                        "artifact_root": str(tmp_path / "artifacts")}))
+    here, me = platform.node(), psutil.Process()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = _running_run(tracker, "alive", {"host.name": here, "pid": str(me.pid), "pid_started": repr(me.create_time())})
+    gone = _running_run(tracker, "gone", {"host.name": here, "pid": str(dead.pid)})
+    reused = _running_run(tracker, "reused", {"host.name": here, "pid": str(me.pid), "pid_started": "12345.0"})
+    elsewhere = _running_run(tracker, "elsewhere", {"host.name": here + "-other", "pid": str(dead.pid)})
+    assert sorted(tracker.fail_interrupted_runs()) == sorted([gone, reused])
+    status = {r: tracker.client.get_run(r).info.status for r in (alive, gone, reused, elsewhere)}
+    assert status == {alive: "RUNNING", gone: "FAILED", reused: "FAILED", elsewhere: "RUNNING"}
+    tags = tracker.client.get_run(gone).data.tags
+    assert tags["failure_type"] == "Interrupted" and "interrupted" in tags["failure_reason"]
+
+
+# --- end to end: the CLI on a real store -----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_rerun_of_a_sweep_runs_only_the_missing_jobs_and_force_reruns(tiny_root, tmp_path):
+    mlruns = tmp_path / "mlruns"
+    run_cli("-m", "seed=0,1", *QUICK, mlruns=mlruns, workdir=tmp_path)
+    again = run_cli("-m", "seed=0,1,2", *QUICK, mlruns=mlruns, workdir=tmp_path)
+    found = again.runs()
+    assert sorted(r.data.params["seed"] for r in found) == ["0", "1", "2"]  # nothing twice, nothing lost
+    assert {r.info.status for r in found} == {"FINISHED"}
+    assert "Sweep summary (1 FINISHED, 2 SKIPPED)" in again.result.stdout
+    # the skipped runs count as the new sweep's: its report has all three
+    sweep_id = next(r.data.tags["sweep_id"] for r in found if r.data.params["seed"] == "2")
+    selection = runs_module.Store(again.uri).select("quantbench-tiny", sweep=sweep_id)
+    assert sorted(r.params["seed"] for r in selection.rows if r.run_id) == ["0", "1", "2"]
+
+    forced = run_cli("seed=0", "force=true", *QUICK, mlruns=mlruns, workdir=tmp_path)
+    assert sorted(r.data.params["seed"] for r in forced.runs()) == ["0", "0", "1", "2"]
+
+
+@pytest.mark.e2e
+def test_a_killed_job_leaves_a_run_that_the_next_job_marks_interrupted(tiny_root, tmp_path):
+    mlruns = tmp_path / "mlruns"
+    uri = f"sqlite:///{mlruns}/mlflow.db"
+    cmd = [sys.executable, str(ROOT / "run.py"), "method=fp16", "eval=tiny", "bench=none", f"paths.mlruns={mlruns}",
+           f"hydra.run.dir={tmp_path}/outputs"]
+    env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    log = (tmp_path / "killed-job.log").open("w")
+    job = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300  # until the job is at work: its run exists and is RUNNING
+    while "Quantizing" not in (tmp_path / "killed-job.log").read_text() and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended early:\n" + (tmp_path / "killed-job.log").read_text()[-3000:]
+        time.sleep(0.2)
+    exp = MlflowClient(uri).get_experiment_by_name("quantbench-tiny")
+    running = MlflowClient(uri).search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    assert len(running) == 1, "no RUNNING run to kill:\n" + (tmp_path / "killed-job.log").read_text()[-3000:]
+    killed = running[0].info.run_id
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert MlflowClient(uri).get_run(killed).info.status == "RUNNING"  # SIGKILL: nothing could end it
+
+    store = run_cli(*QUICK, "seed=5", mlruns=mlruns, workdir=tmp_path)
+    run = store.client.get_run(killed)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_type"] == "Interrupted"
+    assert f"pid {run.data.tags['pid']}" in run.data.tags["failure_reason"]
+    assert "marked FAILED (interrupted)" in store.result.stdout
+
