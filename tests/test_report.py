@@ -37,13 +37,17 @@ def store(tmp_path_factory):
                         samples={"t1": correctness(N1, 360), "t2": correctness(N2, 240)},
                         metrics={"disk_gb": 16.1, "weight_gb": 16.0, "bits_per_weight": 16.0, "peak_mem_gb": 17.0,
                                  "tokens_per_s_1_stream": 322.0, "tokens_per_s_8_streams": 1660.0,
-                                 "roofline_tokens_per_s_1_stream": 500.0, "roofline_fraction_1_stream": 0.644}),
+                                 "roofline_tokens_per_s_1_stream": 500.0, "roofline_fraction_1_stream": 0.644,
+                                 "quality_kl_mean": 0.0, "quality_kl_p99": 0.0, "quality_top1_agreement": 1.0,
+                                 "quality_ppl": 7.25, "quality_tokens": 4095.0}),
         "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, **common,
                            samples={"t1": correctness(N1, 360, flips_down=3, flips_up=2),
                                     "t2": correctness(N2, 240, flips_down=1, flips_up=1)},
                            tags={"quant_library": "bitsandbytes"},
                            metrics={"disk_gb": 5.73, "weight_gb": 5.6, "bits_per_weight": 4.2, "peak_mem_gb": 6.5,
-                                    "tokens_per_s_1_stream": 206.0, "tokens_per_s_8_streams": 1048.0}),
+                                    "tokens_per_s_1_stream": 206.0, "tokens_per_s_8_streams": 1048.0,
+                                    "quality_kl_mean": 0.0123, "quality_kl_p99": 0.094, "quality_top1_agreement": 0.951,
+                                    "quality_ppl": 7.61, "quality_tokens": 4095.0}),
         "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, **common,
                              samples={"t1": correctness(N1, 360, flips_down=60), "t2": correctness(N2, 240, 30)},
                              metrics={"disk_gb": 4.08, "weight_gb": 3.9, "bits_per_weight": 2.1, "peak_mem_gb": 4.8,
@@ -107,6 +111,15 @@ def test_tables_and_plot(built):
         assert f"## {title}" in md
     assert "64%" in md and "roofline @ 1" in md  # roofline fraction shown where logged
     assert (built / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_quality_table_shows_divergence_from_the_baseline_and_no_numbers_where_none_were_measured(built):
+    rows = {r["method"]: r for r in read_csv(built / "quality.csv")}
+    assert (float(rows["fp16"]["kl_mean"]), float(rows["fp16"]["top1_agreement"])) == (0.0, 1.0)
+    assert (float(rows["bnb_nf4"]["kl_mean"]), float(rows["bnb_nf4"]["kl_p99"])) == (0.0123, 0.094)
+    assert rows["gptq"]["status"] == "FAILED" and rows["gptq"]["kl_mean"] == ""  # never a 0 for a failed run
+    md = (built / "report.md").read_text()
+    assert "## (b2) Next-token quality vs the baseline" in md and "| bnb_nf4 | 0.0123 | 0.094 | 95.10% | 7.61 |" in md
 
 
 def test_decision_matrix_prefers_fast_only_within_noise(built):

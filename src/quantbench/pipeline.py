@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import bench, calibration, evaluation, fingerprint, measure, models
+from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.runs import RESUMED_TAG
@@ -35,6 +35,7 @@ class Job:
     linear_shapes: dict[str, tuple[int, int]]  # the source model's quantizable layers, for bits per weight
     eval_plan: evaluation.EvalPlan | None
     bench_plan: bench.BenchPlan | None
+    quality_plan: quality.QualityPlan | None = None
 
 
 def prepare(cfg: DictConfig) -> Job:
@@ -55,7 +56,9 @@ def prepare(cfg: DictConfig) -> Job:
     model_config = source.config()
     method.validate(model_config, hw)
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
-    return Job(method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan)
+    quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
+    return Job(method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan,
+               quality_plan)
 
 
 @dataclass
@@ -126,6 +129,12 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 tracker.log_json(result.samples, "eval/samples.json")
                 metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker)
 
+            if job.quality_plan is not None:
+                with measure.Stopwatch() as quality_time:
+                    metrics |= _quality(cfg, job, model, tokenizer)
+                metrics["quality_s"] = quality_time.seconds
+                tracker.log_metrics(metrics)
+
             if job.bench_plan is not None:
                 if bench.loads_from_disk(job.bench_plan) and cfg.hardware.device.startswith("cuda"):
                     # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy.
@@ -157,6 +166,24 @@ def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:
     if not job.method.needs_calibration:
         return None
     return calibration.texts(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
+
+
+def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> dict[str, float]:
+    """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.quality). The baseline's
+    distributions come from the cache, from this model if it is the baseline, or from the unquantized source."""
+    plan, hw = job.quality_plan, cfg.hardware
+    ids = quality.windows(tokenizer, plan)
+    path = quality.baseline_path(cfg.paths.cache, job.source, str(hw.dtype), str(hw.device), ids)
+    if path.exists() or job.method.is_baseline:
+        base = quality.baseline(model, ids, plan, path)
+    else:
+        log.info("No baseline distributions for %s on this text yet: computing them with the unquantized model",
+                 job.source.reference)
+        reference = job.source.load(dtype=torch_dtype(hw.dtype), device=hw.device)
+        base = quality.baseline(reference, ids, plan, path)
+        del reference
+        _release_memory()
+    return quality.compare(model, ids, base, plan.batch_size)
 
 
 def _probe_text(cfg: DictConfig) -> str:

@@ -237,6 +237,8 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     comparisons = store.compare(sel)
     tables = [memory_table(sel), accuracy_table(sel, comparisons), throughput_table(sel),
               matrix_table(sel, comparisons)]
+    if any(k in r.metrics for r in sel.rows for k in QUALITY):
+        tables.insert(2, quality_table(sel))
     files = [t.write_csv(out / f"{t.name}.csv") for t in tables]
     files.append(pareto_plot(sel, out / "pareto.png"))
     counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
@@ -253,6 +255,10 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
                     "comes from a paired bootstrap over the documents both runs scored (matched by doc_id, 10 000 "
                     "resamples), or from the two standard errors when per-sample results are missing (unpaired "
                     "normal). A difference is significant only when its CI excludes 0.",
+        "quality": "On the same held-out text for every run (conf/quality): the KL divergence of the run's next-token "
+                   "distribution from the baseline's, per token (mean and 99th percentile), how often the most likely "
+                   "next token is the baseline's, and perplexity. These move long before multiple-choice accuracy "
+                   "does; the baseline's own row is 0 / 100 % by construction.",
         "throughput": "Median tokens/s over the benchmark's repeats, with the fastest and slowest repeat; roofline = "
                       "measured / memory-bandwidth bound, where the hardware config gives a bandwidth.",
         "decision_matrix": "Baseline excluded: the question is which quantization method. \"Within noise\" = no task "
@@ -266,6 +272,23 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     (out / "report.md").write_text("\n".join(md))
     files.insert(0, out / "report.md")
     return files
+
+
+QUALITY = ("quality_kl_mean", "quality_kl_p99", "quality_top1_agreement", "quality_ppl")
+
+
+def quality_table(sel: Selection) -> Table:
+    """Next-token quality against the baseline on held-out text (quantbench.quality), one row per run."""
+    t = Table("quality", "(b2) Next-token quality vs the baseline",
+              ["Method", "KL mean (nats)", "KL p99", "Top-1 agreement", "Perplexity", "Tokens", "Status"])
+    for r in sel.rows:
+        m = {k: r.metrics.get(k) for k in QUALITY}
+        t.cells.append([r.label, _fmt(m["quality_kl_mean"], ".3g"), _fmt(m["quality_kl_p99"], ".3g"),
+                        _fmt(m["quality_top1_agreement"], ".2%"), _fmt(m["quality_ppl"], ".4g"),
+                        _fmt(r.metrics.get("quality_tokens"), ".0f"), _status(r)])
+        t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
+                          **{k.removeprefix("quality_"): v for k, v in m.items()}})
+    return t
 
 
 def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:

@@ -31,6 +31,7 @@ class Method:
     library: str = "transformers"
     quant_format: str = "safetensors"
     needs_calibration: bool = False
+    is_baseline: bool = False  # the unquantized reference that quality metrics compare against
 
     def __init__(self, name: str, **knobs):
         self.name = name

@@ -12,6 +12,7 @@ from quantbench.models import SourceModel
 
 class FP16(Method):
     library = "transformers"
+    is_baseline = True
 
     def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration=None):
         self.quant_format = f"safetensors-{hardware.dtype}"
