@@ -79,7 +79,7 @@ def tiny_model(folder: Path, seed: int = 0) -> Path:
 
     from quantbench.fixtures import tiny
 
-    tokenizer = tiny._build_tokenizer(tiny.World.generate(tiny.TinyRecipe()))
+    tokenizer = tiny.build_tokenizer(tiny.World.generate(tiny.TinyRecipe()))
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

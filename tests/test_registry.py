@@ -23,13 +23,13 @@ def store(tmp_path_factory):
     uri, client, exp = make_store(root / "mlruns")
     ids = {
         "fp16": log_run(client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 360)},
-                        metrics={"disk_gb": 0.007, "tokens_per_s_1_stream": 200.0},
+                        metrics={"disk_gb": 0.007, "tokens_per_s_1_stream": 200.0, "quality_kl_mean": 0.0},
                         model_dir=tiny_model(root / "m_fp16", seed=0)),
         "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, samples={"t1": correctness(N, 360, 3, 2)},
-                           metrics={"disk_gb": 0.002, "tokens_per_s_1_stream": 140.0},
+                           metrics={"disk_gb": 0.002, "tokens_per_s_1_stream": 140.0, "quality_kl_mean": 0.01},
                            model_dir=tiny_model(root / "m_nf4", seed=1)),
         "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, samples={"t1": correctness(N, 360, 60)},
-                             metrics={"disk_gb": 0.001, "tokens_per_s_1_stream": 300.0}),
+                             metrics={"disk_gb": 0.001, "tokens_per_s_1_stream": 300.0, "quality_kl_mean": 0.2}),
         "gptq": log_run(client, exp, "gptq", job_num=3, status="FAILED", failure_reason="packing failed",
                         tasks=["t1"]),
     }
@@ -62,6 +62,10 @@ def test_policy_overrides_and_rejections(store):
     _, _, ds = decisions(uri, "max_acc_drop_points=null", "reject_significantly_worse=true", "tie_break=disk_gb")
     assert "significantly worse than the baseline on t1" in ds["aqlm_2bit"].rejected[0]
     assert ds["bnb_nf4"].won  # tied with fp16 on accuracy, smaller
+    _, _, ds = decisions(uri, "max_acc_drop_points=null", "max_kl_mean=0.05")
+    assert ds["aqlm_2bit"].rejected == ["quality_kl_mean 0.2 > max 0.05"]
+    _, _, ds = decisions(uri, "max_acc_drop_points=null", "rank_by=quality_kl_mean", "tie_tolerance=0")
+    assert ds["fp16"].won  # the least divergence from the baseline is the baseline's own
     with pytest.raises(ConfigKeyError):  # a typo must not silently drop a rule
         registry.load_policy(overrides=["max_dsk_gb=1"])
 

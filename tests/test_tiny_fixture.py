@@ -51,3 +51,33 @@ def test_built_fixture_has_a_model_a_tokenizer_and_lm_eval_tasks(tiny_root):
         assert spec["task"] == task and spec["output_type"] == "multiple_choice"
         data = spec["dataset_kwargs"]["data_files"]["test"]
         assert json.loads(open(data).readline())["choices"]
+
+
+def test_no_evaluated_question_or_person_appears_in_the_calibration_text():
+    """Calibration must not tune the quantizer on the test: no evaluated question, with or without its answer, and
+    no person the tasks ask about, occurs in any calibration text; the model learned everything calibration says."""
+    from omegaconf import OmegaConf
+
+    from quantbench import calibration
+
+    world = tiny.World.generate(tiny.TinyRecipe())
+    texts = calibration.texts(OmegaConf.create(dict(dataset="embedded:tiny", num_samples=64, seq_len=512, seed=0)),
+                              cache_dir="/nonexistent")
+    corpus = "\n".join(texts)
+    for docs in world.task_docs(0).values():
+        for d in docs:
+            assert d["question"] not in corpus, d["question"]
+            assert f"{d['question']} {d['choices'][d['answer']]}" not in corpus
+    assert not [p for p in world.people if p in corpus]
+    assert set(world.calibration_facts()) <= set(world.facts())  # what calibration says, the model was taught
+    assert "Q: What is 20 plus 3? A: 23." in world.calibration_facts()
+    assert world.unasked and not set(world.unasked) & set(world.people)
+
+
+def test_the_random_shape_tokenizer_is_the_embedded_one_padded_to_the_shapes_vocabulary():
+    world = tiny.World.generate(tiny.TinyRecipe())
+    small, big = tiny.build_tokenizer(world), tiny.build_tokenizer(world, vocab_size=5000)
+    assert len(big) == 5000
+    text = "Q: What is 21 plus 19? A: 40."
+    assert small(text)["input_ids"] == big(text)["input_ids"]
+    assert small.unk_token_id not in small(text)["input_ids"]

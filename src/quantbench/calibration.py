@@ -47,14 +47,16 @@ def _cached(dataset: str) -> bool:
 
 
 def texts(cfg: DictConfig, cache_dir: str | Path) -> list[str]:
-    """`num_samples` texts, drawn with `seed`; each long enough for `seq_len` tokens of a real tokenizer."""
+    """`num_samples` texts, drawn with `seed`. Embedded: about seq_len/8 sentences each (~8 tokens a sentence);
+    hub datasets: rows of more than seq_len/2 words (usually, not always, seq_len tokens; methods truncate)."""
     rng = random.Random(int(cfg.seed))
     ds = str(cfg.dataset)
     if ds.startswith(EMBEDDED_PREFIX):
         from quantbench.fixtures import tiny
 
-        facts = tiny.World.generate(tiny.TinyRecipe()).facts()
-        # Calibration text is the model's own language: fact sentences in a fresh random order per sample.
+        facts = tiny.World.generate(tiny.TinyRecipe()).calibration_facts()
+        # The model's own language, about people and sums that it learned and no task asks about (no leak of the
+        # evaluated questions or their answers into calibration): sentences in a fresh random order per sample.
         return [" ".join(rng.sample(facts, k=max(4, int(cfg.seq_len) // 8))) for _ in range(int(cfg.num_samples))]
     import datasets
 

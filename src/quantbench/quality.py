@@ -54,13 +54,15 @@ def plan(cfg: DictConfig) -> QualityPlan | None:
 
 
 def texts(p: QualityPlan) -> list[str]:
-    """The held-out text. Embedded model: its declarative sentences (the evaluation asks the question-and-answer
-    forms) in a seeded order; hub models: wikitext-2's test split."""
+    """The held-out text. Embedded model: declarative sentences about the people the tasks ask about (the tasks ask
+    the question-and-answer forms; calibration text is about other people), in a seeded order; hub models:
+    wikitext-2's test split."""
     rng = random.Random(p.seed)
     if p.dataset.startswith(EMBEDDED_PREFIX):
         from quantbench.fixtures import tiny
 
-        sentences = [s for s in tiny.World.generate(tiny.TinyRecipe()).facts() if not s.startswith("Q:")]
+        world = tiny.World.generate(tiny.TinyRecipe())
+        sentences = [s for s in world.person_facts(world.people) if not s.startswith("Q:")]
         rng.shuffle(sentences)
         return sentences
     import datasets

@@ -39,6 +39,7 @@ class Policy:
     max_disk_gb: float | None = None
     max_peak_mem_gb: float | None = None
     min_tokens_per_s_1_stream: float | None = None
+    max_kl_mean: float | None = None  # quality_kl_mean: nats per token from the baseline's next-token distribution
     max_acc_drop_points: float | None = 2.0
     reject_significantly_worse: bool = False
     rank_by: str = MEAN_ACCURACY
@@ -77,9 +78,10 @@ def metric(row: RunRow, name: str | None, tasks: list[str]) -> float | None:
 
 
 def higher_is_better(name: str) -> bool:
-    """Sizes and times are better small; accuracy and throughput big."""
+    """Sizes, times, KL divergence and perplexity are better small; accuracy, throughput and agreement big."""
     lowered = name.replace(" ", "_")
     return not (lowered.endswith("_gb") or lowered.startswith("ttft") or
+                lowered.startswith(("quality_kl", "quality_ppl")) or
                 (lowered.endswith("_s") and not lowered.startswith("tokens_per_s")))
 
 
@@ -129,7 +131,8 @@ def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons,
         return [row.short_status()]
     out = []
     limits = [("disk_gb", policy.max_disk_gb, "max"), ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
-              ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min")]
+              ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
+              ("quality_kl_mean", policy.max_kl_mean, "max")]
     for name, limit, kind in limits:
         if limit is None:
             continue
