@@ -53,9 +53,13 @@ def test_params_are_the_resolved_config_and_tags_say_where_it_ran(runs):
     assert run.data.params["method.quant_type"] == "nf4"
     assert run.data.params["bench.streams"] == "[1, 8]"
     assert run.data.params["model.pretrained"] == "embedded:tiny"
-    for tag in ("version.torch", "version.transformers", "quant_library_version", "git_commit", "hardware"):
-        assert run.data.tags[tag]
-    assert run.data.tags["quant_library"] == "bitsandbytes"
+    from importlib.metadata import version
+
+    tags = run.data.tags
+    assert (tags["version.torch"], tags["version.transformers"]) == (version("torch"), version("transformers"))
+    assert tags["quant_library"] == "bitsandbytes" and tags["quant_library_version"] == version("bitsandbytes")
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]), tags["git_commit"]  # "unknown" would not do
+    assert tags["hardware"] == "cpu"
     assert "Linear4bit" in run.data.tags["eval_kernel"]
     assert "torch.nn.modules.linear.Linear" in runs["fp16"].data.tags["eval_kernel"]
 

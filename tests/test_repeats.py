@@ -3,6 +3,8 @@ mean and spread; uncalibrated methods are not repeated, since a deterministic re
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from conftest import run_cli
@@ -21,8 +23,12 @@ def test_a_calibrated_method_is_requantized_per_seed_and_reports_mean_and_spread
         assert sorted(h.step for h in history) == [0, 1]
         values = [h.value for h in history]
         assert m[f"{task}_acc_mean"] == pytest.approx(sum(values) / 2)
-        assert m[f"{task}_acc_std"] >= 0
+        assert m[f"{task}_acc_std"] == pytest.approx(statistics.stdev(values))
         assert m[f"{task}_acc"] == next(h.value for h in history if h.step == 0)  # the artifact's own score
+    # the second calibration seed gave another model, not the same one scored twice
+    nll = {h.step: h.value for h in store.client.get_metric_history(run.info.run_id, "fingerprint_nll_repeat")}
+    assert sorted(nll) == [0, 1] and nll[0] == m["fingerprint_nll"]
+    assert nll[0] != nll[1]
 
 
 def test_an_uncalibrated_method_is_not_repeated(tmp_path, tiny_root):

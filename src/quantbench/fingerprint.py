@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,11 +62,17 @@ def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800
     `get_loading_attributes`, e.g. GPTQ's kernel `backend`), as a user passes them to `from_pretrained`."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"ids": ids, "device": device, "loading_attributes": loading_attributes or {}}, f)
+    started = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
                              capture_output=True, text=True, timeout=timeout_s, env={**os.environ})
     finally:
         os.unlink(f.name)
+    # beside the folder, not in it (the folder is the artifact): what the reload did, e.g. kernels it compiled
+    child_log = Path(model_dir).parent / "fingerprint_reload.log"
+    child_log.write_text(out.stdout + out.stderr)
+    log.info("Reloaded %s in a fresh process in %.0f s (its output: %s)", model_dir, time.perf_counter() - started,
+             child_log)
     if out.returncode != 0:
         raise RuntimeError(f"The saved model in {model_dir} does not reload in a fresh process:\n{out.stderr[-3000:]}")
     last = [line for line in out.stdout.splitlines() if line.startswith("{")][-1]

@@ -127,7 +127,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 tracker.log_metrics(metrics)
                 tracker.log_json(result.results, "eval/results.json")
                 tracker.log_json(result.samples, "eval/samples.json")
-                metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker)
+                metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker, probe,
+                                            metrics["fingerprint_nll"])
 
             if job.quality_plan is not None:
                 with measure.Stopwatch() as quality_time:
@@ -193,7 +194,8 @@ def _probe_text(cfg: DictConfig) -> str:
     return calibration.ENGLISH_PROBE
 
 
-def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, float], tracker: Tracker) -> dict[str, float]:
+def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, float], tracker: Tracker,
+                     probe: list[int], first_nll: float) -> dict[str, float]:
     """Re-quantize with calibration seeds seed+1 .. seed+repeats-1, evaluate each, log mean and spread.
 
     Only calibrated methods are repeated: re-running a deterministic quantizer and evaluation gives the same
@@ -204,12 +206,15 @@ def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, floa
         return {}
     accs = {k: [v] for k, v in first.items() if k.endswith("_acc")}
     tracker.log_metrics({f"{k}_repeat": v[0] for k, v in accs.items()}, step=0)
+    # the probe's loss per seed shows that each seed really gave another model (the first is the artifact's)
+    tracker.log_metrics({"fingerprint_nll_repeat": first_nll}, step=0)
     base = int(cfg.calibration.seed)
     for r in range(1, repeats):
         log.info("Repeat %d/%d: re-quantizing with calibration seed %d", r + 1, repeats, base + r)
         with tempfile.TemporaryDirectory() as tmp:
             model = job.method.quantize(job.source, Path(tmp), cfg.hardware, _calibration(cfg, job, base + r))
             result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
+            tracker.log_metrics({"fingerprint_nll_repeat": fingerprint.of_model(model, probe).nll}, step=r)
             del model
             _release_memory()
         for k in accs:
