@@ -76,14 +76,16 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     tracker = Tracker(cfg.tracking)
     tracker.fail_interrupted_runs()
     if not cfg.get("force", False):
-        done = tracker.finished_run(config_hash(cfg))
+        key = config_hash(cfg)
+        done = tracker.finished_run(key)
         if done is not None:
+            run_id = done.info.run_id
             log.info("Skipping %s: run %s of experiment %r already FINISHED with this config (config_hash %s); "
-                     "force=true reruns it", cfg.method.name, done, cfg.tracking.experiment, config_hash(cfg))
+                     "force=true reruns it", cfg.method.name, run_id, cfg.tracking.experiment, key)
             sweep = _sweep_tags()
             if "sweep_id" in sweep:  # the run counts as this sweep's too (report, register, recommend read it)
-                tracker.client.set_tag(done, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
-            return Outcome("SKIPPED", done, dict(tracker.client.get_run(done).data.metrics))
+                tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
+            return Outcome("SKIPPED", run_id, dict(done.data.metrics))
     tags = {"model": cfg.model.name, "hardware": cfg.hardware.name, "eval": cfg.eval.name, "bench": cfg.bench.name,
             "method": cfg.method.name, **_sweep_tags()}
     if models.has_random_weights(str(cfg.model.pretrained)):

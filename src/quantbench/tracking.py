@@ -102,11 +102,11 @@ class Tracker:
         except mlflow.exceptions.MlflowException:  # created by a concurrent job in the meantime
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def finished_run(self, config_hash: str) -> str | None:
-        """The id of a FINISHED run of this experiment with this config hash, if any."""
+    def finished_run(self, config_hash: str):
+        """A FINISHED run (mlflow Run) of this experiment with this config hash, if any."""
         runs = self.client.search_runs([self.experiment_id], max_results=1,
                                        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def fail_interrupted_runs(self) -> list[str]:
         """End FAILED, with reason "interrupted", this experiment's RUNNING runs whose process on this host is gone
