@@ -54,14 +54,14 @@ def of_model(model, ids: list[int]) -> Fingerprint:
     return Fingerprint(nll=nll, predictions=logits.argmax(-1).tolist())
 
 
-def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800,
+def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", timeout_s: int = 1800,
              loading_attributes: dict | None = None) -> Fingerprint:
     """Reload `model_dir` in a fresh Python process (no state shared with this one) and fingerprint it.
 
     `loading_attributes` override the saved quantization config's loading-time settings (transformers'
     `get_loading_attributes`, e.g. GPTQ's kernel `backend`), as a user passes them to `from_pretrained`."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"ids": ids, "device": device, "loading_attributes": loading_attributes or {}}, f)
+        json.dump({"ids": ids, "device": device, "dtype": dtype, "loading_attributes": loading_attributes or {}}, f)
     started = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
@@ -82,7 +82,9 @@ def of_saved(model_dir: Path, ids: list[int], device: str, timeout_s: int = 1800
 def verify(model, model_dir: Path, ids: list[int], device: str,
            loading_attributes: dict | None = None) -> dict[str, float]:
     """Compare the in-memory model with its reloaded artifact; raise with a clear reason if they differ."""
-    mine, saved = of_model(model, ids), of_saved(model_dir, ids, device, loading_attributes=loading_attributes)
+    dtype = str(model.dtype).removeprefix("torch.")
+    mine = of_model(model, ids)
+    saved = of_saved(model_dir, ids, device, dtype=dtype, loading_attributes=loading_attributes)
     for which, fp in (("in memory", mine), ("reloaded", saved)):
         if not math.isfinite(fp.nll):  # NaN compares false with everything: it would pass the checks below
             raise RuntimeError(f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "
@@ -107,7 +109,10 @@ def _main(model_dir: str, request: str) -> None:
 
         saved = AutoConfig.from_pretrained(model_dir).quantization_config
         kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**saved, **spec["loading_attributes"]})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=spec["device"], **kwargs)
+    # the evaluated model's dtype, not the saved config's: an AQLM folder saved from a float32 model must run in bf16
+    # on CUDA (its kernels refuse float32), and a second dtype would compile a second kernel variant
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.get("dtype", "auto"), device_map=spec["device"],
+                                                 **kwargs)
     model.eval()
     fp = of_model(model, spec["ids"])
     print(json.dumps({"nll": fp.nll, "predictions": fp.predictions}))

@@ -40,6 +40,7 @@ def fp16_run(tiny_root, store_dir):
 
 def _run(method: str, work):
     """One job through `python run.py` on the GPU, into a store shared by this module's tests."""
+    (work / method).mkdir(exist_ok=True)
     store = run_cli(f"method={method}", *METHODS[method], f"hardware={gpu_hardware()}", "eval=tiny", "bench=smoke",
                     mlruns=work / "mlruns", workdir=work / method, check=False, timeout=1200)
     runs = [r for r in store.runs() if r.data.tags["method"] == method]
