@@ -39,7 +39,7 @@ def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1"
             samples: dict[str, list[int]] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, str] | None = None, status: str = "FINISHED", failure_reason: str | None = None,
             model_dir: Path | None = None, job_num: int = 0, sweep_dir: Path | None = None,
-            tasks: list[str] | None = None) -> str:
+            tasks: list[str] | None = None, quality_windows: dict[str, list[float]] | None = None) -> str:
     """One run shaped like pipeline.run's: tags, params, accuracy metrics + stderr from `samples`, samples.json."""
     run_tags = {"method": method, "model": "tiny", "eval": "tiny", "hardware": "cpu", "sweep_id": sweep,
                 "job_num": str(job_num), "quant_library": "transformers", **(tags or {})}
@@ -63,6 +63,8 @@ def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1"
     if samples:
         client.log_dict(rid, {t: [{"doc_id": i, "acc": float(a)} for i, a in enumerate(acc)]
                               for t, acc in samples.items()}, "eval/samples.json")
+    if quality_windows:
+        client.log_dict(rid, quality_windows, "quality/per_window.json")
     if model_dir is not None:
         client.log_artifacts(rid, str(model_dir), "model")
         with tempfile.TemporaryDirectory() as tmp:  # as the pipeline does: the folder's sha256s beside it

@@ -36,7 +36,7 @@ def test_hand_computed_kl_agreement_and_perplexity(tmp_path):
     ids = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]])
     base = quality.baseline(FixedLogits([0.0, 0.0]), ids, plan(), tmp_path / "b.pt")  # p = (0.5, 0.5)
     assert torch.allclose(base.exp(), torch.full((2, 3, 2), 0.5))
-    q = quality.compare(FixedLogits([math.log(0.9), math.log(0.1)]), ids, base, batch_size=1)  # q = (0.9, 0.1)
+    q = quality.compare(FixedLogits([math.log(0.9), math.log(0.1)]), ids, base, batch_size=1).metrics  # q = (0.9, 0.1)
     kl = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108
     assert q["quality_kl_mean"] == pytest.approx(kl, rel=1e-5)
     assert q["quality_kl_p99"] == pytest.approx(kl, rel=1e-5)
@@ -46,6 +46,18 @@ def test_hand_computed_kl_agreement_and_perplexity(tmp_path):
     assert q["quality_tokens"] == 6
 
 
+def test_per_window_figures_are_what_the_report_resamples(tmp_path):
+    ids = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]])
+    base = quality.baseline(FixedLogits([0.0, 0.0]), ids, plan(), tmp_path / "b.pt")
+    w = quality.compare(FixedLogits([math.log(0.9), math.log(0.1)]), ids, base, batch_size=1).per_window
+    kl = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert w["kl_mean"] == pytest.approx([kl, kl], rel=1e-5)
+    # window 1 predicts targets (1, 0, 1), window 2 (1, 0, 0)
+    assert w["nll_mean"] == pytest.approx([-(2 * math.log(0.1) + math.log(0.9)) / 3,
+                                           -(math.log(0.1) + 2 * math.log(0.9)) / 3], rel=1e-5)
+    assert w["top1_agreement"] == [1.0, 1.0]
+
+
 def test_the_baseline_against_itself_is_exactly_zero_and_is_cached(tmp_path):
     ids = torch.randint(0, 3, (4, 8))
     model = FixedLogits([0.3, -1.0, 2.0])
@@ -53,14 +65,14 @@ def test_the_baseline_against_itself_is_exactly_zero_and_is_cached(tmp_path):
     assert (tmp_path / "b.pt").exists()
     again = quality.baseline(FixedLogits([9.0, 9.0, 9.0]), ids, plan(), tmp_path / "b.pt")  # read, not recomputed
     assert torch.equal(base, again)
-    q = quality.compare(model, ids, base, batch_size=3)
+    q = quality.compare(model, ids, base, batch_size=3).metrics
     assert q["quality_kl_mean"] == 0 and q["quality_kl_p99"] == 0 and q["quality_top1_agreement"] == 1
 
 
 def test_a_flipped_argmax_counts_as_disagreement():
     ids = torch.zeros(1, 5, dtype=torch.long)
     base = torch.log_softmax(torch.tensor([2.0, 0.0]), -1).expand(1, 4, 2)
-    q = quality.compare(FixedLogits([0.0, 2.0]), ids, base, batch_size=1)
+    q = quality.compare(FixedLogits([0.0, 2.0]), ids, base, batch_size=1).metrics
     assert q["quality_top1_agreement"] == 0.0 and q["quality_kl_mean"] > 0
 
 

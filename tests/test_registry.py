@@ -122,3 +122,24 @@ def test_a_model_folder_changed_after_its_run_is_not_registered(tmp_path):
         registry.main(["--tracking-uri", uri, "registered_name=edited"])
     with pytest.raises(MlflowException, match="edited"):
         Store(uri).client.get_registered_model("edited")
+
+
+def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp_path):
+    """gptq served by vLLM, aqlm by transformers' generate: tied on accuracy, so the default tie-break (tokens/s at one
+    stream) would compare the backends, not the models."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    gpu = {"host.gpu": "NVIDIA H100 80GB HBM3"}
+    log_run(client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 300)},
+            tags=gpu | {"bench_backend": "vllm"}, metrics={"tokens_per_s_1_stream": 150.0})
+    log_run(client, exp, "gptq", job_num=1, samples={"t1": correctness(N, 300, 1, 1)},
+            tags=gpu | {"bench_backend": "vllm"}, metrics={"tokens_per_s_1_stream": 260.0})
+    log_run(client, exp, "aqlm_2bit", job_num=2, samples={"t1": correctness(N, 300, 1, 1)},
+            tags=gpu | {"bench_backend": "hf"}, metrics={"tokens_per_s_1_stream": 30.0})
+    _, _, ds = decisions(uri)
+    assert not any(d.won for d in ds.values())
+    assert "tokens_per_s_1_stream would rank runs benchmarked by different backends" in ds["gptq"].why
+    assert "set rank_across_backends=true" in ds["aqlm_2bit"].why
+    _, _, ds = decisions(uri, "rank_across_backends=true")
+    assert ds["gptq"].won
+    _, _, ds = decisions(uri, "tie_break=disk_gb", "rank_by=mean accuracy", "tie_tolerance=0")  # no speed compared
+    assert not any("backends" in d.why for d in ds.values())

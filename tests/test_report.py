@@ -119,7 +119,7 @@ def test_the_quality_table_shows_divergence_from_the_baseline_and_no_numbers_whe
     assert (float(rows["bnb_nf4"]["kl_mean"]), float(rows["bnb_nf4"]["kl_p99"])) == (0.0123, 0.094)
     assert rows["gptq"]["status"] == "FAILED" and rows["gptq"]["kl_mean"] == ""  # never a 0 for a failed run
     md = (built / "report.md").read_text()
-    assert "## (b2) Next-token quality vs the baseline" in md and "| bnb_nf4 | 0.0123 | 0.094 | 95.10% | 7.61 |" in md
+    assert "## (b2) Next-token quality vs the baseline" in md and "| bnb_nf4 | 0.0123 | — | 0.094 | 95.10% | 7.61 |" in md
 
 
 def test_decision_matrix_prefers_fast_only_within_noise(built):
@@ -214,3 +214,25 @@ def test_a_summary_run_whose_upload_fails_ends_failed_with_the_reason(store, mon
                                                    f"tags.`{SUMMARY_TAG}` = 'true'") if r.info.run_name == "report-s0"]
     assert summary.info.status == "FAILED"
     assert "read-only" in summary.data.tags["failure_reason"]
+
+
+def test_kl_divergence_groups_methods_only_where_paired_intervals_separate_them(tmp_path):
+    """Per-window KL on one held-out text: gptq and awq differ by alternating noise, rtn sits clearly above both,
+    aqlm far above; fp16 is the baseline itself (0 everywhere)."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    gptq = [3e-4 + 1e-4 * ((i % 4) - 1.5) for i in range(16)]
+    kl = {"fp16": [0.0] * 16, "gptq": gptq, "awq": [v + (2e-5 if i % 2 else -1.5e-5) for i, v in enumerate(gptq)],
+          "rtn": [v + 4e-4 + 5e-5 * (i % 3) for i, v in enumerate(gptq)], "aqlm_2bit": [v + 5e-3 for v in gptq]}
+    for i, (method, values) in enumerate(kl.items()):
+        log_run(client, exp, method, job_num=i, samples={"t1": correctness(N1, 300)},
+                metrics={"quality_kl_mean": sum(values) / 16}, quality_windows={"kl_mean": values})
+    out = tmp_path / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## (b3) What the KL divergence separates: fp16 < gptq ≈ awq < rtn < aqlm_2bit" in md
+    steps = {r["to"]: r for r in read_csv(out / "quality_groups.csv")}
+    assert steps["awq"]["verdict"] == "within noise" and float(steps["awq"]["ci_low"]) < 0 < float(steps["awq"]["ci_high"])
+    assert steps["rtn"]["verdict"] == "separated" and float(steps["rtn"]["ci_low"]) > 0
+    assert int(steps["rtn"]["windows"]) == 16
+    quality = {r["method"]: r for r in read_csv(out / "quality.csv")}
+    assert float(quality["rtn"]["kl_ci_low"]) < float(quality["rtn"]["kl_mean"]) < float(quality["rtn"]["kl_ci_high"])

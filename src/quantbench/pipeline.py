@@ -134,9 +134,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
 
             if job.quality_plan is not None:
                 with measure.Stopwatch() as quality_time:
-                    metrics |= _quality(cfg, job, model, tokenizer)
-                metrics["quality_s"] = quality_time.seconds
+                    compared = _quality(cfg, job, model, tokenizer)
+                metrics |= compared.metrics | {"quality_s": quality_time.seconds}
                 tracker.log_metrics(metrics)
+                tracker.log_json(compared.per_window, quality.PER_WINDOW)
 
             if job.bench_plan is not None:
                 if bench.loads_from_disk(job.bench_plan) and cfg.hardware.device.startswith("cuda"):
@@ -171,7 +172,7 @@ def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:
     return calibration.texts(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
 
 
-def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> dict[str, float]:
+def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
     """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.quality). The baseline's
     distributions come from the cache, from this model if it is the baseline, or from the unquantized source."""
     plan, hw = job.quality_plan, cfg.hardware

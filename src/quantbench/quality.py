@@ -97,6 +97,7 @@ def baseline_path(cache_dir: str | Path, source: SourceModel, dtype: str, device
     return Path(cache_dir) / "quantbench" / "baselines" / f"{source.name}-{key}.pt"
 
 
+PER_WINDOW = "quality/per_window.json"  # the run artifact the report's paired intervals resample
 FLOAT32_LIMIT = 2**30  # bytes: below this the baseline is kept exactly (float32), above it as float16
 
 
@@ -117,15 +118,27 @@ def baseline(model, ids: torch.Tensor, p: QualityPlan, path: Path) -> torch.Tens
     return out
 
 
-def compare(model, ids: torch.Tensor, base: torch.Tensor, batch_size: int) -> dict[str, float]:
+@dataclass
+class Comparison:
+    metrics: dict[str, float]
+    # per window of seq_len tokens: mean KL, top-1 agreement, mean NLL. Windows are the unit the report resamples
+    # for paired intervals between two runs (tokens within a window are not independent).
+    per_window: dict[str, list[float]]
+
+
+def compare(model, ids: torch.Tensor, base: torch.Tensor, batch_size: int) -> Comparison:
     """KL(baseline || model) per position (mean and 99th percentile), top-1 agreement, and the model's perplexity."""
     kls, agree, nll = [], [], []
     for i, (x, lq) in enumerate(log_probs(model, ids, batch_size)):
         lp = base[i * batch_size : i * batch_size + len(x)].to(lq.device).float()
-        kls.append((lp.exp() * (lp - lq)).sum(-1).flatten().cpu())
-        agree.append((lp.argmax(-1) == lq.argmax(-1)).flatten().cpu())
-        nll.append(-lq.gather(-1, x[:, 1:, None]).flatten().cpu())
-    kl = torch.cat(kls).clamp_min(0)  # float rounding can leave -1e-7 where the distributions are equal
-    return {"quality_kl_mean": kl.mean().item(), "quality_kl_p99": torch.quantile(kl, 0.99).item(),
-            "quality_top1_agreement": torch.cat(agree).float().mean().item(),
-            "quality_ppl": torch.cat(nll).mean().exp().item(), "quality_tokens": float(kl.numel())}
+        kls.append((lp.exp() * (lp - lq)).sum(-1).cpu())
+        agree.append((lp.argmax(-1) == lq.argmax(-1)).cpu())
+        nll.append(-lq.gather(-1, x[:, 1:, None]).squeeze(-1).cpu())
+    kl = torch.cat(kls).clamp_min(0)  # [windows, positions]; float rounding can leave -1e-7 where equal
+    agree_all, nll_all = torch.cat(agree).float(), torch.cat(nll)
+    metrics = {"quality_kl_mean": kl.mean().item(), "quality_kl_p99": torch.quantile(kl.flatten(), 0.99).item(),
+               "quality_top1_agreement": agree_all.mean().item(), "quality_ppl": nll_all.mean().exp().item(),
+               "quality_tokens": float(kl.numel())}
+    per_window = {"kl_mean": kl.mean(1).tolist(), "top1_agreement": agree_all.mean(1).tolist(),
+                  "nll_mean": nll_all.mean(1).tolist()}
+    return Comparison(metrics, per_window)

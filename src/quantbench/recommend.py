@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from quantbench import stats
-from quantbench.runs import RunRow, Selection, Store, add_store_args
+from quantbench.runs import RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class Constraints:
     min_tokens_per_s: float | None = None
     streams: int = 1
     fine_tune: bool = False
+    max_kl_mean: float | None = None  # quality_kl_mean: nats per token from the baseline's next-token distribution
+    backend: str | None = None  # only runs benchmarked by this backend (bench_backend tag: hf, vllm)
+    across_backends: bool = False  # rank tokens/s measured by different backends or machines anyway
 
 
 @dataclass
@@ -102,6 +105,14 @@ def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Ass
                 a.excluded.append(f"no tokens/s at {_streams(c.streams)}")
             elif tps < c.min_tokens_per_s:
                 a.excluded.append(f"{tps:.0f} tokens/s < {c.min_tokens_per_s:g} at {_streams(c.streams)}")
+        if c.max_kl_mean is not None:
+            kl = row.metrics.get("quality_kl_mean")
+            if kl is None:
+                a.excluded.append("no quality_kl_mean (run with a quality config)")
+            elif kl > c.max_kl_mean:
+                a.excluded.append(f"KL divergence from the baseline {kl:.3g} > {c.max_kl_mean:g} nats/token")
+        if c.backend is not None and row.tags.get("bench_backend") != c.backend:
+            a.excluded.append(f"benchmarked by {row.tags.get('bench_backend', 'no backend')}, not {c.backend}")
         if c.fine_tune and row.tags.get("quant_library") != QLORA_LIBRARY:
             a.excluded.append(f"fine-tuning with QLoRA needs a {QLORA_LIBRARY} base; "
                               f"this is {row.tags.get('quant_library', 'unknown library')}")
@@ -122,6 +133,14 @@ def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recom
                               + (" (the seed's advice when memory is short: a smaller base model before going "
                                  "below 4 bits)." if memory_bound else "."), lines, assessments)
     pool.sort(key=lambda a: (-(a.row.tokens_per_s(c.streams) or -1.0), a.memory_gb or 0.0))
+    groups = speed_groups(a.row for a in pool)
+    if len(groups) > 1 and not c.across_backends:
+        fastest = "; ".join(f"{basis}: {rows[0].label} ({_tps(rows[0], c.streams)} tokens/s)"
+                            for basis, rows in groups.items())
+        return Recommendation(None, f"The candidates' tokens/s were measured by different backends or machines, so "
+                              f"the fastest cannot be named (fastest of each: {fastest}). Choose one with --backend, "
+                              f"or rank across them with --across-backends.",
+                              [f"{a.row.label} ({a.row.run_id}): {a.row.speed_basis}" for a in pool], assessments)
     best = pool[0]
     why = (f"{best.row.label} (run {best.row.run_id}): {_describe(best, sel, c)}"
            + ("" if best.worse_on else f"; no task significantly worse than {sel.baseline_method}"
@@ -208,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")
     p.add_argument("--streams", type=int, default=1, help="concurrent streams the tokens/s floor applies to")
     p.add_argument("--fine-tune", action="store_true", help="the model will be fine-tuned (QLoRA: bitsandbytes)")
+    p.add_argument("--max-kl-mean", type=float,
+                   help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)")
+    p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")
+    p.add_argument("--across-backends", action="store_true",
+                   help="rank tokens/s measured by different backends or machines against each other anyway")
     add_store_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -215,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
     min_acc = args.min_accuracy / 100 if args.min_accuracy is not None and args.min_accuracy > 1 else args.min_accuracy
     rec = recommend(sel, store.compare(sel),
-                    Constraints(args.gpu_memory_gb, min_acc, args.min_tokens_per_s, args.streams, args.fine_tune))
+                    Constraints(args.gpu_memory_gb, min_acc, args.min_tokens_per_s, args.streams, args.fine_tune,
+                                max_kl_mean=args.max_kl_mean, backend=args.backend,
+                                across_backends=args.across_backends))
     log.info("Experiment %s, sweep %s (%d runs), baseline %s.%s", sel.experiment, sel.sweep, len(sel.rows),
              sel.baseline_method, f" {sel.baseline_note}" if sel.baseline_note else "")
-    log.info("Constraints: GPU memory <= %s GB, mean accuracy >= %s, tokens/s >= %s at %s, fine-tune: %s",
+    log.info("Constraints: GPU memory <= %s GB, mean accuracy >= %s, tokens/s >= %s at %s, KL <= %s, fine-tune: %s%s",
              args.gpu_memory_gb, f"{min_acc:.1%}" if min_acc is not None else None, args.min_tokens_per_s,
-             _streams(args.streams), "yes (QLoRA)" if args.fine_tune else "no")
+             _streams(args.streams), args.max_kl_mean, "yes (QLoRA)" if args.fine_tune else "no",
+             f", backend: {args.backend}" if args.backend else "")
     for row in sel.rows:
         if not row.ok:
             log.info("Not considered: %s (%s): %s", row.label, row.run_id or "no run", row.short_status())

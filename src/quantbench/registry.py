@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure, recommend
-from quantbench.runs import ROOT, RunRow, Selection, Store, add_store_args
+from quantbench.runs import ROOT, RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Policy:
     alias: str = "champion"
     baseline: str = "fp16"
     max_disk_gb: float | None = None
-    max_peak_mem_gb: float | None = None
+    max_serve_mem_gb: float | None = None  # what serving took (the vLLM engine's GPU memory, or the bench's RSS)
+    max_peak_mem_gb: float | None = None  # the maximum over quantize, eval and bench (quantizing may need far more)
     min_tokens_per_s_1_stream: float | None = None
     max_kl_mean: float | None = None  # quality_kl_mean: nats per token from the baseline's next-token distribution
     max_acc_drop_points: float | None = 2.0
@@ -45,6 +46,7 @@ class Policy:
     rank_by: str = MEAN_ACCURACY
     tie_tolerance: float = 0.5
     tie_break: str | None = "tokens_per_s_1_stream"
+    rank_across_backends: bool = False  # let a speed metric rank runs benchmarked by different backends or machines
 
 
 @dataclass
@@ -85,6 +87,12 @@ def higher_is_better(name: str) -> bool:
                 (lowered.endswith("_s") and not lowered.startswith("tokens_per_s")))
 
 
+def is_speed(name: str | None) -> bool:
+    """Metrics that measure the benchmark backend as much as the model."""
+    return bool(name) and name.replace(" ", "_").startswith(
+        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start"))
+
+
 def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfig) -> list[Decision]:
     """Reject, rank, break ties; every Decision says why its run won or lost."""
     decisions = [Decision(r) for r in sel.rows]
@@ -101,6 +109,17 @@ def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfi
     up_tie = 1 if policy.tie_break is None or higher_is_better(policy.tie_break) else -1
     best = max(up_rank * d.score for d in candidates)
     tied = [d for d in candidates if best - up_rank * d.score <= policy.tie_tolerance]
+    for name, compared in ((policy.rank_by, candidates), (policy.tie_break, tied if len(tied) > 1 else [])):
+        groups = speed_groups(d.row for d in compared)
+        if is_speed(name) and len(groups) > 1 and not policy.rank_across_backends:
+            reason = (f"{name} would rank runs benchmarked by different backends or machines ("
+                      + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
+                      + "), which measures the backend as much as the model; choose runs of one backend "
+                        "(e.g. a sweep with one bench.backend), or set rank_across_backends=true")
+            for d in compared:
+                d.rejected.append(reason)
+                d.why = "rejected: " + "; ".join(d.rejected)
+            return decisions
     tied.sort(key=lambda d: (d.tie_value is None, -up_tie * (d.tie_value or 0.0), -up_rank * d.score))
     winner = tied[0]
     winner.won = True
@@ -130,7 +149,8 @@ def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons,
     if not row.ok:
         return [row.short_status()]
     out = []
-    limits = [("disk_gb", policy.max_disk_gb, "max"), ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
+    limits = [("disk_gb", policy.max_disk_gb, "max"), ("serve_mem_gb", policy.max_serve_mem_gb, "max"),
+              ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
               ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
               ("quality_kl_mean", policy.max_kl_mean, "max")]
     for name, limit, kind in limits:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantbench import recommend, stats
 from quantbench.bench import stream_label
-from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args
+from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,14 @@ def throughput_table(sel: Selection) -> Table:
         headers.append(f"tokens/s @ {n} stream{'s' if n > 1 else ''} (min–max)")
         if n in roofline:
             headers.append(f"roofline @ {n}")
-    t = Table("throughput", "(c) Throughput", headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)"])
-    for r in sel.rows:
+    groups = speed_groups(r for r in sel.rows if r.ok)
+    title = "(c) Throughput"
+    if len(groups) > 1:  # tokens/s compare only within a backend and machine: one block of rows per basis
+        title += (f" — measured with {len(groups)} backends or machines; compare tokens/s within a group only: "
+                  + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items()))
+    t = Table("throughput", title, headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)", "Measured with"])
+    order = [r for rows in groups.values() for r in rows] + [r for r in sel.rows if not r.ok]
+    for r in order:
         row, rec = [r.label, _status(r)], {"method": r.label, "run_id": r.run_id, "status": r.status,
                                             "failure_reason": r.failure_reason}
         for n in streams:
@@ -148,8 +154,10 @@ def throughput_table(sel: Selection) -> Table:
             backend += f" (asked {r.tags.get('bench_requested_backend')}: {r.tags['bench_fallback_reason']})"
         kernel = r.tags.get("vllm_linear_kernel") or r.tags.get("eval_kernel")
         start = r.metrics.get("vllm_engine_start_s")
-        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), backend, kernel or MISSING, _fmt(start, ".0f")]
-        rec |= {"ttft_s_1_stream": ttft, "bench_backend": r.tags.get("bench_backend"),
+        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), backend, kernel or MISSING, _fmt(start, ".0f"),
+                r.speed_basis if r.ok else MISSING]
+        rec |= {"ttft_s_1_stream": ttft, "speed_basis": r.speed_basis if r.ok else None,
+                "bench_backend": r.tags.get("bench_backend"),
                 "bench_fallback_reason": r.tags.get("bench_fallback_reason"), "kernel": kernel,
                 "vllm_engine_start_s": start}
         t.cells.append(row)
@@ -238,7 +246,9 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     tables = [memory_table(sel), accuracy_table(sel, comparisons), throughput_table(sel),
               matrix_table(sel, comparisons)]
     if any(k in r.metrics for r in sel.rows for k in QUALITY):
-        tables.insert(2, quality_table(sel))
+        windows = {r.run_id: w["kl_mean"] for r in sel.finished if (w := store.quality_windows(r)) and r.run_id}
+        separation = separation_table(sel, windows)
+        tables[2:2] = [quality_table(sel, windows)] + ([separation] if separation else [])
     files = [t.write_csv(out / f"{t.name}.csv") for t in tables]
     files.append(pareto_plot(sel, out / "pareto.png"))
     counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
@@ -259,6 +269,10 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
                    "distribution from the baseline's, per token (mean and 99th percentile), how often the most likely "
                    "next token is the baseline's, and perplexity. These move long before multiple-choice accuracy "
                    "does; the baseline's own row is 0 / 100 % by construction.",
+        "quality_groups": "Runs in order of mean KL divergence, each compared with the next on the same held-out "
+                          "windows (paired bootstrap over windows, 10 000 resamples, 95 %): \"separated\" when the "
+                          "interval excludes 0. Groups are chains of runs not separated from their neighbour; two "
+                          "runs in one group may still differ from each other (within noise is not transitive).",
         "throughput": "Median tokens/s over the benchmark's repeats, with the fastest and slowest repeat; roofline = "
                       "measured / memory-bandwidth bound, where the hardware config gives a bandwidth.",
         "decision_matrix": "Baseline excluded: the question is which quantization method. \"Within noise\" = no task "
@@ -277,18 +291,51 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
 QUALITY = ("quality_kl_mean", "quality_kl_p99", "quality_top1_agreement", "quality_ppl")
 
 
-def quality_table(sel: Selection) -> Table:
-    """Next-token quality against the baseline on held-out text (quantbench.quality), one row per run."""
+def quality_table(sel: Selection, windows: dict[str, list[float]]) -> Table:
+    """Next-token quality against the baseline on held-out text (quantbench.quality), one row per run; the KL
+    interval resamples the held-out windows (tokens within a window are not independent)."""
     t = Table("quality", "(b2) Next-token quality vs the baseline",
-              ["Method", "KL mean (nats)", "KL p99", "Top-1 agreement", "Perplexity", "Tokens", "Status"])
+              ["Method", "KL mean (nats)", "95 % CI (windows)", "KL p99", "Top-1 agreement", "Perplexity", "Tokens",
+               "Status"])
     for r in sel.rows:
         m = {k: r.metrics.get(k) for k in QUALITY}
-        t.cells.append([r.label, _fmt(m["quality_kl_mean"], ".3g"), _fmt(m["quality_kl_p99"], ".3g"),
+        kl = windows.get(r.run_id or "")
+        ci = stats.paired_bootstrap([0.0] * len(kl), kl) if kl else None
+        t.cells.append([r.label, _fmt(m["quality_kl_mean"], ".3g"),
+                        f"[{ci.low:.3g}, {ci.high:.3g}] (n={ci.n})" if ci else MISSING, _fmt(m["quality_kl_p99"], ".3g"),
                         _fmt(m["quality_top1_agreement"], ".2%"), _fmt(m["quality_ppl"], ".4g"),
                         _fmt(r.metrics.get("quality_tokens"), ".0f"), _status(r)])
         t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
-                          **{k.removeprefix("quality_"): v for k, v in m.items()}})
+                          **{k.removeprefix("quality_"): v for k, v in m.items()},
+                          "kl_ci_low": ci.low if ci else None, "kl_ci_high": ci.high if ci else None,
+                          "windows": ci.n if ci else None})
     return t
+
+
+def separation_table(sel: Selection, windows: dict[str, list[float]]) -> Table | None:
+    """Runs in order of KL divergence; each against the next with a paired bootstrap over the windows both scored:
+    where the interval of the difference excludes 0 the next run starts a new group."""
+    ranked = sorted((r for r in sel.finished if windows.get(r.run_id or "")),
+                    key=lambda r: sum(windows[r.run_id]) / len(windows[r.run_id]))
+    if len(ranked) < 2:
+        return None
+    groups, cells, records = [[ranked[0].label]], [], []
+    for a, b in zip(ranked, ranked[1:]):
+        wa, wb = windows[a.run_id], windows[b.run_id]
+        d = stats.paired_bootstrap(wa, wb) if len(wa) == len(wb) else None
+        separated = d is not None and d.low > 0
+        verdict = ("separated" if separated else "within noise") if d else "not comparable: different held-out text"
+        if separated:
+            groups.append([])
+        groups[-1].append(b.label)
+        cells.append([f"{a.label} → {b.label}", f"{d.delta:+.3g}" if d else MISSING,
+                      f"[{d.low:+.3g}, {d.high:+.3g}] (n={d.n})" if d else MISSING, verdict])
+        records.append({"from": a.label, "to": b.label, "from_run_id": a.run_id, "to_run_id": b.run_id,
+                        "delta_kl": d.delta if d else None, "ci_low": d.low if d else None,
+                        "ci_high": d.high if d else None, "windows": d.n if d else None, "verdict": verdict})
+    order = " < ".join(" ≈ ".join(g) for g in groups)
+    return Table("quality_groups", f"(b3) What the KL divergence separates: {order}",
+                 ["Next in KL order", "Δ KL mean (nats)", "95 % CI (paired, windows)", "Verdict"], cells, records)
 
 
 def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:

@@ -16,6 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -135,8 +136,24 @@ class RunRow:
         return self.metrics.get(f"tokens_per_s_{stream_label(n)}")
 
     @property
+    def speed_basis(self) -> str:
+        """What its tokens/s were measured with: the backend and the machine. Throughput compares only within one
+        basis (vLLM against transformers' generate, or one CPU against another, measures the backend or the box)."""
+        machine = self.tags.get("host.gpu", "none")
+        machine = machine if machine != "none" else self.tags.get("host.cpu", "unknown machine")
+        return f"{self.tags.get('bench_backend', 'no backend')} on {machine}"
+
+    @property
     def on_gpu(self) -> bool:
         return self.params.get("hardware.device", "").startswith("cuda") or self.tags.get("host.gpu", "none") != "none"
+
+
+def speed_groups(rows: Iterable[RunRow]) -> dict[str, list[RunRow]]:
+    """Runs by speed basis (backend and machine), in the order first seen: the sets whose tokens/s compare."""
+    groups: dict[str, list[RunRow]] = {}
+    for row in rows:
+        groups.setdefault(row.speed_basis, []).append(row)
+    return groups
 
 
 @dataclass
@@ -179,7 +196,7 @@ class Store:
         self.uri = uri
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per samples.json is noise
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        self._samples: dict[str, dict | None] = {}
+        self._samples: dict[tuple[str, str], dict | None] = {}  # (run id, artifact path) -> its JSON
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -216,17 +233,25 @@ class Store:
 
     def samples(self, row: RunRow) -> dict | None:
         """eval/samples.json of a run ({task: [{doc_id, acc}]}), or None when it was not logged."""
+        return self._json_artifact(row, "eval/samples.json")
+
+    def quality_windows(self, row: RunRow) -> dict | None:
+        """quality/per_window.json of a run ({kl_mean: [...], ...} per held-out window), or None."""
+        return self._json_artifact(row, "quality/per_window.json")
+
+    def _json_artifact(self, row: RunRow, path: str) -> dict | None:
         if row.run_id is None:
             return None
-        if row.run_id not in self._samples:
+        key = (row.run_id, path)
+        if key not in self._samples:
             try:
                 with tempfile.TemporaryDirectory() as tmp:
-                    path = self.client.download_artifacts(row.run_id, "eval/samples.json", tmp)
-                    self._samples[row.run_id] = json.loads(Path(path).read_text())
+                    local = self.client.download_artifacts(row.run_id, path, tmp)
+                    self._samples[key] = json.loads(Path(local).read_text())
             except (MlflowException, OSError, json.JSONDecodeError) as exc:
-                log.debug("No samples for run %s: %s", row.run_id, exc)
-                self._samples[row.run_id] = None
-        return self._samples[row.run_id]
+                log.debug("No %s for run %s: %s", path, row.run_id, exc)
+                self._samples[key] = None
+        return self._samples[key]
 
     def compare(self, sel: Selection) -> dict[str, dict[str, stats.Difference]]:
         """run_id -> task -> accuracy difference vs the baseline, paired by doc_id where samples allow."""

@@ -1,0 +1,83 @@
+"""`make recommend` on a real SQLite MLflow store of synthetic GPU runs: memory is judged by what serving a model
+takes, and tokens/s are ranked only between runs measured the same way."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from synthetic_store import correctness, log_run, make_store
+
+from quantbench import recommend
+from quantbench.runs import Store
+
+N = 400
+H100 = {"hardware": "h100", "host.gpu": "NVIDIA H100 80GB HBM3"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An 8B study on one H100: fp16 and GPTQ served by vLLM, AQLM by transformers' generate (vLLM 0.26 has no AQLM).
+    GPTQ needed the whole bf16 model on the GPU to quantize (17 GB) but serves in 8.6 GB."""
+    uri, client, exp = make_store(tmp_path_factory.mktemp("recommend_store") / "mlruns")
+    vllm, hf = H100 | {"bench_backend": "vllm"}, H100 | {"bench_backend": "hf"}
+    ids = {
+        "fp16": log_run(client, exp, "fp16", job_num=0, tags=vllm, samples={"t1": correctness(N, 300)},
+                        metrics={"disk_gb": 16.06, "quantize_peak_mem_gb": 16.1, "serve_mem_gb": 18.3,
+                                 "peak_mem_gb": 18.3, "tokens_per_s_1_stream": 153.8}),
+        "gptq": log_run(client, exp, "gptq", job_num=1, tags=vllm, samples={"t1": correctness(N, 300, 2, 2)},
+                        metrics={"disk_gb": 5.73, "quantize_peak_mem_gb": 17.0, "serve_mem_gb": 8.6,
+                                 "peak_mem_gb": 17.0, "tokens_per_s_1_stream": 260.2}),
+        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, tags=hf, samples={"t1": correctness(N, 300, 3, 3)},
+                             metrics={"disk_gb": 4.1, "quantize_peak_mem_gb": 16.5, "serve_mem_gb": 5.0,
+                                      "peak_mem_gb": 16.5, "tokens_per_s_1_stream": 30.0}),
+    }
+    return uri, ids
+
+
+def test_a_4bit_model_that_serves_within_the_budget_is_accepted_though_quantizing_it_needed_more(store, caplog):
+    uri, ids = store
+    with caplog.at_level(logging.INFO):
+        rc = recommend.main(["--tracking-uri", uri, "--gpu-memory-gb", "10", "--backend", "vllm"])
+    assert rc == 0
+    assert f"gptq (run {ids['gptq']}): needs 8.6 GB (GPU memory to serve it)" in caplog.text
+    assert "fp16" in caplog.text and "needs 18.3 GB (GPU memory to serve it) > 10 GB budget" in caplog.text
+
+
+def test_tokens_per_s_of_different_backends_are_not_ranked_against_each_other(store):
+    uri, ids = store
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    comps = st.compare(sel)
+    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=10))  # gptq (vLLM) and aqlm (hf) fit
+    assert rec.choice is None
+    assert "measured by different backends or machines" in rec.why
+    assert "vllm on NVIDIA H100 80GB HBM3: gptq (260 tokens/s)" in rec.why
+    assert "hf on NVIDIA H100 80GB HBM3: aqlm_2bit (30 tokens/s)" in rec.why
+    within = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=10, backend="vllm"))
+    assert within.choice.row.run_id == ids["gptq"]
+    assert any("aqlm_2bit" in o and "benchmarked by hf, not vllm" in o for o in within.others)
+    anyway = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=10, across_backends=True))
+    assert anyway.choice.row.run_id == ids["gptq"]
+
+
+def test_one_backend_on_two_machines_is_two_bases(store, tmp_path):
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    for i, gpu in enumerate(("NVIDIA H100 80GB HBM3", "NVIDIA H200")):
+        log_run(client, exp, "gptq", job_num=i, tags={"bench_backend": "vllm", "host.gpu": gpu},
+                samples={"t1": correctness(N, 300)}, metrics={"tokens_per_s_1_stream": 260.0 + 60 * i})
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    assert recommend.recommend(sel, st.compare(sel), recommend.Constraints()).choice is None
+
+
+def test_a_kl_ceiling_keeps_only_runs_that_stay_close_to_the_baseline(tmp_path):
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    for i, (method, kl) in enumerate((("gptq", 3e-4), ("aqlm_2bit", 5e-3))):
+        log_run(client, exp, method, job_num=i, samples={"t1": correctness(N, 300)},
+                metrics={"quality_kl_mean": kl, "tokens_per_s_1_stream": 100.0 * (i + 1)})
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(max_kl_mean=1e-3))
+    assert rec.choice.row.method == "gptq"  # aqlm is faster, but its distribution moved too far
+    assert any("KL divergence from the baseline 0.005 > 0.001" in o for o in rec.others)
