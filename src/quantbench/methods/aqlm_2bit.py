@@ -94,6 +94,9 @@ class AQLM2Bit(Method):
         log_bits_per_weight(out_dir, source.config())
         return load_quantized(out_dir, hardware)
 
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig):
+        return load_quantized(out_dir, hardware)
+
     def _quantize_builtin(self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str]) -> None:
         from quantbench.methods import aqlm_quantizer as aq
 

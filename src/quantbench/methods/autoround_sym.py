@@ -110,6 +110,9 @@ class AutoRoundSym(Method):
         self._check_saved_format(out_dir)
         return self._reload(out_dir, dtype, hardware.device)
 
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
+        return self._reload(out_dir, torch_dtype(hardware.dtype), hardware.device)
+
     def _fit_calibration(self, texts: list[str], tokenizer) -> tuple[list[str], int]:
         """Clamp seqlen/nsamples to what the texts hold: auto-round silently skips texts shorter than seqlen and
         calls exit() when none is left, so pick the longest seqlen at which `nsamples` texts still qualify."""

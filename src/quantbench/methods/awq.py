@@ -68,7 +68,10 @@ class AWQ(Method):
             model.save_pretrained(out_dir, save_compressed=True)  # llm-compressor's save: compressed-tensors
         del model
         gc.collect()
-        return reload(out_dir, source, dtype, hardware.device)
+        return self.load_saved(out_dir, source, hardware)
+
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
+        return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device)
 
     def recipe(self) -> list:
         """AWQ smoothing, then the weight-only INT quantization it was smoothing for (lm_head stays 16-bit)."""

@@ -44,6 +44,11 @@ class Method:
                  calibration: list[str] | None = None) -> torch.nn.Module:
         raise NotImplementedError
 
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module | None:
+        """The saved folder loaded as `quantize` hands it back, for a folder taken from the quantized-model cache;
+        None where quantizing is loading (fp16, bitsandbytes): such methods are not cached."""
+        return None
+
     def loading_attributes(self) -> dict:
         """Settings a user passes to `from_pretrained` to load the saved folder as this method did (e.g. a kernel);
         the fresh-process artifact check loads with them."""

@@ -88,7 +88,10 @@ class GPTQ(Method):
             qmodel.save(str(out_dir))
             del qmodel
             gc.collect()
-            return reload(out_dir, source, dtype, hardware.device, self.backend)
+            return self.load_saved(out_dir, source, hardware)
+
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
+        return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device, self.backend)
 
 
 def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str, backend: str = "auto") -> torch.nn.Module:

@@ -47,4 +47,7 @@ class RTN(Method):
             model.save_pretrained(out_dir, save_compressed=True)
         del model
         gc.collect()
-        return reload(out_dir, source, dtype, hardware.device)
+        return self.load_saved(out_dir, source, hardware)
+
+    def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
+        return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device)
