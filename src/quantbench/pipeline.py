@@ -100,7 +100,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         tracker.set_tags(job.method.tags())
         model = None
         try:
-            calib = _calibration(cfg, job, seed=int(cfg.calibration.seed))
+            calib = _calibration(cfg, job, seed=int(cfg.calibration.seed), tracker=tracker)
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
                 log.info("Quantizing %s with %s", job.source.reference, job.method.name)
                 model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
@@ -165,10 +165,15 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     return Outcome("FINISHED", tracker.run_id, metrics)
 
 
-def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:
+def _calibration(cfg: DictConfig, job: Job, seed: int, tracker: Tracker | None = None) -> list[str] | None:
+    """The calibration texts for this seed; with a tracker, what they were read from (file sha256, hub commit) is
+    logged as params."""
     if not job.method.needs_calibration:
         return None
-    return calibration.texts(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
+    loaded = calibration.load(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
+    if tracker is not None:
+        tracker.log_params(loaded.identity)
+    return loaded.texts
 
 
 def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> dict[str, float]:
