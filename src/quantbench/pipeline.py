@@ -100,8 +100,11 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         tracker.set_tags(job.method.tags())
         model = None
         try:
-            calib = _calibration(cfg, job, seed=int(cfg.calibration.seed))
-            cache_key, cache_inputs, cached = _cache_lookup(cfg, job)
+            loaded = _calibration(cfg, job, seed=int(cfg.calibration.seed))
+            calib = loaded.texts if loaded else None
+            if loaded:
+                tracker.log_params(loaded.identity)  # what the texts were read from: file sha256, hub commit
+            cache_key, cache_inputs, cached = _cache_lookup(cfg, job, loaded.identity if loaded else {})
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
                 if cached is not None:
                     log.info("Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
@@ -182,21 +185,24 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     return Outcome("FINISHED", tracker.run_id, metrics)
 
 
-def _cache_lookup(cfg: DictConfig, job: Job) -> tuple[str | None, dict, quantized_cache.Entry | None]:
+def _cache_lookup(cfg: DictConfig, job: Job, calibration_identity: dict[str, str]
+                  ) -> tuple[str | None, dict, quantized_cache.Entry | None]:
     """(key, its inputs, the stored entry or None); no key where the cache is off or quantizing is loading (fp16,
-    bitsandbytes: `load_saved` not implemented)."""
+    bitsandbytes: `load_saved` not implemented). The calibration data's identity (a file's sha256) is in the key: an
+    edited file under the same name is other data."""
     qc = cfg.get("quantized_cache") or {}
     if not qc.get("enabled", False) or type(job.method).load_saved is Method.load_saved:
         return None, {}, None
-    inputs = quantized_cache.inputs(cfg, job.method, job.source)
+    inputs = quantized_cache.inputs(cfg, job.method, job.source) | {"calibration_data": calibration_identity}
     key = quantized_cache.key_of(inputs)
     return key, inputs, quantized_cache.lookup(Path(qc.dir), key)
 
 
-def _calibration(cfg: DictConfig, job: Job, seed: int) -> list[str] | None:
+def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibration | None:
+    """The calibration texts for this seed and the identity of what they were read from (file sha256, hub commit)."""
     if not job.method.needs_calibration:
         return None
-    return calibration.texts(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
+    return calibration.load(OmegaConf.merge(cfg.calibration, {"seed": seed}), cfg.paths.cache)
 
 
 def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
@@ -242,7 +248,7 @@ def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, floa
     for r in range(1, repeats):
         log.info("Repeat %d/%d: re-quantizing with calibration seed %d", r + 1, repeats, base + r)
         with tempfile.TemporaryDirectory() as tmp:
-            model = job.method.quantize(job.source, Path(tmp), cfg.hardware, _calibration(cfg, job, base + r))
+            model = job.method.quantize(job.source, Path(tmp), cfg.hardware, _calibration(cfg, job, base + r).texts)
             result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
             tracker.log_metrics({"fingerprint_nll_repeat": fingerprint.of_model(model, probe).nll}, step=r)
             del model

@@ -37,7 +37,25 @@ def config_hash(job_cfg: DictConfig) -> str:
     hash quantize, evaluate and benchmark the same thing; a rerun of a sweep skips those already FINISHED."""
     resolved = OmegaConf.to_container(job_cfg, resolve=True)
     kept = {k: v for k, v in resolved.items() if k not in NOT_IN_CONFIG_HASH}
+    data = _calibration_file_sha256(job_cfg)
+    if data:  # an edited calibration file under the same name is another job
+        kept["calibration_file_sha256"] = data
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _calibration_file_sha256(job_cfg: DictConfig) -> str | None:
+    """The sha256 of a local calibration file, if the job names one (None otherwise, and for a bad value: the job's
+    own checks report that)."""
+    if "calibration" not in job_cfg or OmegaConf.is_missing(job_cfg.calibration, "dataset"):
+        return None
+    from quantbench import calibration
+    from quantbench.errors import ConfigError
+
+    try:
+        src = calibration.source(job_cfg.calibration)
+    except ConfigError:
+        return None
+    return calibration.file_sha256(src.path) if isinstance(src, calibration.LocalFile) and src.path.is_file() else None
 
 
 def process_alive(pid: int, started: float | None) -> bool:
