@@ -77,4 +77,39 @@ def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, 
     assert "/no/such/model" in failed.data.tags["failure_reason"]
     assert "disk_gb" not in failed.data.metrics  # failed before any model was loaded
     assert failed.data.params["model.pretrained"] == "/no/such/model"  # what was logged is kept
+    trace = store.client.download_artifacts(failed.info.run_id, "failure/traceback.txt", str(tmp_path))
+    assert "ConfigError" in open(trace).read()  # the whole traceback beside the one-paragraph reason
     assert finished.data.metrics["disk_gb"] > 0
+
+
+def _hub_error(cls, status: int, **kw):
+    import httpx
+
+    request = httpx.Request("GET", "https://huggingface.co/api/models/org/m")
+    return cls(f"{status} error", response=httpx.Response(status, request=request), **kw)
+
+
+@pytest.mark.parametrize("error, needle", [
+    ("gated", "is gated: accept its licence"),
+    ("missing", "there is no model 'org/m' on the hub, or it is private"),
+    ("revision", "has no revision 'v9'"),
+    ("credential", "refused the credential for 'org/m' (HTTP 401)"),
+    ("unreachable", "the hub cannot be reached for 'org/m' (ConnectError"),
+])
+def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, error, needle):
+    """The hub's answers (a faked seam: no network here), each turned into the reason a user can act on."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from quantbench import models
+
+    raised = {"gated": _hub_error(GatedRepoError, 403), "missing": _hub_error(RepositoryNotFoundError, 404),
+              "revision": _hub_error(RevisionNotFoundError, 404), "credential": _hub_error(HfHubHTTPError, 401),
+              "unreachable": httpx.ConnectError("[Errno 101] Network is unreachable")}[error]
+
+    def repo_info(self, repo_id, **kw):
+        raise raised
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    assert needle in models.hub_access_problem("org/m", revision="v9")

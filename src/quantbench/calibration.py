@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench.errors import ConfigError
-from quantbench.models import EMBEDDED_PREFIX, hub_offline
+from quantbench.models import EMBEDDED_PREFIX, hub_access_problem, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,10 @@ def check(cfg: DictConfig) -> None:
                               f"(offline), and `datasets` has no cached copy of it (nor is there a file "
                               f"{_absolute(src.repo_id)}); use a local file or calibration=local, or load the "
                               f"dataset once with `datasets` while online.")
+        if not hub_offline():
+            problem = hub_access_problem(src.repo_id, src.revision, "dataset")
+            if problem:
+                raise ConfigError(f"calibration.dataset={src.repo_id!r}: {problem}.")
         _check_hub(src)
 
 

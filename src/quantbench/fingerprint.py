@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from quantbench import children
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def of_model(model, ids: list[int]) -> Fingerprint:
     return Fingerprint(nll=nll, predictions=logits.argmax(-1).tolist())
 
 
-def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", timeout_s: int = 1800,
+def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", timeout_s: float | None = 1800,
              loading_attributes: dict | None = None) -> Fingerprint:
     """Reload `model_dir` in a fresh Python process (no state shared with this one) and fingerprint it.
 
@@ -64,8 +65,9 @@ def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", 
         json.dump({"ids": ids, "device": device, "dtype": dtype, "loading_attributes": loading_attributes or {}}, f)
     started = time.perf_counter()
     try:
-        out = subprocess.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
-                             capture_output=True, text=True, timeout=timeout_s, env={**os.environ})
+        out = children.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
+                           timeout_s=timeout_s, what=f"The fresh-process reload of {model_dir}",
+                           setting="timeouts.artifact_check_s", env={**os.environ})
     finally:
         os.unlink(f.name)
     # beside the folder, not in it (the folder is the artifact): what the reload did, e.g. kernels it compiled
@@ -79,12 +81,12 @@ def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", 
     return Fingerprint(**json.loads(last))
 
 
-def verify(model, model_dir: Path, ids: list[int], device: str,
-           loading_attributes: dict | None = None) -> dict[str, float]:
+def verify(model, model_dir: Path, ids: list[int], device: str, loading_attributes: dict | None = None,
+           timeout_s: float | None = 1800) -> dict[str, float]:
     """Compare the in-memory model with its reloaded artifact; raise with a clear reason if they differ."""
     dtype = str(model.dtype).removeprefix("torch.")
     mine = of_model(model, ids)
-    saved = of_saved(model_dir, ids, device, dtype=dtype, loading_attributes=loading_attributes)
+    saved = of_saved(model_dir, ids, device, dtype=dtype, timeout_s=timeout_s, loading_attributes=loading_attributes)
     for which, fp in (("in memory", mine), ("reloaded", saved)):
         if not math.isfinite(fp.nll):  # NaN compares false with everything: it would pass the checks below
             raise RuntimeError(f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "

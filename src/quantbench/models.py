@@ -107,6 +107,39 @@ def hub_offline() -> bool:
         return True
 
 
+def hub_access_problem(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str | None:
+    """Why `repo_id` cannot be used from a reachable hub, with the causes told apart (each has another fix): gated,
+    no such repository (or private and invisible to the token), no such revision, a refused credential, the hub
+    unreachable after all. None when it can be used. Asks for metadata only; downloads nothing."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    what = "model" if repo_type == "model" else repo_type
+    try:
+        HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=10)
+        return None
+    except HFValidationError as exc:
+        return f"{repo_id!r} is not a valid hub id ({exc})"
+    except GatedRepoError:
+        return (f"the {what} {repo_id!r} is gated: accept its licence on its hub page and log in with an account that "
+                f"has access (`huggingface-cli login`, or HF_TOKEN)")
+    except RevisionNotFoundError:
+        return f"the {what} {repo_id!r} has no revision {revision!r}"
+    except RepositoryNotFoundError:
+        return (f"there is no {what} {repo_id!r} on the hub, or it is private and your token cannot see it: check the "
+                f"id, and log in for a private one")
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        if status in (401, 403):
+            return (f"the hub refused the credential for {repo_id!r} (HTTP {status}): the token in HF_TOKEN or from "
+                    f"`huggingface-cli login` is invalid or lacks access")
+        return f"the hub answered HTTP {status} for {repo_id!r}: {str(exc).splitlines()[0]}"
+    except (httpx.TransportError, OSError) as exc:
+        return f"the hub cannot be reached for {repo_id!r} ({type(exc).__name__}: {exc})"
+
+
 def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     """A hub id resolves to its cached snapshot when there is one; otherwise the hub must be reachable."""
     from huggingface_hub import snapshot_download
@@ -114,10 +147,13 @@ def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     try:
         return snapshot_download(repo_id, revision=revision, local_files_only=True,
                                  allow_patterns=["config.json", "*.safetensors", "*.json", "*.model"])
-    except Exception:  # not (fully) cached
+    except (OSError, ValueError):  # not (fully) cached (LocalEntryNotFoundError), or not a valid id (told below)
         pass
     if hub_offline():
         raise ConfigError(f"model.pretrained={repo_id!r} is a hub id, it is not in the local Hugging Face cache, and "
                           f"the hub cannot be reached (offline or HF_HUB_OFFLINE=1). Download it first "
                           f"(`huggingface-cli download {repo_id}`) or point model.pretrained at a local folder.")
+    problem = hub_access_problem(repo_id, revision)
+    if problem:
+        raise ConfigError(f"model.pretrained={repo_id!r}: {problem}.")
     return repo_id

@@ -134,7 +134,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
 
             probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
             metrics |= fingerprint.verify(model, out_dir, probe, cfg.hardware.device,
-                                          loading_attributes=job.method.loading_attributes())
+                                          loading_attributes=job.method.loading_attributes(),
+                                          timeout_s=(cfg.get("timeouts") or {}).get("artifact_check_s"))
             tracker.log_metrics(metrics)
             tracker.set_tags({"artifact_verified": "true"})
             if cache_key is not None and cached is None:  # only a verified artifact is stored

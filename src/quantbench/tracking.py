@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import traceback
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000
 TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
 # Where a job writes and logs, and whether it reruns, do not change what it measures: left out of its identity.
-NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force", "quantized_cache")
+NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force", "quantized_cache", "timeouts")
 
 
 def config_hash(job_cfg: DictConfig) -> str:
@@ -162,6 +163,7 @@ class Tracker:
             except BaseException as exc:
                 reason = str(exc).strip() or type(exc).__name__
                 mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
+                mlflow.log_text("".join(traceback.format_exception(exc)), "failure/traceback.txt")
                 mlflow.end_run(status="FAILED")
                 exc.add_note(f"MLflow run {self.run_id} ended FAILED")
                 raise

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from quantbench import children
 from quantbench.bench import BenchPlan, BenchResult, hf, summarize
 from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
 from quantbench.measure import cpu_info
@@ -35,6 +35,7 @@ GiB = 2**30
 ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench._vllm_engine"]  # + request.json result.json
 # The engine loads the saved folder in its own process: the pipeline may free the in-memory model first.
 LOADS_FROM_DISK = True
+PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
 
@@ -85,7 +86,8 @@ def capabilities(cache_dir: Path | None = None) -> dict:
     env = engine_env("cpu")
     cmd = [*ENGINE_COMMAND, "--probe", str(path)]
     log.info("Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = children.run(cmd, env=env, timeout_s=PROBE_TIMEOUT_S, what="The vLLM capability probe",
+                        setting="bench.vllm.PROBE_TIMEOUT_S")
     if done.returncode != 0 or not path.exists():
         raise RuntimeError(f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     return json.loads(path.read_text())
@@ -236,15 +238,6 @@ def _device_used_bytes(device: str) -> int:
     return total - free
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group that `proc` leads (the engine and anything it started), then reap `proc`."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout_s: float | None = None) -> dict:
     """Run bench/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors.
 
@@ -292,11 +285,11 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            children.kill_group(proc)
             raise RuntimeError(f"the vLLM engine did not finish within {timeout_s:g} s (bench.vllm.timeout_s); it and "
                                f"its child processes were killed. Its last lines:\n" + "\n".join(tail)) from None
         finally:  # also on an exception or Ctrl-C here: no engine outlives the job
-            _kill_group(proc)
+            children.kill_group(proc)
             done.set()
             reader.join(timeout=10)
             if cuda:
