@@ -103,6 +103,7 @@ def main() -> None:
             label = bench.stream_label(n)
             rows.append({"path": name, "streams": n, "tokens_per_s": m[f"tokens_per_s_{label}"],
                          "min": m[f"tokens_per_s_{label}_min"], "max": m[f"tokens_per_s_{label}_max"],
+                         "decode_tokens_per_s": m.get(f"decode_tokens_per_s_{label}"),
                          "ttft_s": m[f"ttft_s_{label}"], "roofline": m.get(f"roofline_tokens_per_s_{label}"),
                          "fraction": m.get(f"roofline_fraction_{label}"), "bench_path": result.tags["bench_path"]})
 
@@ -110,13 +111,14 @@ def main() -> None:
     print(f"\nhf backend paths on {title} ({device_name}, {hardware.dtype}, "
           f"bandwidth {hardware.memory_bandwidth_gbs or 'measured'} GB/s), {args.prompt_tokens} prompt / "
           f"{args.output_tokens} generated tokens, median of {args.repeats} [min-max]:")
-    print("| path | streams | tokens/s | roofline | fraction | TTFT s | what ran |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| path | streams | tokens/s | decode tokens/s | roofline | fraction (decode-only) | TTFT s | what ran |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
+        decode = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
         roof = f"{r['roofline']:.0f}" if r["roofline"] else "-"
         frac = f"{r['fraction']:.2f}" if r["fraction"] else "-"
-        print(f"| {r['path']} | {r['streams']} | {r['tokens_per_s']:.1f} [{r['min']:.1f}-{r['max']:.1f}] | {roof} | "
-              f"{frac} | {r['ttft_s']:.3f} | {r['bench_path']} |")
+        print(f"| {r['path']} | {r['streams']} | {r['tokens_per_s']:.1f} [{r['min']:.1f}-{r['max']:.1f}] | {decode} | "
+              f"{roof} | {frac} | {r['ttft_s']:.3f} | {r['bench_path']} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "rows": rows}, indent=1))
 

@@ -56,8 +56,10 @@ def rows(uri: str, experiment: str) -> list[dict[str, str]]:
             out.append({
                 "method": t.get("method", "?"), "backend": backend, "streams": TPS.match(key)["n"],
                 "tokens/s": f"{m[key]:.1f} [{m.get(key + '_min', float('nan')):.1f}-{m.get(key + '_max', float('nan')):.1f}]",
+                "decode tokens/s": f"{m['decode_' + key]:.1f}" if "decode_" + key in m else "-",
                 "roofline": f"{m['roofline_tokens_per_s_' + label]:.1f}" if "roofline_tokens_per_s_" + label in m else "-",
-                "fraction": f"{m['roofline_fraction_' + label]:.3f}" if "roofline_fraction_" + label in m else "-",
+                "fraction": f"{m['roofline_fraction_' + label]:.3f} ({t.get('roofline_speed_basis', '?')})"
+                            if "roofline_fraction_" + label in m else "-",
                 "GB/s": f"{m['memory_bandwidth_gbs']:.1f} {t.get('memory_bandwidth_source', '')}"
                         if "memory_bandwidth_gbs" in m else "-",
                 "kernel": kernel, "run": run.info.run_id[:8],

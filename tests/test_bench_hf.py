@@ -42,7 +42,22 @@ def test_each_cache_generates_exactly_the_planned_tokens_and_names_its_path(tiny
     assert result.tags["bench_path"].startswith(f"transformers.generate, {cache} KV cache, eager decode (")
     for label in ("1_stream", "2_streams"):
         assert result.metrics[f"tokens_per_s_{label}_min"] <= result.metrics[f"tokens_per_s_{label}"] > 0
+        assert result.metrics[f"decode_tokens_per_s_{label}_min"] <= result.metrics[f"decode_tokens_per_s_{label}"] > 0
     assert [len(r["seconds"]) for r in result.detail["runs"]] == [2, 2]
+    assert [len(r["decode_tokens_per_s"]) for r in result.detail["runs"]] == [2, 2]
+
+
+def test_the_roofline_counts_what_transformers_holds_here_float32_from_bf16_weights(tiny, tiny_root):
+    """The fixture loads the bf16-stored model in float32, so each decode step reads twice the stored bytes."""
+    from quantbench import measure
+
+    model, tokenizer = tiny
+    model_dir = tiny_root / "model"
+    plan = bench.plan(OmegaConf.create({**BASE, "streams": [1], "hf": {"cache": "dynamic"}}))
+    result = bench.run(plan, model, tokenizer, model_dir, OmegaConf.create({**CPU, "memory_bandwidth_gbs": 1.0}))
+    assert sum(b for *_, b in result.loaded.values()) == 2 * measure.weight_bytes(model_dir)
+    assert result.tags["roofline_bytes_basis"].startswith("cast to float32 by transformers: ")
+    assert result.tags["roofline_speed_basis"] == "decode-only"
 
 
 def test_a_static_cache_that_fails_falls_back_to_the_dynamic_one_and_says_why(tiny, monkeypatch):

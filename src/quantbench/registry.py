@@ -84,7 +84,7 @@ def higher_is_better(name: str) -> bool:
     lowered = name.replace(" ", "_")
     return not (lowered.endswith("_gb") or lowered.startswith("ttft") or
                 lowered.startswith(("quality_kl", "quality_ppl")) or
-                (lowered.endswith("_s") and not lowered.startswith("tokens_per_s")))
+                (lowered.endswith("_s") and not lowered.startswith(("tokens_per_s", "decode_tokens_per_s"))))
 
 
 def is_speed(name: str | None) -> bool:

@@ -123,9 +123,12 @@ def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
 def throughput_table(sel: Selection) -> Table:
     streams = sel.streams or [1, 8]
     roofline = {n for n in streams for r in sel.rows if f"roofline_fraction_{stream_label(n)}" in r.metrics}
+    decode = {n for n in streams for r in sel.rows if f"decode_tokens_per_s_{stream_label(n)}" in r.metrics}
     headers = ["Method", "Status"]
     for n in streams:
         headers.append(f"tokens/s @ {n} stream{'s' if n > 1 else ''} (min–max)")
+        if n in decode:
+            headers.append(f"decode-only @ {n}")
         if n in roofline:
             headers.append(f"roofline @ {n}")
     groups = speed_groups(r for r in sel.rows if r.ok)
@@ -143,6 +146,10 @@ def throughput_table(sel: Selection) -> Table:
             tps, lo, hi = (r.metrics.get(key + s) for s in ("", "_min", "_max"))
             row.append(MISSING if tps is None else f"{tps:.1f}" + (f" ({lo:.1f}–{hi:.1f})" if lo and hi else ""))
             rec |= {key: tps, key + "_min": lo, key + "_max": hi}
+            if n in decode:
+                dec = r.metrics.get(f"decode_{key}")
+                row.append(_fmt(dec, ".1f"))
+                rec[f"decode_{key}"] = dec
             if n in roofline:
                 frac = r.metrics.get(f"roofline_fraction_{stream_label(n)}")
                 roof = r.metrics.get(f"roofline_tokens_per_s_{stream_label(n)}")
@@ -273,8 +280,11 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
                           "windows (paired bootstrap over windows, 10 000 resamples, 95 %): \"separated\" when the "
                           "interval excludes 0. Groups are chains of runs not separated from their neighbour; two "
                           "runs in one group may still differ from each other (within noise is not transitive).",
-        "throughput": "Median tokens/s over the benchmark's repeats, with the fastest and slowest repeat; roofline = "
-                      "measured / memory-bandwidth bound, where the hardware config gives a bandwidth.",
+        "throughput": "Median end-to-end output tokens/s over the benchmark's repeats (prefill included, as `vllm bench "
+                      "throughput` reports), with the fastest and slowest repeat; decode-only = output tokens after "
+                      "the first over the time after the first token; roofline = decode-only tokens/s over the "
+                      "memory-bandwidth bound of a decode step (the run's roofline_speed_basis and "
+                      "roofline_bytes_basis tags say what each side counts).",
         "decision_matrix": "Baseline excluded: the question is which quantization method. \"Within noise\" = no task "
                            "significantly worse than the baseline.",
     }

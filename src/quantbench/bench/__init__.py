@@ -1,7 +1,9 @@
 """Throughput benchmarks. One module per backend (`hf`, `vllm`), chosen by `bench.backend`.
 
-A backend module exposes `run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`. `run()` here adds the
-memory-bandwidth roofline (bench/roofline.py) to whatever the backend measured, so every backend reports it.
+A backend module exposes `run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`, turning its timings into
+metrics with `speed_metrics` (end-to-end and decode-only tokens/s, TTFT: one formula for every backend). `run()`
+here adds the memory-bandwidth roofline (bench/roofline.py) to whatever the backend measured, so every backend
+reports it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class BenchResult:
     metrics: dict[str, float]
     tags: dict[str, str] = field(default_factory=dict)
     detail: dict = field(default_factory=dict)  # every timing, for the benchmark JSON artifact
+    # The tensors the backend held in memory while it decoded (name -> (dtype, shape, bytes)), where it ran an
+    # in-memory model: the roofline counts these rather than the stored ones (a decompressed format reads more).
+    loaded: dict[str, tuple[str, list[int], int]] | None = None
 
 
 def backends() -> list[str]:
@@ -144,29 +149,40 @@ def loads_from_disk(plan: BenchPlan) -> bool:
 
 def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig) -> BenchResult:
     """Benchmark with the planned backend (the in-memory model for hf, the saved folder for vllm), then set each
-    stream count's median against the memory-bandwidth roofline of the saved model on this hardware."""
+    stream count's median decode-only speed against the memory-bandwidth roofline of the bytes that backend reads
+    per step on this hardware (the end-to-end speed where there is no decode-only figure; tags say which)."""
     from quantbench.bench import roofline
 
     result = load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
     try:
-        decode = roofline.decode_bytes(model_dir)
+        index, bytes_basis = roofline.bytes_read(model_dir, result, hardware)
+        decode = roofline.decode_bytes(model_dir, index)
         extra, tags = roofline.metrics(decode, plan.prompt_tokens, plan.output_tokens, plan.streams,
                                        result.metrics, hardware)
     except (OSError, KeyError, ValueError) as exc:  # keep the measurement; say why there is no roofline
         log.warning("No roofline for %s: %s", model_dir, exc)
         result.tags["roofline_unavailable"] = str(exc)[:250]
         return result
+    tags["roofline_bytes_basis"] = bytes_basis
     result.metrics.update(extra)
     result.tags.update(tags)
     result.detail["roofline"] = {"decode_bytes": vars(decode), **extra, **tags}
+    log.info("Roofline bytes per decode step: %s", bytes_basis)
     for n in plan.streams:
         label = stream_label(n)
-        if f"roofline_fraction_{label}" in extra:
-            log.info("%s: %.1f tokens/s = %.1f%% of the %.1f tokens/s bandwidth roofline (%.1f GB/s, %s)", label,
-                     result.metrics[f"tokens_per_s_{label}"], 100 * extra[f"roofline_fraction_{label}"],
-                     extra[f"roofline_tokens_per_s_{label}"], extra["memory_bandwidth_gbs"],
-                     tags["memory_bandwidth_source"])
+        if f"roofline_fraction_{label}" not in extra:
+            continue
+        e2e = result.metrics.get(f"tokens_per_s_{label}")
+        decode_tps = result.metrics.get(f"decode_tokens_per_s_{label}")
+        log.info("%s: %s tokens/s end to end, %s decode-only; %s = %.1f%% of the %.1f tokens/s bandwidth roofline "
+                 "(%.1f GB/s, %s)", label, _tps(e2e), _tps(decode_tps),
+                 "end to end" if decode_tps is None else "decode-only", 100 * extra[f"roofline_fraction_{label}"],
+                 extra[f"roofline_tokens_per_s_{label}"], extra["memory_bandwidth_gbs"], tags["memory_bandwidth_source"])
     return result
+
+
+def _tps(value: float | None) -> str:
+    return "no" if value is None else f"{value:.1f}"
 
 
 def stream_label(n: int) -> str:
@@ -177,3 +193,55 @@ def summarize(prefix: str, n_streams: int, values: list[float]) -> dict[str, flo
     """median, min and max of repeated measurements, named `<prefix>_<n>_stream(s)[_min|_max]`."""
     label = f"{prefix}_{stream_label(n_streams)}"
     return {label: statistics.median(values), f"{label}_min": min(values), f"{label}_max": max(values)}
+
+
+def decode_tokens_per_s(n_streams: int, output_tokens: int, seconds: list[float],
+                        ttft: list[float]) -> tuple[list[float | None], str | None]:
+    """Decode-only tokens/s of each repeat: the output tokens after the first, n * (output_tokens - 1), over the
+    time after the first token, the repeat's full generation less the time to first token of its paired TTFT run.
+
+    End-to-end tokens/s also pays for the prefill; decoding alone is what the bandwidth roofline bounds. A repeat
+    whose generation took no longer than its first token, or a plan of one output token, has no decode time to divide
+    by: its value is None and the second element says why (None when every repeat has a figure).
+    """
+    if output_tokens == 1:
+        return [None] * len(seconds), "output_tokens=1: no token is decoded after the first"
+    values: list[float | None] = []
+    short = []
+    for i, (total, first) in enumerate(zip(seconds, ttft, strict=True)):
+        if total <= first:
+            values.append(None)
+            short.append(f"repeat {i + 1}: {total:.4g} s in all, {first:.4g} s to the first token")
+        else:
+            values.append(n_streams * (output_tokens - 1) / (total - first))
+    if short:
+        return values, "the generation took no longer than its first token (" + "; ".join(short) + ")"
+    return values, None
+
+
+def speed_metrics(runs: list[dict], output_tokens: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics and tags from each stream count's timed repeats (dicts with `streams`, `seconds`, `ttft_s`), the same
+    for every backend: `tokens_per_s_<label>` end to end (output tokens over the whole generation, what
+    `vllm bench throughput` reports), `decode_tokens_per_s_<label>` (see `decode_tokens_per_s`) and `ttft_s_<label>`,
+    each as median, min and max.
+
+    Adds the per-repeat `tokens_per_s` and `decode_tokens_per_s` to each run (for the benchmark JSON). A stream count
+    where any repeat has no decode figure gets no decode metric (a median of the rest would be biased); the tag
+    `decode_tokens_per_s_unavailable` says why.
+    """
+    metrics: dict[str, float] = {}
+    missing = []
+    for run in runs:
+        n = int(run["streams"])
+        run["tokens_per_s"] = [n * output_tokens / s for s in run["seconds"]]
+        run["decode_tokens_per_s"], why = decode_tokens_per_s(n, output_tokens, run["seconds"], run["ttft_s"])
+        metrics.update(summarize("tokens_per_s", n, run["tokens_per_s"]))
+        if why is None:
+            metrics.update(summarize("decode_tokens_per_s", n, run["decode_tokens_per_s"]))
+        else:
+            run["decode_unavailable"] = why
+            missing.append(f"{stream_label(n)}: {why}")
+            log.warning("No decode-only tokens/s at %s: %s", stream_label(n), why)
+        metrics.update(summarize("ttft_s", n, run["ttft_s"]))
+    tags = {"decode_tokens_per_s_unavailable": "; ".join(missing)[:500]} if missing else {}
+    return metrics, tags

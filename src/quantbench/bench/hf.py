@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from quantbench.bench import BenchPlan, BenchResult, HfKnobs, stream_label, summarize
+from quantbench.bench import BenchPlan, BenchResult, HfKnobs, roofline, speed_metrics, stream_label
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=hardware.device)
     device = model.device
-    metrics: dict[str, float] = {}
     detail: dict = {"backend": "hf", "runs": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -113,13 +112,16 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
             generate(ids, plan.output_tokens)
         seconds = [generate(ids, plan.output_tokens) for _ in range(plan.repeats)]
         ttft = [generate(ids, 1) for _ in range(plan.repeats)]
-        tps = [n * plan.output_tokens / s for s in seconds]
-        metrics.update(summarize("tokens_per_s", n, tps))
-        metrics.update(summarize("ttft_s", n, ttft))
-        detail["runs"].append({"streams": n, "seconds": seconds, "tokens_per_s": tps, "ttft_s": ttft})
-        log.info("hf backend, %s: %.1f output tokens/s (median of %d)", stream_label(n),
-                 metrics[f"tokens_per_s_{stream_label(n)}"], plan.repeats)
+        detail["runs"].append({"streams": n, "seconds": seconds, "ttft_s": ttft})
+    metrics, speed_tags = speed_metrics(detail["runs"], plan.output_tokens)
+    tags.update(speed_tags)
+    for n in plan.streams:
+        label = stream_label(n)
+        decode = metrics.get(f"decode_tokens_per_s_{label}")
+        log.info("hf backend, %s: %.1f output tokens/s end to end, %s decode-only (medians of %d)", label,
+                 metrics[f"tokens_per_s_{label}"], "no" if decode is None else f"{decode:.1f}", plan.repeats)
     tags["bench_path"] = describe_path(model, knobs, compiled=getattr(model, "_compiled_call", None) is not None)
     detail["path"] = tags["bench_path"]
     log.info("hf backend path: %s", tags["bench_path"])
-    return BenchResult(metrics=metrics, tags=tags, detail=detail)
+    # what the model holds now, after decoding: transformers may have decompressed a format at load or first use
+    return BenchResult(metrics=metrics, tags=tags, detail=detail, loaded=roofline.tensor_index(model))

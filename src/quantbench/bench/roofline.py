@@ -1,10 +1,15 @@
 """The memory-bandwidth roofline of decoding: the tokens/s a stream count could reach if every decode step only
-had to stream its bytes from memory once, and what fraction of it a measurement reached.
+had to stream its bytes from memory once, and what fraction of it a measurement reached. It bounds decoding, so it
+is set against the decode-only tokens/s (prefill excluded), and against end-to-end tokens/s only where there is no
+decode-only figure (tag `roofline_speed_basis`).
 
 Bytes per decode step with n streams:
-  weights: every stored tensor of the saved model (scales, zeros and codebooks included), except the input
-    embedding table, of which only one row per stream is read; the LM head is read in full (a tied head is the
-    embedding table, read in full once);
+  weights: every tensor the backend reads (scales, zeros and codebooks included), except the input embedding
+    table, of which only one row per stream is read; the LM head is read in full (a tied head is the embedding
+    table, read in full once). Which tensors those are (tag `roofline_bytes_basis`, see `bytes_read`): for a backend
+    that runs an in-memory model (transformers), the tensors that model holds after decoding, so a format it
+    dequantizes counts at its dequantized size (compressed-tensors decompressed to bf16 on CPU, AQLM loaded in
+    float32 on CPU); for vLLM, which serves the saved format with its own kernels, the stored tensors;
   KV cache: per stream, 2 (K and V) * layers * kv_heads * head_dim * dtype bytes per token, for the average
     context of a generation (prompt + output / 2).
   tokens/s = n / ((weight bytes + n * KV bytes per stream) / bandwidth).
@@ -40,9 +45,10 @@ class DecodeBytes:
     kv_per_token: int  # KV cache bytes per token of context per stream
 
 
-def decode_bytes(model_dir: str | Path) -> DecodeBytes:
-    """Read from the saved folder alone: safetensors headers and config.json."""
-    index = measure.safetensors_index(model_dir)
+def decode_bytes(model_dir: str | Path, index: dict[str, tuple[str, list[int], int]] | None = None) -> DecodeBytes:
+    """The bytes of `index` (name -> (dtype, shape, bytes); default: the saved safetensors, read from their headers)
+    and the KV cache from the folder's config.json."""
+    index = index or measure.safetensors_index(model_dir)
     if not index:
         raise FileNotFoundError(f"no safetensors weights in {model_dir}")
     total = sum(b for _, _, b in index.values())
@@ -63,6 +69,73 @@ def decode_bytes(model_dir: str | Path) -> DecodeBytes:
     dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
     kv_per_token = 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(dtype.removeprefix("torch."), 2)
     return DecodeBytes(fixed=fixed, per_stream=per_stream, kv_per_token=kv_per_token)
+
+
+def tensor_index(model) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, bytes) of what a loaded torch model holds (its state dict), each storage once: a tied
+    LM head shares the embedding's storage and is left out, as it is from a saved folder."""
+    out: dict[str, tuple[str, list[int], int]] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0 or t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), nbytes)
+    return out
+
+
+# What transformers made of a saved format that it holds at another size than stored, and why (keyed by
+# quantization_config.quant_method; None: unquantized).
+LOADED_DIFFERENTLY = {
+    "compressed-tensors": "dequantized to {dtype} by transformers: it decompresses compressed-tensors weights into "
+                          "plain Linear layers",
+    "aqlm": "{dtype} by transformers on {device}: quantbench loads AQLM in float32 on CPU for aqlm's float32 CPU "
+            "kernels, codebooks, scales, embeddings and head included",
+    None: "cast to {dtype} by transformers: the saved weights are loaded in that dtype",
+}
+# Formats whose kernels may dequantize per call in ways the tensors held do not show: the stored bytes stay.
+UNDETERMINED = {
+    "bitsandbytes": "whether bitsandbytes' 4-bit kernels read the packed weights or dequantize them to 16-bit per "
+                    "call on {device} is not determined here",
+}
+
+
+def bytes_read(model_dir: str | Path, result, hardware) -> tuple[dict[str, tuple[str, list[int], int]], str]:
+    """The tensors one decode step of the backend that produced `result` (a BenchResult) reads, and in words why
+    (the `roofline_bytes_basis` tag). Where that cannot be determined, the stored tensors, and the words say so."""
+    from quantbench.bench.vllm import quant_method
+
+    stored = measure.safetensors_index(model_dir)
+    if not stored:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    method = quant_method(model_dir)
+    backend = result.tags.get("bench_backend", "unnamed")
+    device = str(hardware.device)
+    if method in UNDETERMINED:
+        return stored, f"stored bytes: {UNDETERMINED[method].format(device=device)}"
+    if backend == "vllm":
+        emulated = result.tags.get("slow_kernel_reason", "")
+        if "emulated" in emulated:
+            return stored, (f"stored bytes, fewer than vLLM reads: {emulated}; the 16-bit weights it dequantizes to "
+                            f"on every call are not counted")
+        return stored, "stored bytes: vLLM serves the saved tensors with its own kernels"
+    if result.loaded is None:
+        return stored, f"stored bytes: what the {backend} backend reads is not determined here"
+    held, kept = sum(b for _, _, b in result.loaded.values()), sum(b for _, _, b in stored.values())
+    if held == kept:
+        return result.loaded, "stored bytes: transformers holds the saved tensors at their stored size"
+    floats = {}
+    for dtype, _, nbytes in result.loaded.values():
+        if dtype.startswith(("float", "bfloat")):
+            floats[dtype] = floats.get(dtype, 0) + nbytes
+    dtype = max(floats, key=floats.get) if floats else "?"
+    why = LOADED_DIFFERENTLY.get(method, "as held by transformers ({dtype} mostly), not as stored")
+    return result.loaded, f"{why.format(dtype=dtype, device=device)} ({_size(held)} held, {_size(kept)} stored)"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e6 else f"{nbytes:,} B"
 
 
 def tokens_per_s(b: DecodeBytes, n_streams: int, prompt_tokens: int, output_tokens: int, bandwidth_gbs: float) -> float:
@@ -132,17 +205,31 @@ def memory_bandwidth(hardware, cache_file: Path | None = None) -> tuple[float, s
     return gbs, "measured"
 
 
+SPEED_BASES = (("decode_tokens_per_s", "decode-only"), ("tokens_per_s", "end-to-end"))
+
+
 def metrics(b: DecodeBytes, prompt_tokens: int, output_tokens: int, streams: list[int],
             measured: dict[str, float], hardware) -> tuple[dict[str, float], dict[str, str]]:
-    """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s) (measured median / roofline)."""
+    """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s): the measured median decode-only
+    tokens/s over the roofline (a decode bound), or the end-to-end median where there is no decode-only figure;
+    the tag `roofline_speed_basis` says which ("decode-only", "end-to-end", or per stream count where they differ)."""
     from quantbench.bench import stream_label
 
     bandwidth, source = memory_bandwidth(hardware)
     out: dict[str, float] = {"memory_bandwidth_gbs": bandwidth}
+    basis: dict[str, str] = {}
     for n in streams:
         label = stream_label(n)
         roof = tokens_per_s(b, n, prompt_tokens, output_tokens, bandwidth)
         out[f"roofline_tokens_per_s_{label}"] = roof
-        if f"tokens_per_s_{label}" in measured:
-            out[f"roofline_fraction_{label}"] = measured[f"tokens_per_s_{label}"] / roof
-    return out, {"memory_bandwidth_source": source}
+        for prefix, name in SPEED_BASES:
+            if f"{prefix}_{label}" in measured:
+                out[f"roofline_fraction_{label}"] = measured[f"{prefix}_{label}"] / roof
+                basis[label] = name
+                break
+    tags = {"memory_bandwidth_source": source}
+    if basis:
+        same = set(basis.values())
+        tags["roofline_speed_basis"] = (same.pop() if len(same) == 1
+                                        else ", ".join(f"{label}: {name}" for label, name in basis.items()))
+    return out, tags

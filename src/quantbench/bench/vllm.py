@@ -4,7 +4,7 @@ The same measurement as `vllm bench throughput --dataset-name random` (N prompts
 EOS ignored, output tokens / elapsed), made exact and repeatable: every prompt is exactly `prompt_tokens` random
 ids, every stream generates exactly `output_tokens` (greedy), warm-up first, `repeats` timed runs per stream
 count, and prefix caching off so that every repeat does its full prefill. TTFT is the time to one token for the
-same N prompts, as in the HF backend.
+same N prompts, as in the HF backend; decode-only tokens/s comes from both, by `bench.speed_metrics` as there.
 
 The engine runs in a child process (bench/_vllm_engine.py says why). Models vLLM cannot serve on this hardware are
 benchmarked by the HF backend instead, and the run says so: tags `bench_backend=hf`, `bench_fallback_reason`.
@@ -25,7 +25,7 @@ from collections import deque
 from pathlib import Path
 
 from quantbench import children
-from quantbench.bench import BenchPlan, BenchResult, hf, summarize
+from quantbench.bench import BenchPlan, BenchResult, hf, speed_metrics
 from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
 from quantbench.measure import cpu_info
 
@@ -182,9 +182,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     metrics["serve_mem_gb"] = out["gpu_mem_gb"] if device.startswith("cuda") else out["peak_rss_gb"]
     if device.startswith("cuda"):
         metrics["vllm_gpu_mem_gb"] = out["gpu_mem_gb"]
-    for r in out["runs"]:
-        metrics.update(summarize("tokens_per_s", r["streams"], r["tokens_per_s"]))
-        metrics.update(summarize("ttft_s", r["streams"], r["ttft_s"]))
+    speed, speed_tags = speed_metrics(out["runs"], plan.output_tokens)
+    metrics.update(speed)
     kernels = out["linear_kernels"]
     if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
         kernels = {f"{scheme}: {kernel} (from vLLM's log)": 1 for kernel, scheme in out["logged_kernels"]}
@@ -205,6 +204,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
                               or out["kernel_source"],
         "slow_kernel_fallback": "true" if slow else "false",
     }
+    tags.update(speed_tags)
     if knobs.disabled_kernels:
         tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
     if slow:
