@@ -95,10 +95,13 @@ def test_distribution_quality_ranks_the_baseline_4_bit_and_2_bit_apart(runs):
         assert q["quality_tokens"] == fp16["quality_tokens"]  # the same text for every run
 
 
-def test_every_artifact_was_reloaded_in_a_fresh_process_and_matched(runs):
+def test_every_finished_run_went_through_the_fresh_process_artifact_check(runs):
+    """The tag and the reload's loss are set only once the check passed, so this shows that no job skipped it;
+    whether the check catches a bad artifact is tests/test_fingerprint.py's to show."""
     for method, run in runs.items():
         assert run.data.tags["artifact_verified"] == "true", method
-        assert run.data.metrics["fingerprint_agreement"] >= 0.95, method
+        assert "fingerprint_reload_nll" in run.data.metrics, method
+    assert runs["fp16"].data.tags["quant_format"] == "safetensors-bfloat16"  # named once the dtype is known
 
 
 def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(runs, default_sweep, tmp_path):

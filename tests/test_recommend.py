@@ -81,3 +81,15 @@ def test_a_kl_ceiling_keeps_only_runs_that_stay_close_to_the_baseline(tmp_path):
     rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(max_kl_mean=1e-3))
     assert rec.choice.row.method == "gptq"  # aqlm is faster, but its distribution moved too far
     assert any("KL divergence from the baseline 0.005 > 0.001" in o for o in rec.others)
+
+
+def test_the_memory_table_shows_what_quantizing_took_beside_what_serving_takes(store, tmp_path):
+    import csv
+
+    from quantbench import report
+
+    uri, _ = store
+    assert report.main(["--tracking-uri", uri, "--out", str(tmp_path), "--no-log"]) == 0
+    with (tmp_path / "memory.csv").open() as fh:
+        gptq = next(r for r in csv.DictReader(fh) if r["method"] == "gptq")
+    assert (float(gptq["quantize_peak_mem_gb"]), float(gptq["serve_mem_gb"])) == (17.0, 8.6)

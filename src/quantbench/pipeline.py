@@ -127,6 +127,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             }
             if cached is not None:
                 metrics["cache_restore_s"] = quantize_time.seconds
+            # some methods name their format only once they know the dtype (fp16: safetensors-bfloat16)
+            tracker.set_tags({"quant_format": job.method.quant_format})
             tracker.set_tags({"cache": "off" if cache_key is None else "hit" if cached is not None else "miss",
                               "cache_key": cache_key})
             tracker.log_metrics(metrics)

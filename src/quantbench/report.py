@@ -59,7 +59,7 @@ def memory_table(sel: Selection) -> Table:
     base_disk = sel.baseline.metrics.get("disk_gb") if sel.baseline else None
     t = Table("memory", "(a) Memory footprint",
               ["Method", "Status", "Bits/weight", "Disk (GB)", f"Δ vs {sel.baseline_method}", "Weights (GB)",
-               "Serving mem (GB)", "Peak mem (GB)", "Quantize (s)", "Run"])
+               "Serving mem (GB)", "Quantize peak (GB)", "Eval peak (GB)", "Peak mem (GB)", "Quantize (s)", "Run"])
     for r in sel.rows:
         disk = r.metrics.get("disk_gb")
         delta = disk - base_disk if disk is not None and base_disk is not None else None
@@ -71,11 +71,14 @@ def memory_table(sel: Selection) -> Table:
             delta_cell = f"{delta:+.4g} GB ({100 * delta / base_disk:+.0f} %)" if base_disk else f"{delta:+.4g} GB"
         t.cells.append([r.label, _status(r), _fmt(r.metrics.get("bits_per_weight"), ".2f"), _fmt(disk, ".4g"),
                         delta_cell, _fmt(r.metrics.get("weight_gb"), ".4g"), _fmt(r.metrics.get("serve_mem_gb"), ".3g"),
+                        _fmt(r.metrics.get("quantize_peak_mem_gb"), ".3g"), _fmt(r.metrics.get("eval_peak_mem_gb"), ".3g"),
                         _fmt(r.metrics.get("peak_mem_gb"), ".3g"), _fmt(r.metrics.get("quantize_s"), ".0f"), r.short_id])
         t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
                           "failure_reason": r.failure_reason, "bits_per_weight": r.metrics.get("bits_per_weight"),
                           "disk_gb": disk, "delta_disk_gb": delta, "weight_gb": r.metrics.get("weight_gb"),
-                          "serve_mem_gb": r.metrics.get("serve_mem_gb"), "peak_mem_gb": r.metrics.get("peak_mem_gb"),
+                          "serve_mem_gb": r.metrics.get("serve_mem_gb"),
+                          "quantize_peak_mem_gb": r.metrics.get("quantize_peak_mem_gb"),
+                          "eval_peak_mem_gb": r.metrics.get("eval_peak_mem_gb"), "peak_mem_gb": r.metrics.get("peak_mem_gb"),
                           "quantize_s": r.metrics.get("quantize_s")})
     return t
 
