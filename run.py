@@ -1,20 +1,7 @@
-"""quantbench entry point: `python run.py [-m] method=awq,gptq model=tiny ...` (see `python run.py --help`)."""
+"""quantbench entry point: `python run.py [-m] method=awq,gptq model=tiny ...` (see `python run.py --help`);
+`quantbench run ...` is the same."""
 
-import os
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-os.environ.setdefault("QUANTBENCH_ROOT", str(Path(__file__).resolve().parent))
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict[str, float]:
-    from quantbench import pipeline
-
-    return pipeline.run(cfg)
-
+from quantbench.app import main
 
 if __name__ == "__main__":
     main()

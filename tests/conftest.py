@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("QUANTBENCH_CACHE", ROOT / ".cache"))
+from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
+
+CACHE = cache_root()
 
 
 @dataclass

@@ -1,0 +1,7 @@
+"""`python -m quantbench <command>`: the same as the `quantbench` console script."""
+
+import sys
+
+from quantbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""`quantbench <command>`: one command for everything `make` and `python run.py` do.
+
+    quantbench run [-m] [overrides]   quantize, measure, evaluate, benchmark, log (Hydra; the same app as run.py)
+    quantbench report [flags]         the seed's tables, quality groups and Pareto plot of a sweep
+    quantbench register [overrides]   the policy's winner into the MLflow Model Registry (conf/policy/)
+    quantbench recommend [flags]      which method, from measured data
+    quantbench ui [--port N]          the MLflow UI over mlruns/ on 127.0.0.1
+
+`quantbench <command> --help` shows each command's own options.
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "run": "quantize, measure, evaluate, benchmark and log one job or a multirun (Hydra overrides; -m for a sweep)",
+    "report": "the seed's tables, the quality groups and the Pareto plot of a sweep, logged as a summary run",
+    "register": "register the sweep's best run per conf/policy/default.yaml (key=value overrides)",
+    "recommend": "which method fits your constraints, from measured data",
+    "ui": "the MLflow UI over the local store (mlruns/) on http://127.0.0.1:5000",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: quantbench <command> [args]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`quantbench <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def ui(argv: list[str]) -> int:
+    import argparse
+    import subprocess
+
+    from quantbench.paths import ROOT
+
+    p = argparse.ArgumentParser(prog="quantbench ui", description=COMMANDS["ui"])
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="the store's folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                            f"sqlite:///{args.mlruns}/mlflow.db", "--default-artifact-root", f"{args.mlruns}/artifacts",
+                            "--host", "127.0.0.1", "--port", str(args.port)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from quantbench import app
+
+        sys.argv = ["quantbench run", *rest]  # Hydra reads its overrides from sys.argv
+        app.main()
+        return 0
+    if command == "report":
+        from quantbench import report
+
+        return report.main(rest)
+    if command == "register":
+        from quantbench import registry
+
+        return registry.main(rest)
+    if command == "recommend":
+        from quantbench import recommend
+
+        return recommend.main(rest)
+    if command == "ui":
+        return ui(rest)
+    print(f"quantbench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
