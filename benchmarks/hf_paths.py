@@ -28,8 +28,11 @@ from quantbench.fixtures import random_shape
 
 log = logging.getLogger("benchmarks.hf_paths")
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = {"dynamic": {"cache": "dynamic", "compile": "never"}, "static": {"cache": "static", "compile": "never"},
-         "static+compile": {"cache": "static", "compile": "auto"}}
+PATHS = {
+    "dynamic": {"cache": "dynamic", "compile": "never"},
+    "static": {"cache": "static", "compile": "never"},
+    "static+compile": {"cache": "static", "compile": "auto"},
+}
 SHAPES = random_shape.SHAPES  # config.json fields of the architectures the seed uses
 
 
@@ -57,9 +60,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--output-tokens", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bnb-nf4", action="store_true",
-                        help="benchmark the model quantized on load with bitsandbytes NF4 + double quantization "
-                             "(method=bnb_nf4's settings), saved first so that the roofline counts its bytes")
+    parser.add_argument(
+        "--bnb-nf4",
+        action="store_true",
+        help="benchmark the model quantized on load with bitsandbytes NF4 + double quantization "
+        "(method=bnb_nf4's settings), saved first so that the roofline counts its bytes",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
     if args.random_shape and not args.tokenizer_dir:
@@ -83,42 +89,65 @@ def main() -> None:
         from transformers import BitsAndBytesConfig
 
         del model
-        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=hardware.device,
-                                                     quantization_config=nf4)
+        nf4 = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map=hardware.device, quantization_config=nf4
+        )
         model_dir = Path(scratch.name) / "bnb_nf4"
         model.save_pretrained(model_dir)
     device_name = torch.cuda.get_device_name() if hardware.device.startswith("cuda") else "cpu"
 
     rows = []
     for name in args.paths.split(","):
-        cfg = OmegaConf.create({"backend": "hf", "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-                                "streams": [int(s) for s in args.streams.split(",")], "warmup": 1,
-                                "repeats": args.repeats, "hf": PATHS[name]})
+        cfg = OmegaConf.create(
+            {
+                "backend": "hf",
+                "prompt_tokens": args.prompt_tokens,
+                "output_tokens": args.output_tokens,
+                "streams": [int(s) for s in args.streams.split(",")],
+                "warmup": 1,
+                "repeats": args.repeats,
+                "hf": PATHS[name],
+            }
+        )
         plan = bench.plan(cfg)
         result = bench.run(plan, model, tokenizer, model_dir, hardware)
         m = result.metrics
         for n in plan.streams:
             label = bench.stream_label(n)
-            rows.append({"path": name, "streams": n, "tokens_per_s": m[f"tokens_per_s_{label}"],
-                         "min": m[f"tokens_per_s_{label}_min"], "max": m[f"tokens_per_s_{label}_max"],
-                         "decode_tokens_per_s": m.get(f"decode_tokens_per_s_{label}"),
-                         "ttft_s": m[f"ttft_s_{label}"], "roofline": m.get(f"roofline_tokens_per_s_{label}"),
-                         "fraction": m.get(f"roofline_fraction_{label}"), "bench_path": result.tags["bench_path"]})
+            rows.append(
+                {
+                    "path": name,
+                    "streams": n,
+                    "tokens_per_s": m[f"tokens_per_s_{label}"],
+                    "min": m[f"tokens_per_s_{label}_min"],
+                    "max": m[f"tokens_per_s_{label}_max"],
+                    "decode_tokens_per_s": m.get(f"decode_tokens_per_s_{label}"),
+                    "ttft_s": m[f"ttft_s_{label}"],
+                    "roofline": m.get(f"roofline_tokens_per_s_{label}"),
+                    "fraction": m.get(f"roofline_fraction_{label}"),
+                    "bench_path": result.tags["bench_path"],
+                }
+            )
 
     title = f"{args.model_dir or args.random_shape}{' (bnb NF4)' if args.bnb_nf4 else ''}"
-    print(f"\nhf backend paths on {title} ({device_name}, {hardware.dtype}, "
-          f"bandwidth {hardware.memory_bandwidth_gbs or 'measured'} GB/s), {args.prompt_tokens} prompt / "
-          f"{args.output_tokens} generated tokens, median of {args.repeats} [min-max]:")
+    print(
+        f"\nhf backend paths on {title} ({device_name}, {hardware.dtype}, "
+        f"bandwidth {hardware.memory_bandwidth_gbs or 'measured'} GB/s), {args.prompt_tokens} prompt / "
+        f"{args.output_tokens} generated tokens, median of {args.repeats} [min-max]:"
+    )
     print("| path | streams | tokens/s | decode tokens/s | roofline | fraction (decode-only) | TTFT s | what ran |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         decode = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
         roof = f"{r['roofline']:.0f}" if r["roofline"] else "-"
         frac = f"{r['fraction']:.2f}" if r["fraction"] else "-"
-        print(f"| {r['path']} | {r['streams']} | {r['tokens_per_s']:.1f} [{r['min']:.1f}-{r['max']:.1f}] | {decode} | "
-              f"{roof} | {frac} | {r['ttft_s']:.3f} | {r['bench_path']} |")
+        print(
+            f"| {r['path']} | {r['streams']} | {r['tokens_per_s']:.1f} [{r['min']:.1f}-{r['max']:.1f}] | {decode} | "
+            f"{roof} | {frac} | {r['ttft_s']:.3f} | {r['bench_path']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "rows": rows}, indent=1))
 

@@ -28,8 +28,18 @@ TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
 
 def run_sweep(methods: str, backends: str, mlruns: Path, extra: list[str]) -> str:
     """`python run.py -m method=<methods> bench.backend=<backends> eval=none` into `mlruns`; returns its store URI."""
-    cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"method={methods}", f"bench.backend={backends}", "eval=none",
-           "tracking.log_model=false", f"paths.mlruns={mlruns}", f"hydra.sweep.dir={mlruns}/multirun", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        f"method={methods}",
+        f"bench.backend={backends}",
+        "eval=none",
+        "tracking.log_model=false",
+        f"paths.mlruns={mlruns}",
+        f"hydra.sweep.dir={mlruns}/multirun",
+        *extra,
+    ]
     log.info("Running %s", " ".join(cmd))
     subprocess.run(cmd, check=True, cwd=ROOT)
     return f"sqlite:///{mlruns}/mlflow.db"
@@ -42,8 +52,9 @@ def rows(uri: str, experiment: str) -> list[dict[str, str]]:
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in {uri}")
     out = []
-    for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time ASC"]):
+    for run in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    ):
         m, t = run.data.metrics, run.data.tags
         backend = t.get("bench_backend", "?")
         if t.get("bench_fallback_reason"):
@@ -53,17 +64,26 @@ def rows(uri: str, experiment: str) -> list[dict[str, str]]:
             kernel += "  [SLOW FALLBACK]"
         for key in sorted((k for k in m if TPS.match(k)), key=lambda k: int(TPS.match(k)["n"])):
             label = key.removeprefix("tokens_per_s_")
-            out.append({
-                "method": t.get("method", "?"), "backend": backend, "streams": TPS.match(key)["n"],
-                "tokens/s": f"{m[key]:.1f} [{m.get(key + '_min', float('nan')):.1f}-{m.get(key + '_max', float('nan')):.1f}]",
-                "decode tokens/s": f"{m['decode_' + key]:.1f}" if "decode_" + key in m else "-",
-                "roofline": f"{m['roofline_tokens_per_s_' + label]:.1f}" if "roofline_tokens_per_s_" + label in m else "-",
-                "fraction": f"{m['roofline_fraction_' + label]:.3f} ({t.get('roofline_speed_basis', '?')})"
-                            if "roofline_fraction_" + label in m else "-",
-                "GB/s": f"{m['memory_bandwidth_gbs']:.1f} {t.get('memory_bandwidth_source', '')}"
-                        if "memory_bandwidth_gbs" in m else "-",
-                "kernel": kernel, "run": run.info.run_id[:8],
-            })
+            out.append(
+                {
+                    "method": t.get("method", "?"),
+                    "backend": backend,
+                    "streams": TPS.match(key)["n"],
+                    "tokens/s": f"{m[key]:.1f} [{m.get(key + '_min', float('nan')):.1f}-{m.get(key + '_max', float('nan')):.1f}]",
+                    "decode tokens/s": f"{m['decode_' + key]:.1f}" if "decode_" + key in m else "-",
+                    "roofline": f"{m['roofline_tokens_per_s_' + label]:.1f}"
+                    if "roofline_tokens_per_s_" + label in m
+                    else "-",
+                    "fraction": f"{m['roofline_fraction_' + label]:.3f} ({t.get('roofline_speed_basis', '?')})"
+                    if "roofline_fraction_" + label in m
+                    else "-",
+                    "GB/s": f"{m['memory_bandwidth_gbs']:.1f} {t.get('memory_bandwidth_source', '')}"
+                    if "memory_bandwidth_gbs" in m
+                    else "-",
+                    "kernel": kernel,
+                    "run": run.info.run_id[:8],
+                }
+            )
     return out
 
 
@@ -88,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     uri = args.store
     if args.run:
-        uri = run_sweep(args.methods, args.backends, Path(tempfile.mkdtemp(prefix="quantbench-throughput-")),
-                        args.overrides)
+        uri = run_sweep(
+            args.methods, args.backends, Path(tempfile.mkdtemp(prefix="quantbench-throughput-")), args.overrides
+        )
     sys.stdout.write(table(rows(uri, args.experiment)))
     return 0
 

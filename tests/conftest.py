@@ -41,9 +41,15 @@ class Store:
 
 def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, check: bool = True) -> Store:
     """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`."""
-    cmd = [sys.executable, str(ROOT / "run.py"), *overrides, f"paths.mlruns={mlruns}",
-           f"hydra.sweep.dir={workdir}/multirun", f"hydra.run.dir={workdir}/outputs",
-           f"quantized_cache.dir={workdir}/quantized"]  # per test: a test that quantizes really quantizes
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *overrides,
+        f"paths.mlruns={mlruns}",
+        f"hydra.sweep.dir={workdir}/multirun",
+        f"hydra.run.dir={workdir}/outputs",
+        f"quantized_cache.dir={workdir}/quantized",
+    ]  # per test: a test that quantizes really quantizes
     env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
     result.stdout = result.stdout + result.stderr

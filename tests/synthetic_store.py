@@ -35,14 +35,34 @@ def correctness(n: int, n_correct: int, flips_down: int = 0, flips_up: int = 0) 
     return acc
 
 
-def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1",
-            samples: dict[str, list[int]] | None = None, metrics: dict[str, float] | None = None,
-            tags: dict[str, str] | None = None, status: str = "FINISHED", failure_reason: str | None = None,
-            model_dir: Path | None = None, job_num: int = 0, sweep_dir: Path | None = None,
-            tasks: list[str] | None = None, quality_windows: dict[str, list[float]] | None = None) -> str:
+def log_run(
+    client: MlflowClient,
+    exp_id: str,
+    method: str,
+    *,
+    sweep: str = "s1",
+    samples: dict[str, list[int]] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    status: str = "FINISHED",
+    failure_reason: str | None = None,
+    model_dir: Path | None = None,
+    job_num: int = 0,
+    sweep_dir: Path | None = None,
+    tasks: list[str] | None = None,
+    quality_windows: dict[str, list[float]] | None = None,
+) -> str:
     """One run shaped like pipeline.run's: tags, params, accuracy metrics + stderr from `samples`, samples.json."""
-    run_tags = {"method": method, "model": "tiny", "eval": "tiny", "hardware": "cpu", "sweep_id": sweep,
-                "job_num": str(job_num), "quant_library": "transformers", **(tags or {})}
+    run_tags = {
+        "method": method,
+        "model": "tiny",
+        "eval": "tiny",
+        "hardware": "cpu",
+        "sweep_id": sweep,
+        "job_num": str(job_num),
+        "quant_library": "transformers",
+        **(tags or {}),
+    }
     if sweep_dir is not None:
         run_tags["sweep_dir"] = str(sweep_dir)
     if failure_reason:
@@ -61,8 +81,11 @@ def log_run(client: MlflowClient, exp_id: str, method: str, *, sweep: str = "s1"
     for key, value in values.items():
         client.log_metric(rid, key, value)
     if samples:
-        client.log_dict(rid, {t: [{"doc_id": i, "acc": float(a)} for i, a in enumerate(acc)]
-                              for t, acc in samples.items()}, "eval/samples.json")
+        client.log_dict(
+            rid,
+            {t: [{"doc_id": i, "acc": float(a)} for i, a in enumerate(acc)] for t, acc in samples.items()},
+            "eval/samples.json",
+        )
     if quality_windows:
         client.log_dict(rid, quality_windows, "quality/per_window.json")
     if model_dir is not None:
@@ -83,10 +106,18 @@ def tiny_model(folder: Path, seed: int = 0) -> Path:
 
     tokenizer = tiny.build_tokenizer(tiny.World.generate(tiny.TinyRecipe()))
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=64 * math.ceil(len(tokenizer) / 64),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

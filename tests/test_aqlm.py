@@ -23,11 +23,19 @@ from conftest import CACHE
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16"})
 # The search settings of conf/method/aqlm_2bit.yaml, for the tiny model's 2x8.
 YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/method/aqlm_2bit.yaml")
-SETTINGS = aq.AQSettings(num_codebooks=2, nbits_per_codebook=8, beam_size=YAML.beam_size, max_rounds=YAML.max_rounds,
-                         rel_tol=YAML.rel_tol, kmeans_iters=YAML.kmeans_iters, cg_iters=YAML.cg_iters)
+SETTINGS = aq.AQSettings(
+    num_codebooks=2,
+    nbits_per_codebook=8,
+    beam_size=YAML.beam_size,
+    max_rounds=YAML.max_rounds,
+    rel_tol=YAML.rel_tol,
+    kmeans_iters=YAML.kmeans_iters,
+    cg_iters=YAML.cg_iters,
+)
 # Cheap settings, for tests about the format rather than the quality.
-QUICK = aq.AQSettings(num_codebooks=2, nbits_per_codebook=8, beam_size=1, max_rounds=1, kmeans_iters=2, cg_iters=4,
-                      finetune_epochs=0)
+QUICK = aq.AQSettings(
+    num_codebooks=2, nbits_per_codebook=8, beam_size=1, max_rounds=1, kmeans_iters=2, cg_iters=4, finetune_epochs=0
+)
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +55,7 @@ def tiny_source(tiny_root: Path) -> SourceModel:
 
 
 # -- the algorithm ----------------------------------------------------------------------------------------------
+
 
 def rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Asymmetric min-max round-to-nearest per group of `group` input weights (float16 scale and zero each)."""
@@ -68,8 +77,10 @@ def layer0_inputs(tiny_root):
     layer = model.model.layers[0]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-               for n, m in linears.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        for n, m in linears.items()
+    ]
     with torch.no_grad():
         for x, kw in zip(inputs, kwargs):
             aq._run(layer, x, kw)
@@ -124,17 +135,25 @@ def test_our_tensors_are_what_aqlm_computes_with(num_codebooks, nbits):
     codes = torch.randint(k, (32, 8, num_codebooks), generator=g)
     packed = aq.pack_codes(codes, nbits)
     assert packed.dtype == (torch.int8 if nbits == 8 else torch.int16)
-    assert torch.equal(packed, pack_int_data(codes.clone(), nbits)) and torch.equal(aq.unpack_codes(packed, nbits), codes)
-    result = aq.AQResult(codes=codes, codebooks=torch.randn(num_codebooks, k, 8, generator=g),
-                         scales=torch.rand(32, generator=g), rel_error=0.0)
+    assert torch.equal(packed, pack_int_data(codes.clone(), nbits)) and torch.equal(
+        aq.unpack_codes(packed, nbits), codes
+    )
+    result = aq.AQResult(
+        codes=codes,
+        codebooks=torch.randn(num_codebooks, k, 8, generator=g),
+        scales=torch.rand(32, generator=g),
+        rel_error=0.0,
+    )
     ours = aq.AQLinear(result, None)
     w = ours.weight()
     o, j, b = 3, 2, 5
-    assert w[o, 8 * j + b] == pytest.approx(float(result.scales[o] * sum(
-        result.codebooks[c, codes[o, j, c], b] for c in range(num_codebooks))), rel=1e-5)
+    assert w[o, 8 * j + b] == pytest.approx(
+        float(result.scales[o] * sum(result.codebooks[c, codes[o, j, c], b] for c in range(num_codebooks))), rel=1e-5
+    )
 
-    theirs = QuantizedLinear(64, 32, in_group_size=8, out_group_size=1, num_codebooks=num_codebooks,
-                             nbits_per_codebook=nbits, bias=False)
+    theirs = QuantizedLinear(
+        64, 32, in_group_size=8, out_group_size=1, num_codebooks=num_codebooks, nbits_per_codebook=nbits, bias=False
+    )
     tensors = ours.aqlm_tensors(torch.float32, nbits)
     assert {n: t.shape for n, t in tensors.items()} == {n: t.shape for n, t in theirs.state_dict().items()}
     theirs.load_state_dict(tensors)
@@ -146,11 +165,18 @@ def test_our_tensors_are_what_aqlm_computes_with(num_codebooks, nbits):
 
 # -- configuration ------------------------------------------------------------------------------------------------
 
+
 def test_auto_codebooks_are_the_seeds_1x16_on_llama_8b_and_2x8_on_the_tiny_model(tiny_root):
     from transformers import AutoConfig, LlamaConfig
 
-    llama_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128256)
+    llama_8b = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
     shapes_8b = measure.linear_shapes_of_config(llama_8b)
     assert aqlm_2bit.choose_shape("auto", shapes_8b) == (1, 16)
     assert aqlm_2bit.codebook_bits_per_weight((1, 16), shapes_8b) == pytest.approx(0.27, abs=0.01)
@@ -189,13 +215,16 @@ def test_only_the_builtin_quantizer_asks_for_calibration():
 
 # -- the CPU kernel guard ------------------------------------------------------------------------------------------
 
+
 def _random_2x8_layer(seed: int):
     """An aqlm 2x8 layer (256 x 768, the tiny model's down_proj) and its weight dequantized by aqlm's reference code."""
     from aqlm import QuantizedLinear
     from aqlm.utils import _dequantize_weight, unpack_int_data
 
     g = torch.Generator().manual_seed(seed)
-    layer = QuantizedLinear(768, 256, in_group_size=8, out_group_size=1, num_codebooks=2, nbits_per_codebook=8, bias=False)
+    layer = QuantizedLinear(
+        768, 256, in_group_size=8, out_group_size=1, num_codebooks=2, nbits_per_codebook=8, bias=False
+    )
     layer.codes.data = torch.randint(-128, 128, (256, 96, 2), dtype=torch.int8, generator=g)
     layer.codebooks.data = torch.randn(2, 256, 1, 8, generator=g)
     layer.scales.data = torch.rand(256, 1, 1, 1, generator=g)
@@ -248,10 +277,18 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
         "print('RESULT', os.environ['NUMBA_NUM_THREADS'], numba.config.NUMBA_NUM_THREADS, torch.get_num_threads() == threads, err)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}  # defaults
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    _, child_env, pool, torch_kept, err = next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()
+    _, child_env, pool, torch_kept, err = next(
+        line for line in out.stdout.splitlines() if line.startswith("RESULT")
+    ).split()
     assert child_env == "1" and pool == "1" and float(err) < 1e-5
     assert torch_kept == "True"  # numba's OpenMP pool would have set torch to one thread too
 
@@ -259,13 +296,18 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
 def test_fix_not_to_quantize_adds_module_names_beside_weight_names():
     hub = {"quant_method": "aqlm", "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight"]}
     fixed = aqlm_2bit.fix_not_to_quantize(hub)
-    assert fixed["linear_weights_not_to_quantize"] == ["model.embed_tokens.weight", "lm_head.weight",
-                                                       "model.embed_tokens", "lm_head"]
+    assert fixed["linear_weights_not_to_quantize"] == [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.embed_tokens",
+        "lm_head",
+    ]
     assert aqlm_2bit.fix_not_to_quantize(fixed) == fixed
     assert hub["linear_weights_not_to_quantize"] == ["model.embed_tokens.weight", "lm_head.weight"]  # not mutated
 
 
 # -- checkpoints: ours, the hub's form, resuming ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def quick_checkpoint(tiny_root, tmp_path_factory) -> Path:
@@ -281,14 +323,21 @@ def quick_checkpoint(tiny_root, tmp_path_factory) -> Path:
     return root / "model"
 
 
-def test_our_checkpoint_loads_through_transformers_aqlm_path_with_no_missing_or_unexpected_keys(quick_checkpoint, tiny_root):
+def test_our_checkpoint_loads_through_transformers_aqlm_path_with_no_missing_or_unexpected_keys(
+    quick_checkpoint, tiny_root
+):
     from aqlm import QuantizedLinear
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((quick_checkpoint / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "aqlm", "in_group_size": 8, "out_group_size": 1,
-                                             "num_codebooks": 2, "nbits_per_codebook": 8,
-                                             "linear_weights_not_to_quantize": ["lm_head"]}
+    assert config["quantization_config"] == {
+        "quant_method": "aqlm",
+        "in_group_size": 8,
+        "out_group_size": 1,
+        "num_codebooks": 2,
+        "nbits_per_codebook": 8,
+        "linear_weights_not_to_quantize": ["lm_head"],
+    }
     index = measure.safetensors_index(quick_checkpoint)
     assert index["model.layers.0.mlp.down_proj.codes"][:2] == ("I8", [256, 96, 2])
     assert index["model.layers.0.mlp.down_proj.codebooks"][:2] == ("F16", [2, 256, 1, 8])
@@ -345,8 +394,12 @@ def test_a_hub_form_checkpoint_loads_and_generates(quick_checkpoint, tiny_root, 
     assert not method.needs_calibration and method.quant_format == "aqlm-2x8"
     model = method.quantize(source, tmp_path / "out", CPU)
     assert type(model.lm_head) is torch.nn.Linear and model.dtype == torch.float32
-    assert "lm_head" in json.loads((tmp_path / "out/config.json").read_text())["quantization_config"][
-        "linear_weights_not_to_quantize"]  # the copied artifact reloads correctly with plain transformers too
+    assert (
+        "lm_head"
+        in json.loads((tmp_path / "out/config.json").read_text())["quantization_config"][
+            "linear_weights_not_to_quantize"
+        ]
+    )  # the copied artifact reloads correctly with plain transformers too
     tokenizer = source.tokenizer()
     ids = tokenizer("Q: What is 2 plus 3? A:", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -355,7 +408,9 @@ def test_a_hub_form_checkpoint_loads_and_generates(quick_checkpoint, tiny_root, 
     assert out.shape[1] == ids.shape[1] + 3
 
 
-def test_an_interrupted_quantization_resumes_after_the_last_finished_layer(quick_checkpoint, tiny_root, tmp_path, monkeypatch):
+def test_an_interrupted_quantization_resumes_after_the_last_finished_layer(
+    quick_checkpoint, tiny_root, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = quick_checkpoint.parent / "work"
@@ -365,18 +420,24 @@ def test_an_interrupted_quantization_resumes_after_the_last_finished_layer(quick
     real = aq.quantize_weight
     monkeypatch.setattr(aq, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "model", dtype=torch.bfloat16)
-    aq.quantize_model(model, AutoTokenizer.from_pretrained(tiny_root / "model"), tiny_texts(16), QUICK, 64, "cpu", work, "tiny")
+    aq.quantize_model(
+        model, AutoTokenizer.from_pretrained(tiny_root / "model"), tiny_texts(16), QUICK, 64, "cpu", work, "tiny"
+    )
     assert len(calls) == 7  # only the last layer's linears were quantized again
     aq.write_checkpoint(model, QUICK, tmp_path / "resumed", weights_dtype=torch.bfloat16)
     from safetensors.torch import load_file
 
-    first, resumed = load_file(quick_checkpoint / "model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    first, resumed = (
+        load_file(quick_checkpoint / "model.safetensors"),
+        load_file(tmp_path / "resumed/model.safetensors"),
+    )
     assert first.keys() == resumed.keys()
     for k in first:
         torch.testing.assert_close(first[k], resumed[k], msg=k)
 
 
 # -- one real job ----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def aqlm_job(default_sweep):
@@ -412,8 +473,9 @@ def test_the_aqlm_artifact_reloads_and_generates_with_plain_transformers(aqlm_jo
 
     runs, store = aqlm_job
     mlflow.set_tracking_uri(store.uri)
-    local = mlflow.artifacts.download_artifacts(run_id=runs["aqlm_2bit"].info.run_id, artifact_path="model",
-                                                dst_path=str(tmp_path))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=runs["aqlm_2bit"].info.run_id, artifact_path="model", dst_path=str(tmp_path)
+    )
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -423,7 +485,12 @@ def test_the_aqlm_artifact_reloads_and_generates_with_plain_transformers(aqlm_jo
         "out = m.generate(ids, max_new_tokens=2, do_sample=False)\n"
         "print('GENERATED', t.decode(out[0, ids.shape[1]:]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, local], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", script, local],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NUMBA_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "GENERATED" in out.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from conftest import ROOT, run_cli
 from quantbench import bench, models, pipeline
@@ -17,12 +16,15 @@ def cfg_with(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("bench.streams=[0,8]", "bench.streams=[0, 8]"),
-    ("bench.prompt_tokens=-5", "bench.prompt_tokens=-5"),
-    ("bench.output_tokens=0", "bench.output_tokens=0"),
-    ("bench.backend=tensorrt", "'tensorrt'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("bench.streams=[0,8]", "bench.streams=[0, 8]"),
+        ("bench.prompt_tokens=-5", "bench.prompt_tokens=-5"),
+        ("bench.output_tokens=0", "bench.output_tokens=0"),
+        ("bench.backend=tensorrt", "'tensorrt'"),
+    ],
+)
 def test_nonsensical_bench_values_are_named(override, needle):
     with pytest.raises(ConfigError, match=None) as err:
         bench.plan(cfg_with(override).bench)
@@ -68,8 +70,16 @@ def test_unknown_method_lists_the_valid_choices(tmp_path):
 
 @pytest.mark.e2e
 def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, tiny_root):
-    store = run_cli("-m", "model.pretrained=/no/such/model,embedded:tiny", "method=fp16", "eval=none", "bench=none",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path, check=False)
+    store = run_cli(
+        "-m",
+        "model.pretrained=/no/such/model,embedded:tiny",
+        "method=fp16",
+        "eval=none",
+        "bench=none",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+        check=False,
+    )
     assert store.result.returncode != 0
     assert "/no/such/model" in store.result.stdout
     failed, finished = store.runs()
@@ -89,13 +99,16 @@ def _hub_error(cls, status: int, **kw):
     return cls(f"{status} error", response=httpx.Response(status, request=request), **kw)
 
 
-@pytest.mark.parametrize("error, needle", [
-    ("gated", "is gated: accept its licence"),
-    ("missing", "there is no model 'org/m' on the hub, or it is private"),
-    ("revision", "has no revision 'v9'"),
-    ("credential", "refused the credential for 'org/m' (HTTP 401)"),
-    ("unreachable", "the hub cannot be reached for 'org/m' (ConnectError"),
-])
+@pytest.mark.parametrize(
+    "error, needle",
+    [
+        ("gated", "is gated: accept its licence"),
+        ("missing", "there is no model 'org/m' on the hub, or it is private"),
+        ("revision", "has no revision 'v9'"),
+        ("credential", "refused the credential for 'org/m' (HTTP 401)"),
+        ("unreachable", "the hub cannot be reached for 'org/m' (ConnectError"),
+    ],
+)
 def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, error, needle):
     """The hub's answers (a faked seam: no network here), each turned into the reason a user can act on."""
     import httpx
@@ -104,9 +117,13 @@ def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, e
 
     from quantbench import models
 
-    raised = {"gated": _hub_error(GatedRepoError, 403), "missing": _hub_error(RepositoryNotFoundError, 404),
-              "revision": _hub_error(RevisionNotFoundError, 404), "credential": _hub_error(HfHubHTTPError, 401),
-              "unreachable": httpx.ConnectError("[Errno 101] Network is unreachable")}[error]
+    raised = {
+        "gated": _hub_error(GatedRepoError, 403),
+        "missing": _hub_error(RepositoryNotFoundError, 404),
+        "revision": _hub_error(RevisionNotFoundError, 404),
+        "credential": _hub_error(HfHubHTTPError, 401),
+        "unreachable": httpx.ConnectError("[Errno 101] Network is unreachable"),
+    }[error]
 
     def repo_info(self, repo_id, **kw):
         raise raised

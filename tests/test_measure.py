@@ -11,12 +11,15 @@ from quantbench import measure
 def test_bits_per_weight_counts_every_tensor_of_a_quantized_layer(tmp_path):
     # a 4-bit layer of 256x512 with group size 128: packed int32 weights + fp16 scales + packed zeros
     out_f, in_f, group = 256, 512, 128
-    save_file({
-        "layer.qweight": torch.zeros(in_f // 8, out_f, dtype=torch.int32),
-        "layer.scales": torch.zeros(in_f // group, out_f, dtype=torch.float16),
-        "layer.qzeros": torch.zeros(in_f // group, out_f // 8, dtype=torch.int32),
-        "other.weight": torch.zeros(1000, dtype=torch.float32),  # not a quantized layer: not counted
-    }, tmp_path / "model.safetensors")
+    save_file(
+        {
+            "layer.qweight": torch.zeros(in_f // 8, out_f, dtype=torch.int32),
+            "layer.scales": torch.zeros(in_f // group, out_f, dtype=torch.float16),
+            "layer.qzeros": torch.zeros(in_f // group, out_f // 8, dtype=torch.int32),
+            "other.weight": torch.zeros(1000, dtype=torch.float32),  # not a quantized layer: not counted
+        },
+        tmp_path / "model.safetensors",
+    )
     bpw = measure.bits_per_weight(tmp_path, {"layer": (out_f, in_f)})
     assert bpw == 4 + 16 / group + 4 / group
 
@@ -61,8 +64,10 @@ def test_linear_shapes_skip_the_output_head():
 
 def test_cpu_model_and_flags_come_from_the_first_cpu_listed(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
-                       "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n"
+    )
     assert measure.cpu_info(cpuinfo) == ("AMD EPYC 7B13", {"fpu", "avx2", "fma"})
     assert measure.cpu_info(tmp_path / "absent") == ("unknown", set())
 

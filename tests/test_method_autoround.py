@@ -34,15 +34,18 @@ def method(**knobs) -> AutoRoundSym:
 # --- validation: cheap, before weights load ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("knobs,needles", [
-    (dict(group_size=100), ["group_size=100", "hidden_size=256", "intermediate_size=768", "128"]),
-    (dict(group_size=0), ["group_size=0", "-1"]),
-    (dict(bits=5), ["bits=5", "2, 3, 4, 8"]),
-    (dict(bits=8, export_format="auto_awq"), ["bits=8", "auto_awq", "4 bits"]),
-    (dict(export_format="gguf"), ["'gguf'", "auto_round", "auto_gptq", "llm_compressor", "auto_awq"]),
-    (dict(iters=-1), ["iters=-1", ">= 0"]),
-    (dict(seqlen=4096), ["seqlen=4096", "max_position_embeddings=512"]),
-])
+@pytest.mark.parametrize(
+    "knobs,needles",
+    [
+        (dict(group_size=100), ["group_size=100", "hidden_size=256", "intermediate_size=768", "128"]),
+        (dict(group_size=0), ["group_size=0", "-1"]),
+        (dict(bits=5), ["bits=5", "2, 3, 4, 8"]),
+        (dict(bits=8, export_format="auto_awq"), ["bits=8", "auto_awq", "4 bits"]),
+        (dict(export_format="gguf"), ["'gguf'", "auto_round", "auto_gptq", "llm_compressor", "auto_awq"]),
+        (dict(iters=-1), ["iters=-1", ">= 0"]),
+        (dict(seqlen=4096), ["seqlen=4096", "max_position_embeddings=512"]),
+    ],
+)
 def test_bad_settings_are_refused_by_name(source, knobs, needles):
     with pytest.raises(ConfigError) as err:
         method(**knobs).validate(source.config(), CPU)
@@ -98,8 +101,12 @@ def quantized(source, tmp_path_factory):
 
 
 def _process_state() -> dict:
-    return {"env": dict(os.environ), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "precision": torch._tensor_str.PRINT_OPTS.precision, "rng": torch.get_rng_state()}
+    return {
+        "env": dict(os.environ),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "precision": torch._tensor_str.PRINT_OPTS.precision,
+        "rng": torch.get_rng_state(),
+    }
 
 
 @pytest.mark.e2e
@@ -136,8 +143,13 @@ def test_saved_folder_reloads_in_a_fresh_process_and_matches_the_evaluated_model
         "print('DIFF', diff)\n"
         "print('GENERATED', out.shape[1] - ref['ids'].shape[1])\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "expected.pt")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0].isupper())
     assert lines["KERNEL"] != "Linear"  # packed 4-bit layers, not dequantized nn.Linear
@@ -183,8 +195,15 @@ def test_auto_gptq_export_is_evaluated_from_its_saved_folder(source, tmp_path):
 
 @pytest.mark.e2e
 def test_a_cli_job_logs_auto_round_tags_and_4_bit_weights(tiny_root, tmp_path):
-    store = run_cli("method=autoround_sym", "method.iters=2", "method.nsamples=16", "eval=none", "bench=none",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    store = run_cli(
+        "method=autoround_sym",
+        "method.iters=2",
+        "method.nsamples=16",
+        "eval=none",
+        "bench=none",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+    )
     (run,) = store.runs()
     assert run.info.status == "FINISHED"
     assert run.data.tags["quant_library"] == "auto-round" and run.data.tags["quant_format"] == "auto-round"

@@ -47,11 +47,17 @@ def source(tiny_root) -> SourceModel:
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("override,needles", [
-    ("method.group_size=96", ["group_size=96", "hidden_size=256", "intermediate_size=768", "[-1, 16, 32, 64, 128, 256]"]),
-    ("method.group_size=0", ["group_size=0", "-1"]),
-    ("method.bits=5", ["bits=5", "supports"]),
-])
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        (
+            "method.group_size=96",
+            ["group_size=96", "hidden_size=256", "intermediate_size=768", "[-1, 16, 32, 64, 128, 256]"],
+        ),
+        ("method.group_size=0", ["group_size=0", "-1"]),
+        ("method.bits=5", ["bits=5", "supports"]),
+    ],
+)
 def test_bad_settings_are_refused_by_name(source, name, override, needles):
     with pytest.raises(ConfigError) as err:
         method_from_yaml(name, override).validate(source.config(), CPU)
@@ -59,10 +65,20 @@ def test_bad_settings_are_refused_by_name(source, name, override, needles):
         assert needle in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("name,bits,ok", [
-    ("awq", 4, True), ("awq", 8, True), ("awq", 3, False), ("awq", 2, False),
-    ("gptq", 2, True), ("gptq", 3, True), ("gptq", 4, True), ("gptq", 8, True), ("gptq", 6, False),
-])
+@pytest.mark.parametrize(
+    "name,bits,ok",
+    [
+        ("awq", 4, True),
+        ("awq", 8, True),
+        ("awq", 3, False),
+        ("awq", 2, False),
+        ("gptq", 2, True),
+        ("gptq", 3, True),
+        ("gptq", 4, True),
+        ("gptq", 8, True),
+        ("gptq", 6, False),
+    ],
+)
 def test_supported_bit_widths(source, name, bits, ok):
     m = method_from_yaml(name, f"method.bits={bits}")
     if ok:
@@ -91,8 +107,9 @@ def test_bad_group_size_fails_in_prepare_before_any_weights_load(tiny_root):
         pipeline.prepare(cfg)
 
 
-@pytest.mark.parametrize("name,library,fmt", [("awq", "llmcompressor", "compressed-tensors"),
-                                              ("gptq", "gptqmodel", "gptq")])
+@pytest.mark.parametrize(
+    "name,library,fmt", [("awq", "llmcompressor", "compressed-tensors"), ("gptq", "gptqmodel", "gptq")]
+)
 def test_the_yaml_defaults_are_the_seeds_and_name_library_and_format(source, name, library, fmt):
     m = method_from_yaml(name)
     m.validate(source.config(), CPU)
@@ -117,8 +134,9 @@ def environ_before() -> dict[str, str]:
 def artifacts(source, environ_before, tmp_path_factory) -> dict[str, dict]:
     """awq, gptq, then rtn, in this process, with 16 calibration texts (rtn ignores them): the saved folder and the
     in-memory logits."""
-    texts = calibration.texts(OmegaConf.create(dict(dataset="embedded:tiny", num_samples=16, seq_len=128, seed=0)),
-                              CACHE)
+    texts = calibration.texts(
+        OmegaConf.create(dict(dataset="embedded:tiny", num_samples=16, seq_len=128, seed=0)), CACHE
+    )
     ids = source.tokenizer()(PROMPT, return_tensors="pt").input_ids
     built = {}
     for name in METHODS:
@@ -129,7 +147,12 @@ def artifacts(source, environ_before, tmp_path_factory) -> dict[str, dict]:
         with torch.inference_mode():
             logits = model(input_ids=ids).logits.float()
         kernel = type(dict(model.named_modules())["model.layers.0.mlp.down_proj"])
-        built[name] = {"folder": folder, "logits": logits, "ids": ids, "kernel": f"{kernel.__module__}.{kernel.__name__}"}
+        built[name] = {
+            "folder": folder,
+            "logits": logits,
+            "ids": ids,
+            "kernel": f"{kernel.__module__}.{kernel.__name__}",
+        }
         del model
     return built
 
@@ -148,8 +171,13 @@ def reload_in_fresh_process(folder: Path, ids: torch.Tensor) -> dict:
         " 'dtype': str(m.dtype)}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script, str(folder), json.dumps(ids.tolist())],
-                         capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(folder), json.dumps(ids.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, f"{folder} does not reload with transformers:\n{out.stderr[-3000:]}"
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -174,8 +202,13 @@ def test_saved_linear_weights_are_really_4_bit(artifacts, source, name):
         assert (qcfg["quant_method"], qcfg["format"]) == ("compressed-tensors", "pack-quantized")
         assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, name == "rtn")
     else:
-        assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == \
-            ("gptq", 4, 128, True, False)
+        assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (
+            "gptq",
+            4,
+            128,
+            True,
+            False,
+        )
 
 
 @pytest.mark.e2e
@@ -196,8 +229,10 @@ def test_the_evaluated_models_run_int4_kernels_or_the_dequantized_artifact(artif
     assert artifacts["gptq"]["kernel"].startswith("gptqmodel.nn_modules.qlinear.")
     # transformers decompresses compressed-tensors INT4 to the compute dtype on CPU: a plain Linear is expected.
     for name in ("awq", "rtn"):
-        assert artifacts[name]["kernel"] in ("torch.nn.modules.linear.Linear",
-                                             "compressed_tensors.linear.compressed_linear.CompressedLinear")
+        assert artifacts[name]["kernel"] in (
+            "torch.nn.modules.linear.Linear",
+            "compressed_tensors.linear.compressed_linear.CompressedLinear",
+        )
 
 
 def test_rtn_is_the_uncalibrated_baseline_in_the_same_format_as_awq(source):
@@ -217,15 +252,19 @@ def test_the_libraries_leave_the_process_as_they_found_it(artifacts, environ_bef
     from quantbench.methods._upstream_fixes import _skip_pin_memory
 
     now = dict(os.environ)
-    changed = {k: (environ_before.get(k), now.get(k)) for k in set(now) | set(environ_before)
-               if k != "PYTEST_CURRENT_TEST" and now.get(k) != environ_before.get(k)}
+    changed = {
+        k: (environ_before.get(k), now.get(k))
+        for k in set(now) | set(environ_before)
+        if k != "PYTEST_CURRENT_TEST" and now.get(k) != environ_before.get(k)
+    }
     assert not changed, f"quantizing changed the environment: {changed}"
     assert IntermediatesCache.pin_memory is not _skip_pin_memory
     assert active_session().state.model is None  # the last job's model is not kept alive
 
     # A second awq job in the same process, after gptq ran, writes the same weights as the first.
-    texts = calibration.texts(OmegaConf.create(dict(dataset="embedded:tiny", num_samples=16, seq_len=128, seed=0)),
-                              CACHE)
+    texts = calibration.texts(
+        OmegaConf.create(dict(dataset="embedded:tiny", num_samples=16, seq_len=128, seed=0)), CACHE
+    )
     again = tmp_path / "model"
     method_from_yaml("awq").quantize(source, again, CPU, texts)
     from safetensors.torch import load_file

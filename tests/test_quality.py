@@ -53,8 +53,9 @@ def test_per_window_figures_are_what_the_report_resamples(tmp_path):
     kl = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     assert w["kl_mean"] == pytest.approx([kl, kl], rel=1e-5)
     # window 1 predicts targets (1, 0, 1), window 2 (1, 0, 0)
-    assert w["nll_mean"] == pytest.approx([-(2 * math.log(0.1) + math.log(0.9)) / 3,
-                                           -(math.log(0.1) + 2 * math.log(0.9)) / 3], rel=1e-5)
+    assert w["nll_mean"] == pytest.approx(
+        [-(2 * math.log(0.1) + math.log(0.9)) / 3, -(math.log(0.1) + 2 * math.log(0.9)) / 3], rel=1e-5
+    )
     assert w["top1_agreement"] == [1.0, 1.0]
 
 
@@ -87,11 +88,14 @@ def test_the_embedded_held_out_text_never_asks_an_evaluated_question(tiny_root):
     assert torch.equal(ids, quality.windows(tok, plan(num_tokens=512, seq_len=64)))  # fixed text, fixed tokens
 
 
-@pytest.mark.parametrize("override,needle", [
-    ({"dataset": "my/corpus"}, "quality.dataset='my/corpus'"),
-    ({"seq_len": 4}, "seq_len=4"),
-    ({"num_tokens": 8}, "num_tokens=8"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ({"dataset": "my/corpus"}, "quality.dataset='my/corpus'"),
+        ({"seq_len": 4}, "seq_len=4"),
+        ({"num_tokens": 8}, "num_tokens=8"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
         plan(**override)

@@ -15,10 +15,12 @@ from quantbench.models import SourceModel
 
 
 def job_cfg(tmp_path, **changes):
-    cfg = {"paths": {"cache": str(tmp_path / "cache")},
-           "method": {"_target_": "quantbench.methods.rtn.RTN", "name": "rtn", "bits": 4, "group_size": 128},
-           "calibration": {"dataset": "embedded:tiny", "num_samples": 64, "seq_len": 128, "seed": 0},
-           "hardware": {"dtype": "bfloat16", "device": "cpu"}}
+    cfg = {
+        "paths": {"cache": str(tmp_path / "cache")},
+        "method": {"_target_": "quantbench.methods.rtn.RTN", "name": "rtn", "bits": 4, "group_size": 128},
+        "calibration": {"dataset": "embedded:tiny", "num_samples": 64, "seq_len": 128, "seed": 0},
+        "hardware": {"dtype": "bfloat16", "device": "cpu"},
+    }
     return OmegaConf.merge(cfg, changes)
 
 

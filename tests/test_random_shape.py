@@ -11,8 +11,15 @@ from quantbench import models
 from quantbench.errors import ConfigError
 from quantbench.fixtures import random_shape
 
-SMALL = dict(random_shape.SHAPES["llama-3.1-8b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+SMALL = dict(
+    random_shape.SHAPES["llama-3.1-8b"],
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+)
 
 
 def test_the_8b_shape_is_llama_3_1_8b_exactly():

@@ -22,15 +22,51 @@ def store(tmp_path_factory):
     uri, client, exp = make_store(tmp_path_factory.mktemp("recommend_store") / "mlruns")
     vllm, hf = H100 | {"bench_backend": "vllm"}, H100 | {"bench_backend": "hf"}
     ids = {
-        "fp16": log_run(client, exp, "fp16", job_num=0, tags=vllm, samples={"t1": correctness(N, 300)},
-                        metrics={"disk_gb": 16.06, "quantize_peak_mem_gb": 16.1, "serve_mem_gb": 18.3,
-                                 "peak_mem_gb": 18.3, "tokens_per_s_1_stream": 153.8}),
-        "gptq": log_run(client, exp, "gptq", job_num=1, tags=vllm, samples={"t1": correctness(N, 300, 2, 2)},
-                        metrics={"disk_gb": 5.73, "quantize_peak_mem_gb": 17.0, "serve_mem_gb": 8.6,
-                                 "peak_mem_gb": 17.0, "tokens_per_s_1_stream": 260.2}),
-        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, tags=hf, samples={"t1": correctness(N, 300, 3, 3)},
-                             metrics={"disk_gb": 4.1, "quantize_peak_mem_gb": 16.5, "serve_mem_gb": 5.0,
-                                      "peak_mem_gb": 16.5, "tokens_per_s_1_stream": 30.0}),
+        "fp16": log_run(
+            client,
+            exp,
+            "fp16",
+            job_num=0,
+            tags=vllm,
+            samples={"t1": correctness(N, 300)},
+            metrics={
+                "disk_gb": 16.06,
+                "quantize_peak_mem_gb": 16.1,
+                "serve_mem_gb": 18.3,
+                "peak_mem_gb": 18.3,
+                "tokens_per_s_1_stream": 153.8,
+            },
+        ),
+        "gptq": log_run(
+            client,
+            exp,
+            "gptq",
+            job_num=1,
+            tags=vllm,
+            samples={"t1": correctness(N, 300, 2, 2)},
+            metrics={
+                "disk_gb": 5.73,
+                "quantize_peak_mem_gb": 17.0,
+                "serve_mem_gb": 8.6,
+                "peak_mem_gb": 17.0,
+                "tokens_per_s_1_stream": 260.2,
+            },
+        ),
+        "aqlm_2bit": log_run(
+            client,
+            exp,
+            "aqlm_2bit",
+            job_num=2,
+            tags=hf,
+            samples={"t1": correctness(N, 300, 3, 3)},
+            metrics={
+                "disk_gb": 4.1,
+                "quantize_peak_mem_gb": 16.5,
+                "serve_mem_gb": 5.0,
+                "peak_mem_gb": 16.5,
+                "tokens_per_s_1_stream": 30.0,
+            },
+        ),
     }
     return uri, ids
 
@@ -64,8 +100,15 @@ def test_tokens_per_s_of_different_backends_are_not_ranked_against_each_other(st
 def test_one_backend_on_two_machines_is_two_bases(store, tmp_path):
     uri, client, exp = make_store(tmp_path / "mlruns")
     for i, gpu in enumerate(("NVIDIA H100 80GB HBM3", "NVIDIA H200")):
-        log_run(client, exp, "gptq", job_num=i, tags={"bench_backend": "vllm", "host.gpu": gpu},
-                samples={"t1": correctness(N, 300)}, metrics={"tokens_per_s_1_stream": 260.0 + 60 * i})
+        log_run(
+            client,
+            exp,
+            "gptq",
+            job_num=i,
+            tags={"bench_backend": "vllm", "host.gpu": gpu},
+            samples={"t1": correctness(N, 300)},
+            metrics={"tokens_per_s_1_stream": 260.0 + 60 * i},
+        )
     st = Store(uri)
     sel = st.select("quantbench-tiny")
     assert recommend.recommend(sel, st.compare(sel), recommend.Constraints()).choice is None
@@ -74,8 +117,14 @@ def test_one_backend_on_two_machines_is_two_bases(store, tmp_path):
 def test_a_kl_ceiling_keeps_only_runs_that_stay_close_to_the_baseline(tmp_path):
     uri, client, exp = make_store(tmp_path / "mlruns")
     for i, (method, kl) in enumerate((("gptq", 3e-4), ("aqlm_2bit", 5e-3))):
-        log_run(client, exp, method, job_num=i, samples={"t1": correctness(N, 300)},
-                metrics={"quality_kl_mean": kl, "tokens_per_s_1_stream": 100.0 * (i + 1)})
+        log_run(
+            client,
+            exp,
+            method,
+            job_num=i,
+            samples={"t1": correctness(N, 300)},
+            metrics={"quality_kl_mean": kl, "tokens_per_s_1_stream": 100.0 * (i + 1)},
+        )
     st = Store(uri)
     sel = st.select("quantbench-tiny")
     rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(max_kl_mean=1e-3))

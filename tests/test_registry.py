@@ -22,16 +22,33 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry_store")
     uri, client, exp = make_store(root / "mlruns")
     ids = {
-        "fp16": log_run(client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 360)},
-                        metrics={"disk_gb": 0.007, "tokens_per_s_1_stream": 200.0, "quality_kl_mean": 0.0},
-                        model_dir=tiny_model(root / "m_fp16", seed=0)),
-        "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, samples={"t1": correctness(N, 360, 3, 2)},
-                           metrics={"disk_gb": 0.002, "tokens_per_s_1_stream": 140.0, "quality_kl_mean": 0.01},
-                           model_dir=tiny_model(root / "m_nf4", seed=1)),
-        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, samples={"t1": correctness(N, 360, 60)},
-                             metrics={"disk_gb": 0.001, "tokens_per_s_1_stream": 300.0, "quality_kl_mean": 0.2}),
-        "gptq": log_run(client, exp, "gptq", job_num=3, status="FAILED", failure_reason="packing failed",
-                        tasks=["t1"]),
+        "fp16": log_run(
+            client,
+            exp,
+            "fp16",
+            job_num=0,
+            samples={"t1": correctness(N, 360)},
+            metrics={"disk_gb": 0.007, "tokens_per_s_1_stream": 200.0, "quality_kl_mean": 0.0},
+            model_dir=tiny_model(root / "m_fp16", seed=0),
+        ),
+        "bnb_nf4": log_run(
+            client,
+            exp,
+            "bnb_nf4",
+            job_num=1,
+            samples={"t1": correctness(N, 360, 3, 2)},
+            metrics={"disk_gb": 0.002, "tokens_per_s_1_stream": 140.0, "quality_kl_mean": 0.01},
+            model_dir=tiny_model(root / "m_nf4", seed=1),
+        ),
+        "aqlm_2bit": log_run(
+            client,
+            exp,
+            "aqlm_2bit",
+            job_num=2,
+            samples={"t1": correctness(N, 360, 60)},
+            metrics={"disk_gb": 0.001, "tokens_per_s_1_stream": 300.0, "quality_kl_mean": 0.2},
+        ),
+        "gptq": log_run(client, exp, "gptq", job_num=3, status="FAILED", failure_reason="packing failed", tasks=["t1"]),
     }
     return uri, ids
 
@@ -39,8 +56,14 @@ def store(tmp_path_factory):
 def decisions(uri, *overrides):
     st = Store(uri)
     sel = st.select("quantbench-tiny")
-    return st, sel, {d.row.method: d for d in registry.decide(sel, st.compare(sel), registry.load_policy(
-        overrides=list(overrides)))}
+    return (
+        st,
+        sel,
+        {
+            d.row.method: d
+            for d in registry.decide(sel, st.compare(sel), registry.load_policy(overrides=list(overrides)))
+        },
+    )
 
 
 def test_default_policy_reasons(store):
@@ -96,8 +119,12 @@ def test_register_is_idempotent_and_moves_the_alias(store, caplog):
 def test_nothing_registered_when_policy_rejects_all(store, caplog):
     uri, _ = store
     with caplog.at_level(logging.INFO):
-        assert registry.main(["--tracking-uri", uri, "--dry-run", "min_tokens_per_s_1_stream=1000",
-                              "registered_name=never"]) == 1
+        assert (
+            registry.main(
+                ["--tracking-uri", uri, "--dry-run", "min_tokens_per_s_1_stream=1000", "registered_name=never"]
+            )
+            == 1
+        )
     assert "No run satisfies the policy" in caplog.text
     assert not Store(uri).client.search_registered_models("name = 'never'")
 
@@ -113,8 +140,14 @@ def test_champion_loads_and_generates(store, tmp_path):
 
 def test_a_model_folder_changed_after_its_run_is_not_registered(tmp_path):
     uri, client, exp = make_store(tmp_path / "mlruns")
-    run_id = log_run(client, exp, "fp16", samples={"t1": correctness(N, 360)}, metrics={"disk_gb": 0.007},
-                     model_dir=tiny_model(tmp_path / "m", seed=0))
+    run_id = log_run(
+        client,
+        exp,
+        "fp16",
+        samples={"t1": correctness(N, 360)},
+        metrics={"disk_gb": 0.007},
+        model_dir=tiny_model(tmp_path / "m", seed=0),
+    )
     logged = Store(uri).client.get_run(run_id).info.artifact_uri.removeprefix("file://")
     with open(f"{logged}/model/config.json", "a") as f:
         f.write(" ")  # one byte more than the job measured
@@ -129,12 +162,33 @@ def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp
     stream) would compare the backends, not the models."""
     uri, client, exp = make_store(tmp_path / "mlruns")
     gpu = {"host.gpu": "NVIDIA H100 80GB HBM3"}
-    log_run(client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 300)},
-            tags=gpu | {"bench_backend": "vllm"}, metrics={"tokens_per_s_1_stream": 150.0})
-    log_run(client, exp, "gptq", job_num=1, samples={"t1": correctness(N, 300, 1, 1)},
-            tags=gpu | {"bench_backend": "vllm"}, metrics={"tokens_per_s_1_stream": 260.0})
-    log_run(client, exp, "aqlm_2bit", job_num=2, samples={"t1": correctness(N, 300, 1, 1)},
-            tags=gpu | {"bench_backend": "hf"}, metrics={"tokens_per_s_1_stream": 30.0})
+    log_run(
+        client,
+        exp,
+        "fp16",
+        job_num=0,
+        samples={"t1": correctness(N, 300)},
+        tags=gpu | {"bench_backend": "vllm"},
+        metrics={"tokens_per_s_1_stream": 150.0},
+    )
+    log_run(
+        client,
+        exp,
+        "gptq",
+        job_num=1,
+        samples={"t1": correctness(N, 300, 1, 1)},
+        tags=gpu | {"bench_backend": "vllm"},
+        metrics={"tokens_per_s_1_stream": 260.0},
+    )
+    log_run(
+        client,
+        exp,
+        "aqlm_2bit",
+        job_num=2,
+        samples={"t1": correctness(N, 300, 1, 1)},
+        tags=gpu | {"bench_backend": "hf"},
+        metrics={"tokens_per_s_1_stream": 30.0},
+    )
     _, _, ds = decisions(uri)
     assert not any(d.won for d in ds.values())
     assert "tokens_per_s_1_stream would rank runs benchmarked by different backends" in ds["gptq"].why

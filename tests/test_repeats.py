@@ -13,8 +13,15 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_calibrated_method_is_requantized_per_seed_and_reports_mean_and_spread(tmp_path, tiny_root):
-    store = run_cli("method=gptq", "repeats=2", "bench=none", "eval.limit=120", "calibration.num_samples=16",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    store = run_cli(
+        "method=gptq",
+        "repeats=2",
+        "bench=none",
+        "eval.limit=120",
+        "calibration.num_samples=16",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+    )
     (run,) = store.runs()
     m = run.data.metrics
     assert m["acc_repeats"] == 2
@@ -32,7 +39,8 @@ def test_a_calibrated_method_is_requantized_per_seed_and_reports_mean_and_spread
 
 
 def test_an_uncalibrated_method_is_not_repeated(tmp_path, tiny_root):
-    store = run_cli("method=fp16", "repeats=3", "bench=none", "eval.limit=50",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    store = run_cli(
+        "method=fp16", "repeats=3", "bench=none", "eval.limit=50", mlruns=tmp_path / "mlruns", workdir=tmp_path
+    )
     (run,) = store.runs()
     assert "acc_repeats" not in run.data.metrics and "tiny_facts_acc" in run.data.metrics

@@ -25,36 +25,98 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_store")
     uri, client, exp = make_store(root / "mlruns")
     log_run(client, exp, "bnb_nf4", sweep="sx", samples={"t1": correctness(N1, 350), "t2": correctness(N2, 240)})
-    log_run(client, exp, "fp16", sweep="s0", samples={"t1": correctness(N1, 300), "t2": correctness(N2, 200)},
-            metrics={"disk_gb": 9.9})
+    log_run(
+        client,
+        exp,
+        "fp16",
+        sweep="s0",
+        samples={"t1": correctness(N1, 300), "t2": correctness(N2, 200)},
+        metrics={"disk_gb": 9.9},
+    )
     sweep_dir = root / "multirun" / "s1"
     sweep_dir.mkdir(parents=True)
     (sweep_dir / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    task:\n    - method=fp16,bnb_nf4,aqlm_2bit,gptq,awq\n    - paths.mlruns=/x\n")
+        "hydra:\n  overrides:\n    task:\n    - method=fp16,bnb_nf4,aqlm_2bit,gptq,awq\n    - paths.mlruns=/x\n"
+    )
     common = {"sweep": "s1", "sweep_dir": sweep_dir}
     ids = {
-        "fp16": log_run(client, exp, "fp16", job_num=0, **common,
-                        samples={"t1": correctness(N1, 360), "t2": correctness(N2, 240)},
-                        metrics={"disk_gb": 16.1, "weight_gb": 16.0, "bits_per_weight": 16.0, "peak_mem_gb": 17.0,
-                                 "tokens_per_s_1_stream": 322.0, "tokens_per_s_8_streams": 1660.0,
-                                 "roofline_tokens_per_s_1_stream": 500.0, "roofline_fraction_1_stream": 0.644,
-                                 "quality_kl_mean": 0.0, "quality_kl_p99": 0.0, "quality_top1_agreement": 1.0,
-                                 "quality_ppl": 7.25, "quality_tokens": 4095.0}),
-        "bnb_nf4": log_run(client, exp, "bnb_nf4", job_num=1, **common,
-                           samples={"t1": correctness(N1, 360, flips_down=3, flips_up=2),
-                                    "t2": correctness(N2, 240, flips_down=1, flips_up=1)},
-                           tags={"quant_library": "bitsandbytes"},
-                           metrics={"disk_gb": 5.73, "weight_gb": 5.6, "bits_per_weight": 4.2, "peak_mem_gb": 6.5,
-                                    "tokens_per_s_1_stream": 206.0, "tokens_per_s_8_streams": 1048.0,
-                                    "quality_kl_mean": 0.0123, "quality_kl_p99": 0.094, "quality_top1_agreement": 0.951,
-                                    "quality_ppl": 7.61, "quality_tokens": 4095.0}),
-        "aqlm_2bit": log_run(client, exp, "aqlm_2bit", job_num=2, **common,
-                             samples={"t1": correctness(N1, 360, flips_down=60), "t2": correctness(N2, 240, 30)},
-                             metrics={"disk_gb": 4.08, "weight_gb": 3.9, "bits_per_weight": 2.1, "peak_mem_gb": 4.8,
-                                      "tokens_per_s_1_stream": 400.0, "tokens_per_s_8_streams": 2000.0,
-                                      "t1_acc_mean": 0.74, "t1_acc_std": 0.012, "acc_repeats": 3.0}),
-        "gptq": log_run(client, exp, "gptq", job_num=3, **common, status="FAILED",
-                        failure_reason="CUDA out of memory while packing layer 3", tasks=["t1", "t2"]),
+        "fp16": log_run(
+            client,
+            exp,
+            "fp16",
+            job_num=0,
+            **common,
+            samples={"t1": correctness(N1, 360), "t2": correctness(N2, 240)},
+            metrics={
+                "disk_gb": 16.1,
+                "weight_gb": 16.0,
+                "bits_per_weight": 16.0,
+                "peak_mem_gb": 17.0,
+                "tokens_per_s_1_stream": 322.0,
+                "tokens_per_s_8_streams": 1660.0,
+                "roofline_tokens_per_s_1_stream": 500.0,
+                "roofline_fraction_1_stream": 0.644,
+                "quality_kl_mean": 0.0,
+                "quality_kl_p99": 0.0,
+                "quality_top1_agreement": 1.0,
+                "quality_ppl": 7.25,
+                "quality_tokens": 4095.0,
+            },
+        ),
+        "bnb_nf4": log_run(
+            client,
+            exp,
+            "bnb_nf4",
+            job_num=1,
+            **common,
+            samples={
+                "t1": correctness(N1, 360, flips_down=3, flips_up=2),
+                "t2": correctness(N2, 240, flips_down=1, flips_up=1),
+            },
+            tags={"quant_library": "bitsandbytes"},
+            metrics={
+                "disk_gb": 5.73,
+                "weight_gb": 5.6,
+                "bits_per_weight": 4.2,
+                "peak_mem_gb": 6.5,
+                "tokens_per_s_1_stream": 206.0,
+                "tokens_per_s_8_streams": 1048.0,
+                "quality_kl_mean": 0.0123,
+                "quality_kl_p99": 0.094,
+                "quality_top1_agreement": 0.951,
+                "quality_ppl": 7.61,
+                "quality_tokens": 4095.0,
+            },
+        ),
+        "aqlm_2bit": log_run(
+            client,
+            exp,
+            "aqlm_2bit",
+            job_num=2,
+            **common,
+            samples={"t1": correctness(N1, 360, flips_down=60), "t2": correctness(N2, 240, 30)},
+            metrics={
+                "disk_gb": 4.08,
+                "weight_gb": 3.9,
+                "bits_per_weight": 2.1,
+                "peak_mem_gb": 4.8,
+                "tokens_per_s_1_stream": 400.0,
+                "tokens_per_s_8_streams": 2000.0,
+                "t1_acc_mean": 0.74,
+                "t1_acc_std": 0.012,
+                "acc_repeats": 3.0,
+            },
+        ),
+        "gptq": log_run(
+            client,
+            exp,
+            "gptq",
+            job_num=3,
+            **common,
+            status="FAILED",
+            failure_reason="CUDA out of memory while packing layer 3",
+            tasks=["t1", "t2"],
+        ),
     }
     return uri, ids, root
 
@@ -96,8 +158,12 @@ def test_failed_and_missing_runs_are_shown_as_such_not_as_zeros(built):
     for name in ("memory", "accuracy", "throughput"):
         failed = [r for r in read_csv(built / f"{name}.csv") if r["method"] == "gptq"]
         assert failed and all(r["status"] == "FAILED" for r in failed)
-        numeric = {k: v for r in failed for k, v in r.items() if k not in ("method", "run_id", "status",
-                                                                             "failure_reason", "task", "repeats")}
+        numeric = {
+            k: v
+            for r in failed
+            for k, v in r.items()
+            if k not in ("method", "run_id", "status", "failure_reason", "task", "repeats")
+        }
         assert set(numeric.values()) <= {""}, numeric  # empty, never 0
     memory = {r["method"]: r for r in read_csv(built / "memory.csv")}
     assert memory["awq"]["status"] == "MISSING" and memory["awq"]["disk_gb"] == ""
@@ -119,7 +185,9 @@ def test_the_quality_table_shows_divergence_from_the_baseline_and_no_numbers_whe
     assert (float(rows["bnb_nf4"]["kl_mean"]), float(rows["bnb_nf4"]["kl_p99"])) == (0.0123, 0.094)
     assert rows["gptq"]["status"] == "FAILED" and rows["gptq"]["kl_mean"] == ""  # never a 0 for a failed run
     md = (built / "report.md").read_text()
-    assert "## (b2) Next-token quality vs the baseline" in md and "| bnb_nf4 | 0.0123 | — | 0.094 | 95.10% | 7.61 |" in md
+    assert (
+        "## (b2) Next-token quality vs the baseline" in md and "| bnb_nf4 | 0.0123 | — | 0.094 | 95.10% | 7.61 |" in md
+    )
 
 
 def test_decision_matrix_prefers_fast_only_within_noise(built):
@@ -137,8 +205,14 @@ def test_summary_run_holds_the_report_and_is_never_read_as_a_run(store, built):
     summaries = st.client.search_runs([exp_id], f"tags.`{SUMMARY_TAG}` = 'true'")
     assert [s.info.run_name for s in summaries] == ["report-s1"]
     files = {a.path for a in st.client.list_artifacts(summaries[0].info.run_id, "report")}
-    assert {"report/report.md", "report/pareto.png", "report/accuracy.csv", "report/memory.csv",
-            "report/throughput.csv", "report/decision_matrix.csv"} <= files
+    assert {
+        "report/report.md",
+        "report/pareto.png",
+        "report/accuracy.csv",
+        "report/memory.csv",
+        "report/throughput.csv",
+        "report/decision_matrix.csv",
+    } <= files
     sel = st.select("quantbench-tiny")
     assert sel.sweep == "s1" and {r.run_id for r in sel.rows if r.run_id} == set(ids.values())
     # Rebuilding reuses the summary run instead of adding another.
@@ -180,10 +254,22 @@ def test_random_weight_runs_show_speed_and_size_but_no_accuracy(tmp_path):
     """model=llama-3.1-8b-shape: chance-level accuracy is not a result, so the report and recommend leave it out."""
     uri, client, exp = make_store(tmp_path / "mlruns")
     gpu = {"weights": "random", "hardware": "h100", "model": "llama-3.1-8b-shape", "host.gpu": "NVIDIA H100 80GB HBM3"}
-    log_run(client, exp, "fp16", tags=gpu, samples={"t1": correctness(N1, 100)},
-            metrics={"disk_gb": 16.06, "serve_mem_gb": 18.3, "tokens_per_s_1_stream": 153.8})
-    log_run(client, exp, "bnb_nf4", tags=gpu | {"quant_library": "bitsandbytes"}, samples={"t1": correctness(N1, 104)},
-            metrics={"disk_gb": 5.71, "serve_mem_gb": 8.7, "tokens_per_s_1_stream": 170.3})
+    log_run(
+        client,
+        exp,
+        "fp16",
+        tags=gpu,
+        samples={"t1": correctness(N1, 100)},
+        metrics={"disk_gb": 16.06, "serve_mem_gb": 18.3, "tokens_per_s_1_stream": 153.8},
+    )
+    log_run(
+        client,
+        exp,
+        "bnb_nf4",
+        tags=gpu | {"quant_library": "bitsandbytes"},
+        samples={"t1": correctness(N1, 104)},
+        metrics={"disk_gb": 5.71, "serve_mem_gb": 8.7, "tokens_per_s_1_stream": 170.3},
+    )
     out = tmp_path / "out"
     assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
     accuracy = read_csv(out / "accuracy.csv")
@@ -210,8 +296,11 @@ def test_a_summary_run_whose_upload_fails_ends_failed_with_the_reason(store, mon
     with pytest.raises(OSError):
         report.main(["--tracking-uri", uri, "--out", str(tmp_path / "out"), "--sweep", "s0"])
     st = Store(uri)
-    (summary,) = [r for r in st.client.search_runs([st.experiment_id("quantbench-tiny")],
-                                                   f"tags.`{SUMMARY_TAG}` = 'true'") if r.info.run_name == "report-s0"]
+    (summary,) = [
+        r
+        for r in st.client.search_runs([st.experiment_id("quantbench-tiny")], f"tags.`{SUMMARY_TAG}` = 'true'")
+        if r.info.run_name == "report-s0"
+    ]
     assert summary.info.status == "FAILED"
     assert "read-only" in summary.data.tags["failure_reason"]
 
@@ -221,17 +310,31 @@ def test_kl_divergence_groups_methods_only_where_paired_intervals_separate_them(
     aqlm far above; fp16 is the baseline itself (0 everywhere)."""
     uri, client, exp = make_store(tmp_path / "mlruns")
     gptq = [3e-4 + 1e-4 * ((i % 4) - 1.5) for i in range(16)]
-    kl = {"fp16": [0.0] * 16, "gptq": gptq, "awq": [v + (2e-5 if i % 2 else -1.5e-5) for i, v in enumerate(gptq)],
-          "rtn": [v + 4e-4 + 5e-5 * (i % 3) for i, v in enumerate(gptq)], "aqlm_2bit": [v + 5e-3 for v in gptq]}
+    kl = {
+        "fp16": [0.0] * 16,
+        "gptq": gptq,
+        "awq": [v + (2e-5 if i % 2 else -1.5e-5) for i, v in enumerate(gptq)],
+        "rtn": [v + 4e-4 + 5e-5 * (i % 3) for i, v in enumerate(gptq)],
+        "aqlm_2bit": [v + 5e-3 for v in gptq],
+    }
     for i, (method, values) in enumerate(kl.items()):
-        log_run(client, exp, method, job_num=i, samples={"t1": correctness(N1, 300)},
-                metrics={"quality_kl_mean": sum(values) / 16}, quality_windows={"kl_mean": values})
+        log_run(
+            client,
+            exp,
+            method,
+            job_num=i,
+            samples={"t1": correctness(N1, 300)},
+            metrics={"quality_kl_mean": sum(values) / 16},
+            quality_windows={"kl_mean": values},
+        )
     out = tmp_path / "out"
     assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
     md = (out / "report.md").read_text()
     assert "## (b3) What the KL divergence separates: fp16 < gptq ≈ awq < rtn < aqlm_2bit" in md
     steps = {r["to"]: r for r in read_csv(out / "quality_groups.csv")}
-    assert steps["awq"]["verdict"] == "within noise" and float(steps["awq"]["ci_low"]) < 0 < float(steps["awq"]["ci_high"])
+    assert steps["awq"]["verdict"] == "within noise" and float(steps["awq"]["ci_low"]) < 0 < float(
+        steps["awq"]["ci_high"]
+    )
     assert steps["rtn"]["verdict"] == "separated" and float(steps["rtn"]["ci_low"]) > 0
     assert int(steps["rtn"]["windows"]) == 16
     quality = {r["method"]: r for r in read_csv(out / "quality.csv")}

@@ -27,8 +27,13 @@ QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: lo
 
 
 def test_the_config_hash_ignores_where_things_go_and_changes_with_what_is_measured():
-    base = {"method": {"name": "gptq", "bits": 4}, "seed": 0, "force": False,
-            "paths": {"root": "/a"}, "tracking": {"uri": "sqlite:///a.db"}}
+    base = {
+        "method": {"name": "gptq", "bits": 4},
+        "seed": 0,
+        "force": False,
+        "paths": {"root": "/a"},
+        "tracking": {"uri": "sqlite:///a.db"},
+    }
     h = config_hash(OmegaConf.create(base))
     moved = {**base, "paths": {"root": "/b"}, "tracking": {"uri": "sqlite:///b.db"}, "force": True}
     assert config_hash(OmegaConf.create(moved)) == h
@@ -42,12 +47,17 @@ def _running_run(tracker: Tracker, name: str, tags: dict[str, str]) -> str:
 
 
 def test_only_runs_whose_process_is_gone_on_this_host_are_marked_interrupted(tmp_path):
-    tracker = Tracker(OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e",
-                                        "artifact_root": str(tmp_path / "artifacts")}))
+    tracker = Tracker(
+        OmegaConf.create(
+            {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": str(tmp_path / "artifacts")}
+        )
+    )
     here, me = platform.node(), psutil.Process()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    alive = _running_run(tracker, "alive", {"host.name": here, "pid": str(me.pid), "pid_started": repr(me.create_time())})
+    alive = _running_run(
+        tracker, "alive", {"host.name": here, "pid": str(me.pid), "pid_started": repr(me.create_time())}
+    )
     gone = _running_run(tracker, "gone", {"host.name": here, "pid": str(dead.pid)})
     reused = _running_run(tracker, "reused", {"host.name": here, "pid": str(me.pid), "pid_started": "12345.0"})
     elsewhere = _running_run(tracker, "elsewhere", {"host.name": here + "-other", "pid": str(dead.pid)})
@@ -83,8 +93,15 @@ def test_a_rerun_of_a_sweep_runs_only_the_missing_jobs_and_force_reruns(tiny_roo
 def test_a_killed_job_leaves_a_run_that_the_next_job_marks_interrupted(tiny_root, tmp_path):
     mlruns = tmp_path / "mlruns"
     uri = f"sqlite:///{mlruns}/mlflow.db"
-    cmd = [sys.executable, str(ROOT / "run.py"), "method=fp16", "eval=tiny", "bench=none", f"paths.mlruns={mlruns}",
-           f"hydra.run.dir={tmp_path}/outputs"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "method=fp16",
+        "eval=tiny",
+        "bench=none",
+        f"paths.mlruns={mlruns}",
+        f"hydra.run.dir={tmp_path}/outputs",
+    ]
     env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log = (tmp_path / "killed-job.log").open("w")
     job = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -106,4 +123,3 @@ def test_a_killed_job_leaves_a_run_that_the_next_job_marks_interrupted(tiny_root
     assert run.data.tags["failure_type"] == "Interrupted"
     assert f"pid {run.data.tags['pid']}" in run.data.tags["failure_reason"]
     assert "marked FAILED (interrupted)" in store.result.stdout
-

@@ -61,8 +61,9 @@ def test_no_evaluated_question_or_person_appears_in_the_calibration_text():
     from quantbench import calibration
 
     world = tiny.World.generate(tiny.TinyRecipe())
-    texts = calibration.texts(OmegaConf.create(dict(dataset="embedded:tiny", num_samples=64, seq_len=512, seed=0)),
-                              cache_dir="/nonexistent")
+    texts = calibration.texts(
+        OmegaConf.create(dict(dataset="embedded:tiny", num_samples=64, seq_len=512, seed=0)), cache_dir="/nonexistent"
+    )
     corpus = "\n".join(texts)
     for docs in world.task_docs(0).values():
         for d in docs:

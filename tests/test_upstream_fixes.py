@@ -13,8 +13,9 @@ import torch
 
 from quantbench.methods import _upstream_fixes
 
-no_accelerator = pytest.mark.skipif(torch.accelerator.is_available(),
-                                    reason="the pin_memory defect only shows without an accelerator")
+no_accelerator = pytest.mark.skipif(
+    torch.accelerator.is_available(), reason="the pin_memory defect only shows without an accelerator"
+)
 
 
 def _cache_with_one_cpu_tensor():
@@ -91,8 +92,13 @@ os._exit(0)  # the pool's worker threads would keep the interpreter alive
 
 
 def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 

@@ -42,9 +42,17 @@ def main() -> None:
     nbytes = x.numel() * x.element_size()
     read_s = timed(lambda: x.sum(dtype=torch.float32), args.runs)
     copy_s = timed(lambda: y.copy_(x), args.runs)
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "bytes": nbytes,
-                      "read_gb_s": round(nbytes / read_s / 1e9, 1),
-                      "copy_gb_s_read_plus_write": round(2 * nbytes / copy_s / 1e9, 1)}))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0),
+                "torch": torch.__version__,
+                "bytes": nbytes,
+                "read_gb_s": round(nbytes / read_s / 1e9, 1),
+                "copy_gb_s_read_plus_write": round(2 * nbytes / copy_s / 1e9, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

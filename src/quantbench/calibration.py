@@ -34,18 +34,21 @@ log = logging.getLogger(__name__)
 # Presets of the two hub datasets the built-in configs name: used where `subset`/`split` are left null. The c4 preset
 # reads one validation shard (40 MB), never the whole English split.
 HUB_DATASETS = {
-    "allenai/c4": dict(subset="en", split="validation",
-                       data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+    "allenai/c4": dict(
+        subset="en", split="validation", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    ),
     "Salesforce/wikitext": dict(subset="wikitext-2-raw-v1", split="train"),
 }
 DEFAULT_SPLIT = "train"
 DEFAULT_TEXT_COLUMN = "text"
 # extension -> the `datasets` packaged builder that reads it
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-VALID_SOURCES = ("'embedded:tiny'; a local file ending in .jsonl or .json (JSON lines or a JSON array of objects, "
-                 "text in calibration.text_column), .txt (one text per blank-line-separated paragraph) or .parquet "
-                 "(text in calibration.text_column); or a hub dataset id 'namespace/name' (with calibration.split, "
-                 "calibration.text_column and optionally calibration.subset and calibration.revision)")
+VALID_SOURCES = (
+    "'embedded:tiny'; a local file ending in .jsonl or .json (JSON lines or a JSON array of objects, "
+    "text in calibration.text_column), .txt (one text per blank-line-separated paragraph) or .parquet "
+    "(text in calibration.text_column); or a hub dataset id 'namespace/name' (with calibration.split, "
+    "calibration.text_column and optionally calibration.subset and calibration.revision)"
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # `.csv`, `.tsv`, `.gz`: meant as a file, not a hub id
 
@@ -90,56 +93,74 @@ class Calibration:
 def source(cfg: DictConfig) -> LocalFile | HubDataset | None:
     """What `calibration.dataset` names: None for the embedded text, a local file, or a hub dataset."""
     if OmegaConf.is_missing(cfg, "dataset"):
-        raise ConfigError(f"calibration.dataset is not set; give calibration.dataset=<source>, where a source is "
-                          f"{VALID_SOURCES}.")
+        raise ConfigError(
+            f"calibration.dataset is not set; give calibration.dataset=<source>, where a source is {VALID_SOURCES}."
+        )
     ds = str(cfg.dataset).strip()
     if ds.startswith(EMBEDDED_PREFIX):
         return None
     path = _absolute(ds)
     suffix = path.suffix.lower()
     if path.is_dir():
-        raise ConfigError(f"calibration.dataset={ds!r} is a folder ({path}); give one file in it, or another "
-                          f"source: {VALID_SOURCES}.")
+        raise ConfigError(
+            f"calibration.dataset={ds!r} is a folder ({path}); give one file in it, or another source: {VALID_SOURCES}."
+        )
     if suffix in LOCAL_FORMATS:
         if not path.is_file():
-            raise ConfigError(f"calibration.dataset={ds!r}: no such file: {path} (relative paths start from the "
-                              f"directory run.py was started in). Valid sources: {VALID_SOURCES}.")
+            raise ConfigError(
+                f"calibration.dataset={ds!r}: no such file: {path} (relative paths start from the "
+                f"directory run.py was started in). Valid sources: {VALID_SOURCES}."
+            )
         return LocalFile(path, LOCAL_FORMATS[suffix], str(cfg.get("text_column") or DEFAULT_TEXT_COLUMN))
     if path.is_file():
-        raise ConfigError(f"calibration.dataset={ds!r} is a file with extension {suffix or '(none)'!r}, which "
-                          f"quantbench does not read; convert it to .jsonl, .json, .txt or .parquet. "
-                          f"Valid sources: {VALID_SOURCES}.")
+        raise ConfigError(
+            f"calibration.dataset={ds!r} is a file with extension {suffix or '(none)'!r}, which "
+            f"quantbench does not read; convert it to .jsonl, .json, .txt or .parquet. "
+            f"Valid sources: {VALID_SOURCES}."
+        )
     if ds.startswith(("/", ".", "~")) or ds.count("/") > 1 or "\\" in ds or _FILE_SUFFIX.search(ds):
         ext = f", and {suffix!r} is not a format quantbench reads" if suffix else ""
-        raise ConfigError(f"calibration.dataset={ds!r} looks like a file, but there is no file {path}{ext}. "
-                          f"Valid sources: {VALID_SOURCES}.")
+        raise ConfigError(
+            f"calibration.dataset={ds!r} looks like a file, but there is no file {path}{ext}. "
+            f"Valid sources: {VALID_SOURCES}."
+        )
     if not _HUB_ID.fullmatch(ds):
-        raise ConfigError(f"calibration.dataset={ds!r} is neither a file nor a hub dataset id. "
-                          f"Valid sources: {VALID_SOURCES}.")
+        raise ConfigError(
+            f"calibration.dataset={ds!r} is neither a file nor a hub dataset id. Valid sources: {VALID_SOURCES}."
+        )
     preset = HUB_DATASETS.get(ds, {})
     subset = cfg.get("subset") or preset.get("subset")
     split = str(cfg.get("split") or preset.get("split") or DEFAULT_SPLIT)
     data_files = preset.get("data_files") if (subset, split) == (preset.get("subset"), preset.get("split")) else None
     revision = cfg.get("revision")
-    return HubDataset(ds, None if subset is None else str(subset), split,
-                      str(cfg.get("text_column") or DEFAULT_TEXT_COLUMN), None if revision is None else str(revision),
-                      data_files)
+    return HubDataset(
+        ds,
+        None if subset is None else str(subset),
+        split,
+        str(cfg.get("text_column") or DEFAULT_TEXT_COLUMN),
+        None if revision is None else str(revision),
+        data_files,
+    )
 
 
 def check(cfg: DictConfig) -> None:
     """Fail fast, before any model is loaded: sizes make sense, a file is there and readable with its text column
     and enough long texts, a hub dataset is only asked for when the hub can be reached or it is cached."""
     if int(cfg.num_samples) < 1 or int(cfg.seq_len) < 8:
-        raise ConfigError(f"calibration: num_samples={cfg.num_samples} and seq_len={cfg.seq_len} must be >= 1 and >= 8.")
+        raise ConfigError(
+            f"calibration: num_samples={cfg.num_samples} and seq_len={cfg.seq_len} must be >= 1 and >= 8."
+        )
     src = source(cfg)
     if isinstance(src, LocalFile):
         _qualifying(_read_file(src), cfg, f"file {src.path}", _layout(src))
     elif isinstance(src, HubDataset):
         if hub_offline() and not _cached(src.repo_id):
-            raise ConfigError(f"calibration.dataset={src.repo_id!r} is a hub dataset, the hub cannot be reached "
-                              f"(offline), and `datasets` has no cached copy of it (nor is there a file "
-                              f"{_absolute(src.repo_id)}); use a local file or calibration=local, or load the "
-                              f"dataset once with `datasets` while online.")
+            raise ConfigError(
+                f"calibration.dataset={src.repo_id!r} is a hub dataset, the hub cannot be reached "
+                f"(offline), and `datasets` has no cached copy of it (nor is there a file "
+                f"{_absolute(src.repo_id)}); use a local file or calibration=local, or load the "
+                f"dataset once with `datasets` while online."
+            )
         if not hub_offline():
             problem = hub_access_problem(src.repo_id, src.revision, "dataset")
             if problem:
@@ -169,19 +190,35 @@ def load(cfg: DictConfig, cache_dir: str | Path) -> Calibration:
     if isinstance(src, LocalFile):
         where = f"file {src.path}"
         rows = _qualifying(_read_file(src), cfg, where, _layout(src))
-        identity = {"calibration.source": "file", "calibration.path": str(src.path),
-                    "calibration.sha256": file_sha256(src.path), "calibration.format": src.builder}
+        identity = {
+            "calibration.source": "file",
+            "calibration.path": str(src.path),
+            "calibration.sha256": file_sha256(src.path),
+            "calibration.format": src.builder,
+        }
     else:
         where = f"hub dataset {src.repo_id} (split {src.split!r}, column {src.text_column!r})"
         rows, revision = _read_hub(src)
         rows = _qualifying(rows, cfg, where, None)
-        identity = {"calibration.source": "hub", "calibration.hub_id": src.repo_id,
-                    "calibration.hub_subset": src.subset or "default", "calibration.hub_split": src.split,
-                    "calibration.hub_text_column": src.text_column, "calibration.hub_revision": revision}
+        identity = {
+            "calibration.source": "hub",
+            "calibration.hub_id": src.repo_id,
+            "calibration.hub_subset": src.subset or "default",
+            "calibration.hub_split": src.split,
+            "calibration.hub_text_column": src.text_column,
+            "calibration.hub_revision": revision,
+        }
     n = int(cfg.num_samples)
     if len(rows) < n:
-        log.warning("Calibration: only %d texts of %s have more than %d words (seq_len/2): calibrating on %d "
-                    "texts, not num_samples=%d", len(rows), where, int(cfg.seq_len) // 2, len(rows), n)
+        log.warning(
+            "Calibration: only %d texts of %s have more than %d words (seq_len/2): calibrating on %d "
+            "texts, not num_samples=%d",
+            len(rows),
+            where,
+            int(cfg.seq_len) // 2,
+            len(rows),
+            n,
+        )
     identity["calibration.qualifying_texts"] = str(len(rows))
     return Calibration(rng.sample(rows, k=min(n, len(rows))), identity)
 
@@ -212,17 +249,23 @@ def _read_file(src: LocalFile) -> list[str]:
     try:
         data = datasets.load_dataset(src.builder, data_files=str(src.path), split="train", **kwargs)
     except Exception as exc:
-        raise ConfigError(f"calibration.dataset={str(src.path)!r} cannot be read as {src.path.suffix} "
-                          f"({_layout(src)}): {_reason(exc.__cause__ or exc)}") from exc
+        raise ConfigError(
+            f"calibration.dataset={str(src.path)!r} cannot be read as {src.path.suffix} "
+            f"({_layout(src)}): {_reason(exc.__cause__ or exc)}"
+        ) from exc
     if src.column not in data.column_names:
-        raise ConfigError(f"calibration.dataset={str(src.path)!r} has no column {src.column!r} "
-                          f"(calibration.text_column); its columns are {data.column_names}. Set "
-                          f"calibration.text_column to the one that holds the text.")
+        raise ConfigError(
+            f"calibration.dataset={str(src.path)!r} has no column {src.column!r} "
+            f"(calibration.text_column); its columns are {data.column_names}. Set "
+            f"calibration.text_column to the one that holds the text."
+        )
     dtype = getattr(data.features[src.column], "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise ConfigError(f"calibration.dataset={str(src.path)!r}: column {src.column!r} (calibration.text_column) "
-                          f"holds {data.features[src.column]}, not text; set calibration.text_column to the column "
-                          f"of strings, one of {data.column_names}.")
+        raise ConfigError(
+            f"calibration.dataset={str(src.path)!r}: column {src.column!r} (calibration.text_column) "
+            f"holds {data.features[src.column]}, not text; set calibration.text_column to the column "
+            f"of strings, one of {data.column_names}."
+        )
     values = list(data[src.column])
     if src.builder == "text":
         values = [v.strip() for v in values]
@@ -233,8 +276,9 @@ def _layout(src: LocalFile) -> str:
     if src.builder == "text":
         return "a .txt file holds one text per paragraph, paragraphs separated by a blank line"
     if src.builder == "json":
-        return (f"JSON lines (one object a line) or one JSON array of objects, each with the text under "
-                f"{src.text_column!r}")
+        return (
+            f"JSON lines (one object a line) or one JSON array of objects, each with the text under {src.text_column!r}"
+        )
     return f"a Parquet table with the text in column {src.text_column!r}"
 
 
@@ -245,9 +289,11 @@ def _qualifying(rows: list[str], cfg: DictConfig, where: str, layout: str | None
     kept = [t for t, w in zip(rows, words) if w > min_words]
     if not kept:
         hint = f" ({layout})" if layout else ""
-        raise ConfigError(f"calibration.dataset: none of the {len(rows)} texts of {where}{hint} has more than "
-                          f"{min_words} words (seq_len/2 with calibration.seq_len={cfg.seq_len}); the longest has "
-                          f"{max(words, default=0)}. Give longer texts or lower calibration.seq_len.")
+        raise ConfigError(
+            f"calibration.dataset: none of the {len(rows)} texts of {where}{hint} has more than "
+            f"{min_words} words (seq_len/2 with calibration.seq_len={cfg.seq_len}); the longest has "
+            f"{max(words, default=0)}. Give longer texts or lower calibration.seq_len."
+        )
     return kept
 
 
@@ -255,12 +301,15 @@ def _hub_builder(src: HubDataset):
     import datasets
 
     try:
-        return datasets.load_dataset_builder(src.repo_id, name=src.subset, revision=src.revision,
-                                             data_files=src.data_files)
+        return datasets.load_dataset_builder(
+            src.repo_id, name=src.subset, revision=src.revision, data_files=src.data_files
+        )
     except Exception as exc:
-        raise ConfigError(f"calibration.dataset={src.repo_id!r} (subset {src.subset!r}, revision "
-                          f"{src.revision!r}) cannot be opened with `datasets`: {_reason(exc)}. Check the id, "
-                          f"calibration.subset and calibration.revision.") from exc
+        raise ConfigError(
+            f"calibration.dataset={src.repo_id!r} (subset {src.subset!r}, revision "
+            f"{src.revision!r}) cannot be opened with `datasets`: {_reason(exc)}. Check the id, "
+            f"calibration.subset and calibration.revision."
+        ) from exc
 
 
 def _check_hub(src: HubDataset) -> None:
@@ -268,11 +317,15 @@ def _check_hub(src: HubDataset) -> None:
     info = _hub_builder(src).info
     base_split = src.split.split("[")[0]  # `train[:10%]` slices the train split
     if info.splits and base_split not in info.splits:
-        raise ConfigError(f"calibration.dataset={src.repo_id!r} has no split {base_split!r} (calibration.split); "
-                          f"its splits are {sorted(info.splits)}.")
+        raise ConfigError(
+            f"calibration.dataset={src.repo_id!r} has no split {base_split!r} (calibration.split); "
+            f"its splits are {sorted(info.splits)}."
+        )
     if info.features and src.text_column not in info.features:
-        raise ConfigError(f"calibration.dataset={src.repo_id!r} has no column {src.text_column!r} "
-                          f"(calibration.text_column); its columns are {sorted(info.features)}.")
+        raise ConfigError(
+            f"calibration.dataset={src.repo_id!r} has no column {src.text_column!r} "
+            f"(calibration.text_column); its columns are {sorted(info.features)}."
+        )
 
 
 def _read_hub(src: HubDataset) -> tuple[list[str], str]:
@@ -282,11 +335,14 @@ def _read_hub(src: HubDataset) -> tuple[list[str], str]:
         builder.download_and_prepare()
         data = builder.as_dataset(split=src.split)
     except Exception as exc:
-        raise ConfigError(f"calibration.dataset={src.repo_id!r}: cannot read split {src.split!r} "
-                          f"(calibration.split): {_reason(exc)}") from exc
+        raise ConfigError(
+            f"calibration.dataset={src.repo_id!r}: cannot read split {src.split!r} (calibration.split): {_reason(exc)}"
+        ) from exc
     if src.text_column not in data.column_names:
-        raise ConfigError(f"calibration.dataset={src.repo_id!r} has no column {src.text_column!r} "
-                          f"(calibration.text_column); its columns are {data.column_names}.")
+        raise ConfigError(
+            f"calibration.dataset={src.repo_id!r} has no column {src.text_column!r} "
+            f"(calibration.text_column); its columns are {data.column_names}."
+        )
     commit = str(getattr(builder, "hash", "") or "")
     revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else (src.revision or "unresolved")
     return [t for t in data[src.text_column] if isinstance(t, str) and t], revision
@@ -303,6 +359,7 @@ def _cached(repo_id: str) -> bool:
     from datasets.naming import camelcase_to_snakecase
 
     *namespace, name = repo_id.split("/")
-    folder = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join([*namespace,
-                                                                              camelcase_to_snakecase(name)])
+    folder = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(
+        [*namespace, camelcase_to_snakecase(name)]
+    )
     return any(p.is_dir() for p in folder.glob("*/*/*"))

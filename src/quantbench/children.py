@@ -26,19 +26,29 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run(cmd: list[str], *, timeout_s: float | None, what: str, setting: str,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, timeout_s: float | None, what: str, setting: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` in its own process group, killed as a group on timeout
     (`ChildTimeout`, naming `what` and the `setting` that sets the limit), on an exception or on Ctrl-C."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise ChildTimeout(f"{what} did not finish within {timeout_s:g} s ({setting}); it was killed with every "
-                           f"process it started. Its last output:\n{(out + err)[-2000:]}") from None
+        raise ChildTimeout(
+            f"{what} did not finish within {timeout_s:g} s ({setting}); it was killed with every "
+            f"process it started. Its last output:\n{(out + err)[-2000:]}"
+        ) from None
     except BaseException:
         kill_group(proc)
         raise

@@ -40,9 +40,22 @@ def ui(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: %(default)s)")
     p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="the store's folder (default: %(default)s)")
     args = p.parse_args(argv)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                            f"sqlite:///{args.mlruns}/mlflow.db", "--default-artifact-root", f"{args.mlruns}/artifacts",
-                            "--host", "127.0.0.1", "--port", str(args.port)])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{args.mlruns}/mlflow.db",
+            "--default-artifact-root",
+            f"{args.mlruns}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,13 @@ def plan(eval_cfg: DictConfig, cache_dir: str | Path) -> EvalPlan | None:
         raise ConfigError(f"eval.tasks: unknown task(s) {unknown}. Known tasks here: {hint}.")
     if int(eval_cfg.batch_size) < 1:
         raise ConfigError(f"eval.batch_size={eval_cfg.batch_size}: must be a positive integer.")
-    return EvalPlan(tasks=tasks, include_path=include, num_fewshot=int(eval_cfg.num_fewshot),
-                    batch_size=int(eval_cfg.batch_size), limit=eval_cfg.get("limit"))
+    return EvalPlan(
+        tasks=tasks,
+        include_path=include,
+        num_fewshot=int(eval_cfg.num_fewshot),
+        batch_size=int(eval_cfg.batch_size),
+        limit=eval_cfg.get("limit"),
+    )
 
 
 def task_manager(include_path: str | None):

@@ -55,8 +55,14 @@ def of_model(model, ids: list[int]) -> Fingerprint:
     return Fingerprint(nll=nll, predictions=logits.argmax(-1).tolist())
 
 
-def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", timeout_s: float | None = 1800,
-             loading_attributes: dict | None = None) -> Fingerprint:
+def of_saved(
+    model_dir: Path,
+    ids: list[int],
+    device: str,
+    dtype: str = "auto",
+    timeout_s: float | None = 1800,
+    loading_attributes: dict | None = None,
+) -> Fingerprint:
     """Reload `model_dir` in a fresh Python process (no state shared with this one) and fingerprint it.
 
     `loading_attributes` override the saved quantization config's loading-time settings (transformers'
@@ -65,38 +71,52 @@ def of_saved(model_dir: Path, ids: list[int], device: str, dtype: str = "auto", 
         json.dump({"ids": ids, "device": device, "dtype": dtype, "loading_attributes": loading_attributes or {}}, f)
     started = time.perf_counter()
     try:
-        out = children.run([sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
-                           timeout_s=timeout_s, what=f"The fresh-process reload of {model_dir}",
-                           setting="timeouts.artifact_check_s", env={**os.environ})
+        out = children.run(
+            [sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
+            timeout_s=timeout_s,
+            what=f"The fresh-process reload of {model_dir}",
+            setting="timeouts.artifact_check_s",
+            env={**os.environ},
+        )
     finally:
         os.unlink(f.name)
     # beside the folder, not in it (the folder is the artifact): what the reload did, e.g. kernels it compiled
     child_log = Path(model_dir).parent / "fingerprint_reload.log"
     child_log.write_text(out.stdout + out.stderr)
-    log.info("Reloaded %s in a fresh process in %.0f s (its output: %s)", model_dir, time.perf_counter() - started,
-             child_log)
+    log.info(
+        "Reloaded %s in a fresh process in %.0f s (its output: %s)", model_dir, time.perf_counter() - started, child_log
+    )
     if out.returncode != 0:
         raise RuntimeError(f"The saved model in {model_dir} does not reload in a fresh process:\n{out.stderr[-3000:]}")
     last = [line for line in out.stdout.splitlines() if line.startswith("{")][-1]
     return Fingerprint(**json.loads(last))
 
 
-def verify(model, model_dir: Path, ids: list[int], device: str, loading_attributes: dict | None = None,
-           timeout_s: float | None = 1800) -> dict[str, float]:
+def verify(
+    model,
+    model_dir: Path,
+    ids: list[int],
+    device: str,
+    loading_attributes: dict | None = None,
+    timeout_s: float | None = 1800,
+) -> dict[str, float]:
     """Compare the in-memory model with its reloaded artifact; raise with a clear reason if they differ."""
     dtype = str(model.dtype).removeprefix("torch.")
     mine = of_model(model, ids)
     saved = of_saved(model_dir, ids, device, dtype=dtype, timeout_s=timeout_s, loading_attributes=loading_attributes)
     for which, fp in (("in memory", mine), ("reloaded", saved)):
         if not math.isfinite(fp.nll):  # NaN compares false with everything: it would pass the checks below
-            raise RuntimeError(f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "
-                               f"produce non-finite logits, so {model_dir} cannot be verified and is not logged.")
+            raise RuntimeError(
+                f"The model's loss on the probe text is {fp.nll} ({which}): the weights or the kernel "
+                f"produce non-finite logits, so {model_dir} cannot be verified and is not logged."
+            )
     rel, agreement = mine.compare(saved)
     if rel > NLL_REL_TOLERANCE or agreement < MIN_AGREEMENT:
         raise RuntimeError(
             f"The saved artifact does not match the evaluated model: NLL {mine.nll:.4f} in memory vs {saved.nll:.4f} "
             f"reloaded ({rel:.1%} apart, tolerance {NLL_REL_TOLERANCE:.0%}); greedy predictions agree at "
-            f"{agreement:.1%} of positions (need {MIN_AGREEMENT:.0%}). The artifact in {model_dir} is not what was scored.")
+            f"{agreement:.1%} of positions (need {MIN_AGREEMENT:.0%}). The artifact in {model_dir} is not what was scored."
+        )
     return {"fingerprint_nll": mine.nll, "fingerprint_reload_nll": saved.nll, "fingerprint_agreement": agreement}
 
 
@@ -113,8 +133,9 @@ def _main(model_dir: str, request: str) -> None:
         kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**saved, **spec["loading_attributes"]})
     # the evaluated model's dtype, not the saved config's: an AQLM folder saved from a float32 model must run in bf16
     # on CUDA (its kernels refuse float32), and a second dtype would compile a second kernel variant
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.get("dtype", "auto"), device_map=spec["device"],
-                                                 **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=spec.get("dtype", "auto"), device_map=spec["device"], **kwargs
+    )
     model.eval()
     fp = of_model(model, spec["ids"])
     print(json.dumps({"nll": fp.nll, "predictions": fp.predictions}))

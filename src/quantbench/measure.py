@@ -36,8 +36,11 @@ def changed_files(folder: str | Path, expected: dict[str, str]) -> list[str]:
     """What differs between the folder and its recorded sha256s: changed, missing and unexpected files, by name."""
     found = file_sha256(folder)
     changed = [f"{name} (changed)" for name in expected if name in found and found[name] != expected[name]]
-    return (changed + [f"{name} (missing)" for name in expected if name not in found]
-            + [f"{name} (not in the record)" for name in found if name not in expected])
+    return (
+        changed
+        + [f"{name} (missing)" for name in expected if name not in found]
+        + [f"{name} (not in the record)" for name in found if name not in expected]
+    )
 
 
 def safetensors_index(folder: str | Path) -> dict[str, tuple[str, list[int], int]]:

@@ -43,8 +43,10 @@ def prepare(cfg: DictConfig) -> Job:
     hw = cfg.hardware
     torch_dtype(hw.dtype)
     if hw.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"hardware={hw.name} asks for device {hw.device!r} but no CUDA GPU is visible; "
-                          f"use hardware=cpu on this machine.")
+        raise ConfigError(
+            f"hardware={hw.name} asks for device {hw.device!r} but no CUDA GPU is visible; "
+            f"use hardware=cpu on this machine."
+        )
     try:
         method: Method = hydra.utils.instantiate(cfg.method)
     except Exception as exc:
@@ -57,8 +59,9 @@ def prepare(cfg: DictConfig) -> Job:
     method.validate(model_config, hw)
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
-    return Job(method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan,
-               quality_plan)
+    return Job(
+        method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan, quality_plan
+    )
 
 
 @dataclass
@@ -80,14 +83,26 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         done = tracker.finished_run(key)
         if done is not None:
             run_id = done.info.run_id
-            log.info("Skipping %s: run %s of experiment %r already FINISHED with this config (config_hash %s); "
-                     "force=true reruns it", cfg.method.name, run_id, cfg.tracking.experiment, key)
+            log.info(
+                "Skipping %s: run %s of experiment %r already FINISHED with this config (config_hash %s); "
+                "force=true reruns it",
+                cfg.method.name,
+                run_id,
+                cfg.tracking.experiment,
+                key,
+            )
             sweep = _sweep_tags()
             if "sweep_id" in sweep:  # the run counts as this sweep's too (report, register, recommend read it)
                 tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
             return Outcome("SKIPPED", run_id, dict(done.data.metrics))
-    tags = {"model": cfg.model.name, "hardware": cfg.hardware.name, "eval": cfg.eval.name, "bench": cfg.bench.name,
-            "method": cfg.method.name, **_sweep_tags()}
+    tags = {
+        "model": cfg.model.name,
+        "hardware": cfg.hardware.name,
+        "eval": cfg.eval.name,
+        "bench": cfg.bench.name,
+        "method": cfg.method.name,
+        **_sweep_tags(),
+    }
     if models.has_random_weights(str(cfg.model.pretrained)):
         tags["weights"] = "random"  # speed, size and memory are the architecture's; accuracy is chance
     metrics: dict[str, float] = {}
@@ -107,8 +122,11 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             cache_key, cache_inputs, cached = _cache_lookup(cfg, job, loaded.identity if loaded else {})
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
                 if cached is not None:
-                    log.info("Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
-                             cached.folder.parent, cached.manifest.get("run_id"))
+                    log.info(
+                        "Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
+                        cached.folder.parent,
+                        cached.manifest.get("run_id"),
+                    )
                     quantized_cache.restore(cached, out_dir)
                     model = job.method.load_saved(out_dir, job.source, cfg.hardware)
                 else:
@@ -118,8 +136,11 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             tokenizer.save_pretrained(out_dir)
             # from a cache hit, the quantization's own time and peak as measured when it ran (the report compares
             # methods' costs); what the reuse took beside them
-            quantized = cached.manifest["metrics"] if cached is not None else {
-                "quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": _peak_gb(mem)}
+            quantized = (
+                cached.manifest["metrics"]
+                if cached is not None
+                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": _peak_gb(mem)}
+            )
             metrics |= quantized | {
                 "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
                 "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
@@ -129,20 +150,30 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 metrics["cache_restore_s"] = quantize_time.seconds
             # some methods name their format only once they know the dtype (fp16: safetensors-bfloat16)
             tracker.set_tags({"quant_format": job.method.quant_format})
-            tracker.set_tags({"cache": "off" if cache_key is None else "hit" if cached is not None else "miss",
-                              "cache_key": cache_key})
+            tracker.set_tags(
+                {
+                    "cache": "off" if cache_key is None else "hit" if cached is not None else "miss",
+                    "cache_key": cache_key,
+                }
+            )
             tracker.log_metrics(metrics)
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
             probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
-            metrics |= fingerprint.verify(model, out_dir, probe, cfg.hardware.device,
-                                          loading_attributes=job.method.loading_attributes(),
-                                          timeout_s=(cfg.get("timeouts") or {}).get("artifact_check_s"))
+            metrics |= fingerprint.verify(
+                model,
+                out_dir,
+                probe,
+                cfg.hardware.device,
+                loading_attributes=job.method.loading_attributes(),
+                timeout_s=(cfg.get("timeouts") or {}).get("artifact_check_s"),
+            )
             tracker.log_metrics(metrics)
             tracker.set_tags({"artifact_verified": "true"})
             if cache_key is not None and cached is None:  # only a verified artifact is stored
-                quantized_cache.store(Path(cfg.quantized_cache.dir), cache_key, cache_inputs, out_dir, quantized,
-                                      tracker.run_id)
+                quantized_cache.store(
+                    Path(cfg.quantized_cache.dir), cache_key, cache_inputs, out_dir, quantized, tracker.run_id
+                )
 
             if job.eval_plan is not None:
                 with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
@@ -151,8 +182,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 tracker.log_metrics(metrics)
                 tracker.log_json(result.results, "eval/results.json")
                 tracker.log_json(result.samples, "eval/samples.json")
-                metrics |= _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker, probe,
-                                            metrics["fingerprint_nll"])
+                metrics |= _repeat_accuracy(
+                    cfg, job, tokenizer, result.metrics, tracker, probe, metrics["fingerprint_nll"]
+                )
 
             if job.quality_plan is not None:
                 with measure.Stopwatch() as quality_time:
@@ -188,8 +220,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     return Outcome("FINISHED", tracker.run_id, metrics)
 
 
-def _cache_lookup(cfg: DictConfig, job: Job, calibration_identity: dict[str, str]
-                  ) -> tuple[str | None, dict, quantized_cache.Entry | None]:
+def _cache_lookup(
+    cfg: DictConfig, job: Job, calibration_identity: dict[str, str]
+) -> tuple[str | None, dict, quantized_cache.Entry | None]:
     """(key, its inputs, the stored entry or None); no key where the cache is off or quantizing is loading (fp16,
     bitsandbytes: `load_saved` not implemented). The calibration data's identity (a file's sha256) is in the key: an
     edited file under the same name is other data."""
@@ -217,8 +250,10 @@ def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
     if path.exists() or job.method.is_baseline:
         base = quality.baseline(model, ids, plan, path)
     else:
-        log.info("No baseline distributions for %s on this text yet: computing them with the unquantized model",
-                 job.source.reference)
+        log.info(
+            "No baseline distributions for %s on this text yet: computing them with the unquantized model",
+            job.source.reference,
+        )
         reference = job.source.load(dtype=torch_dtype(hw.dtype), device=hw.device)
         base = quality.baseline(reference, ids, plan, path)
         del reference
@@ -233,8 +268,9 @@ def _probe_text(cfg: DictConfig) -> str:
     return calibration.ENGLISH_PROBE
 
 
-def _repeat_accuracy(cfg: DictConfig, job: Job, tokenizer, first: dict[str, float], tracker: Tracker,
-                     probe: list[int], first_nll: float) -> dict[str, float]:
+def _repeat_accuracy(
+    cfg: DictConfig, job: Job, tokenizer, first: dict[str, float], tracker: Tracker, probe: list[int], first_nll: float
+) -> dict[str, float]:
     """Re-quantize with calibration seeds seed+1 .. seed+repeats-1, evaluate each, log mean and spread.
 
     Only calibrated methods are repeated: re-running a deterministic quantizer and evaluation gives the same
@@ -295,6 +331,10 @@ def _sweep_tags() -> dict[str, str]:
     hc = HydraConfig.get()
     tags = {"hydra_output_dir": hc.runtime.output_dir}
     if hc.mode == RunMode.MULTIRUN:
-        tags |= {"sweep_id": Path(hc.sweep.dir).name, "sweep_dir": str(hc.sweep.dir), "job_num": str(hc.job.num),
-                 "overrides": " ".join(hc.overrides.task)}
+        tags |= {
+            "sweep_id": Path(hc.sweep.dir).name,
+            "sweep_dir": str(hc.sweep.dir),
+            "job_num": str(hc.job.num),
+            "overrides": " ".join(hc.overrides.task),
+        }
     return tags

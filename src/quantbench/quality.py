@@ -48,8 +48,10 @@ def plan(cfg: DictConfig) -> QualityPlan | None:
         raise ConfigError(f"quality.dataset={ds!r} is unknown; choose 'embedded:tiny' or one of {sorted(HUB_TEXTS)}.")
     p = QualityPlan(ds, int(cfg.num_tokens), int(cfg.seq_len), int(cfg.batch_size), int(cfg.seed))
     if p.seq_len < 8 or p.num_tokens < p.seq_len or p.batch_size < 1:
-        raise ConfigError(f"quality: seq_len={p.seq_len} must be >= 8, num_tokens={p.num_tokens} at least one "
-                          f"window of seq_len, batch_size={p.batch_size} >= 1.")
+        raise ConfigError(
+            f"quality: seq_len={p.seq_len} must be >= 8, num_tokens={p.num_tokens} at least one "
+            f"window of seq_len, batch_size={p.batch_size} >= 1."
+        )
     return p
 
 
@@ -92,8 +94,10 @@ def log_probs(model, ids: torch.Tensor, batch_size: int):
 
 
 def baseline_path(cache_dir: str | Path, source: SourceModel, dtype: str, device: str, ids: torch.Tensor) -> Path:
-    key = hashlib.sha256(f"{source.reference}|{source.path_or_id}|{source.revision}|{dtype}|{device.split(':')[0]}"
-                         .encode() + ids.numpy().tobytes()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{source.reference}|{source.path_or_id}|{source.revision}|{dtype}|{device.split(':')[0]}".encode()
+        + ids.numpy().tobytes()
+    ).hexdigest()[:16]
     return Path(cache_dir) / "quantbench" / "baselines" / f"{source.name}-{key}.pt"
 
 
@@ -136,9 +140,16 @@ def compare(model, ids: torch.Tensor, base: torch.Tensor, batch_size: int) -> Co
         nll.append(-lq.gather(-1, x[:, 1:, None]).squeeze(-1).cpu())
     kl = torch.cat(kls).clamp_min(0)  # [windows, positions]; float rounding can leave -1e-7 where equal
     agree_all, nll_all = torch.cat(agree).float(), torch.cat(nll)
-    metrics = {"quality_kl_mean": kl.mean().item(), "quality_kl_p99": torch.quantile(kl.flatten(), 0.99).item(),
-               "quality_top1_agreement": agree_all.mean().item(), "quality_ppl": nll_all.mean().exp().item(),
-               "quality_tokens": float(kl.numel())}
-    per_window = {"kl_mean": kl.mean(1).tolist(), "top1_agreement": agree_all.mean(1).tolist(),
-                  "nll_mean": nll_all.mean(1).tolist()}
+    metrics = {
+        "quality_kl_mean": kl.mean().item(),
+        "quality_kl_p99": torch.quantile(kl.flatten(), 0.99).item(),
+        "quality_top1_agreement": agree_all.mean().item(),
+        "quality_ppl": nll_all.mean().exp().item(),
+        "quality_tokens": float(kl.numel()),
+    }
+    per_window = {
+        "kl_mean": kl.mean(1).tolist(),
+        "top1_agreement": agree_all.mean(1).tolist(),
+        "nll_mean": nll_all.mean(1).tolist(),
+    }
     return Comparison(metrics, per_window)

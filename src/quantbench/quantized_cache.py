@@ -91,8 +91,11 @@ def lookup(cache_dir: Path, key: str) -> Entry | None:
     manifest = json.loads(manifest_path.read_text())
     changed = measure.changed_files(root / "model", manifest["files"])
     if changed:
-        log.warning("Quantized-model cache entry %s changed since it was stored (%s): removed, quantizing again",
-                    root, ", ".join(changed[:5]))
+        log.warning(
+            "Quantized-model cache entry %s changed since it was stored (%s): removed, quantizing again",
+            root,
+            ", ".join(changed[:5]),
+        )
         shutil.rmtree(root, ignore_errors=True)
         return None
     return Entry(key, root / "model", manifest)
@@ -106,8 +109,14 @@ def store(cache_dir: Path, key: str, inputs: dict, model_dir: Path, metrics: dic
     tmp = Path(cache_dir) / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp / "model")
-    manifest = {"key": key, "inputs": inputs, "files": measure.file_sha256(tmp / "model"), "metrics": metrics, "run_id": run_id,
-                "stored": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = {
+        "key": key,
+        "inputs": inputs,
+        "files": measure.file_sha256(tmp / "model"),
+        "metrics": metrics,
+        "run_id": run_id,
+        "stored": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if root.exists():  # another job stored the same key meanwhile: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)

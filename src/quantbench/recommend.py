@@ -78,8 +78,11 @@ def memory_need(row: RunRow) -> tuple[float | None, str]:
 
 
 def worse_tasks(row: RunRow, comparisons: Comparisons) -> list[str]:
-    return [f"{task} ({_pp(d.delta)} [{_pp(d.low)}, {_pp(d.high)}])"
-            for task, d in comparisons.get(row.run_id or "", {}).items() if d.verdict == stats.WORSE]
+    return [
+        f"{task} ({_pp(d.delta)} [{_pp(d.low)}, {_pp(d.high)}])"
+        for task, d in comparisons.get(row.run_id or "", {}).items()
+        if d.verdict == stats.WORSE
+    ]
 
 
 def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Assessment]:
@@ -114,8 +117,10 @@ def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Ass
         if c.backend is not None and row.tags.get("bench_backend") != c.backend:
             a.excluded.append(f"benchmarked by {row.tags.get('bench_backend', 'no backend')}, not {c.backend}")
         if c.fine_tune and row.tags.get("quant_library") != QLORA_LIBRARY:
-            a.excluded.append(f"fine-tuning with QLoRA needs a {QLORA_LIBRARY} base; "
-                              f"this is {row.tags.get('quant_library', 'unknown library')}")
+            a.excluded.append(
+                f"fine-tuning with QLoRA needs a {QLORA_LIBRARY} base; "
+                f"this is {row.tags.get('quant_library', 'unknown library')}"
+            )
         out.append(a)
     return out
 
@@ -129,25 +134,49 @@ def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recom
     if not pool:
         lines = [f"{a.row.label} ({a.row.run_id}): " + "; ".join(a.excluded) for a in assessments]
         memory_bound = any("budget" in reason for a in assessments for reason in a.excluded)
-        return Recommendation(None, "No measured method meets every constraint"
-                              + (" (the seed's advice when memory is short: a smaller base model before going "
-                                 "below 4 bits)." if memory_bound else "."), lines, assessments)
+        return Recommendation(
+            None,
+            "No measured method meets every constraint"
+            + (
+                " (the seed's advice when memory is short: a smaller base model before going below 4 bits)."
+                if memory_bound
+                else "."
+            ),
+            lines,
+            assessments,
+        )
     pool.sort(key=lambda a: (-(a.row.tokens_per_s(c.streams) or -1.0), a.memory_gb or 0.0))
     groups = speed_groups(a.row for a in pool)
     if len(groups) > 1 and not c.across_backends:
-        fastest = "; ".join(f"{basis}: {rows[0].label} ({_tps(rows[0], c.streams)} tokens/s)"
-                            for basis, rows in groups.items())
-        return Recommendation(None, f"The candidates' tokens/s were measured by different backends or machines, so "
-                              f"the fastest cannot be named (fastest of each: {fastest}). Choose one with --backend, "
-                              f"or rank across them with --across-backends.",
-                              [f"{a.row.label} ({a.row.run_id}): {a.row.speed_basis}" for a in pool], assessments)
+        fastest = "; ".join(
+            f"{basis}: {rows[0].label} ({_tps(rows[0], c.streams)} tokens/s)" for basis, rows in groups.items()
+        )
+        return Recommendation(
+            None,
+            f"The candidates' tokens/s were measured by different backends or machines, so "
+            f"the fastest cannot be named (fastest of each: {fastest}). Choose one with --backend, "
+            f"or rank across them with --across-backends.",
+            [f"{a.row.label} ({a.row.run_id}): {a.row.speed_basis}" for a in pool],
+            assessments,
+        )
     best = pool[0]
-    why = (f"{best.row.label} (run {best.row.run_id}): {_describe(best, sel, c)}"
-           + ("" if best.worse_on else f"; no task significantly worse than {sel.baseline_method}"
-              if comparisons.get(best.row.run_id or "") else f"; accuracy not compared with {sel.baseline_method}"
-              + (" (random weights)" if best.row.random_weights else ""))
-           + ("" if accurate else " — but every feasible run is significantly worse than the baseline somewhere: "
-              + "; ".join(best.worse_on)))
+    why = (
+        f"{best.row.label} (run {best.row.run_id}): {_describe(best, sel, c)}"
+        + (
+            ""
+            if best.worse_on
+            else f"; no task significantly worse than {sel.baseline_method}"
+            if comparisons.get(best.row.run_id or "")
+            else f"; accuracy not compared with {sel.baseline_method}"
+            + (" (random weights)" if best.row.random_weights else "")
+        )
+        + (
+            ""
+            if accurate
+            else " — but every feasible run is significantly worse than the baseline somewhere: "
+            + "; ".join(best.worse_on)
+        )
+    )
     others = []
     for a in assessments:
         if a is best:
@@ -155,43 +184,78 @@ def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recom
         if not a.feasible:
             others.append(f"{a.row.label} ({a.row.run_id}): excluded — " + "; ".join(a.excluded))
         elif accurate and a.worse_on:
-            others.append(f"{a.row.label} ({a.row.run_id}): significantly worse than {sel.baseline_method} on "
-                          + "; ".join(a.worse_on))
+            others.append(
+                f"{a.row.label} ({a.row.run_id}): significantly worse than {sel.baseline_method} on "
+                + "; ".join(a.worse_on)
+            )
         else:
-            others.append(f"{a.row.label} ({a.row.run_id}): slower — {_tps(a.row, c.streams)} vs "
-                          f"{_tps(best.row, c.streams)} tokens/s at {_streams(c.streams)}")
+            others.append(
+                f"{a.row.label} ({a.row.run_id}): slower — {_tps(a.row, c.streams)} vs "
+                f"{_tps(best.row, c.streams)} tokens/s at {_streams(c.streams)}"
+            )
     return Recommendation(best, why, others, assessments)
 
 
 def decision_matrix(sel: Selection, comparisons: Comparisons) -> list[dict[str, str]]:
     """The seed's four constraints, each answered by the measured runs (the baseline is never the answer)."""
-    quantized = Selection(sel.experiment, sel.experiment_id, sel.sweep,
-                          [r for r in sel.rows if r.method != sel.baseline_method], sel.baseline_method,
-                          sel.baseline, sel.baseline_note)
+    quantized = Selection(
+        sel.experiment,
+        sel.experiment_id,
+        sel.sweep,
+        [r for r in sel.rows if r.method != sel.baseline_method],
+        sel.baseline_method,
+        sel.baseline,
+        sel.baseline_note,
+    )
     rows: list[dict[str, str]] = []
 
     def add(key: str, constraint: str, rec: Recommendation | None, evidence: str | None = None) -> None:
         choice = rec.choice.row if rec and rec.choice else None
-        rows.append({"constraint": constraint, "recommended": choice.label if choice else "none measured",
-                     "evidence": evidence or (rec.why if rec else ""), "seed": SEED_MATRIX[key],
-                     "runs": choice.run_id if choice and choice.run_id else ""})
+        rows.append(
+            {
+                "constraint": constraint,
+                "recommended": choice.label if choice else "none measured",
+                "evidence": evidence or (rec.why if rec else ""),
+                "seed": SEED_MATRIX[key],
+                "runs": choice.run_id if choice and choice.run_id else "",
+            }
+        )
 
-    add("production", "Production inference (fastest at 1 stream, accuracy within noise of the baseline)",
-        recommend(quantized, comparisons, Constraints()))
+    add(
+        "production",
+        "Production inference (fastest at 1 stream, accuracy within noise of the baseline)",
+        recommend(quantized, comparisons, Constraints()),
+    )
     gptq = [r for r in quantized.finished if r.method.startswith("gptq")]
-    legacy = recommend(Selection(sel.experiment, sel.experiment_id, sel.sweep, gptq, sel.baseline_method,
-                                 sel.baseline), comparisons, Constraints()) if gptq else None
-    add("legacy", "Mature tooling / legacy stack support", legacy,
-        None if gptq else "maturity is not measured, and no GPTQ run finished in this sweep")
+    legacy = (
+        recommend(
+            Selection(sel.experiment, sel.experiment_id, sel.sweep, gptq, sel.baseline_method, sel.baseline),
+            comparisons,
+            Constraints(),
+        )
+        if gptq
+        else None
+    )
+    add(
+        "legacy",
+        "Mature tooling / legacy stack support",
+        legacy,
+        None if gptq else "maturity is not measured, and no GPTQ run finished in this sweep",
+    )
     add("fine_tune", "Fine-tuning (QLoRA)", recommend(quantized, comparisons, Constraints(fine_tune=True)))
-    smallest = sorted((a for a in assess(quantized, comparisons, Constraints()) if a.memory_gb is not None),
-                      key=lambda a: a.memory_gb)
+    smallest = sorted(
+        (a for a in assess(quantized, comparisons, Constraints()) if a.memory_gb is not None), key=lambda a: a.memory_gb
+    )
     if smallest:
         s = smallest[0]
         rec = Recommendation(s, "", [], [])
-        add("min_memory", "Tight GPU memory / absolute minimum memory", rec,
+        add(
+            "min_memory",
+            "Tight GPU memory / absolute minimum memory",
+            rec,
             f"{s.row.label} (run {s.row.run_id}): smallest, {_describe(s, sel, Constraints())}"
-            + (f"; significantly worse on {'; '.join(s.worse_on)}" if s.worse_on else ""))
+            + (f"; significantly worse on {'; '.join(s.worse_on)}" if s.worse_on else ""),
+        )
     else:
         add("min_memory", "Tight GPU memory / absolute minimum memory", None, "no run measured memory")
     return rows
@@ -199,9 +263,11 @@ def decision_matrix(sel: Selection, comparisons: Comparisons) -> list[dict[str, 
 
 def _describe(a: Assessment, sel: Selection, c: Constraints) -> str:
     acc = a.row.mean_acc(sel.tasks)
-    parts = [f"needs {a.memory_gb:.3g} GB ({a.memory_basis})" if a.memory_gb is not None else "memory not measured",
-             f"mean accuracy {acc:.1%}" if acc is not None else "accuracy not measured",
-             f"{_tps(a.row, c.streams)} tokens/s at {_streams(c.streams)}"]
+    parts = [
+        f"needs {a.memory_gb:.3g} GB ({a.memory_basis})" if a.memory_gb is not None else "memory not measured",
+        f"mean accuracy {acc:.1%}" if acc is not None else "accuracy not measured",
+        f"{_tps(a.row, c.streams)} tokens/s at {_streams(c.streams)}",
+    ]
     if c.fine_tune:
         parts.append(f"{QLORA_LIBRARY}: QLoRA-ready")
     return ", ".join(parts)
@@ -227,27 +293,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")
     p.add_argument("--streams", type=int, default=1, help="concurrent streams the tokens/s floor applies to")
     p.add_argument("--fine-tune", action="store_true", help="the model will be fine-tuned (QLoRA: bitsandbytes)")
-    p.add_argument("--max-kl-mean", type=float,
-                   help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)")
+    p.add_argument(
+        "--max-kl-mean",
+        type=float,
+        help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)",
+    )
     p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")
-    p.add_argument("--across-backends", action="store_true",
-                   help="rank tokens/s measured by different backends or machines against each other anyway")
+    p.add_argument(
+        "--across-backends",
+        action="store_true",
+        help="rank tokens/s measured by different backends or machines against each other anyway",
+    )
     add_store_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     store = Store(args.tracking_uri)
     sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
     min_acc = args.min_accuracy / 100 if args.min_accuracy is not None and args.min_accuracy > 1 else args.min_accuracy
-    rec = recommend(sel, store.compare(sel),
-                    Constraints(args.gpu_memory_gb, min_acc, args.min_tokens_per_s, args.streams, args.fine_tune,
-                                max_kl_mean=args.max_kl_mean, backend=args.backend,
-                                across_backends=args.across_backends))
-    log.info("Experiment %s, sweep %s (%d runs), baseline %s.%s", sel.experiment, sel.sweep, len(sel.rows),
-             sel.baseline_method, f" {sel.baseline_note}" if sel.baseline_note else "")
-    log.info("Constraints: GPU memory <= %s GB, mean accuracy >= %s, tokens/s >= %s at %s, KL <= %s, fine-tune: %s%s",
-             args.gpu_memory_gb, f"{min_acc:.1%}" if min_acc is not None else None, args.min_tokens_per_s,
-             _streams(args.streams), args.max_kl_mean, "yes (QLoRA)" if args.fine_tune else "no",
-             f", backend: {args.backend}" if args.backend else "")
+    rec = recommend(
+        sel,
+        store.compare(sel),
+        Constraints(
+            args.gpu_memory_gb,
+            min_acc,
+            args.min_tokens_per_s,
+            args.streams,
+            args.fine_tune,
+            max_kl_mean=args.max_kl_mean,
+            backend=args.backend,
+            across_backends=args.across_backends,
+        ),
+    )
+    log.info(
+        "Experiment %s, sweep %s (%d runs), baseline %s.%s",
+        sel.experiment,
+        sel.sweep,
+        len(sel.rows),
+        sel.baseline_method,
+        f" {sel.baseline_note}" if sel.baseline_note else "",
+    )
+    log.info(
+        "Constraints: GPU memory <= %s GB, mean accuracy >= %s, tokens/s >= %s at %s, KL <= %s, fine-tune: %s%s",
+        args.gpu_memory_gb,
+        f"{min_acc:.1%}" if min_acc is not None else None,
+        args.min_tokens_per_s,
+        _streams(args.streams),
+        args.max_kl_mean,
+        "yes (QLoRA)" if args.fine_tune else "no",
+        f", backend: {args.backend}" if args.backend else "",
+    )
     for row in sel.rows:
         if not row.ok:
             log.info("Not considered: %s (%s): %s", row.label, row.run_id or "no run", row.short_status())

@@ -82,15 +82,19 @@ def metric(row: RunRow, name: str | None, tasks: list[str]) -> float | None:
 def higher_is_better(name: str) -> bool:
     """Sizes, times, KL divergence and perplexity are better small; accuracy, throughput and agreement big."""
     lowered = name.replace(" ", "_")
-    return not (lowered.endswith("_gb") or lowered.startswith("ttft") or
-                lowered.startswith(("quality_kl", "quality_ppl")) or
-                (lowered.endswith("_s") and not lowered.startswith(("tokens_per_s", "decode_tokens_per_s"))))
+    return not (
+        lowered.endswith("_gb")
+        or lowered.startswith("ttft")
+        or lowered.startswith(("quality_kl", "quality_ppl"))
+        or (lowered.endswith("_s") and not lowered.startswith(("tokens_per_s", "decode_tokens_per_s")))
+    )
 
 
 def is_speed(name: str | None) -> bool:
     """Metrics that measure the benchmark backend as much as the model."""
     return bool(name) and name.replace(" ", "_").startswith(
-        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start"))
+        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start")
+    )
 
 
 def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfig) -> list[Decision]:
@@ -112,10 +116,12 @@ def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfi
     for name, compared in ((policy.rank_by, candidates), (policy.tie_break, tied if len(tied) > 1 else [])):
         groups = speed_groups(d.row for d in compared)
         if is_speed(name) and len(groups) > 1 and not policy.rank_across_backends:
-            reason = (f"{name} would rank runs benchmarked by different backends or machines ("
-                      + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
-                      + "), which measures the backend as much as the model; choose runs of one backend "
-                        "(e.g. a sweep with one bench.backend), or set rank_across_backends=true")
+            reason = (
+                f"{name} would rank runs benchmarked by different backends or machines ("
+                + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
+                + "), which measures the backend as much as the model; choose runs of one backend "
+                "(e.g. a sweep with one bench.backend), or set rank_across_backends=true"
+            )
             for d in compared:
                 d.rejected.append(reason)
                 d.why = "rejected: " + "; ".join(d.rejected)
@@ -128,17 +134,23 @@ def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfi
     if len(tied) == 1:
         winner.why = f"best {rank}: {_v(winner.score)}"
     else:
-        winner.why = (f"{rank} {_v(winner.score)} within {policy.tie_tolerance:g} of the best ({_v(best_score)}), "
-                      f"and best {tie} among the {len(tied)} tied: {_v(winner.tie_value)}")
+        winner.why = (
+            f"{rank} {_v(winner.score)} within {policy.tie_tolerance:g} of the best ({_v(best_score)}), "
+            f"and best {tie} among the {len(tied)} tied: {_v(winner.tie_value)}"
+        )
     for d in candidates:
         if d is winner:
             continue
         if d in tied:
-            d.why = (f"tied on {rank} ({_v(d.score)} vs best {_v(best_score)}, within {policy.tie_tolerance:g}) "
-                     f"but lost the tie-break on {tie}: {_v(d.tie_value)} vs {_v(winner.tie_value)}")
+            d.why = (
+                f"tied on {rank} ({_v(d.score)} vs best {_v(best_score)}, within {policy.tie_tolerance:g}) "
+                f"but lost the tie-break on {tie}: {_v(d.tie_value)} vs {_v(winner.tie_value)}"
+            )
         else:
-            d.why = (f"{rank} {_v(d.score)} is more than {policy.tie_tolerance:g} "
-                     f"{'below' if up_rank > 0 else 'above'} the best ({_v(best_score)})")
+            d.why = (
+                f"{rank} {_v(d.score)} is more than {policy.tie_tolerance:g} "
+                f"{'below' if up_rank > 0 else 'above'} the best ({_v(best_score)})"
+            )
     for d in decisions:
         if d.rejected:
             d.why = "rejected: " + "; ".join(d.rejected)
@@ -149,10 +161,13 @@ def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons,
     if not row.ok:
         return [row.short_status()]
     out = []
-    limits = [("disk_gb", policy.max_disk_gb, "max"), ("serve_mem_gb", policy.max_serve_mem_gb, "max"),
-              ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
-              ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
-              ("quality_kl_mean", policy.max_kl_mean, "max")]
+    limits = [
+        ("disk_gb", policy.max_disk_gb, "max"),
+        ("serve_mem_gb", policy.max_serve_mem_gb, "max"),
+        ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
+        ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
+        ("quality_kl_mean", policy.max_kl_mean, "max"),
+    ]
     for name, limit, kind in limits:
         if limit is None:
             continue
@@ -171,8 +186,10 @@ def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons,
                 if acc is None or ref is None:
                     out.append(f"no {task} accuracy to compare with the baseline")
                 elif 100 * (ref - acc) > policy.max_acc_drop_points:
-                    out.append(f"{task} drops {100 * (ref - acc):.2f} pp vs {sel.baseline_method} "
-                               f"> max {policy.max_acc_drop_points:g}")
+                    out.append(
+                        f"{task} drops {100 * (ref - acc):.2f} pp vs {sel.baseline_method} "
+                        f"> max {policy.max_acc_drop_points:g}"
+                    )
     if policy.reject_significantly_worse:
         worse = recommend.worse_tasks(row, comparisons)
         if worse:
@@ -180,30 +197,39 @@ def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons,
     return out
 
 
-def register(store: Store, sel: Selection, decision: Decision, policy: DictConfig) -> tuple[ModelVersion, bool, str | None]:
+def register(
+    store: Store, sel: Selection, decision: Decision, policy: DictConfig
+) -> tuple[ModelVersion, bool, str | None]:
     """Register the winner's model folder (idempotent per run and source) and point the alias at it.
 
     Returns the version, whether it was created now, and the version the alias pointed to before.
     """
     client, name, row = store.client, policy.registered_name, decision.row
     if not client.list_artifacts(row.run_id, MODEL_DIR):
-        raise SystemExit(f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder "
-                         f"(was tracking.log_model=false?); nothing to register.")
+        raise SystemExit(
+            f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder "
+            f"(was tracking.log_model=false?); nothing to register."
+        )
     verify_files(store, row)
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Quantized models chosen by quantbench's selection policy "
-                                                         "(conf/policy). Load with models:/<name>@champion.")
+        client.create_registered_model(
+            name,
+            description="Quantized models chosen by quantbench's selection policy "
+            "(conf/policy). Load with models:/<name>@champion.",
+        )
     source = f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}"
-    same = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{row.run_id}'")
-            if v.source == source]
+    same = [
+        v for v in client.search_model_versions(f"name = '{name}' and run_id = '{row.run_id}'") if v.source == source
+    ]
     created = not same
     if same:
         version = min(same, key=lambda v: int(v.version))
     else:
-        version = client.create_model_version(name, source=source, run_id=row.run_id,
-                                              description=f"{row.label} from sweep {sel.sweep}: {decision.why}")
+        version = client.create_model_version(
+            name, source=source, run_id=row.run_id, description=f"{row.label} from sweep {sel.sweep}: {decision.why}"
+        )
     try:
         previous: str | None = client.get_model_version_by_alias(name, policy.alias).version
     except MlflowException:
@@ -223,32 +249,50 @@ def verify_files(store: Store, row: RunRow) -> None:
 
     with tempfile.TemporaryDirectory(prefix="quantbench-verify-") as tmp:
         try:
-            record = mlflow.artifacts.download_artifacts(run_id=row.run_id, artifact_path=measure.MODEL_SHA256,
-                                                         dst_path=tmp, tracking_uri=store.uri)
+            record = mlflow.artifacts.download_artifacts(
+                run_id=row.run_id, artifact_path=measure.MODEL_SHA256, dst_path=tmp, tracking_uri=store.uri
+            )
         except (MlflowException, OSError) as exc:
-            raise SystemExit(f"Run {row.run_id} ({row.label}) has no {measure.MODEL_SHA256} (runs logged before quantbench "
-                             f"recorded file hashes have none), so its model folder cannot be checked; rerun the job "
-                             f"with force=true. ({type(exc).__name__})") from exc
+            raise SystemExit(
+                f"Run {row.run_id} ({row.label}) has no {measure.MODEL_SHA256} (runs logged before quantbench "
+                f"recorded file hashes have none), so its model folder cannot be checked; rerun the job "
+                f"with force=true. ({type(exc).__name__})"
+            ) from exc
         expected = json.loads(Path(record).read_text())
-        folder = mlflow.artifacts.download_artifacts(run_id=row.run_id, artifact_path=MODEL_DIR,
-                                                     dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri)
+        folder = mlflow.artifacts.download_artifacts(
+            run_id=row.run_id, artifact_path=MODEL_DIR, dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri
+        )
         wrong = measure.changed_files(folder, expected)
     if wrong:
-        raise SystemExit(f"Run {row.run_id} ({row.label}): its logged model folder is not what the job measured — "
-                         f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''} (sha256 against {measure.MODEL_SHA256}). "
-                         f"Nothing registered; rerun the job with force=true.")
+        raise SystemExit(
+            f"Run {row.run_id} ({row.label}): its logged model folder is not what the job measured — "
+            f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''} (sha256 against {measure.MODEL_SHA256}). "
+            f"Nothing registered; rerun the job with force=true."
+        )
 
 
 def _version_tags(sel: Selection, decision: Decision, policy: DictConfig) -> dict[str, str]:
     row = decision.row
-    tags = {"method": row.method, "experiment": sel.experiment, "sweep_id": sel.sweep, "why": decision.why[:4000],
-            "policy": OmegaConf.to_yaml(policy)[:4000]}
+    tags = {
+        "method": row.method,
+        "experiment": sel.experiment,
+        "sweep_id": sel.sweep,
+        "why": decision.why[:4000],
+        "policy": OmegaConf.to_yaml(policy)[:4000],
+    }
     tags |= {f"policy.{k}": str(v) for k, v in OmegaConf.to_container(policy).items()}
     won = {"mean_accuracy": metric(row, MEAN_ACCURACY, sel.tasks), policy.rank_by.replace(" ", "_"): decision.score}
     if policy.tie_break:
         won[policy.tie_break] = decision.tie_value
-    for name in ("disk_gb", "weight_gb", "bits_per_weight", "peak_mem_gb", "tokens_per_s_1_stream",
-                 "tokens_per_s_8_streams", *(f"{t}_acc" for t in sel.tasks)):
+    for name in (
+        "disk_gb",
+        "weight_gb",
+        "bits_per_weight",
+        "peak_mem_gb",
+        "tokens_per_s_1_stream",
+        "tokens_per_s_8_streams",
+        *(f"{t}_acc" for t in sel.tasks),
+    ):
         won.setdefault(name, row.metrics.get(name))
     tags |= {f"metric.{k}": f"{v:.6g}" for k, v in won.items() if v is not None}
     return tags
@@ -283,8 +327,13 @@ def smoke_generate(folder: Path, prompt: str = "Where does", new_tokens: int = 8
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        out = model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
     return tok.decode(out[0], skip_special_tokens=True)
 
 
@@ -303,8 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     sel = store.select(args.experiment, args.sweep, args.filter, baseline)
     decisions = decide(sel, store.compare(sel), policy)
     log.info("Policy %s: %s", args.policy, OmegaConf.to_container(policy))
-    log.info("Experiment %s, sweep %s, baseline %s%s", sel.experiment, sel.sweep,
-             sel.baseline.run_id if sel.baseline else "none", f" ({sel.baseline_note})" if sel.baseline_note else "")
+    log.info(
+        "Experiment %s, sweep %s, baseline %s%s",
+        sel.experiment,
+        sel.sweep,
+        sel.baseline.run_id if sel.baseline else "none",
+        f" ({sel.baseline_note})" if sel.baseline_note else "",
+    )
     for d in sorted(decisions, key=lambda d: not d.won):
         log.info("%-4s %s (run %s): %s", "WON" if d.won else "LOST", d.row.label, d.row.run_id or "none", d.why)
     winner = next((d for d in decisions if d.won), None)
@@ -314,14 +368,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     version, created, previous = register(store, sel, winner, policy)
-    log.info("%s %s version %s (source %s); alias %s: %s -> %s", "Registered" if created else "Already registered:",
-             policy.registered_name, version.version, version.source, policy.alias, previous or "none",
-             version.version)
+    log.info(
+        "%s %s version %s (source %s); alias %s: %s -> %s",
+        "Registered" if created else "Already registered:",
+        policy.registered_name,
+        version.version,
+        version.source,
+        policy.alias,
+        previous or "none",
+        version.version,
+    )
     if args.verify:
         with tempfile.TemporaryDirectory(prefix="quantbench-champion-") as tmp:
             folder = load_champion(store, policy.registered_name, policy.alias, tmp)
-            log.info("models:/%s@%s loads from %s and generates: %r", policy.registered_name, policy.alias,
-                     version.source, smoke_generate(folder))
+            log.info(
+                "models:/%s@%s loads from %s and generates: %r",
+                policy.registered_name,
+                policy.alias,
+                version.source,
+                smoke_generate(folder),
+            )
     return 0
 
 

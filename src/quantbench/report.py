@@ -57,9 +57,24 @@ class Table:
 
 def memory_table(sel: Selection) -> Table:
     base_disk = sel.baseline.metrics.get("disk_gb") if sel.baseline else None
-    t = Table("memory", "(a) Memory footprint",
-              ["Method", "Status", "Bits/weight", "Disk (GB)", f"Δ vs {sel.baseline_method}", "Weights (GB)",
-               "Serving mem (GB)", "Quantize peak (GB)", "Eval peak (GB)", "Peak mem (GB)", "Quantize (s)", "Run"])
+    t = Table(
+        "memory",
+        "(a) Memory footprint",
+        [
+            "Method",
+            "Status",
+            "Bits/weight",
+            "Disk (GB)",
+            f"Δ vs {sel.baseline_method}",
+            "Weights (GB)",
+            "Serving mem (GB)",
+            "Quantize peak (GB)",
+            "Eval peak (GB)",
+            "Peak mem (GB)",
+            "Quantize (s)",
+            "Run",
+        ],
+    )
     for r in sel.rows:
         disk = r.metrics.get("disk_gb")
         delta = disk - base_disk if disk is not None and base_disk is not None else None
@@ -69,24 +84,58 @@ def memory_table(sel: Selection) -> Table:
             delta_cell = MISSING
         else:
             delta_cell = f"{delta:+.4g} GB ({100 * delta / base_disk:+.0f} %)" if base_disk else f"{delta:+.4g} GB"
-        t.cells.append([r.label, _status(r), _fmt(r.metrics.get("bits_per_weight"), ".2f"), _fmt(disk, ".4g"),
-                        delta_cell, _fmt(r.metrics.get("weight_gb"), ".4g"), _fmt(r.metrics.get("serve_mem_gb"), ".3g"),
-                        _fmt(r.metrics.get("quantize_peak_mem_gb"), ".3g"), _fmt(r.metrics.get("eval_peak_mem_gb"), ".3g"),
-                        _fmt(r.metrics.get("peak_mem_gb"), ".3g"), _fmt(r.metrics.get("quantize_s"), ".0f"), r.short_id])
-        t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
-                          "failure_reason": r.failure_reason, "bits_per_weight": r.metrics.get("bits_per_weight"),
-                          "disk_gb": disk, "delta_disk_gb": delta, "weight_gb": r.metrics.get("weight_gb"),
-                          "serve_mem_gb": r.metrics.get("serve_mem_gb"),
-                          "quantize_peak_mem_gb": r.metrics.get("quantize_peak_mem_gb"),
-                          "eval_peak_mem_gb": r.metrics.get("eval_peak_mem_gb"), "peak_mem_gb": r.metrics.get("peak_mem_gb"),
-                          "quantize_s": r.metrics.get("quantize_s")})
+        t.cells.append(
+            [
+                r.label,
+                _status(r),
+                _fmt(r.metrics.get("bits_per_weight"), ".2f"),
+                _fmt(disk, ".4g"),
+                delta_cell,
+                _fmt(r.metrics.get("weight_gb"), ".4g"),
+                _fmt(r.metrics.get("serve_mem_gb"), ".3g"),
+                _fmt(r.metrics.get("quantize_peak_mem_gb"), ".3g"),
+                _fmt(r.metrics.get("eval_peak_mem_gb"), ".3g"),
+                _fmt(r.metrics.get("peak_mem_gb"), ".3g"),
+                _fmt(r.metrics.get("quantize_s"), ".0f"),
+                r.short_id,
+            ]
+        )
+        t.records.append(
+            {
+                "method": r.label,
+                "run_id": r.run_id,
+                "status": r.status,
+                "failure_reason": r.failure_reason,
+                "bits_per_weight": r.metrics.get("bits_per_weight"),
+                "disk_gb": disk,
+                "delta_disk_gb": delta,
+                "weight_gb": r.metrics.get("weight_gb"),
+                "serve_mem_gb": r.metrics.get("serve_mem_gb"),
+                "quantize_peak_mem_gb": r.metrics.get("quantize_peak_mem_gb"),
+                "eval_peak_mem_gb": r.metrics.get("eval_peak_mem_gb"),
+                "peak_mem_gb": r.metrics.get("peak_mem_gb"),
+                "quantize_s": r.metrics.get("quantize_s"),
+            }
+        )
     return t
 
 
 def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
-    t = Table("accuracy", "(b) Accuracy",
-              ["Method", "Task", "Accuracy ± stderr", "Mean ± std (repeats)", f"Δ vs {sel.baseline_method}",
-               "95 % CI", "McNemar p", "Verdict", "Status"])
+    t = Table(
+        "accuracy",
+        "(b) Accuracy",
+        [
+            "Method",
+            "Task",
+            "Accuracy ± stderr",
+            "Mean ± std (repeats)",
+            f"Δ vs {sel.baseline_method}",
+            "95 % CI",
+            "McNemar p",
+            "Verdict",
+            "Status",
+        ],
+    )
     for r in sel.rows:
         for task in sel.tasks:
             acc, se = r.acc(task), r.metrics.get(f"{task}_acc_stderr")
@@ -106,20 +155,42 @@ def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
                 verdict = "no baseline to compare"
             n_rep = r.metrics.get("acc_repeats")  # how many seeds actually ran (uncalibrated methods run one)
             repeats = int(n_rep) if n_rep is not None else r.params.get("repeats", "?")
-            t.cells.append([
-                r.label, task,
-                f"{100 * acc:.2f} % ± {100 * se:.2f}" if acc is not None and se is not None else _fmt(acc, ".2%"),
-                f"{100 * mean:.2f} ± {100 * std:.2f} (n={repeats})" if mean is not None and std is not None else MISSING,
-                f"{100 * diff.delta:+.2f} pp" if diff else MISSING,
-                f"[{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] ({diff.method}, n={diff.n})" if diff else MISSING,
-                _fmt(diff.mcnemar_p if diff else None, ".3g"), verdict, _status(r)])
-            t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
-                              "failure_reason": r.failure_reason, "task": task, "acc": acc, "acc_stderr": se,
-                              "acc_mean": mean, "acc_std": std, "repeats": repeats if mean is not None else None,
-                              "delta": diff.delta if diff else None, "ci_low": diff.low if diff else None,
-                              "ci_high": diff.high if diff else None, "ci_method": diff.method if diff else None,
-                              "n_paired": diff.n if diff else None, "mcnemar_p": diff.mcnemar_p if diff else None,
-                              "verdict": verdict if verdict != MISSING else None})
+            t.cells.append(
+                [
+                    r.label,
+                    task,
+                    f"{100 * acc:.2f} % ± {100 * se:.2f}" if acc is not None and se is not None else _fmt(acc, ".2%"),
+                    f"{100 * mean:.2f} ± {100 * std:.2f} (n={repeats})"
+                    if mean is not None and std is not None
+                    else MISSING,
+                    f"{100 * diff.delta:+.2f} pp" if diff else MISSING,
+                    f"[{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] ({diff.method}, n={diff.n})" if diff else MISSING,
+                    _fmt(diff.mcnemar_p if diff else None, ".3g"),
+                    verdict,
+                    _status(r),
+                ]
+            )
+            t.records.append(
+                {
+                    "method": r.label,
+                    "run_id": r.run_id,
+                    "status": r.status,
+                    "failure_reason": r.failure_reason,
+                    "task": task,
+                    "acc": acc,
+                    "acc_stderr": se,
+                    "acc_mean": mean,
+                    "acc_std": std,
+                    "repeats": repeats if mean is not None else None,
+                    "delta": diff.delta if diff else None,
+                    "ci_low": diff.low if diff else None,
+                    "ci_high": diff.high if diff else None,
+                    "ci_method": diff.method if diff else None,
+                    "n_paired": diff.n if diff else None,
+                    "mcnemar_p": diff.mcnemar_p if diff else None,
+                    "verdict": verdict if verdict != MISSING else None,
+                }
+            )
     return t
 
 
@@ -137,13 +208,19 @@ def throughput_table(sel: Selection) -> Table:
     groups = speed_groups(r for r in sel.rows if r.ok)
     title = "(c) Throughput"
     if len(groups) > 1:  # tokens/s compare only within a backend and machine: one block of rows per basis
-        title += (f" — measured with {len(groups)} backends or machines; compare tokens/s within a group only: "
-                  + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items()))
-    t = Table("throughput", title, headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)", "Measured with"])
+        title += (
+            f" — measured with {len(groups)} backends or machines; compare tokens/s within a group only: "
+            + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
+        )
+    t = Table(
+        "throughput", title, headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)", "Measured with"]
+    )
     order = [r for rows in groups.values() for r in rows] + [r for r in sel.rows if not r.ok]
     for r in order:
-        row, rec = [r.label, _status(r)], {"method": r.label, "run_id": r.run_id, "status": r.status,
-                                            "failure_reason": r.failure_reason}
+        row, rec = (
+            [r.label, _status(r)],
+            {"method": r.label, "run_id": r.run_id, "status": r.status, "failure_reason": r.failure_reason},
+        )
         for n in streams:
             key = f"tokens_per_s_{stream_label(n)}"
             tps, lo, hi = (r.metrics.get(key + s) for s in ("", "_min", "_max"))
@@ -164,20 +241,32 @@ def throughput_table(sel: Selection) -> Table:
             backend += f" (asked {r.tags.get('bench_requested_backend')}: {r.tags['bench_fallback_reason']})"
         kernel = r.tags.get("vllm_linear_kernel") or r.tags.get("eval_kernel")
         start = r.metrics.get("vllm_engine_start_s")
-        row += [_fmt(ttft * 1000 if ttft is not None else None, ".1f"), backend, kernel or MISSING, _fmt(start, ".0f"),
-                r.speed_basis if r.ok else MISSING]
-        rec |= {"ttft_s_1_stream": ttft, "speed_basis": r.speed_basis if r.ok else None,
-                "bench_backend": r.tags.get("bench_backend"),
-                "bench_fallback_reason": r.tags.get("bench_fallback_reason"), "kernel": kernel,
-                "vllm_engine_start_s": start}
+        row += [
+            _fmt(ttft * 1000 if ttft is not None else None, ".1f"),
+            backend,
+            kernel or MISSING,
+            _fmt(start, ".0f"),
+            r.speed_basis if r.ok else MISSING,
+        ]
+        rec |= {
+            "ttft_s_1_stream": ttft,
+            "speed_basis": r.speed_basis if r.ok else None,
+            "bench_backend": r.tags.get("bench_backend"),
+            "bench_fallback_reason": r.tags.get("bench_fallback_reason"),
+            "kernel": kernel,
+            "vllm_engine_start_s": start,
+        }
         t.cells.append(row)
         t.records.append(rec)
     return t
 
 
 def matrix_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
-    t = Table("decision_matrix", "Decision matrix (from this sweep's data)",
-              ["Constraint", "Recommended (measured)", "Why", "Seed recommends", "Run"])
+    t = Table(
+        "decision_matrix",
+        "Decision matrix (from this sweep's data)",
+        ["Constraint", "Recommended (measured)", "Why", "Seed recommends", "Run"],
+    )
     for m in recommend.decision_matrix(sel, comparisons):
         t.cells.append([m["constraint"], m["recommended"], m["evidence"], m["seed"], m["runs"][:8] or MISSING])
         t.records.append(m)
@@ -193,8 +282,11 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
 
     pts = [(r, r.metrics["disk_gb"], r.mean_acc(sel.tasks)) for r in sel.finished if "disk_gb" in r.metrics]
     plotted = [(r, x, y) for r, x, y in pts if y is not None]
-    left_out = [f"{r.label} ({r.status_text.split(':')[0] if not r.ok else 'no accuracy'})" for r in sel.rows
-                if r not in [p[0] for p in plotted]]
+    left_out = [
+        f"{r.label} ({r.status_text.split(':')[0] if not r.ok else 'no accuracy'})"
+        for r in sel.rows
+        if r not in [p[0] for p in plotted]
+    ]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     if plotted:
         xs = [x for _, x, _ in plotted]
@@ -204,13 +296,27 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
         known = [v for v in tps if v is not None]
         ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1)
         if known:
-            sc = ax.scatter([x for x, v in zip(xs, tps) if v is not None], [y for y, v in zip(ys, tps) if v is not None],
-                            c=known, cmap="viridis", s=[60 + 240 * v / max(known) for v in known], zorder=3,
-                            edgecolors="black", linewidths=0.6)
+            sc = ax.scatter(
+                [x for x, v in zip(xs, tps) if v is not None],
+                [y for y, v in zip(ys, tps) if v is not None],
+                c=known,
+                cmap="viridis",
+                s=[60 + 240 * v / max(known) for v in known],
+                zorder=3,
+                edgecolors="black",
+                linewidths=0.6,
+            )
             fig.colorbar(sc, ax=ax, label="tokens/s at 1 stream")
         if len(known) < len(tps):
-            ax.scatter([x for x, v in zip(xs, tps) if v is None], [y for y, v in zip(ys, tps) if v is None],
-                       c="lightgray", s=60, edgecolors="black", zorder=3, label="no tokens/s")
+            ax.scatter(
+                [x for x, v in zip(xs, tps) if v is None],
+                [y for y, v in zip(ys, tps) if v is None],
+                c="lightgray",
+                s=60,
+                edgecolors="black",
+                zorder=3,
+                label="no tokens/s",
+            )
         span = max(xs) - min(xs) or max(xs) or 1.0
         ax.set_xlim(min(xs) - 0.15 * span, max(xs) + 0.4 * span)
         ax.margins(y=0.12)
@@ -227,16 +333,24 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
         # The staircase from the axis floor through every frontier point to the right edge: everything
         # below/right of it is dominated (some run is at least as small and more accurate).
         sx, sy = [fx[0], *fx, right], [bottom, *fy, fy[-1]]
-        ax.step(sx, sy, where="post", color="crimson", linestyle="--", linewidth=1.5, zorder=2,
-                label="Pareto frontier (smaller and more accurate)")
-        ax.fill_between(sx, bottom, sy, step="post", color="crimson", alpha=0.06, zorder=0,
-                        label="dominated region")
+        ax.step(
+            sx,
+            sy,
+            where="post",
+            color="crimson",
+            linestyle="--",
+            linewidth=1.5,
+            zorder=2,
+            label="Pareto frontier (smaller and more accurate)",
+        )
+        ax.fill_between(sx, bottom, sy, step="post", color="crimson", alpha=0.06, zorder=0, label="dominated region")
         ax.scatter(fx, fy, s=420, facecolors="none", edgecolors="crimson", linewidths=1.2, zorder=2)
         ax.set_ylim(bottom=bottom)
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
     else:
-        ax.text(0.5, 0.5, "no finished run with disk size and accuracy", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no finished run with disk size and accuracy", ha="center", va="center", transform=ax.transAxes
+        )
     ax.set_xlabel("disk size (GB)")
     ax.set_ylabel(f"mean accuracy over {', '.join(sel.tasks)} (%)")
     ax.set_title(f"{sel.experiment}, sweep {sel.sweep}: accuracy vs size")
@@ -253,8 +367,12 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     """Write report.md, one CSV per table and pareto.png into `out`; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     comparisons = store.compare(sel)
-    tables = [memory_table(sel), accuracy_table(sel, comparisons), throughput_table(sel),
-              matrix_table(sel, comparisons)]
+    tables = [
+        memory_table(sel),
+        accuracy_table(sel, comparisons),
+        throughput_table(sel),
+        matrix_table(sel, comparisons),
+    ]
     if any(k in r.metrics for r in sel.rows for k in QUALITY):
         windows = {r.run_id: w["kl_mean"] for r in sel.finished if (w := store.quality_windows(r)) and r.run_id}
         separation = separation_table(sel, windows)
@@ -263,39 +381,50 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     files.append(pareto_plot(sel, out / "pareto.png"))
     counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
     base = sel.baseline
-    md = [f"# quantbench report: {sel.experiment}, sweep {sel.sweep}", "",
-          f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{store.uri}`: {len(sel.rows)} runs "
-          f"({counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['MISSING']} missing, "
-          f"{len(sel.rows) - sum(counts.values())} unfinished). Tasks: {', '.join(sel.tasks) or 'none'}.",
-          "",
-          f"Baseline: {sel.baseline_method}" + (f" (run `{base.run_id}`)." if base else ".")
-          + (f" Note: {sel.baseline_note}" if sel.baseline_note else ""), ""]
+    md = [
+        f"# quantbench report: {sel.experiment}, sweep {sel.sweep}",
+        "",
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{store.uri}`: {len(sel.rows)} runs "
+        f"({counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['MISSING']} missing, "
+        f"{len(sel.rows) - sum(counts.values())} unfinished). Tasks: {', '.join(sel.tasks) or 'none'}.",
+        "",
+        f"Baseline: {sel.baseline_method}"
+        + (f" (run `{base.run_id}`)." if base else ".")
+        + (f" Note: {sel.baseline_note}" if sel.baseline_note else ""),
+        "",
+    ]
     notes = {
         "accuracy": "± is lm-eval's standard error. Δ is the method minus the baseline in percentage points; its 95 % CI "
-                    "comes from a paired bootstrap over the documents both runs scored (matched by doc_id, 10 000 "
-                    "resamples), or from the two standard errors when per-sample results are missing (unpaired "
-                    "normal). A difference is significant only when its CI excludes 0.",
+        "comes from a paired bootstrap over the documents both runs scored (matched by doc_id, 10 000 "
+        "resamples), or from the two standard errors when per-sample results are missing (unpaired "
+        "normal). A difference is significant only when its CI excludes 0.",
         "quality": "On the same held-out text for every run (conf/quality): the KL divergence of the run's next-token "
-                   "distribution from the baseline's, per token (mean and 99th percentile), how often the most likely "
-                   "next token is the baseline's, and perplexity. These move long before multiple-choice accuracy "
-                   "does; the baseline's own row is 0 / 100 % by construction.",
+        "distribution from the baseline's, per token (mean and 99th percentile), how often the most likely "
+        "next token is the baseline's, and perplexity. These move long before multiple-choice accuracy "
+        "does; the baseline's own row is 0 / 100 % by construction.",
         "quality_groups": "Runs in order of mean KL divergence, each compared with the next on the same held-out "
-                          "windows (paired bootstrap over windows, 10 000 resamples, 95 %): \"separated\" when the "
-                          "interval excludes 0. Groups are chains of runs not separated from their neighbour; two "
-                          "runs in one group may still differ from each other (within noise is not transitive).",
+        'windows (paired bootstrap over windows, 10 000 resamples, 95 %): "separated" when the '
+        "interval excludes 0. Groups are chains of runs not separated from their neighbour; two "
+        "runs in one group may still differ from each other (within noise is not transitive).",
         "throughput": "Median end-to-end output tokens/s over the benchmark's repeats (prefill included, as `vllm bench "
-                      "throughput` reports), with the fastest and slowest repeat; decode-only = output tokens after "
-                      "the first over the time after the first token; roofline = decode-only tokens/s over the "
-                      "memory-bandwidth bound of a decode step (the run's roofline_speed_basis and "
-                      "roofline_bytes_basis tags say what each side counts).",
-        "decision_matrix": "Baseline excluded: the question is which quantization method. \"Within noise\" = no task "
-                           "significantly worse than the baseline.",
+        "throughput` reports), with the fastest and slowest repeat; decode-only = output tokens after "
+        "the first over the time after the first token; roofline = decode-only tokens/s over the "
+        "memory-bandwidth bound of a decode step (the run's roofline_speed_basis and "
+        "roofline_bytes_basis tags say what each side counts).",
+        "decision_matrix": 'Baseline excluded: the question is which quantization method. "Within noise" = no task '
+        "significantly worse than the baseline.",
     }
     for t in tables:
         md += [f"## {t.title}", ""] + ([notes[t.name], ""] if t.name in notes else []) + [t.markdown(), ""]
-    md += ["## Accuracy vs size", "", "![Pareto plot](pareto.png)", "",
-           "Marker colour and size: tokens/s at 1 stream; error bars: standard error of the mean accuracy; dashed: "
-           "the Pareto frontier (no other run is both smaller and more accurate).", ""]
+    md += [
+        "## Accuracy vs size",
+        "",
+        "![Pareto plot](pareto.png)",
+        "",
+        "Marker colour and size: tokens/s at 1 stream; error bars: standard error of the mean accuracy; dashed: "
+        "the Pareto frontier (no other run is both smaller and more accurate).",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md))
     files.insert(0, out / "report.md")
     return files
@@ -307,29 +436,57 @@ QUALITY = ("quality_kl_mean", "quality_kl_p99", "quality_top1_agreement", "quali
 def quality_table(sel: Selection, windows: dict[str, list[float]]) -> Table:
     """Next-token quality against the baseline on held-out text (quantbench.quality), one row per run; the KL
     interval resamples the held-out windows (tokens within a window are not independent)."""
-    t = Table("quality", "(b2) Next-token quality vs the baseline",
-              ["Method", "KL mean (nats)", "95 % CI (windows)", "KL p99", "Top-1 agreement", "Perplexity", "Tokens",
-               "Status"])
+    t = Table(
+        "quality",
+        "(b2) Next-token quality vs the baseline",
+        [
+            "Method",
+            "KL mean (nats)",
+            "95 % CI (windows)",
+            "KL p99",
+            "Top-1 agreement",
+            "Perplexity",
+            "Tokens",
+            "Status",
+        ],
+    )
     for r in sel.rows:
         m = {k: r.metrics.get(k) for k in QUALITY}
         kl = windows.get(r.run_id or "")
         ci = stats.paired_bootstrap([0.0] * len(kl), kl) if kl else None
-        t.cells.append([r.label, _fmt(m["quality_kl_mean"], ".3g"),
-                        f"[{ci.low:.3g}, {ci.high:.3g}] (n={ci.n})" if ci else MISSING, _fmt(m["quality_kl_p99"], ".3g"),
-                        _fmt(m["quality_top1_agreement"], ".2%"), _fmt(m["quality_ppl"], ".4g"),
-                        _fmt(r.metrics.get("quality_tokens"), ".0f"), _status(r)])
-        t.records.append({"method": r.label, "run_id": r.run_id, "status": r.status,
-                          **{k.removeprefix("quality_"): v for k, v in m.items()},
-                          "kl_ci_low": ci.low if ci else None, "kl_ci_high": ci.high if ci else None,
-                          "windows": ci.n if ci else None})
+        t.cells.append(
+            [
+                r.label,
+                _fmt(m["quality_kl_mean"], ".3g"),
+                f"[{ci.low:.3g}, {ci.high:.3g}] (n={ci.n})" if ci else MISSING,
+                _fmt(m["quality_kl_p99"], ".3g"),
+                _fmt(m["quality_top1_agreement"], ".2%"),
+                _fmt(m["quality_ppl"], ".4g"),
+                _fmt(r.metrics.get("quality_tokens"), ".0f"),
+                _status(r),
+            ]
+        )
+        t.records.append(
+            {
+                "method": r.label,
+                "run_id": r.run_id,
+                "status": r.status,
+                **{k.removeprefix("quality_"): v for k, v in m.items()},
+                "kl_ci_low": ci.low if ci else None,
+                "kl_ci_high": ci.high if ci else None,
+                "windows": ci.n if ci else None,
+            }
+        )
     return t
 
 
 def separation_table(sel: Selection, windows: dict[str, list[float]]) -> Table | None:
     """Runs in order of KL divergence; each against the next with a paired bootstrap over the windows both scored:
     where the interval of the difference excludes 0 the next run starts a new group."""
-    ranked = sorted((r for r in sel.finished if windows.get(r.run_id or "")),
-                    key=lambda r: sum(windows[r.run_id]) / len(windows[r.run_id]))
+    ranked = sorted(
+        (r for r in sel.finished if windows.get(r.run_id or "")),
+        key=lambda r: sum(windows[r.run_id]) / len(windows[r.run_id]),
+    )
     if len(ranked) < 2:
         return None
     groups, cells, records = [[ranked[0].label]], [], []
@@ -341,24 +498,54 @@ def separation_table(sel: Selection, windows: dict[str, list[float]]) -> Table |
         if separated:
             groups.append([])
         groups[-1].append(b.label)
-        cells.append([f"{a.label} → {b.label}", f"{d.delta:+.3g}" if d else MISSING,
-                      f"[{d.low:+.3g}, {d.high:+.3g}] (n={d.n})" if d else MISSING, verdict])
-        records.append({"from": a.label, "to": b.label, "from_run_id": a.run_id, "to_run_id": b.run_id,
-                        "delta_kl": d.delta if d else None, "ci_low": d.low if d else None,
-                        "ci_high": d.high if d else None, "windows": d.n if d else None, "verdict": verdict})
+        cells.append(
+            [
+                f"{a.label} → {b.label}",
+                f"{d.delta:+.3g}" if d else MISSING,
+                f"[{d.low:+.3g}, {d.high:+.3g}] (n={d.n})" if d else MISSING,
+                verdict,
+            ]
+        )
+        records.append(
+            {
+                "from": a.label,
+                "to": b.label,
+                "from_run_id": a.run_id,
+                "to_run_id": b.run_id,
+                "delta_kl": d.delta if d else None,
+                "ci_low": d.low if d else None,
+                "ci_high": d.high if d else None,
+                "windows": d.n if d else None,
+                "verdict": verdict,
+            }
+        )
     order = " < ".join(" ≈ ".join(g) for g in groups)
-    return Table("quality_groups", f"(b3) What the KL divergence separates: {order}",
-                 ["Next in KL order", "Δ KL mean (nats)", "95 % CI (paired, windows)", "Verdict"], cells, records)
+    return Table(
+        "quality_groups",
+        f"(b3) What the KL divergence separates: {order}",
+        ["Next in KL order", "Δ KL mean (nats)", "95 % CI (paired, windows)", "Verdict"],
+        cells,
+        records,
+    )
 
 
 def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:
     """Log the report as the artifacts of the sweep's summary run (reused when the report is rebuilt)."""
     name = f"report-{sel.sweep}"
     client = store.client
-    existing = [r for r in client.search_runs([sel.experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = 'true'",
-                                              max_results=1000) if r.info.run_name == name]
-    tags = {SUMMARY_TAG: "true", f"{SUMMARY_TAG}.sweep": sel.sweep, f"{SUMMARY_TAG}.baseline": sel.baseline_method,
-            f"{SUMMARY_TAG}.runs": ",".join(r.run_id for r in sel.rows if r.run_id)}
+    existing = [
+        r
+        for r in client.search_runs(
+            [sel.experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = 'true'", max_results=1000
+        )
+        if r.info.run_name == name
+    ]
+    tags = {
+        SUMMARY_TAG: "true",
+        f"{SUMMARY_TAG}.sweep": sel.sweep,
+        f"{SUMMARY_TAG}.baseline": sel.baseline_method,
+        f"{SUMMARY_TAG}.runs": ",".join(r.run_id for r in sel.rows if r.run_id),
+    }
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")

@@ -56,8 +56,17 @@ class RunRow:
     def from_run(cls, run: Run) -> "RunRow":
         tags = dict(run.data.tags)
         method = tags.get("method") or run.data.params.get("method.name") or run.info.run_name or "?"
-        return cls(run.info.run_id, method, run.info.status, dict(run.data.metrics), dict(run.data.params), tags,
-                   run.info.artifact_uri, run.info.start_time or 0, label=method)
+        return cls(
+            run.info.run_id,
+            method,
+            run.info.status,
+            dict(run.data.metrics),
+            dict(run.data.params),
+            tags,
+            run.info.artifact_uri,
+            run.info.start_time or 0,
+            label=method,
+        )
 
     @property
     def ok(self) -> bool:
@@ -202,18 +211,25 @@ class Store:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             known = [e.name for e in self.client.search_experiments()]
-            raise SystemExit(f"No experiment {name!r} in {self.uri}; it has: {known or 'none'}. "
-                             f"Run a sweep first (make run) or pass --experiment/--tracking-uri.")
+            raise SystemExit(
+                f"No experiment {name!r} in {self.uri}; it has: {known or 'none'}. "
+                f"Run a sweep first (make run) or pass --experiment/--tracking-uri."
+            )
         return exp.experiment_id
 
     def runs(self, experiment_id: str, filter_string: str | None = None) -> list[RunRow]:
         """Every run of the experiment that matches the filter, newest first, summary runs left out."""
-        found = self.client.search_runs([experiment_id], filter_string=filter_string or "", max_results=10_000,
-                                        order_by=["attributes.start_time DESC"])
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=filter_string or "",
+            max_results=10_000,
+            order_by=["attributes.start_time DESC"],
+        )
         return [RunRow.from_run(r) for r in found if r.data.tags.get(SUMMARY_TAG) != "true"]
 
-    def select(self, experiment: str, sweep: str | None = None, filter_string: str | None = None,
-               baseline: str = "fp16") -> Selection:
+    def select(
+        self, experiment: str, sweep: str | None = None, filter_string: str | None = None, baseline: str = "fp16"
+    ) -> Selection:
         """The runs of one sweep (default: the latest), labelled, with the baseline resolved."""
         exp_id = self.experiment_id(experiment)
         every = self.runs(exp_id, filter_string)
@@ -221,8 +237,11 @@ class Store:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
         rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if not rows:
-            raise SystemExit(f"No runs for sweep {sweep!r} in experiment {experiment!r}"
-                             + (f" matching {filter_string!r}" if filter_string else "") + ".")
+            raise SystemExit(
+                f"No runs for sweep {sweep!r} in experiment {experiment!r}"
+                + (f" matching {filter_string!r}" if filter_string else "")
+                + "."
+            )
         rows.sort(key=lambda r: (int(r.tags.get(f"{RESUMED_TAG}.{sweep}", r.tags.get("job_num", 10**6))), r.start_time))
         if not filter_string:  # a run the filter left out is not missing
             rows += _missing_jobs([r for r in rows if r.tags.get("sweep_id") == sweep] or rows, rows)
@@ -294,14 +313,19 @@ def _resolve_baseline(rows: list[RunRow], every: list[RunRow], method: str) -> t
     if own:
         return own[-1], ""
     in_sweep = [r for r in rows if r.method == method]
-    why = (f"the sweep's {method} run is {in_sweep[-1].status_text.split(':')[0]}" if in_sweep
-           else f"the sweep has no {method} run")
+    why = (
+        f"the sweep's {method} run is {in_sweep[-1].status_text.split(':')[0]}"
+        if in_sweep
+        else f"the sweep has no {method} run"
+    )
     evals = {r.tags.get("eval") for r in rows if r.run_id}
     older = [r for r in every if r.method == method and r.ok and r.tags.get("eval") in evals]
     if older:
         b = older[0]
-        return b, (f"{why}; baseline taken from run {b.run_id} (sweep {b.tags.get('sweep_id', 'none')}) "
-                   f"of the same experiment.")
+        return b, (
+            f"{why}; baseline taken from run {b.run_id} (sweep {b.tags.get('sweep_id', 'none')}) "
+            f"of the same experiment."
+        )
     return None, f"{why} and the experiment has no finished {method} run: no Δ vs baseline."
 
 
@@ -315,8 +339,11 @@ def _label(rows: list[RunRow]) -> None:
             group[0].label = group[0].method
             continue
         for r in group:
-            extra = [o for o in r.tags.get("overrides", "").split()
-                     if not o.startswith("method=") and not o.startswith(LOCATION_KEYS)]
+            extra = [
+                o
+                for o in r.tags.get("overrides", "").split()
+                if not o.startswith("method=") and not o.startswith(LOCATION_KEYS)
+            ]
             r.label = f"{r.method} ({' '.join(extra)})" if extra else f"{r.method} ({r.short_id})"
         if len({r.label for r in group}) < len(group):
             for r in group:
@@ -351,8 +378,12 @@ def _missing_jobs(own: list[RunRow], rows: list[RunRow]) -> list[RunRow]:
         override = OverridesParser.create().parse_overrides([spec])[0]
         expected = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
     except Exception as exc:  # the tables still stand without it; say why the MISSING rows do not
-        log.warning("Cannot read the sweep's jobs from %s (%s: %s): jobs that never started are not listed as MISSING",
-                    path, type(exc).__name__, exc)
+        log.warning(
+            "Cannot read the sweep's jobs from %s (%s: %s): jobs that never started are not listed as MISSING",
+            path,
+            type(exc).__name__,
+            exc,
+        )
         return []
     seen = {r.method for r in rows}
     return [RunRow(None, str(m), "MISSING", label=str(m)) for m in expected if str(m) not in seen]

@@ -60,8 +60,14 @@ def pair_by_doc(baseline: Iterable[dict], candidate: Iterable[dict]) -> tuple[np
     return np.array([a[d] for d in common], dtype=float), np.array([b[d] for d in common], dtype=float)
 
 
-def paired_bootstrap(baseline: Sequence[float], candidate: Sequence[float], *, n_boot: int = 10_000,
-                     confidence: float = 0.95, seed: int = 0) -> Difference:
+def paired_bootstrap(
+    baseline: Sequence[float],
+    candidate: Sequence[float],
+    *,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Difference:
     """Percentile bootstrap CI of mean(candidate − baseline), resampling documents with replacement.
 
     The per-document differences take few distinct values ({-1, 0, 1} for 0/1 scores), and the mean of a
@@ -87,8 +93,9 @@ def paired_bootstrap(baseline: Sequence[float], candidate: Sequence[float], *, n
     return Difference(float(diffs.mean()), float(low), float(high), n, "paired bootstrap", p)
 
 
-def unpaired_normal(acc_a: float, se_a: float, acc_b: float, se_b: float, *, confidence: float = 0.95,
-                    n: int = 0) -> Difference:
+def unpaired_normal(
+    acc_a: float, se_a: float, acc_b: float, se_b: float, *, confidence: float = 0.95, n: int = 0
+) -> Difference:
     """Fallback when per-sample results are missing: normal CI from the two lm-eval standard errors.
 
     Wider than the paired interval (it ignores the correlation between the two models), so it errs towards

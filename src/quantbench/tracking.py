@@ -91,8 +91,12 @@ def library_version(dist: str) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -123,29 +127,38 @@ class Tracker:
 
     def finished_run(self, config_hash: str):
         """A FINISHED run (mlflow Run) of this experiment with this config hash, if any."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1,
-                                       filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            max_results=1,
+            filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+        )
         return runs[0] if runs else None
 
     def fail_interrupted_runs(self) -> list[str]:
         """End FAILED, with reason "interrupted", this experiment's RUNNING runs whose process on this host is gone
         (killed, out of memory, machine restarted). Runs of other hosts cannot be checked from here and are left."""
         host, ended = platform.node(), []
-        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                           max_results=1000):
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        ):
             tags = run.data.tags
             if tags.get("host.name") != host or "pid" not in tags:
                 continue
             started = float(tags["pid_started"]) if "pid_started" in tags else None
             if process_alive(int(tags["pid"]), started):
                 continue
-            reason = (f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
-                      f"killed or crashed before the run could end. Found by the next quantbench job on this store.")
+            reason = (
+                f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
+                f"killed or crashed before the run could end. Found by the next quantbench job on this store."
+            )
             self.client.set_tag(run.info.run_id, "failure_reason", reason)
             self.client.set_tag(run.info.run_id, "failure_type", "Interrupted")
             self.client.set_terminated(run.info.run_id, status="FAILED")
-            log.warning("Run %s (%s) was left RUNNING by a process that is gone: marked FAILED (interrupted)",
-                        run.info.run_id, run.info.run_name)
+            log.warning(
+                "Run %s (%s) was left RUNNING by a process that is gone: marked FAILED (interrupted)",
+                run.info.run_id,
+                run.info.run_name,
+            )
             ended.append(run.info.run_id)
         return ended
 
@@ -176,17 +189,20 @@ class Tracker:
         tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
         import psutil
 
-        tags.update({
-            "git_commit": git_commit(),
-            "host.name": platform.node(),
-            "pid": str(os.getpid()),  # with pid_started: lets a later job tell a killed run from a running one
-            "pid_started": repr(psutil.Process().create_time()),
-            "host.platform": platform.platform(),
-            "host.cpu_count": str(os.cpu_count()),
-            "host.cpu": cpu_model,
-            "host.cpu_isa": " ".join(f for f in CPU_ISA_FLAGS if f in cpu_flags) or "none of " + ",".join(CPU_ISA_FLAGS),
-            "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        })
+        tags.update(
+            {
+                "git_commit": git_commit(),
+                "host.name": platform.node(),
+                "pid": str(os.getpid()),  # with pid_started: lets a later job tell a killed run from a running one
+                "pid_started": repr(psutil.Process().create_time()),
+                "host.platform": platform.platform(),
+                "host.cpu_count": str(os.cpu_count()),
+                "host.cpu": cpu_model,
+                "host.cpu_isa": " ".join(f for f in CPU_ISA_FLAGS if f in cpu_flags)
+                or "none of " + ",".join(CPU_ISA_FLAGS),
+                "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            }
+        )
         return tags
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -210,4 +226,3 @@ class Tracker:
 
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(folder), artifact_path)
-

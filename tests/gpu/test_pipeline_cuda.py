@@ -12,14 +12,23 @@ import torch
 
 from conftest import run_cli
 
-pytestmark = [pytest.mark.gpu, pytest.mark.e2e,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.e2e,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 # Per-method overrides for the GPU test machine: it has no network, and GPTQModel's default kernel on Hopper (Machete)
 # is built on first use against a CUTLASS release it downloads (seen failing there, 2026-11-28); auto-round's 200
 # iterations do not separate anything on the embedded model (conf/method/autoround_sym.yaml), 20 keep the test short.
-METHODS = {"fp16": [], "bnb_nf4": [], "awq": [], "gptq": ["method.backend=marlin"],
-           "autoround_sym": ["method.iters=20"], "aqlm_2bit": []}
+METHODS = {
+    "fp16": [],
+    "bnb_nf4": [],
+    "awq": [],
+    "gptq": ["method.backend=marlin"],
+    "autoround_sym": ["method.iters=20"],
+    "aqlm_2bit": [],
+}
 
 
 def gpu_hardware() -> str:
@@ -41,8 +50,17 @@ def fp16_run(tiny_root, store_dir):
 def _run(method: str, work):
     """One job through `python run.py` on the GPU, into a store shared by this module's tests."""
     (work / method).mkdir(exist_ok=True)
-    store = run_cli(f"method={method}", *METHODS[method], f"hardware={gpu_hardware()}", "eval=tiny", "bench=smoke",
-                    mlruns=work / "mlruns", workdir=work / method, check=False, timeout=1200)
+    store = run_cli(
+        f"method={method}",
+        *METHODS[method],
+        f"hardware={gpu_hardware()}",
+        "eval=tiny",
+        "bench=smoke",
+        mlruns=work / "mlruns",
+        workdir=work / method,
+        check=False,
+        timeout=1200,
+    )
     runs = [r for r in store.runs() if r.data.tags["method"] == method]
     assert runs, store.result.stdout[-4000:]
     return runs[-1], store
@@ -64,9 +82,17 @@ def test_every_method_finishes_the_pipeline_on_cuda(tiny_root, store_dir, fp16_r
 
 
 def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, tmp_path):
-    store = run_cli("method=gptq", *METHODS["gptq"], f"hardware={gpu_hardware()}", "eval=none", "bench=smoke",
-                    "bench.backend=vllm",
-                    mlruns=tmp_path / "mlruns", workdir=tmp_path, timeout=1200)
+    store = run_cli(
+        "method=gptq",
+        *METHODS["gptq"],
+        f"hardware={gpu_hardware()}",
+        "eval=none",
+        "bench=smoke",
+        "bench.backend=vllm",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+        timeout=1200,
+    )
     (run,) = store.runs()
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"

@@ -71,8 +71,11 @@ class BenchResult:
 
 
 def backends() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")
-                  and m.name not in ("roofline",))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if not m.name.startswith("_") and m.name not in ("roofline",)
+    )
 
 
 def plan(cfg: DictConfig) -> BenchPlan | None:
@@ -81,7 +84,9 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
     if backend == "none":
         return None
     if backend not in backends():
-        raise ConfigError(f"bench.backend={backend!r} is not a benchmark backend; choose one of {backends() + ['none']}.")
+        raise ConfigError(
+            f"bench.backend={backend!r} is not a benchmark backend; choose one of {backends() + ['none']}."
+        )
     streams = list(cfg.streams)
     problems = []
     if int(cfg.prompt_tokens) < 1:
@@ -97,13 +102,22 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
     knobs = _vllm_knobs(cfg.get("vllm") or {}, problems)
     hf_knobs = _hf_knobs(cfg.get("hf") or {}, problems)
     if knobs.max_model_len is not None and knobs.max_model_len < int(cfg.prompt_tokens) + int(cfg.output_tokens):
-        problems.append(f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = "
-                        f"{int(cfg.prompt_tokens) + int(cfg.output_tokens)})")
+        problems.append(
+            f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = "
+            f"{int(cfg.prompt_tokens) + int(cfg.output_tokens)})"
+        )
     if problems:
         raise ConfigError("Nonsensical benchmark settings: " + "; ".join(problems) + ".")
-    return BenchPlan(backend=backend, prompt_tokens=int(cfg.prompt_tokens), output_tokens=int(cfg.output_tokens),
-                     streams=[int(s) for s in streams], warmup=int(cfg.warmup), repeats=int(cfg.repeats), vllm=knobs,
-                     hf=hf_knobs)
+    return BenchPlan(
+        backend=backend,
+        prompt_tokens=int(cfg.prompt_tokens),
+        output_tokens=int(cfg.output_tokens),
+        streams=[int(s) for s in streams],
+        warmup=int(cfg.warmup),
+        repeats=int(cfg.repeats),
+        vllm=knobs,
+        hf=hf_knobs,
+    )
 
 
 def _read_knobs(knob_type, cfg, group: str, problems: list[str]):
@@ -157,8 +171,9 @@ def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig
     try:
         index, bytes_basis = roofline.bytes_read(model_dir, result, hardware)
         decode = roofline.decode_bytes(model_dir, index)
-        extra, tags = roofline.metrics(decode, plan.prompt_tokens, plan.output_tokens, plan.streams,
-                                       result.metrics, hardware)
+        extra, tags = roofline.metrics(
+            decode, plan.prompt_tokens, plan.output_tokens, plan.streams, result.metrics, hardware
+        )
     except (OSError, KeyError, ValueError) as exc:  # keep the measurement; say why there is no roofline
         log.warning("No roofline for %s: %s", model_dir, exc)
         result.tags["roofline_unavailable"] = str(exc)[:250]
@@ -174,10 +189,18 @@ def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig
             continue
         e2e = result.metrics.get(f"tokens_per_s_{label}")
         decode_tps = result.metrics.get(f"decode_tokens_per_s_{label}")
-        log.info("%s: %s tokens/s end to end, %s decode-only; %s = %.1f%% of the %.1f tokens/s bandwidth roofline "
-                 "(%.1f GB/s, %s)", label, _tps(e2e), _tps(decode_tps),
-                 "end to end" if decode_tps is None else "decode-only", 100 * extra[f"roofline_fraction_{label}"],
-                 extra[f"roofline_tokens_per_s_{label}"], extra["memory_bandwidth_gbs"], tags["memory_bandwidth_source"])
+        log.info(
+            "%s: %s tokens/s end to end, %s decode-only; %s = %.1f%% of the %.1f tokens/s bandwidth roofline "
+            "(%.1f GB/s, %s)",
+            label,
+            _tps(e2e),
+            _tps(decode_tps),
+            "end to end" if decode_tps is None else "decode-only",
+            100 * extra[f"roofline_fraction_{label}"],
+            extra[f"roofline_tokens_per_s_{label}"],
+            extra["memory_bandwidth_gbs"],
+            tags["memory_bandwidth_source"],
+        )
     return result
 
 
@@ -195,8 +218,9 @@ def summarize(prefix: str, n_streams: int, values: list[float]) -> dict[str, flo
     return {label: statistics.median(values), f"{label}_min": min(values), f"{label}_max": max(values)}
 
 
-def decode_tokens_per_s(n_streams: int, output_tokens: int, seconds: list[float],
-                        ttft: list[float]) -> tuple[list[float | None], str | None]:
+def decode_tokens_per_s(
+    n_streams: int, output_tokens: int, seconds: list[float], ttft: list[float]
+) -> tuple[list[float | None], str | None]:
     """Decode-only tokens/s of each repeat: the output tokens after the first, n * (output_tokens - 1), over the
     time after the first token, the repeat's full generation less the time to first token of its paired TTFT run.
 

@@ -53,7 +53,9 @@ def _kernel_name(layer, method, scheme) -> str:
     cpu_linear = getattr(layer, "cpu_linear", None)
     if cpu_linear is not None:
         code = getattr(cpu_linear, "__code__", None)  # a lambda around the chosen op, e.g. ops.onednn_mm(...)
-        return "cpu:" + (code.co_names[-1] if code is not None and code.co_names else getattr(cpu_linear, "__name__", "?"))
+        return "cpu:" + (
+            code.co_names[-1] if code is not None and code.co_names else getattr(cpu_linear, "__name__", "?")
+        )
     gemm = getattr(method, "_gemm_impl", None)
     # no kernel object (e.g. BitsAndBytesLinearMethod calls bitsandbytes' own matmul from its apply())
     return getattr(gemm, "__name__", "its own apply()")
@@ -95,8 +97,10 @@ def measure(request: dict) -> dict:
         produced = sorted({len(o.outputs[0].token_ids) for o in outputs})
         prompt_lens = sorted({len(o.prompt_token_ids) for o in outputs})
         if len(outputs) != len(prompts) or produced != [tokens] or prompt_lens != [request["prompt_tokens"]]:
-            raise RuntimeError(f"vLLM produced {produced} tokens for prompts of {prompt_lens} tokens; expected exactly "
-                               f"{tokens} for {len(prompts)} prompts of {request['prompt_tokens']}")
+            raise RuntimeError(
+                f"vLLM produced {produced} tokens for prompts of {prompt_lens} tokens; expected exactly "
+                f"{tokens} for {len(prompts)} prompts of {request['prompt_tokens']}"
+            )
         return elapsed
 
     runs = []
@@ -111,14 +115,26 @@ def measure(request: dict) -> dict:
         log.info("vLLM, %d stream(s): %s output tokens/s", n, ", ".join(f"{t:.1f}" for t in tps))
 
     dist = installed_vllm()
-    return {"vllm_distribution": dist[0] if dist else "?", "vllm_version": dist[1] if dist else "?",
-            "engine_start_s": engine_start_s, "quant_method": quant_method, "linear_kernels": linear_kernels,
-            "kernel_source": kernel_source, "runs": runs, "peak_rss_gb": _peak_rss_gb()}
+    return {
+        "vllm_distribution": dist[0] if dist else "?",
+        "vllm_version": dist[1] if dist else "?",
+        "engine_start_s": engine_start_s,
+        "quant_method": quant_method,
+        "linear_kernels": linear_kernels,
+        "kernel_source": kernel_source,
+        "runs": runs,
+        "peak_rss_gb": _peak_rss_gb(),
+    }
 
 
 FORCEABLE_ISAS = {  # QUANTBENCH_VLLM_CPU_ISA value -> torch.cpu feature checks answered False
-    "avx2": ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
-             "_is_amx_tile_supported", "_is_amx_fp16_supported"),
+    "avx2": (
+        "_is_avx512_supported",
+        "_is_avx512_bf16_supported",
+        "_is_avx512_vnni_supported",
+        "_is_amx_tile_supported",
+        "_is_amx_fp16_supported",
+    ),
     "avx512": ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"),
 }
 
@@ -141,8 +157,11 @@ def force_cpu_isa() -> None:
     for check in FORCEABLE_ISAS[isa]:
         if hasattr(torch.cpu, check):
             setattr(torch.cpu, check, lambda: False)
-    log.info("QUANTBENCH_VLLM_CPU_ISA=%s: torch.cpu reports no %s to vLLM in this process", isa,
-             ", ".join(c.removeprefix("_is_").removesuffix("_supported") for c in FORCEABLE_ISAS[isa]))
+    log.info(
+        "QUANTBENCH_VLLM_CPU_ISA=%s: torch.cpu reports no %s to vLLM in this process",
+        isa,
+        ", ".join(c.removeprefix("_is_").removesuffix("_supported") for c in FORCEABLE_ISAS[isa]),
+    )
 
 
 def probe() -> dict:
@@ -154,8 +173,11 @@ def probe() -> dict:
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     dist = installed_vllm()
-    out: dict = {"vllm": f"{dist[0]}=={dist[1]}" if dist else "?", "quantization_methods": sorted(QUANTIZATION_METHODS),
-                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    out: dict = {
+        "vllm": f"{dist[0]}=={dist[1]}" if dist else "?",
+        "quantization_methods": sorted(QUANTIZATION_METHODS),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     if out["device"] == "cpu":
         from vllm.platforms import current_platform
 

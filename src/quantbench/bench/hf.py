@@ -62,8 +62,11 @@ def why_not_compiled(model, knobs: HfKnobs) -> str:
 
 
 def describe_path(model, knobs: HfKnobs, compiled: bool) -> str:
-    decode = ("decode compiled by transformers (torch.compile, reduce-overhead)" if compiled
-              else f"eager decode ({why_not_compiled(model, knobs)})")
+    decode = (
+        "decode compiled by transformers (torch.compile, reduce-overhead)"
+        if compiled
+        else f"eager decode ({why_not_compiled(model, knobs)})"
+    )
     return f"transformers.generate, {knobs.cache} KV cache, {decode}"
 
 
@@ -84,8 +87,15 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad, **options)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad,
+                **options,
+            )
         _sync(device)
         elapsed = time.perf_counter() - start
         produced = out.shape[1] - ids.shape[1]
@@ -118,8 +128,13 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     for n in plan.streams:
         label = stream_label(n)
         decode = metrics.get(f"decode_tokens_per_s_{label}")
-        log.info("hf backend, %s: %.1f output tokens/s end to end, %s decode-only (medians of %d)", label,
-                 metrics[f"tokens_per_s_{label}"], "no" if decode is None else f"{decode:.1f}", plan.repeats)
+        log.info(
+            "hf backend, %s: %.1f output tokens/s end to end, %s decode-only (medians of %d)",
+            label,
+            metrics[f"tokens_per_s_{label}"],
+            "no" if decode is None else f"{decode:.1f}",
+            plan.repeats,
+        )
     tags["bench_path"] = describe_path(model, knobs, compiled=getattr(model, "_compiled_call", None) is not None)
     detail["path"] = tags["bench_path"]
     log.info("hf backend path: %s", tags["bench_path"])

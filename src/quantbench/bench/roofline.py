@@ -89,15 +89,15 @@ def tensor_index(model) -> dict[str, tuple[str, list[int], int]]:
 # quantization_config.quant_method; None: unquantized).
 LOADED_DIFFERENTLY = {
     "compressed-tensors": "dequantized to {dtype} by transformers: it decompresses compressed-tensors weights into "
-                          "plain Linear layers",
+    "plain Linear layers",
     "aqlm": "{dtype} by transformers on {device}: quantbench loads AQLM in float32 on CPU for aqlm's float32 CPU "
-            "kernels, codebooks, scales, embeddings and head included",
+    "kernels, codebooks, scales, embeddings and head included",
     None: "cast to {dtype} by transformers: the saved weights are loaded in that dtype",
 }
 # Formats whose kernels may dequantize per call in ways the tensors held do not show: the stored bytes stay.
 UNDETERMINED = {
     "bitsandbytes": "whether bitsandbytes' 4-bit kernels read the packed weights or dequantize them to 16-bit per "
-                    "call on {device} is not determined here",
+    "call on {device} is not determined here",
 }
 
 
@@ -117,8 +117,10 @@ def bytes_read(model_dir: str | Path, result, hardware) -> tuple[dict[str, tuple
     if backend == "vllm":
         emulated = result.tags.get("slow_kernel_reason", "")
         if "emulated" in emulated:
-            return stored, (f"stored bytes, fewer than vLLM reads: {emulated}; the 16-bit weights it dequantizes to "
-                            f"on every call are not counted")
+            return stored, (
+                f"stored bytes, fewer than vLLM reads: {emulated}; the 16-bit weights it dequantizes to "
+                f"on every call are not counted"
+            )
         return stored, "stored bytes: vLLM serves the saved tensors with its own kernels"
     if result.loaded is None:
         return stored, f"stored bytes: what the {backend} backend reads is not determined here"
@@ -196,8 +198,11 @@ def memory_bandwidth(hardware, cache_file: Path | None = None) -> tuple[float, s
         return float(cached[key]["gbs"]), "measured"
     log.info("Measuring memory bandwidth of %s (once; cached in %s)", key, cache_file)
     gbs = measure_bandwidth_gbs()
-    cached[key] = {"gbs": gbs, "method": "torch uint8 copy of 1 GiB, best of 5, read+write bytes",
-                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cached[key] = {
+        "gbs": gbs,
+        "method": "torch uint8 copy of 1 GiB, best of 5, read+write bytes",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
     tmp.write_text(json.dumps(cached, indent=1))
@@ -208,8 +213,9 @@ def memory_bandwidth(hardware, cache_file: Path | None = None) -> tuple[float, s
 SPEED_BASES = (("decode_tokens_per_s", "decode-only"), ("tokens_per_s", "end-to-end"))
 
 
-def metrics(b: DecodeBytes, prompt_tokens: int, output_tokens: int, streams: list[int],
-            measured: dict[str, float], hardware) -> tuple[dict[str, float], dict[str, str]]:
+def metrics(
+    b: DecodeBytes, prompt_tokens: int, output_tokens: int, streams: list[int], measured: dict[str, float], hardware
+) -> tuple[dict[str, float], dict[str, str]]:
     """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s): the measured median decode-only
     tokens/s over the roofline (a decode bound), or the end-to-end median where there is no decode-only figure;
     the tag `roofline_speed_basis` says which ("decode-only", "end-to-end", or per stream count where they differ)."""
@@ -230,6 +236,7 @@ def metrics(b: DecodeBytes, prompt_tokens: int, output_tokens: int, streams: lis
     tags = {"memory_bandwidth_source": source}
     if basis:
         same = set(basis.values())
-        tags["roofline_speed_basis"] = (same.pop() if len(same) == 1
-                                        else ", ".join(f"{label}: {name}" for label, name in basis.items()))
+        tags["roofline_speed_basis"] = (
+            same.pop() if len(same) == 1 else ", ".join(f"{label}: {name}" for label, name in basis.items())
+        )
     return out, tags

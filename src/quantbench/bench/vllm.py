@@ -86,10 +86,13 @@ def capabilities(cache_dir: Path | None = None) -> dict:
     env = engine_env("cpu")
     cmd = [*ENGINE_COMMAND, "--probe", str(path)]
     log.info("Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path)
-    done = children.run(cmd, env=env, timeout_s=PROBE_TIMEOUT_S, what="The vLLM capability probe",
-                        setting="bench.vllm.PROBE_TIMEOUT_S")
+    done = children.run(
+        cmd, env=env, timeout_s=PROBE_TIMEOUT_S, what="The vLLM capability probe", setting="bench.vllm.PROBE_TIMEOUT_S"
+    )
     if done.returncode != 0 or not path.exists():
-        raise RuntimeError(f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        )
     return json.loads(path.read_text())
 
 
@@ -122,8 +125,10 @@ def unsupported_reason(model_dir: str | Path, hardware, caps: dict | None = None
         cpu = caps.get("cpu") or {}
         if not cpu.get("cpu_gemm_wna16", True):
             isa = "AVX-512" if cpu.get("avx512") else "no AVX-512"
-            return (f"{caps['vllm']} loaded its CPU kernel library {cpu.get('kernel_library')} on this CPU ({isa}), "
-                    f"which has no cpu_gemm_wna16 kernel for 4-bit weights (quant_method={method!r}, device=cpu)")
+            return (
+                f"{caps['vllm']} loaded its CPU kernel library {cpu.get('kernel_library')} on this CPU ({isa}), "
+                f"which has no cpu_gemm_wna16 kernel for 4-bit weights (quant_method={method!r}, device=cpu)"
+            )
     return None
 
 
@@ -170,8 +175,13 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if knobs.disabled_kernels:
         env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
     request = {
-        "model_dir": str(model_dir), "engine": engine, "streams": plan.streams, "warmup": plan.warmup,
-        "repeats": plan.repeats, "prompt_tokens": plan.prompt_tokens, "output_tokens": plan.output_tokens,
+        "model_dir": str(model_dir),
+        "engine": engine,
+        "streams": plan.streams,
+        "warmup": plan.warmup,
+        "repeats": plan.repeats,
+        "prompt_tokens": plan.prompt_tokens,
+        "output_tokens": plan.output_tokens,
         "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
     }
     out = _run_engine(request, env, device, knobs.timeout_s)
@@ -190,8 +200,10 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     slow = slow_kernel(device, {k.removesuffix(" (from vLLM's log)"): c for k, c in kernels.items()})
     still_used = [k for k in knobs.disabled_kernels if any(k in described for described in kernels)]
     if still_used:
-        raise RuntimeError(f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
-                           f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers")
+        raise RuntimeError(
+            f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
+            f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
+        )
     path = "vllm.LLM offline engine"
     if device.startswith("cpu"):
         path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
@@ -201,7 +213,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         "vllm_version": f"{out['vllm_distribution']}=={out['vllm_version']}",
         "vllm_quant_method": out["quant_method"],
         "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
-                              or out["kernel_source"],
+        or out["kernel_source"],
         "slow_kernel_fallback": "true" if slow else "false",
     }
     tags.update(speed_tags)
@@ -210,9 +222,18 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if slow:
         tags["slow_kernel_reason"] = slow
         log.warning("vLLM runs a known slow fallback: %s", slow)
-    detail = {"backend": "vllm", "engine_args": engine, "runs": out["runs"], "linear_kernels": kernels,
-              "env": {k: env[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CACHE_ROOT",
-                                          "VLLM_DISABLED_KERNELS") if k in env}, **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")}}
+    detail = {
+        "backend": "vllm",
+        "engine_args": engine,
+        "runs": out["runs"],
+        "linear_kernels": kernels,
+        "env": {
+            k: env[k]
+            for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CACHE_ROOT", "VLLM_DISABLED_KERNELS")
+            if k in env
+        },
+        **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
+    }
     return BenchResult(metrics=metrics, tags=tags, detail=detail)
 
 
@@ -249,14 +270,24 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
         request = {**request, "model_dir": str(glob_safe(Path(request["model_dir"]), Path(tmp) / "model"))}
         req.write_text(json.dumps(request))
         cmd = [*ENGINE_COMMAND, str(req), str(res)]
-        log.info("Starting the vLLM engine on %s (OMP_NUM_THREADS=%s)", request["model_dir"],
-                 env.get("OMP_NUM_THREADS", "unset"))
+        log.info(
+            "Starting the vLLM engine on %s (OMP_NUM_THREADS=%s)",
+            request["model_dir"],
+            env.get("OMP_NUM_THREADS", "unset"),
+        )
         cuda = device.startswith("cuda")
         before = _device_used_bytes(device) if cuda else 0
         # Its own process group, so that a timeout, an error here or Ctrl-C ends the engine and every process it
         # started (on CUDA the engine core is a grandchild holding the GPU memory).
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         tail: deque[str] = deque(maxlen=40)
         logged: list[tuple[str, str]] = []
         engine_log = logging.getLogger("quantbench.bench.vllm_engine")
@@ -286,8 +317,10 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             children.kill_group(proc)
-            raise RuntimeError(f"the vLLM engine did not finish within {timeout_s:g} s (bench.vllm.timeout_s); it and "
-                               f"its child processes were killed. Its last lines:\n" + "\n".join(tail)) from None
+            raise RuntimeError(
+                f"the vLLM engine did not finish within {timeout_s:g} s (bench.vllm.timeout_s); it and "
+                f"its child processes were killed. Its last lines:\n" + "\n".join(tail)
+            ) from None
         finally:  # also on an exception or Ctrl-C here: no engine outlives the job
             children.kill_group(proc)
             done.set()

@@ -36,7 +36,9 @@ def llmcompressor_scope() -> Iterator[None]:
     and the global compression session keeps the last model (and its recipe state) referenced until the next
     oneshot. Import llm-compressor inside this block.
     """
-    env = dict(os.environ)  # before the import: importing llm-compressor (sklearn, inductor) sets KMP_*, TORCHINDUCTOR_*
+    env = dict(
+        os.environ
+    )  # before the import: importing llm-compressor (sklearn, inductor) sets KMP_*, TORCHINDUCTOR_*
     from llmcompressor.core import reset_session
     from llmcompressor.pipelines.cache import IntermediatesCache
 

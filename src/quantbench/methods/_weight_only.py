@@ -21,8 +21,10 @@ def check_group_size(method: str, group_size: int, model_config) -> None:
         return
     valid = [-1] + [g for g in CANDIDATE_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
     named = ", ".join(f"{k}={v}" for k, v in widths.items())
-    raise ConfigError(f"method.group_size={group_size}: {method} needs a group size that divides every layer's input "
-                      f"width ({named}); valid choices: {valid} (-1 = one scale per output channel).")
+    raise ConfigError(
+        f"method.group_size={group_size}: {method} needs a group size that divides every layer's input "
+        f"width ({named}); valid choices: {valid} (-1 = one scale per output channel)."
+    )
 
 
 def input_widths(model_config) -> dict[str, int]:
@@ -43,8 +45,11 @@ def input_widths(model_config) -> dict[str, int]:
 def encode(tokenizer, texts: list[str], max_len: int) -> list[dict[str, list[int]]]:
     """Token ids and attention masks of the calibration texts, each cut to `max_len` tokens; empty texts dropped."""
     enc = tokenizer(list(texts), truncation=True, max_length=int(max_len))
-    return [{"input_ids": ids, "attention_mask": mask}
-            for ids, mask in zip(enc["input_ids"], enc["attention_mask"]) if len(ids) > 0]
+    return [
+        {"input_ids": ids, "attention_mask": mask}
+        for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+        if len(ids) > 0
+    ]
 
 
 def int_weight_modifier(bits: int, group_size: int, symmetric: bool):
@@ -54,7 +59,13 @@ def int_weight_modifier(bits: int, group_size: int, symmetric: bool):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     grouped = group_size > 0
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
-                               strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
+    weights = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=symmetric,
+        dynamic=False,
+        strategy="group" if grouped else "channel",
+        group_size=group_size if grouped else None,
+    )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])

@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 
 GROUP = 8  # input weights per code (the paper's and every published checkpoint's in_group_size)
 AUTO_MAX_CODEBOOK_BITS = 0.5  # `codebooks: auto` leaves 1x16 when its codebooks would cost more bits per weight
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json")
 
 
@@ -40,17 +47,40 @@ class AQLM2Bit(Method):
     library = "aqlm"
     quant_format = "aqlm"
 
-    def __init__(self, name: str, pretrained: str | None = None, revision: str | None = None, codebooks: str = "auto",
-                 beam_size: int = 4, max_rounds: int = 6, rel_tol: float = 0.01, kmeans_iters: int = 8,
-                 cg_iters: int = 16, finetune_epochs: int = 4, finetune_lr: float = 1e-4, batch_size: int = 8,
-                 seq_len: int = 128, seed: int = 0, work_dir: str | None = None, keep_work: bool = False):
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        revision: str | None = None,
+        codebooks: str = "auto",
+        beam_size: int = 4,
+        max_rounds: int = 6,
+        rel_tol: float = 0.01,
+        kmeans_iters: int = 8,
+        cg_iters: int = 16,
+        finetune_epochs: int = 4,
+        finetune_lr: float = 1e-4,
+        batch_size: int = 8,
+        seq_len: int = 128,
+        seed: int = 0,
+        work_dir: str | None = None,
+        keep_work: bool = False,
+    ):
         super().__init__(name)
         self.pretrained = None if pretrained in (None, "") else str(pretrained)
         self.revision = revision
         self.codebooks = str(codebooks)
-        self.search = dict(beam_size=int(beam_size), max_rounds=int(max_rounds), rel_tol=float(rel_tol),
-                           kmeans_iters=int(kmeans_iters), cg_iters=int(cg_iters), finetune_epochs=int(finetune_epochs),
-                           finetune_lr=float(finetune_lr), batch_size=int(batch_size), seed=int(seed))
+        self.search = dict(
+            beam_size=int(beam_size),
+            max_rounds=int(max_rounds),
+            rel_tol=float(rel_tol),
+            kmeans_iters=int(kmeans_iters),
+            cg_iters=int(cg_iters),
+            finetune_epochs=int(finetune_epochs),
+            finetune_lr=float(finetune_lr),
+            batch_size=int(batch_size),
+            seed=int(seed),
+        )
         self.seq_len = int(seq_len)
         self.work_dir = work_dir
         self.keep_work = bool(keep_work)
@@ -69,15 +99,19 @@ class AQLM2Bit(Method):
             shapes = measure.linear_shapes_of_config(model_config)
             bad = sorted(n for n, (_, i) in shapes.items() if i % GROUP)
             if bad:
-                raise ConfigError(f"method={self.name}: AQLM codes groups of {GROUP} input weights, and these layers' "
-                                  f"input sizes are not multiples of {GROUP}: {bad[:5]}.")
+                raise ConfigError(
+                    f"method={self.name}: AQLM codes groups of {GROUP} input weights, and these layers' "
+                    f"input sizes are not multiples of {GROUP}: {bad[:5]}."
+                )
             if any(v < 1 for k, v in self.search.items() if k in ("beam_size", "batch_size")) or self.seq_len < 2:
                 raise ConfigError(f"method={self.name}: beam_size, batch_size must be >= 1 and seq_len >= 2.")
             self.shape = choose_shape(self.codebooks, shapes)
         self.quant_format = f"aqlm-{self.shape[0]}x{self.shape[1]}"
         if self.shape[1] == 8 and str(hardware.device) == "cpu":
-            log.info("AQLM %s on CPU: aqlm's numba kernel runs in float32 and, to stay exact, on one numba thread",
-                     self.quant_format)
+            log.info(
+                "AQLM %s on CPU: aqlm's numba kernel runs in float32 and, to stay exact, on one numba thread",
+                self.quant_format,
+            )
 
     # -- quantize: save the artifact, return the model ---------------------------------------------------------
 
@@ -97,19 +131,28 @@ class AQLM2Bit(Method):
     def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig):
         return load_quantized(out_dir, hardware)
 
-    def _quantize_builtin(self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str]) -> None:
+    def _quantize_builtin(
+        self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str]
+    ) -> None:
         from quantbench.methods import aqlm_quantizer as aq
 
-        settings = aq.AQSettings(num_codebooks=self.shape[0], nbits_per_codebook=self.shape[1], in_group_size=GROUP,
-                                 **self.search)
+        settings = aq.AQSettings(
+            num_codebooks=self.shape[0], nbits_per_codebook=self.shape[1], in_group_size=GROUP, **self.search
+        )
         work = Path(self.work_dir) if self.work_dir else out_dir.parent / f"{out_dir.name}.aqlm-work"
         dtype = torch_dtype(hardware.dtype)
         # The model stays on the CPU; quantize_model moves one decoder layer at a time to the compute device.
         model = source.load(dtype=dtype, device="cpu")
-        errors = aq.quantize_model(model, source.tokenizer(), calibration, settings, self.seq_len, hardware.device,
-                                   work, source.path_or_id)
-        log.info("AQLM %s: mean relative weighted error %.4f over %d linear layers (worst %s %.4f)",
-                 self.quant_format, sum(errors.values()) / len(errors), len(errors), *max(errors.items(), key=lambda kv: kv[1]))
+        errors = aq.quantize_model(
+            model, source.tokenizer(), calibration, settings, self.seq_len, hardware.device, work, source.path_or_id
+        )
+        log.info(
+            "AQLM %s: mean relative weighted error %.4f over %d linear layers (worst %s %.4f)",
+            self.quant_format,
+            sum(errors.values()) / len(errors),
+            len(errors),
+            *max(errors.items(), key=lambda kv: kv[1]),
+        )
         # Saved straight from the quantizer's tensors, before any aqlm kernel has run (the first CPU forward of an
         # 8-bit-codebook layer transposes its codes in place; a model saved after it holds codes in the wrong layout).
         aq.write_checkpoint(model, settings, out_dir, weights_dtype=dtype)
@@ -121,11 +164,14 @@ class AQLM2Bit(Method):
 
 # -- codebook shape ------------------------------------------------------------------------------------------------
 
+
 def parse_shape(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(text))
     if not match or not (1 <= int(match[1]) <= 8 and 1 <= int(match[2]) <= 16):
-        raise ConfigError(f"method.codebooks={text!r}: give 'auto' or '<num_codebooks>x<bits per codebook>' such as "
-                          f"'1x16' (the seed's) or '2x8', with 1-8 codebooks of 1-16 bits.")
+        raise ConfigError(
+            f"method.codebooks={text!r}: give 'auto' or '<num_codebooks>x<bits per codebook>' such as "
+            f"'1x16' (the seed's) or '2x8', with 1-8 codebooks of 1-16 bits."
+        )
     return int(match[1]), int(match[2])
 
 
@@ -148,20 +194,27 @@ def choose_shape(codebooks: str, linear_shapes: dict[str, tuple[int, int]]) -> t
     extra = codebook_bits_per_weight((1, 16), linear_shapes)
     if extra <= AUTO_MAX_CODEBOOK_BITS:
         return 1, 16
-    log.info("method.codebooks=auto: 1x16 codebooks would add %.2f bits per weight on this model's layers; using 2x8 "
-             "(adds %.2f)", extra, codebook_bits_per_weight((2, 8), linear_shapes))
+    log.info(
+        "method.codebooks=auto: 1x16 codebooks would add %.2f bits per weight on this model's layers; using 2x8 "
+        "(adds %.2f)",
+        extra,
+        codebook_bits_per_weight((2, 8), linear_shapes),
+    )
     return 2, 8
 
 
 # -- published checkpoints -----------------------------------------------------------------------------------------
+
 
 def resolve_checkpoint(ref: str, revision: str | None = None) -> str:
     """A local folder with config.json, or a hub id that is cached or reachable; else ConfigError (no download)."""
     if ref.startswith(("/", "./", "../", "~")) or os.path.isdir(ref) or ref.count("/") > 1:
         path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"method.pretrained={ref!r}: no AQLM checkpoint there (need a folder with config.json), "
-                              f"or give a hub id such as 'ISTA-DASLab/Meta-Llama-3.1-8B-Instruct-AQLM-PV-2Bit-1x16-hf'.")
+            raise ConfigError(
+                f"method.pretrained={ref!r}: no AQLM checkpoint there (need a folder with config.json), "
+                f"or give a hub id such as 'ISTA-DASLab/Meta-Llama-3.1-8B-Instruct-AQLM-PV-2Bit-1x16-hf'."
+            )
         return str(path.resolve())
     from huggingface_hub import snapshot_download
 
@@ -170,8 +223,10 @@ def resolve_checkpoint(ref: str, revision: str | None = None) -> str:
     except Exception:  # not (fully) cached
         pass
     if hub_offline():
-        raise ConfigError(f"method.pretrained={ref!r} is a hub id that is not in the local Hugging Face cache, and the "
-                          f"hub cannot be reached. Download it first (`huggingface-cli download {ref}`) or give a folder.")
+        raise ConfigError(
+            f"method.pretrained={ref!r} is a hub id that is not in the local Hugging Face cache, and the "
+            f"hub cannot be reached. Download it first (`huggingface-cli download {ref}`) or give a folder."
+        )
     return ref
 
 
@@ -191,13 +246,20 @@ def _check_checkpoint(checkpoint: str, revision: str | None, model_config) -> tu
     qc = getattr(config, "quantization_config", None) or {}
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if str(qc.get("quant_method", "")).lower() != "aqlm":
-        raise ConfigError(f"method.pretrained={checkpoint!r} is not an AQLM checkpoint (quantization_config."
-                          f"quant_method={qc.get('quant_method')!r}).")
-    diffs = [f"{k}: {getattr(config, k, None)} vs {getattr(model_config, k, None)}" for k in ARCHITECTURE_KEYS
-             if getattr(config, k, None) != getattr(model_config, k, None)]
+        raise ConfigError(
+            f"method.pretrained={checkpoint!r} is not an AQLM checkpoint (quantization_config."
+            f"quant_method={qc.get('quant_method')!r})."
+        )
+    diffs = [
+        f"{k}: {getattr(config, k, None)} vs {getattr(model_config, k, None)}"
+        for k in ARCHITECTURE_KEYS
+        if getattr(config, k, None) != getattr(model_config, k, None)
+    ]
     if diffs:
-        raise ConfigError(f"method.pretrained={checkpoint!r} is not a quantization of model.pretrained (checkpoint vs "
-                          f"model: {'; '.join(diffs)}). Point model= at the model it was quantized from.")
+        raise ConfigError(
+            f"method.pretrained={checkpoint!r} is not a quantization of model.pretrained (checkpoint vs "
+            f"model: {'; '.join(diffs)}). Point model= at the model it was quantized from."
+        )
     return int(qc.get("num_codebooks", 1)), int(qc.get("nbits_per_codebook", 16))
 
 
@@ -232,11 +294,13 @@ def fix_not_to_quantize(quantization_config: dict) -> dict:
     fixed = dict(quantization_config)
     names = list(fixed.get("linear_weights_not_to_quantize") or [])
     fixed["linear_weights_not_to_quantize"] = names + [
-        n.removesuffix(".weight") for n in names if n.endswith(".weight") and n.removesuffix(".weight") not in names]
+        n.removesuffix(".weight") for n in names if n.endswith(".weight") and n.removesuffix(".weight") not in names
+    ]
     return fixed
 
 
 # -- loading, and the CPU kernel guard -------------------------------------------------------------------------------
+
 
 def load_quantized(model_dir: str | Path, hardware: DictConfig):
     """An AQLM checkpoint through transformers' AQLM integration, ready for lm-eval; both paths end here."""
@@ -288,8 +352,11 @@ def guard_cpu_kernel(model: torch.nn.Module) -> int:
     """
     from aqlm import QuantizedLinear
 
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codebook_size == 256
-              and m.codebooks.device.type == "cpu"]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear) and m.codebook_size == 256 and m.codebooks.device.type == "cpu"
+    ]
     if not layers:
         return 0
     _pin_numba_in_child_processes()
@@ -299,8 +366,11 @@ def guard_cpu_kernel(model: torch.nn.Module) -> int:
             m.register_forward_pre_hook(_one_numba_thread)
             m.register_forward_hook(_restore_numba_threads)
             m._quantbench_numba_guard = True
-    log.info("aqlm CPU kernel: %d layer(s) with 8-bit codebooks pinned to one numba thread (aqlm 1.1.7's kernel "
-             "races with more)", len(layers))
+    log.info(
+        "aqlm CPU kernel: %d layer(s) with 8-bit codebooks pinned to one numba thread (aqlm 1.1.7's kernel "
+        "races with more)",
+        len(layers),
+    )
     return len(layers)
 
 
@@ -333,15 +403,19 @@ def _pin_numba_in_child_processes() -> bool:
         import numba
 
         if numba.config.NUMBA_NUM_THREADS != 1:
-            log.warning("numba is already running with %d threads, so processes started from this one (the artifact "
-                        "check) will run aqlm's racy CPU kernel and may disagree with this one; start Python with "
-                        "NUMBA_NUM_THREADS=1 to avoid that", numba.config.NUMBA_NUM_THREADS)
+            log.warning(
+                "numba is already running with %d threads, so processes started from this one (the artifact "
+                "check) will run aqlm's racy CPU kernel and may disagree with this one; start Python with "
+                "NUMBA_NUM_THREADS=1 to avoid that",
+                numba.config.NUMBA_NUM_THREADS,
+            )
             return False
     os.environ["NUMBA_NUM_THREADS"] = "1"
     return True
 
 
 # -- bits per weight, with and without codebooks -----------------------------------------------------------------------
+
 
 def bits_per_weight_parts(model_dir: str | Path, linear_shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """Stored bits per weight of the quantizable layers, split by tensor kind; 'total' is measure.bits_per_weight."""
@@ -360,7 +434,13 @@ def bits_per_weight_parts(model_dir: str | Path, linear_shapes: dict[str, tuple[
 
 def log_bits_per_weight(model_dir: Path, model_config) -> dict[str, float]:
     parts = bits_per_weight_parts(model_dir, measure.linear_shapes_of_config(model_config))
-    log.info("AQLM bits per weight: %.3f with codebooks (logged as bits_per_weight), %.3f without (codes %.3f, "
-             "scales %.3f, codebooks %.3f)", parts["total"], parts["without_codebooks"], parts["codes"],
-             parts["scales"], parts["codebooks"])
+    log.info(
+        "AQLM bits per weight: %.3f with codebooks (logged as bits_per_weight), %.3f without (codes %.3f, "
+        "scales %.3f, codebooks %.3f)",
+        parts["total"],
+        parts["without_codebooks"],
+        parts["codes"],
+        parts["scales"],
+        parts["codebooks"],
+    )
     return parts

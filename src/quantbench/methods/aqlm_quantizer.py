@@ -65,6 +65,7 @@ class AQSettings:
 # One weight matrix
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """codes [out, groups, M] (int64), codebooks [M, K, g] -> the unscaled weight [out, groups * g]."""
     out = codebooks[0][codes[..., 0]]
@@ -101,7 +102,9 @@ class AQResult:
         return self.scales[:, None] * decode(self.codes, self.codebooks)
 
 
-def quantize_weight(w: torch.Tensor, h: torch.Tensor, s: AQSettings, generator: torch.Generator | None = None) -> AQResult:
+def quantize_weight(
+    w: torch.Tensor, h: torch.Tensor, s: AQSettings, generator: torch.Generator | None = None
+) -> AQResult:
     """Additive quantization of one weight matrix w [out, in] under the input second moment h [in, in]."""
     w, h = w.float(), h.float()
     n_out, n_in = w.shape
@@ -129,7 +132,9 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, s: AQSettings, generator: 
     return AQResult(codes=codes, codebooks=codebooks, scales=scales, rel_error=error / reference)
 
 
-def residual_kmeans(x: torch.Tensor, m: int, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_kmeans(
+    x: torch.Tensor, m: int, k: int, iters: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's initialisation: codebook c is k-means on what codebooks 0..c-1 leave unexplained."""
     residual = x.clone()
     books, codes = [], []
@@ -144,8 +149,11 @@ def residual_kmeans(x: torch.Tensor, m: int, k: int, iters: int, generator: torc
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's algorithm from k random points; empty clusters are re-seeded with random points."""
     n = x.shape[0]
-    pick = (torch.randperm(n, generator=generator, device=x.device)[:k] if n >= k
-            else torch.randint(n, (k,), generator=generator, device=x.device))
+    pick = (
+        torch.randperm(n, generator=generator, device=x.device)[:k]
+        if n >= k
+        else torch.randint(n, (k,), generator=generator, device=x.device)
+    )
     centers = x[pick].clone()
     for _ in range(iters):
         assign = nearest(x, centers)
@@ -161,12 +169,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
 def nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     c2 = (centers * centers).sum(1)
     step = max(1, CHUNK_ELEMENTS // centers.shape[0])
-    return torch.cat([(c2 - 2 * x[i:i + step] @ centers.T).argmin(1) for i in range(0, x.shape[0], step)])
+    return torch.cat([(c2 - 2 * x[i : i + step] @ centers.T).argmin(1) for i in range(0, x.shape[0], step)])
 
 
 @torch.no_grad()
-def beam_search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                beam_size: int) -> torch.Tensor:
+def beam_search(
+    w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, beam_size: int
+) -> torch.Tensor:
     """New codes, one input group at a time (all output rows at once), each chosen by beam search over the M codebooks.
 
     For group j of row o with the other groups fixed, the error as a function of the group's reconstruction v is
@@ -190,8 +199,14 @@ def beam_search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks
     return codes
 
 
-def _beam_group(target: torch.Tensor, h_jj: torch.Tensor, codebooks: torch.Tensor, current: torch.Tensor,
-                scales: torch.Tensor, beam_size: int) -> torch.Tensor:
+def _beam_group(
+    target: torch.Tensor,
+    h_jj: torch.Tensor,
+    codebooks: torch.Tensor,
+    current: torch.Tensor,
+    scales: torch.Tensor,
+    beam_size: int,
+) -> torch.Tensor:
     """Codes [out, M] for one group minimising s²·dᵀH d - 2s·dᵀt, d = sum of the chosen codewords (beam search)."""
     m, k, _ = codebooks.shape
     ch = codebooks @ h_jj  # [M, K, g]
@@ -203,11 +218,14 @@ def _beam_group(target: torch.Tensor, h_jj: torch.Tensor, codebooks: torch.Tenso
         s = scales[r][:, None, None]
         hyp = current[r][:, None, :]  # [rows, beams, M]
         for c in range(m):
-            others = sum((codebooks[c2][hyp[..., c2]] for c2 in range(m) if c2 != c),
-                         torch.zeros(*hyp.shape[:2], codebooks.shape[-1], dtype=codebooks.dtype, device=codebooks.device))
+            others = sum(
+                (codebooks[c2][hyp[..., c2]] for c2 in range(m) if c2 != c),
+                torch.zeros(*hyp.shape[:2], codebooks.shape[-1], dtype=codebooks.dtype, device=codebooks.device),
+            )
             oh = others @ h_jj  # [rows, beams, g]
-            cost = (s * s * ((oh * others).sum(-1, keepdim=True) + 2 * oh @ codebooks[c].T + quad[c])
-                    - 2 * s * ((others * target[r][:, None, :]).sum(-1, keepdim=True) + (target[r] @ codebooks[c].T)[:, None, :]))
+            cost = s * s * ((oh * others).sum(-1, keepdim=True) + 2 * oh @ codebooks[c].T + quad[c]) - 2 * s * (
+                (others * target[r][:, None, :]).sum(-1, keepdim=True) + (target[r] @ codebooks[c].T)[:, None, :]
+            )
             flat = cost.reshape(cost.shape[0], -1)
             best = flat.topk(min(beam_size, flat.shape[1]), dim=1, largest=False).indices  # sorted, best first
             hyp = torch.gather(hyp, 1, (best // k)[..., None].expand(-1, -1, m)).clone()
@@ -217,8 +235,9 @@ def _beam_group(target: torch.Tensor, h_jj: torch.Tensor, codebooks: torch.Tenso
 
 
 @torch.no_grad()
-def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
-                     scales: torch.Tensor, iters: int) -> torch.Tensor:
+def update_codebooks(
+    w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, iters: int
+) -> torch.Tensor:
     """Codebooks minimising the weighted error for fixed codes and scales: conjugate gradients on the normal
     equations Aθ = b, A θ = Dᵀ(s² · D(θ) H), b = Dᵀ(s · W H), D = decode. Kept only if the error went down."""
     k = codebooks.shape[1]
@@ -252,8 +271,9 @@ def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, code
 
 
 @torch.no_grad()
-def update_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
-                  scales: torch.Tensor) -> torch.Tensor:
+def update_scales(
+    w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
     """Per-row least squares: s_o = uᵀHw / uᵀHu with u the row's unscaled reconstruction."""
     u = decode(codes, codebooks)
     uh = u @ h
@@ -264,6 +284,7 @@ def update_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codeboo
 # ---------------------------------------------------------------------------------------------------------------
 # A quantized linear layer (differentiable in codebooks and scales) and its AQLM tensors
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class AQLinear(nn.Module):
     """A linear layer held as AQLM holds it. Forward dequantizes (what aqlm's kernels compute, up to rounding)
@@ -285,9 +306,11 @@ class AQLinear(nn.Module):
     def aqlm_tensors(self, float_dtype: torch.dtype, nbits: int) -> dict[str, torch.Tensor]:
         """codes [out, in/g, M] (signed: codes >= 2^(B-1) stored as code - 2^B), codebooks [M, K, 1, g], scales [out, 1, 1, 1]."""
         m, k, g = self.codebooks.shape
-        out = {"codes": pack_codes(self.codes, nbits),
-               "codebooks": self.codebooks.detach().reshape(m, k, 1, g).to(float_dtype).contiguous(),
-               "scales": self.scales.detach().reshape(-1, 1, 1, 1).to(float_dtype).contiguous()}
+        out = {
+            "codes": pack_codes(self.codes, nbits),
+            "codebooks": self.codebooks.detach().reshape(m, k, 1, g).to(float_dtype).contiguous(),
+            "scales": self.scales.detach().reshape(-1, 1, 1, 1).to(float_dtype).contiguous(),
+        }
         if self.bias is not None:
             out["bias"] = self.bias.detach().to(float_dtype).contiguous()
         return out
@@ -295,8 +318,12 @@ class AQLinear(nn.Module):
     @classmethod
     def from_aqlm_tensors(cls, t: dict[str, torch.Tensor], nbits: int) -> "AQLinear":
         m, k, _, g = t["codebooks"].shape
-        result = AQResult(codes=unpack_codes(t["codes"], nbits), codebooks=t["codebooks"].float().reshape(m, k, g),
-                          scales=t["scales"].float().reshape(-1), rel_error=float("nan"))
+        result = AQResult(
+            codes=unpack_codes(t["codes"], nbits),
+            codebooks=t["codebooks"].float().reshape(m, k, g),
+            scales=t["scales"].float().reshape(-1),
+            rel_error=float("nan"),
+        )
         return cls(result, t.get("bias"))
 
 
@@ -315,6 +342,7 @@ def unpack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 # The whole model, layer by layer
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class _Captured(Exception):
     """Raised by the hook on the first decoder layer once it has its inputs: nothing after it needs to run."""
 
@@ -322,7 +350,9 @@ class _Captured(Exception):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder.layers; the AQLM quantizer handles Llama-family models.")
+        raise ValueError(
+            f"{type(model).__name__} has no decoder.layers; the AQLM quantizer handles Llama-family models."
+        )
     return layers
 
 
@@ -334,7 +364,12 @@ def calibration_batches(tokenizer, texts: list[str], seq_len: int, batch_size: i
         raise ValueError("no calibration text is at least 2 tokens long")
     length = min(len(x) for x in ids)
     if length < seq_len:
-        log.warning("Calibration: the shortest text has %d tokens; every sample is cut to %d (seq_len=%d)", length, length, seq_len)
+        log.warning(
+            "Calibration: the shortest text has %d tokens; every sample is cut to %d (seq_len=%d)",
+            length,
+            length,
+            seq_len,
+        )
     rows = torch.tensor([x[:length] for x in ids])
     return list(rows.split(batch_size))
 
@@ -384,8 +419,16 @@ def _run(layer: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def quantize_model(model: nn.Module, tokenizer, texts: list[str], s: AQSettings, seq_len: int, device: str | torch.device,
-                   work_dir: Path, source_id: str) -> dict[str, float]:
+def quantize_model(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    s: AQSettings,
+    seq_len: int,
+    device: str | torch.device,
+    work_dir: Path,
+    source_id: str,
+) -> dict[str, float]:
     """Replace every nn.Linear inside the decoder layers by an AQLinear, in place; return each one's relative error.
 
     Finished layers are saved to `work_dir/layer_XXX.pt`; a rerun with the same inputs and settings loads them
@@ -393,8 +436,12 @@ def quantize_model(model: nn.Module, tokenizer, texts: list[str], s: AQSettings,
     """
     device = torch.device(device)
     batches = calibration_batches(tokenizer, texts, seq_len, s.batch_size)
-    key = fingerprint(source=source_id, settings=asdict(s), seq_len=seq_len,
-                      texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+    key = fingerprint(
+        source=source_id,
+        settings=asdict(s),
+        seq_len=seq_len,
+        texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+    )
     _prepare_work_dir(work_dir, key)
 
     layers = decoder_layers(model)
@@ -415,11 +462,19 @@ def quantize_model(model: nn.Module, tokenizer, texts: list[str], s: AQSettings,
             generator = torch.Generator(device=device).manual_seed(s.seed * 100_003 + i)
             layer_errors = _quantize_layer(layer, inputs, kwargs, s, generator, f"AQLM layer {i + 1}/{len(layers)}")
             errors.update({f"{prefix}.{n}": e for n, e in layer_errors.items()})
-            linears = {n: m.aqlm_tensors(torch.float32, s.nbits_per_codebook)
-                       for n, m in layer.named_modules() if isinstance(m, AQLinear)}
+            linears = {
+                n: m.aqlm_tensors(torch.float32, s.nbits_per_codebook)
+                for n, m in layer.named_modules()
+                if isinstance(m, AQLinear)
+            }
             tmp = path.with_suffix(".tmp")
-            torch.save({"linears": {n: {k: v.cpu() for k, v in t.items()} for n, t in linears.items()},
-                        "errors": layer_errors}, tmp)
+            torch.save(
+                {
+                    "linears": {n: {k: v.cpu() for k, v in t.items()} for n, t in linears.items()},
+                    "errors": layer_errors,
+                },
+                tmp,
+            )
             os.replace(tmp, path)
         with torch.no_grad():
             inputs = [_run(layer, x, kw) for x, kw in zip(inputs, kwargs)]
@@ -434,7 +489,9 @@ def _prefix(model: nn.Module, module: nn.Module) -> str:
 def _prepare_work_dir(work_dir: Path, key: str) -> None:
     meta = work_dir / "meta.json"
     if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != key:
-        log.warning("AQLM work folder %s holds layers of a different job (inputs or settings changed): starting over", work_dir)
+        log.warning(
+            "AQLM work folder %s holds layers of a different job (inputs or settings changed): starting over", work_dir
+        )
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if not meta.exists():
@@ -444,8 +501,14 @@ def _prepare_work_dir(work_dir: Path, key: str) -> None:
         log.info("AQLM: resuming, %d finished layer(s) in %s", len(done), work_dir)
 
 
-def _quantize_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict], s: AQSettings,
-                    generator: torch.Generator, desc: str) -> dict[str, float]:
+def _quantize_layer(
+    layer: nn.Module,
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    s: AQSettings,
+    generator: torch.Generator,
+    desc: str,
+) -> dict[str, float]:
     """Quantize one decoder layer's linears on its (quantized-prefix) inputs, then fine-tune it; return errors."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     sums = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
@@ -455,6 +518,7 @@ def _quantize_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[d
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name].addmm_(x.T, x)
+
         return hook
 
     handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
@@ -476,14 +540,23 @@ def _quantize_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[d
         errors[name] = result.rel_error
         bar.set_postfix_str(f"{name} rel.err {result.rel_error:.4f}")
         layer.set_submodule(name, AQLinear(result, linear.bias).to(linear.weight.device))
-    log.info("%s: relative weighted error %s", desc, ", ".join(f"{n.split('.')[-1]} {e:.4f}" for n, e in errors.items()))
+    log.info(
+        "%s: relative weighted error %s", desc, ", ".join(f"{n.split('.')[-1]} {e:.4f}" for n, e in errors.items())
+    )
     if s.finetune_epochs > 0:
         finetune_layer(layer, inputs, kwargs, targets, s, generator, desc)
     return errors
 
 
-def finetune_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-                   s: AQSettings, generator: torch.Generator, desc: str) -> None:
+def finetune_layer(
+    layer: nn.Module,
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    targets: list[torch.Tensor],
+    s: AQSettings,
+    generator: torch.Generator,
+    desc: str,
+) -> None:
     """Adam on codebooks and scales against the unquantized layer's outputs; kept only if the output error fell."""
     modules = [m for m in layer.modules() if isinstance(m, AQLinear)]
     params = [p for m in modules for p in (m.codebooks, m.scales)]
@@ -524,16 +597,28 @@ def finetune_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[di
 # The checkpoint transformers' AQLM integration loads
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def quantization_config(s: AQSettings) -> dict:
     """The `quantization_config` of config.json. Module names, not weight names, in the skip list: transformers
     matches this list against module names (see aqlm_2bit.fix_not_to_quantize)."""
-    return {"quant_method": "aqlm", "in_group_size": s.in_group_size, "out_group_size": 1,
-            "num_codebooks": s.num_codebooks, "nbits_per_codebook": s.nbits_per_codebook,
-            "linear_weights_not_to_quantize": ["lm_head"]}
+    return {
+        "quant_method": "aqlm",
+        "in_group_size": s.in_group_size,
+        "out_group_size": 1,
+        "num_codebooks": s.num_codebooks,
+        "nbits_per_codebook": s.nbits_per_codebook,
+        "linear_weights_not_to_quantize": ["lm_head"],
+    }
 
 
-def write_checkpoint(model: nn.Module, s: AQSettings, out_dir: Path, weights_dtype: torch.dtype,
-                     float_dtype: torch.dtype = torch.float16, config_dtype: str = "float32") -> None:
+def write_checkpoint(
+    model: nn.Module,
+    s: AQSettings,
+    out_dir: Path,
+    weights_dtype: torch.dtype,
+    float_dtype: torch.dtype = torch.float16,
+    config_dtype: str = "float32",
+) -> None:
     """Write config.json, generation_config.json and safetensors shards in the AQLM format.
 
     Per quantized linear P: P.codes [out, in/8, M] int8/int16, P.codebooks [M, 2^B, 1, 8] and P.scales
@@ -546,8 +631,11 @@ def write_checkpoint(model: nn.Module, s: AQSettings, out_dir: Path, weights_dty
     out_dir.mkdir(parents=True, exist_ok=True)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, AQLinear)}
     skip = tuple(f"{n}." for n in quantized)
-    state = {k: (v.to(weights_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items() if not k.startswith(skip)}
+    state = {
+        k: (v.to(weights_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(skip)
+    }
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # transformers re-ties it on load
     for name, module in quantized.items():

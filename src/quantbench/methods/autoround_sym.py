@@ -48,8 +48,18 @@ class AutoRoundSym(Method):
     library = "auto-round"
     needs_calibration = True
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, iters: int = 200, seqlen: int = 512,
-                 nsamples: int = 128, export_format: str = "auto_round", seed: int = 42, torch_compile: bool = False):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        iters: int = 200,
+        seqlen: int = 512,
+        nsamples: int = 128,
+        export_format: str = "auto_round",
+        seed: int = 42,
+        torch_compile: bool = False,
+    ):
         super().__init__(name)
         self.bits, self.group_size, self.iters = bits, group_size, iters
         self.seqlen, self.nsamples, self.seed = seqlen, nsamples, seed
@@ -58,27 +68,37 @@ class AutoRoundSym(Method):
 
     def validate(self, model_config, hardware: DictConfig) -> None:
         if self.export_format not in FORMATS:
-            raise ConfigError(f"method.export_format={self.export_format!r} is not an export format of {self.name}; "
-                              f"choose one of {', '.join(FORMATS)}.")
+            raise ConfigError(
+                f"method.export_format={self.export_format!r} is not an export format of {self.name}; "
+                f"choose one of {', '.join(FORMATS)}."
+            )
         allowed_bits = FORMAT_BITS[self.export_format]
         if not _is_int(self.bits) or self.bits not in allowed_bits:
-            raise ConfigError(f"method.bits={self.bits!r}: auto-round's {self.export_format} export packs symmetric "
-                              f"integer weights of {', '.join(map(str, allowed_bits))} bits only; choose one of those.")
+            raise ConfigError(
+                f"method.bits={self.bits!r}: auto-round's {self.export_format} export packs symmetric "
+                f"integer weights of {', '.join(map(str, allowed_bits))} bits only; choose one of those."
+            )
         check_group_size(self.name, self.group_size, model_config)
-        for knob, value, low in (("iters", self.iters, 0), ("nsamples", self.nsamples, 1),
-                                 ("seqlen", self.seqlen, MIN_SEQLEN)):
+        for knob, value, low in (
+            ("iters", self.iters, 0),
+            ("nsamples", self.nsamples, 1),
+            ("seqlen", self.seqlen, MIN_SEQLEN),
+        ):
             if not _is_int(value) or value < low:
                 raise ConfigError(f"method.{knob}={value!r} must be an integer >= {low}.")
         max_pos = getattr(model_config, "max_position_embeddings", None)
         if max_pos and self.seqlen > max_pos:
-            raise ConfigError(f"method.seqlen={self.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
-                              f"choose a seqlen of at most {max_pos}.")
+            raise ConfigError(
+                f"method.seqlen={self.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
+                f"choose a seqlen of at most {max_pos}."
+            )
 
-    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
-                 calibration: list[str] | None = None):
+    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None):
         if not calibration:
-            raise ConfigError("autoround_sym needs calibration texts, and got none; auto-round would otherwise fetch "
-                              "its default hub dataset. Set a calibration config (e.g. calibration=local).")
+            raise ConfigError(
+                "autoround_sym needs calibration texts, and got none; auto-round would otherwise fetch "
+                "its default hub dataset. Set a calibration config (e.g. calibration=local)."
+            )
         from auto_round import AutoRound
         from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
 
@@ -92,12 +112,23 @@ class AutoRoundSym(Method):
         staging = Path(tempfile.mkdtemp(prefix=".autoround-", dir=out_dir.parent))
         try:
             with _process_state_restored():
-                config = SignRoundConfig(iters=int(self.iters), bits=int(self.bits), group_size=int(self.group_size),
-                                         sym=True, data_type="int")
+                config = SignRoundConfig(
+                    iters=int(self.iters),
+                    bits=int(self.bits),
+                    group_size=int(self.group_size),
+                    sym=True,
+                    data_type="int",
+                )
                 compressor = AutoRound(
-                    source.load(dtype=dtype, device=hardware.device), tokenizer=tokenizer,
-                    scheme=f"W{int(self.bits)}A16", alg_configs=config, dataset=texts, seqlen=seqlen,
-                    nsamples=len(texts), seed=int(self.seed), device_map=hardware.device,
+                    source.load(dtype=dtype, device=hardware.device),
+                    tokenizer=tokenizer,
+                    scheme=f"W{int(self.bits)}A16",
+                    alg_configs=config,
+                    dataset=texts,
+                    seqlen=seqlen,
+                    nsamples=len(texts),
+                    seed=int(self.seed),
+                    device_map=hardware.device,
                     enable_torch_compile=self.torch_compile,
                 )
                 # quantize_and_save returns (model, folder); the model is not the evaluated one (see _reload)
@@ -120,12 +151,19 @@ class AutoRoundSym(Method):
         nsamples = min(int(self.nsamples), len(texts))
         seqlen = min(int(self.seqlen), sorted(lengths, reverse=True)[nsamples - 1])
         if seqlen < MIN_SEQLEN:
-            raise ConfigError(f"calibration texts are too short for auto-round: only {seqlen} tokens in the "
-                              f"{nsamples} longest; raise calibration.seq_len.")
+            raise ConfigError(
+                f"calibration texts are too short for auto-round: only {seqlen} tokens in the "
+                f"{nsamples} longest; raise calibration.seq_len."
+            )
         if (seqlen, nsamples) != (self.seqlen, self.nsamples):
-            log.warning("auto-round calibration clamped to the texts given: seqlen %s -> %s, nsamples %s -> %s "
-                        "(raise calibration.seq_len / calibration.num_samples to use the configured values)",
-                        self.seqlen, seqlen, self.nsamples, nsamples)
+            log.warning(
+                "auto-round calibration clamped to the texts given: seqlen %s -> %s, nsamples %s -> %s "
+                "(raise calibration.seq_len / calibration.num_samples to use the configured values)",
+                self.seqlen,
+                seqlen,
+                self.nsamples,
+                nsamples,
+            )
         chosen = [t for t, n in zip(texts, lengths) if n >= seqlen][:nsamples]
         return chosen, seqlen
 
@@ -135,8 +173,12 @@ class AutoRoundSym(Method):
 
         written = json.loads((out_dir / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
         if written != self.quant_format:
-            log.warning("auto-round wrote quant_method=%r for export_format=%r, expected %r",
-                        written, self.export_format, self.quant_format)
+            log.warning(
+                "auto-round wrote quant_method=%r for export_format=%r, expected %r",
+                written,
+                self.export_format,
+                self.quant_format,
+            )
 
     def _reload(self, out_dir: Path, dtype: torch.dtype, device: str):
         """The model auto-round leaves behind is not a clean inference model for every format (auto_gptq's raises
@@ -192,8 +234,13 @@ def _process_state_restored():
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     opts = torch._tensor_str.PRINT_OPTS
-    print_options = dict(precision=opts.precision, threshold=opts.threshold, edgeitems=opts.edgeitems,
-                         linewidth=opts.linewidth, sci_mode=opts.sci_mode)
+    print_options = dict(
+        precision=opts.precision,
+        threshold=opts.threshold,
+        edgeitems=opts.edgeitems,
+        linewidth=opts.linewidth,
+        sci_mode=opts.sci_mode,
+    )
     py_rng, np_rng = random.getstate(), np.random.get_state()
     grad, threads, default_dtype = torch.is_grad_enabled(), torch.get_num_threads(), torch.get_default_dtype()
     try:

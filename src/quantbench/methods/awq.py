@@ -31,8 +31,15 @@ class AWQ(Method):
     quant_format = "compressed-tensors"
     needs_calibration = True
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, zero_point: bool = True,
-                 duo_scaling: bool = True, seq_len: int = 128):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        zero_point: bool = True,
+        duo_scaling: bool = True,
+        seq_len: int = 128,
+    ):
         super().__init__(name)
         self.bits, self.group_size, self.zero_point = int(bits), int(group_size), bool(zero_point)
         self.duo_scaling, self.seq_len = bool(duo_scaling), int(seq_len)
@@ -43,8 +50,9 @@ class AWQ(Method):
         if self.seq_len < 8:
             raise ConfigError(f"method.seq_len={self.seq_len}: calibration sequences must be at least 8 tokens.")
 
-    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
-                 calibration: list[str] | None = None) -> torch.nn.Module:
+    def quantize(
+        self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None
+    ) -> torch.nn.Module:
         """Calibrate and quantize with llm-compressor's oneshot, save with its compressed save, then hand back the
         saved folder reloaded: evaluation sees exactly the artifact, not llm-compressor's calibration-time model."""
         if not calibration:
@@ -62,9 +70,15 @@ class AWQ(Method):
             data = Dataset.from_list(encode(tokenizer, calibration, self.seq_len))
             # No shuffling: the texts are already a seeded draw, and llm-compressor's shuffle draws from torch's
             # global RNG, which made two runs on the same texts differ (and moved the RNG of later jobs).
-            oneshot(model=model, processor=tokenizer, dataset=data, recipe=self.recipe(),
-                    num_calibration_samples=len(data), max_seq_length=self.seq_len,
-                    shuffle_calibration_samples=False)
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=data,
+                recipe=self.recipe(),
+                num_calibration_samples=len(data),
+                max_seq_length=self.seq_len,
+                shuffle_calibration_samples=False,
+            )
             model.save_pretrained(out_dir, save_compressed=True)  # llm-compressor's save: compressed-tensors
         del model
         gc.collect()
@@ -77,13 +91,16 @@ class AWQ(Method):
         """AWQ smoothing, then the weight-only INT quantization it was smoothing for (lm_head stays 16-bit)."""
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return [AWQModifier(duo_scaling=self.duo_scaling),
-                int_weight_modifier(self.bits, self.group_size, symmetric=not self.zero_point)]
+        return [
+            AWQModifier(duo_scaling=self.duo_scaling),
+            int_weight_modifier(self.bits, self.group_size, symmetric=not self.zero_point),
+        ]
 
 
 def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The saved compressed-tensors folder, loaded as a user would (transformers decompresses it on CPU)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
-                                                trust_remote_code=source.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device, trust_remote_code=source.trust_remote_code
+    )

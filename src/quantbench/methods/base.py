@@ -40,8 +40,9 @@ class Method:
     def validate(self, model_config, hardware: DictConfig) -> None:
         """Raise ConfigError for settings this method cannot honour on this model and hardware. Cheap."""
 
-    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
-                 calibration: list[str] | None = None) -> torch.nn.Module:
+    def quantize(
+        self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None
+    ) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module | None:
@@ -55,12 +56,18 @@ class Method:
         return {}
 
     def tags(self) -> dict[str, str]:
-        return {"method": self.name, "quant_library": self.library,
-                "quant_library_version": library_version(self.library), "quant_format": self.quant_format}
+        return {
+            "method": self.name,
+            "quant_library": self.library,
+            "quant_library_version": library_version(self.library),
+            "quant_format": self.quant_format,
+        }
 
 
 def linear_kernel(model: torch.nn.Module, linear_names: list[str]) -> str:
     """Which module classes actually run the (formerly nn.Linear) layers, read from the loaded model."""
     modules = dict(model.named_modules())
-    kinds = Counter(f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" for n in linear_names if n in modules)
+    kinds = Counter(
+        f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" for n in linear_names if n in modules
+    )
     return ", ".join(f"{k} x{c}" for k, c in kinds.most_common()) or "unknown"

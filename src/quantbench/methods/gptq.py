@@ -31,9 +31,19 @@ class GPTQ(Method):
     quant_format = "gptq"
     needs_calibration = True
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
-                 act_group_aware: bool = True, damp_percent: float = 0.05, seq_len: int = 128,
-                 batch_size: int = 1, backend: str = "auto"):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        desc_act: bool = False,
+        act_group_aware: bool = True,
+        damp_percent: float = 0.05,
+        seq_len: int = 128,
+        batch_size: int = 1,
+        backend: str = "auto",
+    ):
         super().__init__(name)
         self.backend = str(backend)
         self.bits, self.group_size, self.sym, self.desc_act = int(bits), int(group_size), bool(sym), bool(desc_act)
@@ -44,29 +54,38 @@ class GPTQ(Method):
         check_bits("gptq", self.bits, SUPPORTED_BITS, "the widths the GPTQ format packs")
         check_group_size("gptq", self.group_size, model_config)
         if not 0 < self.damp_percent < 1:
-            raise ConfigError(f"method.damp_percent={self.damp_percent}: the Hessian dampening must be in (0, 1); "
-                              f"GPTQ's usual value is 0.01 to 0.1.")
+            raise ConfigError(
+                f"method.damp_percent={self.damp_percent}: the Hessian dampening must be in (0, 1); "
+                f"GPTQ's usual value is 0.01 to 0.1."
+            )
         if self.desc_act and self.act_group_aware:
-            raise ConfigError("method.desc_act=true cannot be combined with method.act_group_aware=true (GPTQModel "
-                              "orders columns one way or the other); set method.act_group_aware=false.")
+            raise ConfigError(
+                "method.desc_act=true cannot be combined with method.act_group_aware=true (GPTQModel "
+                "orders columns one way or the other); set method.act_group_aware=false."
+            )
         if self.seq_len < 8 or self.batch_size < 1:
-            raise ConfigError(f"method.seq_len={self.seq_len} and method.batch_size={self.batch_size}: "
-                              f"need at least 8 tokens per sequence and a batch of at least 1.")
+            raise ConfigError(
+                f"method.seq_len={self.seq_len} and method.batch_size={self.batch_size}: "
+                f"need at least 8 tokens per sequence and a batch of at least 1."
+            )
         with gptqmodel_scope():
             from gptqmodel import BACKEND
 
         choices = sorted(b.value for b in BACKEND)
         if self.backend not in choices:
-            raise ConfigError(f"method.backend={self.backend!r} is not a GPTQModel kernel backend; choose one of "
-                              f"{choices} (auto: GPTQModel's choice for the device).")
+            raise ConfigError(
+                f"method.backend={self.backend!r} is not a GPTQModel kernel backend; choose one of "
+                f"{choices} (auto: GPTQModel's choice for the device)."
+            )
 
     def loading_attributes(self) -> dict:
         """The kernel choice holds for the fresh-process reload too (transformers' GPTQConfig `backend`): with auto,
         GPTQModel would build Machete there and fail without network, as it did on the offline H100."""
         return {} if self.backend == "auto" else {"backend": self.backend}
 
-    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
-                 calibration: list[str] | None = None) -> torch.nn.Module:
+    def quantize(
+        self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None
+    ) -> torch.nn.Module:
         """Quantize and save with GPTQModel's own save before any forward pass of the packed model, then hand back
         the saved folder loaded by GPTQModel: a model saved after such a forward does not reload, and a loaded
         GPTQ model must never be re-saved, so the folder on disk is written exactly once."""
@@ -79,11 +98,22 @@ class GPTQ(Method):
         with gptqmodel_scope(log_dir=out_dir.parent / "gptqmodel_logs"):
             from gptqmodel import GPTQConfig, GPTQModel
 
-            config = GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
-                                act_group_aware=self.act_group_aware, damp_percent=self.damp_percent,
-                                offload_to_disk=False)  # the default spills finished layers to a temp dir in /tmp
-            qmodel = GPTQModel.load(source.path_or_id, config, dtype=dtype, device=hardware.device,
-                                    trust_remote_code=source.trust_remote_code)
+            config = GPTQConfig(
+                bits=self.bits,
+                group_size=self.group_size,
+                sym=self.sym,
+                desc_act=self.desc_act,
+                act_group_aware=self.act_group_aware,
+                damp_percent=self.damp_percent,
+                offload_to_disk=False,
+            )  # the default spills finished layers to a temp dir in /tmp
+            qmodel = GPTQModel.load(
+                source.path_or_id,
+                config,
+                dtype=dtype,
+                device=hardware.device,
+                trust_remote_code=source.trust_remote_code,
+            )
             qmodel.quantize(examples, batch_size=self.batch_size)
             qmodel.save(str(out_dir))
             del qmodel
@@ -94,7 +124,9 @@ class GPTQ(Method):
         return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device, self.backend)
 
 
-def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str, backend: str = "auto") -> torch.nn.Module:
+def reload(
+    folder: Path, source: SourceModel, dtype: torch.dtype, device: str, backend: str = "auto"
+) -> torch.nn.Module:
     """The saved folder through GPTQModel's loader with the kernel `backend` (auto: the fastest for the device); the
     transformers model inside is what lm-eval's HFLM gets. transformers' own GPTQ loader would need optimum as well.
 
@@ -103,6 +135,11 @@ def reload(folder: Path, source: SourceModel, dtype: torch.dtype, device: str, b
     with gptqmodel_scope():
         from gptqmodel import BACKEND, GPTQModel
 
-        loaded = GPTQModel.load(str(folder), dtype=dtype, device=device, backend=BACKEND(backend),
-                                trust_remote_code=source.trust_remote_code)
+        loaded = GPTQModel.load(
+            str(folder),
+            dtype=dtype,
+            device=device,
+            backend=BACKEND(backend),
+            trust_remote_code=source.trust_remote_code,
+        )
     return loaded.model

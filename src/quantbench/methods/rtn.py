@@ -34,8 +34,9 @@ class RTN(Method):
         check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)
 
-    def quantize(self, source: SourceModel, out_dir: Path, hardware: DictConfig,
-                 calibration: list[str] | None = None) -> torch.nn.Module:
+    def quantize(
+        self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None
+    ) -> torch.nn.Module:
         """Round every Linear but the LM head with llm-compressor's oneshot (no dataset: nothing is calibrated),
         save compressed, and hand back the saved folder reloaded, as AWQ does."""
         dtype = torch_dtype(hardware.dtype)
