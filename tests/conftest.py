@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from quantbench import schema
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
 
 CACHE = cache_root()
+schema.register()  # tests that compose the config with Hydra need the groups' schemas, as run.py does
 
 
 @dataclass

@@ -681,6 +681,26 @@ def test_a_hung_engine_is_killed_with_its_children_at_its_time_limit(tmp_path, m
         assert not status.exists() or "State:\tZ" in status.read_text(), f"process {pid} outlived the engine"
 
 
+@pytest.mark.e2e
+def test_a_job_whose_engine_runs_past_its_limit_ends_failed_with_no_engine_left(tiny_root, tmp_path, monkeypatch):
+    """The real engine, given 3 s to start, serve and answer (it needs far more on a CPU): the job's run ends FAILED
+    naming the limit, and no engine process (nor anything it started) outlives the job."""
+    import psutil
+    from conftest import run_cli
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the engine's request folder, so that its processes can be told apart
+    store = run_cli(
+        "method=fp16", "eval=none", "quality=none", "bench=smoke", "bench.backend=vllm", "bench.vllm.timeout_s=3",
+        mlruns=tmp_path / "mlruns", workdir=tmp_path, check=False, timeout=900,
+    )  # fmt: skip
+    assert store.result.returncode != 0
+    (run,) = store.runs()
+    assert run.info.status == "FAILED"
+    assert "did not finish within 3 s (bench.vllm.timeout_s)" in run.data.tags["failure_reason"]
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"processes of the job's engine outlived it: {left}"
+
+
 def test_the_engine_time_limit_is_a_checked_knob():
     cfg = OmegaConf.create(
         {

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_cli
+
 CONF = ROOT / "conf"
-GROUPS = ["method", "model", "eval", "hardware", "bench", "calibration", "tracking"]
+GROUPS = ["method", "model", "eval", "quality", "hardware", "bench", "calibration", "tracking"]
 
 
 def options(group: str) -> list[str]:
@@ -107,3 +107,27 @@ def test_the_readme_runs_the_seed_study_with_a_command_hydra_accepts():
             break
     else:
         pytest.fail("the README shows no `run.py -m experiment=...` command")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bench.nonexistent=1", "Key 'nonexistent' not in 'BenchConfig'"),
+        ("bench.repeats=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("hardware.memory_bandwidth_gbs=fast", "could not be converted to Float"),
+    ],
+)
+def test_hydra_refuses_unknown_keys_and_wrong_types_before_any_run(tmp_path, override, message):
+    """The groups' typed schemas (quantbench.schema): a typo or a wrong type stops the command before any job, so
+    no MLflow run (nor store) is made; the message names the key and what it expected."""
+    store = run_cli(override, mlruns=tmp_path / "mlruns", workdir=tmp_path, check=False, timeout=120)
+    assert store.result.returncode != 0
+    assert message in store.result.stdout and override.split("=")[0] in store.result.stdout
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("group", ["model", "eval", "quality", "hardware", "bench", "calibration", "tracking"])
+def test_every_option_of_a_typed_group_starts_from_its_schema(group):
+    for option in options(group):
+        text = (CONF / group / f"{option}.yaml").read_text()
+        assert f"- {group}_schema" in text or "defaults:\n  - heldout" in text, f"{group}/{option}.yaml"

@@ -92,3 +92,12 @@ def test_a_second_job_with_the_same_key_reuses_the_quantized_folder_and_still_ve
     assert hit.data.metrics["fingerprint_nll"] == pytest.approx(miss.data.metrics["fingerprint_nll"], rel=1e-6)
     entry = tmp_path / "quantized" / miss.data.tags["cache_key"] / "manifest.json"
     assert json.loads(entry.read_text())["run_id"] == miss.info.run_id
+
+    # a cached file that changed is caught, the entry dropped, the model quantized again and stored anew
+    weights = next((entry.parent / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    healed = run_cli(*quick, "force=true", mlruns=tmp_path / "mlruns", workdir=tmp_path)
+    requantized = healed.runs()[-1]
+    assert requantized.data.tags["cache"] == "miss" and requantized.info.status == "FINISHED"
+    assert "changed since it was stored" in healed.result.stdout and "Quantizing" in healed.result.stdout
+    assert json.loads(entry.read_text())["run_id"] == requantized.info.run_id

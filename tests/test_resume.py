@@ -90,36 +90,37 @@ def test_a_rerun_of_a_sweep_runs_only_the_missing_jobs_and_force_reruns(tiny_roo
 
 
 @pytest.mark.e2e
-def test_a_killed_job_leaves_a_run_that_the_next_job_marks_interrupted(tiny_root, tmp_path):
+def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it(tiny_root, tmp_path):
+    """SIGKILL during job 2 of 3 (nothing can end its run), then the same command again: job 1 is skipped, the killed
+    run is marked FAILED (interrupted), jobs 2 and 3 run, and each job has exactly one FINISHED run."""
     mlruns = tmp_path / "mlruns"
     uri = f"sqlite:///{mlruns}/mlflow.db"
-    cmd = [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "method=fp16",
-        "eval=tiny",
-        "bench=none",
-        f"paths.mlruns={mlruns}",
-        f"hydra.run.dir={tmp_path}/outputs",
-    ]
+    sweep = ["-m", "seed=0,1,2", *QUICK, "quality=none"]
+    cmd = [sys.executable, str(ROOT / "run.py"), *sweep, f"paths.mlruns={mlruns}",
+           f"hydra.sweep.dir={tmp_path}/multirun", f"quantized_cache.dir={tmp_path}/quantized"]  # fmt: skip
     env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    log = (tmp_path / "killed-job.log").open("w")
-    job = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # until the job is at work: its run exists and is RUNNING
-    while "Quantizing" not in (tmp_path / "killed-job.log").read_text() and time.monotonic() < deadline:
-        assert job.poll() is None, "the job ended early:\n" + (tmp_path / "killed-job.log").read_text()[-3000:]
-        time.sleep(0.2)
-    exp = MlflowClient(uri).get_experiment_by_name("quantbench-tiny")
-    running = MlflowClient(uri).search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-    assert len(running) == 1, "no RUNNING run to kill:\n" + (tmp_path / "killed-job.log").read_text()[-3000:]
-    killed = running[0].info.run_id
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert MlflowClient(uri).get_run(killed).info.status == "RUNNING"  # SIGKILL: nothing could end it
+    log_path = tmp_path / "killed-sweep.log"
+    with log_path.open("w") as log:
+        job = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300  # until the second job is at work: its run exists and is RUNNING
+        while log_path.read_text().count("Quantizing") < 2 and time.monotonic() < deadline:
+            assert job.poll() is None, "the sweep ended early:\n" + log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("quantbench-tiny")
+        running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+        assert len(running) == 1, "no RUNNING run to kill:\n" + log_path.read_text()[-3000:]
+        killed = running[0].info.run_id
+        assert running[0].data.params["seed"] == "1"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert client.get_run(killed).info.status == "RUNNING"  # SIGKILL: nothing could end it
 
-    store = run_cli(*QUICK, "seed=5", mlruns=mlruns, workdir=tmp_path)
-    run = store.client.get_run(killed)
-    assert run.info.status == "FAILED"
-    assert run.data.tags["failure_type"] == "Interrupted"
-    assert f"pid {run.data.tags['pid']}" in run.data.tags["failure_reason"]
-    assert "marked FAILED (interrupted)" in store.result.stdout
+    again = run_cli(*sweep, mlruns=mlruns, workdir=tmp_path)
+    assert client.get_run(killed).info.status == "FAILED"
+    assert client.get_run(killed).data.tags["failure_type"] == "Interrupted"
+    assert "marked FAILED (interrupted)" in again.result.stdout
+    assert "Sweep summary (2 FINISHED, 1 SKIPPED)" in again.result.stdout
+    finished = [r for r in again.runs() if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["seed"] for r in finished) == ["0", "1", "2"]  # none twice, none lost
+    assert len(again.runs()) == 4  # and the interrupted one, kept as FAILED

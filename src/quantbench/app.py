@@ -7,9 +7,11 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from quantbench import schema
 from quantbench.paths import ROOT
 
 os.environ.setdefault("QUANTBENCH_ROOT", str(ROOT))  # `paths.root` (conf/config.yaml) reads it
+schema.register()  # the config groups' typed schemas, before Hydra composes anything
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")

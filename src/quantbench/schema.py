@@ -1,0 +1,102 @@
+"""Typed schemas of the config groups, registered in Hydra's ConfigStore: each group's YAML files start from their
+schema (`defaults: [<group>_schema, _self_]`), so Hydra itself refuses an unknown key or a value of the wrong type,
+naming the key, before any job starts. Checks that need the model or the machine stay in the modules that own them
+(`bench.plan`, `evaluation.plan`, `calibration.check`, ...), which run inside the job and so leave a FAILED run.
+
+The method group has no schema here: each method's knobs are its class's constructor arguments (`_target_`), and
+Hydra's instantiate refuses an unknown one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from quantbench.bench import HfKnobs, VllmKnobs
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: str = MISSING  # embedded:<name>, a local folder, or a hub id
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a folder of lm-eval task YAMLs, or embedded:tiny
+    num_fewshot: int = 0
+    batch_size: int = 1
+    limit: Any = None  # documents per task: a count, a fraction below 1, or null for all
+
+
+@dataclass
+class QualityConfig:
+    name: str = MISSING
+    dataset: str | None = None  # null: no quality metrics
+    num_tokens: int = 2048
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    memory_gb: float | None = None
+    memory_bandwidth_gbs: float | None = None  # datasheet; null: measured once per CPU and cached
+    eval_batch_size: int = 16
+
+
+@dataclass
+class BenchConfig:
+    name: str = MISSING
+    backend: str = "hf"  # a module of quantbench.bench, or none
+    prompt_tokens: int = 32
+    output_tokens: int = 32
+    streams: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 1
+    repeats: int = 3
+    vllm: VllmKnobs = field(default_factory=VllmKnobs)
+    hf: HfKnobs = field(default_factory=HfKnobs)
+
+
+@dataclass
+class CalibrationConfig:
+    name: str = MISSING
+    dataset: str = MISSING  # embedded:tiny, a local file, or a hub dataset id
+    subset: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    text_column: str = "text"
+    num_samples: int = 64
+    seq_len: int = 128
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    name: str = MISSING
+    uri: str = MISSING
+    artifact_root: str | None = None
+    experiment: str = MISSING
+    log_model: bool = True
+
+
+SCHEMAS = {"model": ModelConfig, "eval": EvalConfig, "quality": QualityConfig, "hardware": HardwareConfig,
+           "bench": BenchConfig, "calibration": CalibrationConfig, "tracking": TrackingConfig}  # fmt: skip
+
+
+def register() -> None:
+    """Store every schema as `<group>/<group>_schema` (what each group's YAML files name in their defaults)."""
+    cs = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
