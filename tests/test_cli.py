@@ -17,7 +17,7 @@ def quantbench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_help_lists_every_command_and_an_unknown_one_is_refused():
     out = quantbench("--help")
     assert out.returncode == 0
-    for command in ("run", "report", "register", "recommend", "ui"):
+    for command in ("run", "report", "register", "recommend", "ui", "server"):
         assert f"\n  {command} " in out.stdout
     bad = quantbench("reprot")
     assert bad.returncode == 2 and "unknown command 'reprot'" in bad.stderr
@@ -37,6 +37,7 @@ def test_the_console_script_is_installed_with_the_package():
         ("register", "--policy"),
         ("recommend", "--gpu-memory-gb"),
         ("ui", "--port"),
+        ("server", "--mlruns"),
     ],
 )
 def test_each_command_has_its_own_help(command, needle):
@@ -61,3 +62,47 @@ def test_report_register_and_recommend_work_on_the_default_sweep(default_sweep, 
     assert register.returncode == 0, register.stdout[-3000:] + register.stderr[-3000:]
     version = default_sweep.client.get_model_version_by_alias("quantbench-cli-test", "champion")
     assert version.run_id in register.stdout
+
+
+@pytest.mark.e2e
+def test_a_job_logs_through_the_tracking_server_with_its_artifacts(tiny_root, tmp_path, monkeypatch):
+    """`quantbench server` (a real `mlflow server` on 127.0.0.1, serving artifacts) and a job with tracking=server:
+    the run, its metrics and its model folder arrive over HTTP, with no path shared but the URL."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from conftest import run_cli
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_store = tmp_path / "server-store"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "quantbench", "server", "--port", str(port), "--mlruns", str(server_store)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        run_cli("method=fp16", "eval=none", "bench=none", "quality=none", "tracking=server",
+                mlruns=tmp_path / "unused", workdir=tmp_path)  # fmt: skip
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("quantbench-tiny").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.metrics["disk_gb"] > 0
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
+        assert list(server_store.glob("artifacts/**/model/config.json"))  # stored by the server, sent over HTTP
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
