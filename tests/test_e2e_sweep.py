@@ -154,8 +154,9 @@ def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(ru
             assert sum(truth == said for truth, said in answers) >= 8, out.stdout
 
 
-def test_sweep_folders_go_under_multirun(default_sweep):
-    sweep_dirs = list(Path(default_sweep.artifacts).parents[1].glob("multirun/*/.hydra")) + list(
-        Path(default_sweep.artifacts).parents[1].glob("multirun/*/*/.hydra")
-    )
-    assert sweep_dirs
+def test_each_job_gets_one_folder_under_multirun_named_by_what_it_changed(default_sweep, runs):
+    """One folder per job, directly under the sweep folder: overrides that only say where things go (the store, the
+    caches) are left out of the folder's name, so a path in them cannot nest folders."""
+    jobs = sorted(p.parent.name for p in Path(default_sweep.artifacts).parents[1].glob("multirun/*/.hydra"))
+    assert len(jobs) == len(runs), jobs
+    assert all("=" not in name or "dir=" not in name for name in jobs), jobs

@@ -35,7 +35,7 @@ DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
 _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
 # Overrides that say where things go, not what was measured: useless for telling two runs apart.
-LOCATION_KEYS = ("paths.", "tracking.", "hydra.")
+LOCATION_KEYS = ("paths.", "tracking.", "hydra.", "quantized_cache.dir")
 
 
 @dataclass
