@@ -29,7 +29,7 @@ def sweep(methods: str, work: Path, *extra: str) -> None:
            f"paths.mlruns={work}/mlruns", f"hydra.sweep.dir={work}/multirun/{len(list(work.glob('multirun/*')))}",
            f"quantized_cache.dir={work}/quantized", *extra]  # fmt: skip
     log.info("%s", " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:
