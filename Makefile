@@ -34,8 +34,7 @@ test-fast: install  ## unit tests only
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 ui: install         ## the MLflow UI over mlruns/ on http://127.0.0.1:5000 (PORT=... for another port)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+	$(BIN)/quantbench ui --port $(PORT) --mlruns $(CURDIR)/mlruns
 
 report: install     ## tables + Pareto plot of the latest sweep, logged as a summary run: make report ARGS="--sweep <id>"
 	$(BIN)/python -m quantbench.report $(ARGS)

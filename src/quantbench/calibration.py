@@ -16,7 +16,6 @@ dataset's id, subset, split, text column and resolved revision.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.models import EMBEDDED_PREFIX, hub_access_problem, hub_offline
 
@@ -154,14 +154,15 @@ def check(cfg: DictConfig) -> None:
     if isinstance(src, LocalFile):
         _qualifying(_read_file(src), cfg, f"file {src.path}", _layout(src))
     elif isinstance(src, HubDataset):
-        if hub_offline() and not _cached(src.repo_id):
+        offline = hub_offline()  # up to a 3 s connection attempt: once
+        if offline and not _cached(src.repo_id):
             raise ConfigError(
                 f"calibration.dataset={src.repo_id!r} is a hub dataset, the hub cannot be reached "
                 f"(offline), and `datasets` has no cached copy of it (nor is there a file "
                 f"{_absolute(src.repo_id)}); use a local file or calibration=local, or load the "
                 f"dataset once with `datasets` while online."
             )
-        if not hub_offline():
+        if not offline:
             problem = hub_access_problem(src.repo_id, src.revision, "dataset")
             if problem:
                 raise ConfigError(f"calibration.dataset={src.repo_id!r}: {problem}.")
@@ -193,7 +194,7 @@ def load(cfg: DictConfig, cache_dir: str | Path) -> Calibration:
         identity = {
             "calibration.source": "file",
             "calibration.path": str(src.path),
-            "calibration.sha256": file_sha256(src.path),
+            "calibration.sha256": measure.sha256(src.path),
             "calibration.format": src.builder,
         }
     else:
@@ -221,15 +222,6 @@ def load(cfg: DictConfig, cache_dir: str | Path) -> Calibration:
         )
     identity["calibration.qualifying_texts"] = str(len(rows))
     return Calibration(rng.sample(rows, k=min(n, len(rows))), identity)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The calibration file's identity: a renamed copy has the same one, an edited file another."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _absolute(ds: str) -> Path:

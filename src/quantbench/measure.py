@@ -21,15 +21,19 @@ def disk_bytes(folder: str | Path) -> int:
 MODEL_SHA256 = "model_sha256.json"  # logged beside a run's model/ folder: relative file path -> sha256
 
 
-def file_sha256(folder: str | Path) -> dict[str, str]:
-    """relative path -> sha256 of every file of the folder: the artifact's identity, checked before registration."""
+def sha256(path: str | Path) -> str:
+    """The sha256 of one file, read in chunks."""
     import hashlib
 
-    out = {}
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        with open(f, "rb") as fh:
-            out[f.relative_to(folder).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return out
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_sha256(folder: str | Path) -> dict[str, str]:
+    """relative path -> sha256 of every file of the folder: the artifact's identity, checked before registration."""
+    return {
+        f.relative_to(folder).as_posix(): sha256(f) for f in sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    }
 
 
 def changed_files(folder: str | Path, expected: dict[str, str]) -> list[str]:

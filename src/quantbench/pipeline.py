@@ -78,8 +78,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     out_dir = Path(out_dir or _job_output_dir()) / "model"
     tracker = Tracker(cfg.tracking)
     tracker.fail_interrupted_runs()
+    key = config_hash(cfg)  # once: it may hash a calibration file
     if not cfg.get("force", False):
-        key = config_hash(cfg)
         done = tracker.finished_run(key)
         if done is not None:
             run_id = done.info.run_id
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     if models.has_random_weights(str(cfg.model.pretrained)):
         tags["weights"] = "random"  # speed, size and memory are the architecture's; accuracy is chance
     metrics: dict[str, float] = {}
-    with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags):
+    with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags, key=key):
         try:
             job = prepare(cfg)
         except ConfigError as exc:

@@ -72,8 +72,7 @@ def source_identity(source: SourceModel, cache_dir: Path) -> dict:
         stat = f.stat()
         memo_key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if memo_key not in memo:
-            with open(f, "rb") as fh:
-                memo[memo_key] = hashlib.file_digest(fh, "sha256").hexdigest()
+            memo[memo_key] = measure.sha256(f)
         files[f.relative_to(path).as_posix()] = memo[memo_key]
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")

@@ -23,6 +23,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench import measure
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _calibration_file_sha256(job_cfg: DictConfig) -> str | None:
         src = calibration.source(job_cfg.calibration)
     except ConfigError:
         return None
-    return calibration.file_sha256(src.path) if isinstance(src, calibration.LocalFile) and src.path.is_file() else None
+    return measure.sha256(src.path) if isinstance(src, calibration.LocalFile) and src.path.is_file() else None
 
 
 def process_alive(pid: int, started: float | None) -> bool:
@@ -163,11 +164,12 @@ class Tracker:
         return ended
 
     @contextmanager
-    def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Iterator["Tracker"]:
-        """Start a run with params and the config YAML; on an exception, end it FAILED with the reason."""
+    def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str], key: str) -> Iterator["Tracker"]:
+        """Start a run tagged with its config hash `key`, with params and the config YAML; on an exception, end it
+        FAILED with the reason."""
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({**self.environment_tags(), **tags, "config_hash": config_hash(job_cfg)})
+            mlflow.set_tags({**self.environment_tags(), **tags, "config_hash": key})
             resolved = OmegaConf.to_container(job_cfg, resolve=True)
             self.log_params(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
             mlflow.log_text(OmegaConf.to_yaml(job_cfg, resolve=True), "config/config.yaml")
