@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from quantbench import bench
 from quantbench.bench import HfKnobs
-from quantbench.bench import hf as hf_backend
+from quantbench.bench.backends import hf as hf_backend
 from quantbench.errors import ConfigError
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})

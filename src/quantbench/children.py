@@ -3,7 +3,7 @@
 Why: a hung library must cost the job, not the sweep. Each child leads its own process group, and on a timeout,
 an exception here or Ctrl-C the whole group is killed (a child's own children, e.g. a GPU worker, included), so no
 orphan keeps memory or a GPU; the job's run then ends FAILED with the reason. The vLLM engine, which streams its
-output, uses `kill_group` the same way (bench/vllm.py).
+output, uses `kill_group` the same way (bench/backends/vllm.py).
 """
 
 from __future__ import annotations

@@ -160,3 +160,10 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def quant_method(model_dir: str | Path) -> str | None:
+    """The saved config's quantization_config.quant_method (lower case), None for an unquantized model."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    return str(qc.get("quant_method", "unknown")).lower() if qc else None

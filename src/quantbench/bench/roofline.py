@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantbench import measure
+from quantbench.bench.speed import stream_label
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,10 @@ UNDETERMINED = {
 def bytes_read(model_dir: str | Path, result, hardware) -> tuple[dict[str, tuple[str, list[int], int]], str]:
     """The tensors one decode step of the backend that produced `result` (a BenchResult) reads, and in words why
     (the `roofline_bytes_basis` tag). Where that cannot be determined, the stored tensors, and the words say so."""
-    from quantbench.bench.vllm import quant_method
-
     stored = measure.safetensors_index(model_dir)
     if not stored:
         raise FileNotFoundError(f"no safetensors weights in {model_dir}")
-    method = quant_method(model_dir)
+    method = measure.quant_method(model_dir)
     backend = result.tags.get("bench_backend", "unnamed")
     device = str(hardware.device)
     if method in UNDETERMINED:
@@ -219,7 +218,6 @@ def metrics(
     """roofline_tokens_per_s_<n>_stream(s) and roofline_fraction_<n>_stream(s): the measured median decode-only
     tokens/s over the roofline (a decode bound), or the end-to-end median where there is no decode-only figure;
     the tag `roofline_speed_basis` says which ("decode-only", "end-to-end", or per stream count where they differ)."""
-    from quantbench.bench import stream_label
 
     bandwidth, source = memory_bandwidth(hardware)
     out: dict[str, float] = {"memory_bandwidth_gbs": bandwidth}

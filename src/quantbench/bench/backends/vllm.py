@@ -6,7 +6,7 @@ ids, every stream generates exactly `output_tokens` (greedy), warm-up first, `re
 count, and prefix caching off so that every repeat does its full prefill. TTFT is the time to one token for the
 same N prompts, as in the HF backend; decode-only tokens/s comes from both, by `bench.speed_metrics` as there.
 
-The engine runs in a child process (bench/_vllm_engine.py says why). Models vLLM cannot serve on this hardware are
+The engine runs in a child process (bench/backends/_vllm_engine.py says why). Models vLLM cannot serve on this hardware are
 benchmarked by the HF backend instead, and the run says so: tags `bench_backend=hf`, `bench_fallback_reason`.
 """
 
@@ -25,14 +25,15 @@ from collections import deque
 from pathlib import Path
 
 from quantbench import children
-from quantbench.bench import BenchPlan, BenchResult, hf, speed_metrics
-from quantbench.bench._vllm_compat import cache_root, engine_env, installed_vllm
-from quantbench.measure import cpu_info
+from quantbench.bench.backends import hf
+from quantbench.bench.backends._vllm_compat import cache_root, engine_env, installed_vllm
+from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
+from quantbench.measure import cpu_info, quant_method
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench._vllm_engine"]  # + request.json result.json
+ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench.backends._vllm_engine"]  # + request.json result.json
 # The engine loads the saved folder in its own process: the pipeline may free the in-memory model first.
 LOADS_FROM_DISK = True
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
@@ -64,13 +65,6 @@ SLOW_KERNELS: dict[tuple[str, str], str] = {
     ("*", "EmulationMxfp6LinearKernel"): "MXFP6 emulated in 16-bit",
     ("*", "EmulationNvFp4LinearKernel"): "NVFP4 emulated in 16-bit",
 }
-
-
-def quant_method(model_dir: str | Path) -> str | None:
-    """The saved config's quantization_config.quant_method (lower case), None for an unquantized model."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
-    return str(qc.get("quant_method", "unknown")).lower() if qc else None
 
 
 def capabilities(cache_dir: Path | None = None) -> dict:
@@ -260,7 +254,7 @@ def _device_used_bytes(device: str) -> int:
 
 
 def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout_s: float | None = None) -> dict:
-    """Run bench/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors.
+    """Run bench/backends/_vllm_engine.py in a child process; its output goes to our log, its last lines into errors.
 
     On CUDA the device's used memory is sampled while the child runs: the engine's own processes hold it, so
     neither this process's allocator statistics nor the child's RSS would see it.

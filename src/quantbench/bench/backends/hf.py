@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from quantbench.bench import BenchPlan, BenchResult, HfKnobs, roofline, speed_metrics, stream_label
+from quantbench.bench import roofline
+from quantbench.bench.speed import BenchPlan, BenchResult, HfKnobs, speed_metrics, stream_label
 
 log = logging.getLogger(__name__)
 
