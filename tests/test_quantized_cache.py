@@ -79,12 +79,11 @@ def test_a_second_job_with_the_same_key_reuses_the_quantized_folder_and_still_ve
     quick = ("method=rtn", "eval=none", "bench=none", "quality=none")
     first = run_cli(*quick, mlruns=tmp_path / "mlruns", workdir=tmp_path)
     again = run_cli(*quick, "force=true", mlruns=tmp_path / "mlruns", workdir=tmp_path)
-    other = run_cli(*quick, "method.group_size=64", mlruns=tmp_path / "mlruns", workdir=tmp_path)
-    miss, hit, changed = again.runs()  # in start order
-    assert (miss.data.tags["cache"], hit.data.tags["cache"], changed.data.tags["cache"]) == ("miss", "hit", "miss")
-    assert hit.data.tags["cache_key"] == miss.data.tags["cache_key"] != changed.data.tags["cache_key"]
+    miss, hit = again.runs()  # in start order (a changed setting changes the key: the unit tests above)
+    assert (miss.data.tags["cache"], hit.data.tags["cache"]) == ("miss", "hit")
+    assert hit.data.tags["cache_key"] == miss.data.tags["cache_key"]
     assert "Reusing the quantized model from the cache" in again.result.stdout
-    assert "Reusing" not in first.result.stdout + other.result.stdout
+    assert "Reusing" not in first.result.stdout
     # the quantization's own cost, as measured when it ran, and what the reuse took
     assert hit.data.metrics["quantize_s"] == miss.data.metrics["quantize_s"]
     assert hit.data.metrics["cache_restore_s"] > 0

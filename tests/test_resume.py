@@ -72,27 +72,10 @@ def test_only_runs_whose_process_is_gone_on_this_host_are_marked_interrupted(tmp
 
 
 @pytest.mark.e2e
-def test_a_rerun_of_a_sweep_runs_only_the_missing_jobs_and_force_reruns(tiny_root, tmp_path):
-    mlruns = tmp_path / "mlruns"
-    run_cli("-m", "seed=0,1", *QUICK, mlruns=mlruns, workdir=tmp_path)
-    again = run_cli("-m", "seed=0,1,2", *QUICK, mlruns=mlruns, workdir=tmp_path)
-    found = again.runs()
-    assert sorted(r.data.params["seed"] for r in found) == ["0", "1", "2"]  # nothing twice, nothing lost
-    assert {r.info.status for r in found} == {"FINISHED"}
-    assert "Sweep summary (1 FINISHED, 2 SKIPPED)" in again.result.stdout
-    # the skipped runs count as the new sweep's: its report has all three
-    sweep_id = next(r.data.tags["sweep_id"] for r in found if r.data.params["seed"] == "2")
-    selection = runs_module.Store(again.uri).select("quantbench-tiny", sweep=sweep_id)
-    assert sorted(r.params["seed"] for r in selection.rows if r.run_id) == ["0", "1", "2"]
-
-    forced = run_cli("seed=0", "force=true", *QUICK, mlruns=mlruns, workdir=tmp_path)
-    assert sorted(r.data.params["seed"] for r in forced.runs()) == ["0", "0", "1", "2"]
-
-
-@pytest.mark.e2e
-def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it(tiny_root, tmp_path):
+def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it_and_force_reruns(tiny_root, tmp_path):
     """SIGKILL during job 2 of 3 (nothing can end its run), then the same command again: job 1 is skipped, the killed
-    run is marked FAILED (interrupted), jobs 2 and 3 run, and each job has exactly one FINISHED run."""
+    run is marked FAILED (interrupted), jobs 2 and 3 run, each job has exactly one FINISHED run, and the rerun's
+    sweep reports all three. Then `force=true` runs a finished job again."""
     mlruns = tmp_path / "mlruns"
     uri = f"sqlite:///{mlruns}/mlflow.db"
     sweep = ["-m", "seed=0,1,2", *QUICK, "quality=none"]
@@ -124,3 +107,11 @@ def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it(tiny_root
     finished = [r for r in again.runs() if r.info.status == "FINISHED"]
     assert sorted(r.data.params["seed"] for r in finished) == ["0", "1", "2"]  # none twice, none lost
     assert len(again.runs()) == 4  # and the interrupted one, kept as FAILED
+    # the skipped run counts as the new sweep's: its report has all three
+    sweep_id = next(r.data.tags["sweep_id"] for r in finished if r.data.params["seed"] == "2")
+    selection = runs_module.Store(again.uri).select("quantbench-tiny", sweep=sweep_id)
+    assert sorted(r.params["seed"] for r in selection.rows if r.run_id) == ["0", "1", "2"]
+
+    forced = run_cli("seed=0", "force=true", *QUICK, "quality=none", mlruns=mlruns, workdir=tmp_path)
+    finished = [r for r in forced.runs() if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["seed"] for r in finished) == ["0", "0", "1", "2"]
