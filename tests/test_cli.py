@@ -68,33 +68,11 @@ def test_report_register_and_recommend_work_on_the_default_sweep(default_sweep, 
 def test_a_job_logs_through_the_tracking_server_with_its_artifacts(tiny_root, tmp_path, monkeypatch):
     """`quantbench server` (a real `mlflow server` on 127.0.0.1, serving artifacts) and a job with tracking=server:
     the run, its metrics and its model folder arrive over HTTP, with no path shared but the URL."""
-    import os
-    import signal
-    import socket
-    import time
-    import urllib.request
-
-    from conftest import run_cli
+    from conftest import mlflow_service, run_cli
     from mlflow.tracking import MlflowClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     server_store = tmp_path / "server-store"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "quantbench", "server", "--port", str(port), "--mlruns", str(server_store)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
-                time.sleep(0.5)
+    with mlflow_service("server", server_store) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         run_cli("method=fp16", "eval=none", "bench=none", "quality=none", "tracking=server",
                 mlruns=tmp_path / "unused", workdir=tmp_path)  # fmt: skip
@@ -103,6 +81,3 @@ def test_a_job_logs_through_the_tracking_server_with_its_artifacts(tiny_root, tm
         assert run.info.status == "FINISHED" and run.data.metrics["disk_gb"] > 0
         assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
         assert list(server_store.glob("artifacts/**/model/config.json"))  # stored by the server, sent over HTTP
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
