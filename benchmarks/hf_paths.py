@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from quantbench import bench
-from quantbench.fixtures import random_shape
+from quantbench.embedded import random_shape
 
 log = logging.getLogger("benchmarks.hf_paths")
 ROOT = Path(__file__).resolve().parents[1]

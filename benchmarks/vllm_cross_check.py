@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from quantbench import bench
 from quantbench.bench.backends._vllm_compat import engine_env
-from quantbench.fixtures import tiny
+from quantbench.embedded import tiny
 
 log = logging.getLogger("benchmarks.vllm_cross_check")
 PROMPT, OUTPUT = 100, 250  # the seed's shape

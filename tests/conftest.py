@@ -68,7 +68,7 @@ def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, c
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
     """The embedded model and its tasks, built (or taken from the cache) once per session."""
-    from quantbench.fixtures import tiny
+    from quantbench.embedded import tiny
 
     return tiny.build(cache_dir=CACHE / "quantbench")
 

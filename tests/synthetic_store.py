@@ -102,7 +102,7 @@ def tiny_model(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantbench.fixtures import tiny
+    from quantbench.embedded import tiny
 
     tokenizer = tiny.build_tokenizer(tiny.World.generate(tiny.TinyRecipe()))
     torch.manual_seed(seed)

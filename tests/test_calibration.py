@@ -274,7 +274,7 @@ def test_calibration_file_reads_well_on_the_command_line(tmp_path):
 
 @pytest.mark.e2e
 def test_gptq_calibrates_on_the_users_file_logs_its_sha256_and_a_bad_file_fails_its_run(tmp_path, tiny_root):
-    from quantbench.fixtures import tiny
+    from quantbench.embedded import tiny
 
     facts = tiny.World.generate(tiny.TinyRecipe()).calibration_facts()  # the embedded model's language
     good = write(tmp_path / "good.jsonl", [" ".join(facts[i : i + 16]) for i in range(0, 16 * 12, 16)])

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from quantbench import models
 from quantbench.errors import ConfigError
-from quantbench.fixtures import random_shape
+from quantbench.embedded import random_shape
 
 SMALL = dict(
     random_shape.SHAPES["llama-3.1-8b"],

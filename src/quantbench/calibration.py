@@ -181,7 +181,7 @@ def load(cfg: DictConfig, cache_dir: str | Path) -> Calibration:
     rng = random.Random(int(cfg.seed))
     src = source(cfg)
     if src is None:
-        from quantbench.fixtures import tiny
+        from quantbench.embedded import tiny
 
         facts = tiny.World.generate(tiny.TinyRecipe()).calibration_facts()
         # The model's own language, about people and sums that it learned and no task asks about (no leak of the

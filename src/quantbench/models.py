@@ -86,7 +86,7 @@ def resolve(model_cfg: DictConfig, cache_dir: str | Path) -> SourceModel:
 
 def embedded_root(ref: str, cache_dir: str | Path) -> Path:
     """The folder of an embedded fixture (model/, and tasks/ for the tiny model), built on first use."""
-    from quantbench.fixtures import random_shape, tiny
+    from quantbench.embedded import random_shape, tiny
 
     name = ref.removeprefix(EMBEDDED_PREFIX)
     if name == "tiny":
@@ -99,7 +99,7 @@ def embedded_root(ref: str, cache_dir: str | Path) -> Path:
 
 def has_random_weights(ref: str) -> bool:
     """True for the random-weight architectures: their speed and size are real, their accuracy is chance."""
-    from quantbench.fixtures import random_shape
+    from quantbench.embedded import random_shape
 
     return ref.startswith(EMBEDDED_PREFIX) and random_shape.is_shape(ref.removeprefix(EMBEDDED_PREFIX))
 

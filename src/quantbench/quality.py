@@ -61,7 +61,7 @@ def texts(p: QualityPlan) -> list[str]:
     wikitext-2's test split."""
     rng = random.Random(p.seed)
     if p.dataset.startswith(EMBEDDED_PREFIX):
-        from quantbench.fixtures import tiny
+        from quantbench.embedded import tiny
 
         world = tiny.World.generate(tiny.TinyRecipe())
         sentences = [s for s in world.person_facts(world.people) if not s.startswith("Q:")]

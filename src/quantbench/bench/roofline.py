@@ -177,7 +177,7 @@ def measure_bandwidth_gbs(size_bytes: int = 2**30, repeats: int = 5) -> float:
 
 
 def _bandwidth_cache() -> Path:
-    from quantbench.fixtures.tiny import default_cache_dir
+    from quantbench.embedded.tiny import default_cache_dir
 
     return default_cache_dir().parent / "hardware" / "memory_bandwidth.json"
 

@@ -26,7 +26,7 @@
    seen on an H100, 2026-11-28). Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
 
 4. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
-   them in the project cache (`<cache>/vllm`, the folder above quantbench.fixtures.tiny.default_cache_dir()),
+   them in the project cache (`<cache>/vllm`, the folder above quantbench.embedded.tiny.default_cache_dir()),
    where a second engine start for the same model loads the compiled graph instead of compiling (~2 min -> ~15 s).
 """
 
@@ -75,7 +75,7 @@ def patch_version_lookup() -> None:
 
 def cache_root() -> Path:
     """`<project cache>/vllm`: beside quantbench's own cache folder, honouring QUANTBENCH_CACHE."""
-    from quantbench.fixtures.tiny import default_cache_dir
+    from quantbench.embedded.tiny import default_cache_dir
 
     return default_cache_dir().parent / "vllm"
 

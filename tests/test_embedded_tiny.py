@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from quantbench.fixtures import tiny
+from quantbench.embedded import tiny
 
 
 def test_world_is_deterministic_from_the_seed():
