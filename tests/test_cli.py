@@ -34,7 +34,7 @@ def test_the_console_script_is_installed_with_the_package():
     [
         ("run", "== Configuration groups =="),
         ("report", "--sweep"),
-        ("register", "--policy"),
+        ("register", "policy=<name>"),
         ("recommend", "--gpu-memory-gb"),
         ("ui", "--port"),
         ("server", "--mlruns"),

@@ -7,10 +7,11 @@ import logging
 
 import pytest
 from mlflow.exceptions import MlflowException
-from omegaconf.errors import ConfigKeyError
+
 from synthetic_store import correctness, log_run, make_store, tiny_model
 
-from quantbench import registry
+from quantbench import policy, registry
+from quantbench.errors import ConfigError
 from quantbench.runs import Store
 
 N = 400
@@ -59,10 +60,7 @@ def decisions(uri, *overrides):
     return (
         st,
         sel,
-        {
-            d.row.method: d
-            for d in registry.decide(sel, st.compare(sel), registry.load_policy(overrides=list(overrides)))
-        },
+        {d.row.method: d for d in policy.decide(sel, st.compare(sel), policy.load_policy(overrides=list(overrides)))},
     )
 
 
@@ -89,8 +87,15 @@ def test_policy_overrides_and_rejections(store):
     assert ds["aqlm_2bit"].rejected == ["quality_kl_mean 0.2 > max 0.05"]
     _, _, ds = decisions(uri, "max_acc_drop_points=null", "rank_by=quality_kl_mean", "tie_tolerance=0")
     assert ds["fp16"].won  # the least divergence from the baseline is the baseline's own
-    with pytest.raises(ConfigKeyError):  # a typo must not silently drop a rule
-        registry.load_policy(overrides=["max_dsk_gb=1"])
+    with pytest.raises(
+        ConfigError, match="max_dsk_gb.*Its keys: registered_name, alias"
+    ):  # a typo must not drop a rule
+        policy.load_policy(overrides=["max_dsk_gb=1"])
+    with pytest.raises(ConfigError, match="max_disk_gb=abc"):
+        policy.load_policy(overrides=["max_disk_gb=abc"])
+    with pytest.raises(ConfigError, match="its files: default"):
+        policy.load_policy(overrides=["policy=nonexistent"])
+    assert policy.load_policy(["policy=default", "policy.max_disk_gb=6"]).max_disk_gb == 6.0
 
 
 def test_register_is_idempotent_and_moves_the_alias(store, caplog):

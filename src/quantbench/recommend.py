@@ -27,8 +27,6 @@ SEED_MATRIX = {
     "min_memory": "AQLM 2-bit (accept slower tokens/s)",
 }
 
-Comparisons = dict[str, dict[str, stats.Difference]]
-
 
 @dataclass
 class Constraints:
@@ -77,20 +75,12 @@ def memory_need(row: RunRow) -> tuple[float | None, str]:
     return row.metrics.get("disk_gb"), "disk size; no weight or GPU peak measured"
 
 
-def worse_tasks(row: RunRow, comparisons: Comparisons) -> list[str]:
-    return [
-        f"{task} ({_pp(d.delta)} [{_pp(d.low)}, {_pp(d.high)}])"
-        for task, d in comparisons.get(row.run_id or "", {}).items()
-        if d.verdict == stats.WORSE
-    ]
-
-
-def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Assessment]:
+def assess(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> list[Assessment]:
     out = []
     for row in sel.finished:
         a = Assessment(row)
         a.memory_gb, a.memory_basis = memory_need(row)
-        a.worse_on = worse_tasks(row, comparisons)
+        a.worse_on = stats.worse_tasks(row.run_id, comparisons)
         if c.gpu_memory_gb is not None:
             if a.memory_gb is None:
                 a.excluded.append("no memory measurement")
@@ -125,7 +115,7 @@ def assess(sel: Selection, comparisons: Comparisons, c: Constraints) -> list[Ass
     return out
 
 
-def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recommendation:
+def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> Recommendation:
     """Feasible runs; of those, the ones not significantly worse than the baseline; of those, the fastest."""
     assessments = assess(sel, comparisons, c)
     feasible = [a for a in assessments if a.feasible]
@@ -196,7 +186,7 @@ def recommend(sel: Selection, comparisons: Comparisons, c: Constraints) -> Recom
     return Recommendation(best, why, others, assessments)
 
 
-def decision_matrix(sel: Selection, comparisons: Comparisons) -> list[dict[str, str]]:
+def decision_matrix(sel: Selection, comparisons: stats.Comparisons) -> list[dict[str, str]]:
     """The seed's four constraints, each answered by the measured runs (the baseline is never the answer)."""
     quantized = Selection(
         sel.experiment,
@@ -280,10 +270,6 @@ def _tps(row: RunRow, n: int) -> str:
 
 def _streams(n: int) -> str:
     return f"{n} stream" if n == 1 else f"{n} streams"
-
-
-def _pp(x: float) -> str:
-    return f"{100 * x:+.1f} pp"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""`make register`: apply a declared selection policy (conf/policy/*.yaml) to a sweep's runs and register the
-winner's saved model folder in the MLflow Model Registry under the alias `champion`.
+"""`quantbench register` (`make register`): apply the selection policy (the `policy` config group, quantbench.policy)
+to a sweep's runs and register the winner's saved model folder in the MLflow Model Registry under the alias
+`champion`.
 
 The folder is registered by its artifact URI, exactly as the quantizer saved it: re-saving through an MLflow
 flavor corrupts some formats (GPTQModel) and fails for others (bitsandbytes 4-bit). Registering the same run
@@ -12,189 +13,19 @@ import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure, recommend
-from quantbench.runs import ROOT, RunRow, Selection, Store, add_store_args, speed_groups
+from quantbench import measure
+from quantbench.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
+from quantbench.runs import RunRow, Selection, Store, add_store_args
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = ROOT / "conf" / "policy" / "default.yaml"
-MEAN_ACCURACY = "mean accuracy"
 MODEL_DIR = "model"
-
-
-@dataclass
-class Policy:
-    """The keys a policy file may set (unknown keys are an error: a typo must not silently relax a rule)."""
-
-    registered_name: str = "quantbench-tiny"
-    alias: str = "champion"
-    baseline: str = "fp16"
-    max_disk_gb: float | None = None
-    max_serve_mem_gb: float | None = None  # what serving took (the vLLM engine's GPU memory, or the bench's RSS)
-    max_peak_mem_gb: float | None = None  # the maximum over quantize, eval and bench (quantizing may need far more)
-    min_tokens_per_s_1_stream: float | None = None
-    max_kl_mean: float | None = None  # quality_kl_mean: nats per token from the baseline's next-token distribution
-    max_acc_drop_points: float | None = 2.0
-    reject_significantly_worse: bool = False
-    rank_by: str = MEAN_ACCURACY
-    tie_tolerance: float = 0.5
-    tie_break: str | None = "tokens_per_s_1_stream"
-    rank_across_backends: bool = False  # let a speed metric rank runs benchmarked by different backends or machines
-
-
-@dataclass
-class Decision:
-    """What the policy made of one run."""
-
-    row: RunRow
-    rejected: list[str] = field(default_factory=list)
-    score: float | None = None
-    tie_value: float | None = None
-    won: bool = False
-    why: str = ""
-
-
-def load_policy(path: str | Path = DEFAULT_POLICY, overrides: list[str] | None = None) -> DictConfig:
-    """The policy file merged over the schema, then key=value overrides; types and key names are checked."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Policy), OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
-    if str(cfg.rank_by).replace("_", " ") == MEAN_ACCURACY:
-        cfg.rank_by = MEAN_ACCURACY
-    return cfg
-
-
-def metric(row: RunRow, name: str | None, tasks: list[str]) -> float | None:
-    """A run's value for a policy metric; "mean accuracy" is in percent so that tolerances are in points."""
-    if name is None:
-        return None
-    if name.replace("_", " ") == MEAN_ACCURACY:
-        acc = row.mean_acc(tasks)
-        return None if acc is None else 100 * acc
-    return row.metrics.get(name)
-
-
-def higher_is_better(name: str) -> bool:
-    """Sizes, times, KL divergence and perplexity are better small; accuracy, throughput and agreement big."""
-    lowered = name.replace(" ", "_")
-    return not (
-        lowered.endswith("_gb")
-        or lowered.startswith("ttft")
-        or lowered.startswith(("quality_kl", "quality_ppl"))
-        or (lowered.endswith("_s") and not lowered.startswith(("tokens_per_s", "decode_tokens_per_s")))
-    )
-
-
-def is_speed(name: str | None) -> bool:
-    """Metrics that measure the benchmark backend as much as the model."""
-    return bool(name) and name.replace(" ", "_").startswith(
-        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start")
-    )
-
-
-def decide(sel: Selection, comparisons: recommend.Comparisons, policy: DictConfig) -> list[Decision]:
-    """Reject, rank, break ties; every Decision says why its run won or lost."""
-    decisions = [Decision(r) for r in sel.rows]
-    for d in decisions:
-        d.rejected = _rejections(d.row, sel, comparisons, policy)
-        d.score = metric(d.row, policy.rank_by, sel.tasks)
-        d.tie_value = metric(d.row, policy.tie_break, sel.tasks)
-        if not d.rejected and d.score is None:
-            d.rejected.append(f"has no {policy.rank_by} to rank by")
-    candidates = [d for d in decisions if not d.rejected]
-    if not candidates:
-        return decisions
-    up_rank = 1 if higher_is_better(policy.rank_by) else -1
-    up_tie = 1 if policy.tie_break is None or higher_is_better(policy.tie_break) else -1
-    best = max(up_rank * d.score for d in candidates)
-    tied = [d for d in candidates if best - up_rank * d.score <= policy.tie_tolerance]
-    for name, compared in ((policy.rank_by, candidates), (policy.tie_break, tied if len(tied) > 1 else [])):
-        groups = speed_groups(d.row for d in compared)
-        if is_speed(name) and len(groups) > 1 and not policy.rank_across_backends:
-            reason = (
-                f"{name} would rank runs benchmarked by different backends or machines ("
-                + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
-                + "), which measures the backend as much as the model; choose runs of one backend "
-                "(e.g. a sweep with one bench.backend), or set rank_across_backends=true"
-            )
-            for d in compared:
-                d.rejected.append(reason)
-                d.why = "rejected: " + "; ".join(d.rejected)
-            return decisions
-    tied.sort(key=lambda d: (d.tie_value is None, -up_tie * (d.tie_value or 0.0), -up_rank * d.score))
-    winner = tied[0]
-    winner.won = True
-    best_score = up_rank * best
-    rank, tie = policy.rank_by, policy.tie_break
-    if len(tied) == 1:
-        winner.why = f"best {rank}: {_v(winner.score)}"
-    else:
-        winner.why = (
-            f"{rank} {_v(winner.score)} within {policy.tie_tolerance:g} of the best ({_v(best_score)}), "
-            f"and best {tie} among the {len(tied)} tied: {_v(winner.tie_value)}"
-        )
-    for d in candidates:
-        if d is winner:
-            continue
-        if d in tied:
-            d.why = (
-                f"tied on {rank} ({_v(d.score)} vs best {_v(best_score)}, within {policy.tie_tolerance:g}) "
-                f"but lost the tie-break on {tie}: {_v(d.tie_value)} vs {_v(winner.tie_value)}"
-            )
-        else:
-            d.why = (
-                f"{rank} {_v(d.score)} is more than {policy.tie_tolerance:g} "
-                f"{'below' if up_rank > 0 else 'above'} the best ({_v(best_score)})"
-            )
-    for d in decisions:
-        if d.rejected:
-            d.why = "rejected: " + "; ".join(d.rejected)
-    return decisions
-
-
-def _rejections(row: RunRow, sel: Selection, comparisons: recommend.Comparisons, policy: DictConfig) -> list[str]:
-    if not row.ok:
-        return [row.short_status()]
-    out = []
-    limits = [
-        ("disk_gb", policy.max_disk_gb, "max"),
-        ("serve_mem_gb", policy.max_serve_mem_gb, "max"),
-        ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
-        ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
-        ("quality_kl_mean", policy.max_kl_mean, "max"),
-    ]
-    for name, limit, kind in limits:
-        if limit is None:
-            continue
-        value = row.metrics.get(name)
-        if value is None:
-            out.append(f"no {name} to check against {kind} {limit:g}")
-        elif (value > limit) if kind == "max" else (value < limit):
-            out.append(f"{name} {value:.4g} {'>' if kind == 'max' else '<'} {kind} {limit:g}")
-    if policy.max_acc_drop_points is not None:
-        base = sel.baseline
-        if base is None:
-            out.append(f"cannot check the accuracy drop: no finished {sel.baseline_method} baseline")
-        else:
-            for task in sel.tasks:
-                acc, ref = row.acc(task), base.acc(task)
-                if acc is None or ref is None:
-                    out.append(f"no {task} accuracy to compare with the baseline")
-                elif 100 * (ref - acc) > policy.max_acc_drop_points:
-                    out.append(
-                        f"{task} drops {100 * (ref - acc):.2f} pp vs {sel.baseline_method} "
-                        f"> max {policy.max_acc_drop_points:g}"
-                    )
-    if policy.reject_significantly_worse:
-        worse = recommend.worse_tasks(row, comparisons)
-        if worse:
-            out.append("significantly worse than the baseline on " + "; ".join(worse))
-    return out
 
 
 def register(
@@ -298,10 +129,6 @@ def _version_tags(sel: Selection, decision: Decision, policy: DictConfig) -> dic
     return tags
 
 
-def _v(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
 def load_champion(store: Store, name: str, alias: str = "champion", dst: str | Path | None = None) -> Path:
     """Download models:/<name>@<alias> to a folder transformers can load."""
     import mlflow
@@ -340,18 +167,23 @@ def smoke_generate(folder: Path, prompt: str = "Where does", new_tokens: int = 8
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantbench.registry", description=__doc__.split("\n\n")[0])
     add_store_args(p)
-    p.add_argument("--policy", default=str(DEFAULT_POLICY), help="policy YAML (default: %(default)s)")
+
     p.add_argument("--dry-run", action="store_true", help="print the decision, register nothing")
     p.add_argument("--verify", action="store_true", help="load models:/<name>@<alias> back and generate with it")
-    p.add_argument("overrides", nargs="*", help="policy overrides, key=value (e.g. max_disk_gb=5)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="the policy, Hydra style: policy=<name> picks conf/policy/<name>.yaml (default: default); key=value or "
+        "policy.key=value sets one of its keys (e.g. max_disk_gb=5)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    policy = load_policy(args.policy, args.overrides)
+    policy = load_policy(args.overrides)
     baseline = policy.baseline if args.baseline == p.get_default("baseline") else args.baseline
     store = Store(args.tracking_uri)
     sel = store.select(args.experiment, args.sweep, args.filter, baseline)
     decisions = decide(sel, store.compare(sel), policy)
-    log.info("Policy %s: %s", args.policy, OmegaConf.to_container(policy))
+    log.info("Policy (%s): %s", " ".join(args.overrides) or "policy=default", OmegaConf.to_container(policy))
     log.info(
         "Experiment %s, sweep %s, baseline %s%s",
         sel.experiment,

@@ -120,7 +120,7 @@ def memory_table(sel: Selection) -> Table:
     return t
 
 
-def accuracy_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
+def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
     t = Table(
         "accuracy",
         "(b) Accuracy",
@@ -261,7 +261,7 @@ def throughput_table(sel: Selection) -> Table:
     return t
 
 
-def matrix_table(sel: Selection, comparisons: recommend.Comparisons) -> Table:
+def matrix_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
     t = Table(
         "decision_matrix",
         "Decision matrix (from this sweep's data)",

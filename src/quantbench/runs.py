@@ -272,7 +272,7 @@ class Store:
                 self._samples[key] = None
         return self._samples[key]
 
-    def compare(self, sel: Selection) -> dict[str, dict[str, stats.Difference]]:
+    def compare(self, sel: Selection) -> stats.Comparisons:
         """run_id -> task -> accuracy difference vs the baseline, paired by doc_id where samples allow."""
         out: dict[str, dict[str, stats.Difference]] = {}
         base = sel.baseline

@@ -59,7 +59,7 @@ class HardwareConfig:
 @dataclass
 class BenchConfig:
     name: str = MISSING
-    backend: str = "hf"  # a module of quantbench.bench, or none
+    backend: str = "hf"  # a module of quantbench.bench.backends, or none
     prompt_tokens: int = 32
     output_tokens: int = 32
     streams: list[int] = field(default_factory=lambda: [1, 8])
@@ -91,8 +91,29 @@ class TrackingConfig:
     log_model: bool = True
 
 
+@dataclass
+class PolicyConfig:
+    """`quantbench register`'s selection policy (quantbench.policy says how each key is applied)."""
+
+    registered_name: str = "quantbench-tiny"  # the Model Registry entry
+    alias: str = "champion"  # moved to the winning version on every registration
+    baseline: str = "fp16"  # the method accuracy drops are measured against
+    max_disk_gb: float | None = None
+    max_serve_mem_gb: float | None = None  # what serving took (the vLLM engine's GPU memory, or the bench's RSS)
+    max_peak_mem_gb: float | None = None  # the maximum over quantize, eval and bench (quantizing may need far more)
+    min_tokens_per_s_1_stream: float | None = None
+    max_kl_mean: float | None = None  # quality_kl_mean: nats per token from the baseline's next-token distribution
+    max_acc_drop_points: float | None = 2.0
+    reject_significantly_worse: bool = False
+    rank_by: str = "mean accuracy"  # "mean accuracy" (over the eval tasks, in %) or any run metric name
+    tie_tolerance: float = 0.5
+    tie_break: str | None = "tokens_per_s_1_stream"
+    rank_across_backends: bool = False  # let a speed metric rank runs benchmarked by different backends or machines
+
+
 SCHEMAS = {"model": ModelConfig, "eval": EvalConfig, "quality": QualityConfig, "hardware": HardwareConfig,
-           "bench": BenchConfig, "calibration": CalibrationConfig, "tracking": TrackingConfig}  # fmt: skip
+           "bench": BenchConfig, "calibration": CalibrationConfig, "tracking": TrackingConfig,
+           "policy": PolicyConfig}  # fmt: skip
 
 
 def register() -> None:

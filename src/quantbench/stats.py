@@ -43,6 +43,24 @@ def verdict(low: float, high: float) -> str:
     return WITHIN_NOISE
 
 
+# run id -> task -> the run's accuracy difference from the sweep's baseline (runs.Store.compare builds it): what the
+# report's accuracy table, the registry policy and recommend all judge runs by.
+Comparisons = dict[str, dict[str, Difference]]
+
+
+def worse_tasks(run_id: str | None, comparisons: Comparisons) -> list[str]:
+    """The tasks on which a run is significantly worse than the baseline, each with its difference and interval."""
+
+    def pp(x: float) -> str:
+        return f"{100 * x:+.1f} pp"
+
+    return [
+        f"{task} ({pp(d.delta)} [{pp(d.low)}, {pp(d.high)}])"
+        for task, d in comparisons.get(run_id or "", {}).items()
+        if d.verdict == WORSE
+    ]
+
+
 def pair_by_doc(baseline: Iterable[dict], candidate: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Per-document correctness of both runs on the documents both scored, matched by doc_id.
 
