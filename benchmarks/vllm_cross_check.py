@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from quantbench import bench
-from quantbench.bench.backends._vllm_compat import engine_env
+from quantbench.upstream.vllm_cpu import engine_env
 from quantbench.embedded import tiny
 
 log = logging.getLogger("benchmarks.vllm_cross_check")
@@ -49,7 +49,7 @@ def run_cli(model_dir: Path, out: Path, streams: int, seed: int) -> float:
     """`vllm bench throughput` with `--disable-log-stats` (as vllm.LLM defaults to) and a warm-up of one batch as
     ours; its output tokens/s (its own tokens_per_second counts prompt tokens too)."""
     result = out / f"cli{seed}.json"
-    cmd = [sys.executable, "-m", "quantbench.bench.backends._vllm_compat", "bench", "throughput", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "quantbench.upstream.vllm_cpu", "bench", "throughput", "--model", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(PROMPT), "--random-output-len", str(OUTPUT),
            "--num-prompts", str(WAVES * streams), "--max-num-seqs", str(streams), "--num-warmups", str(streams),
            "--max-model-len", str(PROMPT + OUTPUT), "--kv-cache-memory-bytes", str(2**30),

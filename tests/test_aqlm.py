@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from quantbench import calibration, measure
 from quantbench.errors import ConfigError
 from quantbench.methods import aqlm_2bit, aqlm_quantizer as aq
+from quantbench.upstream import quantizers
 from quantbench.models import SourceModel
 from conftest import CACHE
 
@@ -43,7 +44,7 @@ def numba_started():
     """numba's thread pool starts here with its default size (as in a process where something used numba before),
     whatever test runs first: then guard_cpu_kernel leaves the environment alone in this process, and the race
     test sees a pool of several threads. Loading before numba starts is tested in a fresh process."""
-    aqlm_2bit.start_numba_pool()
+    quantizers.start_numba_pool()
 
 
 def tiny_texts(n: int = 32) -> list[str]:
@@ -157,7 +158,7 @@ def test_our_tensors_are_what_aqlm_computes_with(num_codebooks, nbits):
     tensors = ours.aqlm_tensors(torch.float32, nbits)
     assert {n: t.shape for n, t in tensors.items()} == {n: t.shape for n, t in theirs.state_dict().items()}
     theirs.load_state_dict(tensors)
-    aqlm_2bit.guard_cpu_kernel(theirs)
+    quantizers.guard_cpu_kernel(theirs)
     x = torch.randn(4, 64, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-4)
@@ -243,7 +244,7 @@ def test_the_guarded_8bit_codebook_cpu_kernel_matches_the_dequantized_weight(bat
     layer, weight = _random_2x8_layer(batch)
     model = torch.nn.Sequential(layer)
     threads = numba.get_num_threads()
-    assert aqlm_2bit.guard_cpu_kernel(model) == 1
+    assert quantizers.guard_cpu_kernel(model) == 1
     assert os.environ.get("NUMBA_NUM_THREADS") == env  # numba is running: changing it now would make numba raise
     x = torch.randn(batch, 16, 768, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
@@ -261,7 +262,7 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
     script = (
         "import os, sys, torch\n"
         "threads = torch.get_num_threads()\n"
-        "from quantbench.methods import aqlm_2bit\n"
+        "from quantbench.upstream import quantizers\n"
         "from aqlm import QuantizedLinear\n"
         "from aqlm.utils import _dequantize_weight, unpack_int_data\n"
         "layer = QuantizedLinear(768, 256, 8, 1, 2, 8, bias=False)\n"
@@ -269,7 +270,7 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
         "layer.codebooks.data = torch.randn(2, 256, 1, 8); layer.scales.data = torch.rand(256, 1, 1, 1)\n"
         "weight = _dequantize_weight(unpack_int_data(layer.codes.data, 8), layer.codebooks.data, layer.scales.data)\n"
         "assert 'numba' not in sys.modules\n"
-        "assert aqlm_2bit.guard_cpu_kernel(torch.nn.Sequential(layer)) == 1\n"
+        "assert quantizers.guard_cpu_kernel(torch.nn.Sequential(layer)) == 1\n"
         "x = torch.randn(8, 16, 768)\n"
         "with torch.no_grad():\n"
         "    ref = x @ weight.T; err = float((layer(x) - ref).norm() / ref.norm())\n"
@@ -295,14 +296,14 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
 
 def test_fix_not_to_quantize_adds_module_names_beside_weight_names():
     hub = {"quant_method": "aqlm", "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight"]}
-    fixed = aqlm_2bit.fix_not_to_quantize(hub)
+    fixed = quantizers.fix_not_to_quantize(hub)
     assert fixed["linear_weights_not_to_quantize"] == [
         "model.embed_tokens.weight",
         "lm_head.weight",
         "model.embed_tokens",
         "lm_head",
     ]
-    assert aqlm_2bit.fix_not_to_quantize(fixed) == fixed
+    assert quantizers.fix_not_to_quantize(fixed) == fixed
     assert hub["linear_weights_not_to_quantize"] == ["model.embed_tokens.weight", "lm_head.weight"]  # not mutated
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from quantbench import bench
 from quantbench.bench import BenchResult, roofline
 from quantbench.bench.backends import vllm as vllm_backend
-from quantbench.bench.backends._vllm_compat import engine_env, patch_version_lookup
+from quantbench.upstream.vllm_cpu import engine_env, patch_version_lookup
 from quantbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -249,7 +249,7 @@ def test_the_libraries_leave_the_process_as_they_found_it(artifacts, environ_bef
     from llmcompressor.core import active_session
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    from quantbench.methods._upstream_fixes import _skip_pin_memory
+    from quantbench.upstream.quantizers import _skip_pin_memory
 
     now = dict(os.environ)
     changed = {

@@ -9,7 +9,7 @@ import logging
 import sys
 from importlib import metadata
 
-from quantbench.bench.backends._vllm_compat import installed_vllm
+from quantbench.upstream.vllm_cpu import installed_vllm
 
 MODULES = {
     "torch": "torch",

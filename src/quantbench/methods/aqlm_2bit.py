@@ -1,7 +1,7 @@
 """AQLM 2-bit: quantized by our own implementation of the paper (`aqlm_quantizer`), or a published AQLM checkpoint
 (`pretrained=`), served by transformers' AQLM integration and the `aqlm` kernels.
 
-Both paths end in the same loader (`load_quantized`), which works around two upstream defects:
+Both paths end in the same loader (`load_quantized`), which applies two workarounds (in quantbench.upstream.quantizers):
 * transformers 5.17 matches `linear_weights_not_to_quantize` against module names while AQLM checkpoints list
   weight names ('lm_head.weight'), so the output head would be replaced by an empty AQLM layer (`fix_not_to_quantize`);
 * aqlm 1.1.7's numba CPU kernel for 8-bit codebooks has a data race when numba runs more than one thread
@@ -15,8 +15,6 @@ import logging
 import os
 import re
 import shutil
-import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, torch_dtype
 from quantbench.models import SourceModel, hub_offline
+from quantbench.upstream.quantizers import fix_not_to_quantize, guard_cpu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -282,23 +281,6 @@ def copy_checkpoint(checkpoint: str, revision: str | None, out_dir: Path) -> Non
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def fix_not_to_quantize(quantization_config: dict) -> dict:
-    """Add module names for the weight names in `linear_weights_not_to_quantize`.
-
-    Upstream defect (transformers 5.17): AqlmConfig documents this list as weight paths ('lm_head.weight', as the
-    ISTA-DASLab checkpoints write it), but integrations/aqlm.replace_with_aqlm_linear tests it against module names
-    (quantizers_utils.should_convert_module), which 'lm_head.weight' never matches. The output head then becomes an
-    AQLM layer with no stored codes, codebooks or scales (left uninitialised) and the model produces NaN. Module
-    names are added beside the weight names, so the fix stays harmless once upstream matches weight names.
-    """
-    fixed = dict(quantization_config)
-    names = list(fixed.get("linear_weights_not_to_quantize") or [])
-    fixed["linear_weights_not_to_quantize"] = names + [
-        n.removesuffix(".weight") for n in names if n.endswith(".weight") and n.removesuffix(".weight") not in names
-    ]
-    return fixed
-
-
 # -- loading, and the CPU kernel guard -------------------------------------------------------------------------------
 
 
@@ -316,102 +298,6 @@ def load_quantized(model_dir: str | Path, hardware: DictConfig):
     model.eval()
     guard_cpu_kernel(model)
     return model
-
-
-_numba_state = threading.local()
-
-
-def _one_numba_thread(_module, _args) -> None:
-    import numba
-
-    _numba_state.previous = numba.get_num_threads()
-    if _numba_state.previous != 1:
-        numba.set_num_threads(1)
-
-
-def _restore_numba_threads(_module, _args, _output) -> None:
-    import numba
-
-    previous = getattr(_numba_state, "previous", 1)
-    if previous != 1:
-        numba.set_num_threads(previous)
-
-
-def guard_cpu_kernel(model: torch.nn.Module) -> int:
-    """Make every CPU forward of an 8-bit-codebook AQLM layer run aqlm's numba kernel on exactly one thread.
-
-    Upstream defect (aqlm 1.1.7, inference_kernels/numba_kernel.py): the kernel's `prange` runs over input
-    groups while every iteration adds into the same output entries, a data race. With more than one numba thread
-    the output changes from run to run and is off by 7-28 % (relative); with one thread it is exact. We keep the
-    kernel (it is what aqlm serves on CPU, and tokens/s should be its speed) and pin it to one thread:
-    * in this process, by hooks around each such layer (numba's thread count is per calling thread, so the hooks
-      hold in whichever thread runs the model: lm-eval, the benchmark);
-    * in processes started from this one (the artifact check reloads the model in a fresh interpreter), through
-      NUMBA_NUM_THREADS=1 (`_pin_numba_in_child_processes`).
-    Returns the number of guarded layers.
-    """
-    from aqlm import QuantizedLinear
-
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, QuantizedLinear) and m.codebook_size == 256 and m.codebooks.device.type == "cpu"
-    ]
-    if not layers:
-        return 0
-    _pin_numba_in_child_processes()
-    start_numba_pool()
-    for m in layers:
-        if not getattr(m, "_quantbench_numba_guard", False):
-            m.register_forward_pre_hook(_one_numba_thread)
-            m.register_forward_hook(_restore_numba_threads)
-            m._quantbench_numba_guard = True
-    log.info(
-        "aqlm CPU kernel: %d layer(s) with 8-bit codebooks pinned to one numba thread (aqlm 1.1.7's kernel "
-        "races with more)",
-        len(layers),
-    )
-    return len(layers)
-
-
-def start_numba_pool() -> None:
-    """Start numba's thread pool now, then give torch back its own thread count.
-
-    numba's OpenMP threading layer sets the process-wide OpenMP thread count to its pool size when the pool starts,
-    and torch shares it: started lazily by the first AQLM forward, the pool would silently change how many threads
-    every later torch op in this process uses (one, after `_pin_numba_in_child_processes`; for the rest of a
-    multirun too).
-    """
-    import numba
-
-    threads = torch.get_num_threads()
-    numba.get_num_threads()  # launches the pool if it is not running yet
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-def _pin_numba_in_child_processes() -> bool:
-    """Set NUMBA_NUM_THREADS=1 for the processes this one starts, where that is safe; True if it is set.
-
-    numba reads NUMBA_NUM_THREADS when it is imported (the size of its thread pool) and again at every compilation,
-    raising once the pool is launched if the variable changed. So it is set only while numba is not imported yet
-    (this process's pool is then one thread too, which the kernel needs anyway) or already runs one thread.
-    """
-    if os.environ.get("NUMBA_NUM_THREADS") == "1":
-        return True
-    if "numba" in sys.modules:
-        import numba
-
-        if numba.config.NUMBA_NUM_THREADS != 1:
-            log.warning(
-                "numba is already running with %d threads, so processes started from this one (the artifact "
-                "check) will run aqlm's racy CPU kernel and may disagree with this one; start Python with "
-                "NUMBA_NUM_THREADS=1 to avoid that",
-                numba.config.NUMBA_NUM_THREADS,
-            )
-            return False
-    os.environ["NUMBA_NUM_THREADS"] = "1"
-    return True
 
 
 # -- bits per weight, with and without codebooks -----------------------------------------------------------------------

@@ -600,7 +600,7 @@ def finetune_layer(
 
 def quantization_config(s: AQSettings) -> dict:
     """The `quantization_config` of config.json. Module names, not weight names, in the skip list: transformers
-    matches this list against module names (see aqlm_2bit.fix_not_to_quantize)."""
+    matches this list against module names (see upstream.quantizers.fix_not_to_quantize)."""
     return {
         "quant_method": "aqlm",
         "in_group_size": s.in_group_size,

@@ -7,11 +7,8 @@ pipeline evaluates is reloaded from the saved folder, so what is scored is exact
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +20,7 @@ from quantbench.errors import ConfigError
 from quantbench.methods._weight_only import check_group_size
 from quantbench.methods.base import Method, torch_dtype
 from quantbench.models import SourceModel
+from quantbench.upstream.quantizers import auto_round_state_restored, release_auto_round_state
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +109,7 @@ class AutoRoundSym(Method):
         # out_dir, then move the files, so the artifact lands in out_dir itself (a rename, same filesystem).
         staging = Path(tempfile.mkdtemp(prefix=".autoround-", dir=out_dir.parent))
         try:
-            with _process_state_restored():
+            with auto_round_state_restored():
                 config = SignRoundConfig(
                     iters=int(self.iters),
                     bits=int(self.bits),
@@ -136,7 +134,7 @@ class AutoRoundSym(Method):
                 del compressor
             _move_contents(Path(folder), out_dir)
         finally:
-            _release_auto_round_state()
+            release_auto_round_state()
             shutil.rmtree(staging, ignore_errors=True)
         self._check_saved_format(out_dir)
         return self._reload(out_dir, dtype, hardware.device)
@@ -209,51 +207,3 @@ def _move_contents(src: Path, dst: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(child, target)
-
-
-def _release_auto_round_state() -> None:
-    """auto-round keeps the model in process-wide singletons; drop them so a multirun's next job can free it."""
-    from auto_round.compressors.shard_writer import ShardWriter
-    from auto_round.context.compress import CompressContext
-    from auto_round.context.model import ModelContext
-
-    CompressContext.reset_context()
-    ModelContext.reset_context()
-    ShardWriter.reset()
-    gc.collect()
-
-
-@contextlib.contextmanager
-def _process_state_restored():
-    """Undo the process-wide settings auto-round changes while it runs (jobs of a multirun share one process):
-    it sets CUBLAS_WORKSPACE_CONFIG, turns on torch deterministic algorithms, reseeds the global RNGs and changes
-    torch's print options."""
-    import numpy as np
-
-    environ = dict(os.environ)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    opts = torch._tensor_str.PRINT_OPTS
-    print_options = dict(
-        precision=opts.precision,
-        threshold=opts.threshold,
-        edgeitems=opts.edgeitems,
-        linewidth=opts.linewidth,
-        sci_mode=opts.sci_mode,
-    )
-    py_rng, np_rng = random.getstate(), np.random.get_state()
-    grad, threads, default_dtype = torch.is_grad_enabled(), torch.get_num_threads(), torch.get_default_dtype()
-    try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
-            yield
-    finally:
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.set_printoptions(**print_options)
-        random.setstate(py_rng)
-        np.random.set_state(np_rng)
-        torch.set_grad_enabled(grad)
-        torch.set_num_threads(threads)
-        torch.set_default_dtype(default_dtype)

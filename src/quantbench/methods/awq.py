@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
-from quantbench.methods._upstream_fixes import llmcompressor_scope
+from quantbench.upstream.quantizers import llmcompressor_scope
 from quantbench.methods._weight_only import check_bits, check_group_size, encode, int_weight_modifier
 from quantbench.methods.base import Method, torch_dtype
 from quantbench.models import SourceModel

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from quantbench.methods._upstream_fixes import llmcompressor_scope
+from quantbench.upstream.quantizers import llmcompressor_scope
 from quantbench.methods._weight_only import check_bits, check_group_size, int_weight_modifier
 from quantbench.methods.awq import SUPPORTED_BITS, reload
 from quantbench.methods.base import Method, torch_dtype

@@ -4,7 +4,7 @@
 Why a child process: importing vLLM and starting its engine changes the importing process for good (os.environ,
 LD_PRELOAD, a torch.distributed group, `torch.set_num_threads` replaced by a no-op, the engine's memory), and on
 CPU its OpenMP threads must be configured before the process starts. The Hydra job, its multirun siblings and
-pytest stay clean; this process starts with `_vllm_compat.engine_env`, measures, writes JSON and exits.
+pytest stay clean; this process starts with `upstream.vllm_cpu.engine_env`, measures, writes JSON and exits.
 
 This is the only quantbench module that imports vllm.
 """
@@ -67,7 +67,7 @@ def _peak_rss_gb() -> float:
 
 def measure(request: dict) -> dict:
     """Start one engine on the saved model, then time every stream count of the plan."""
-    from quantbench.bench.backends._vllm_compat import installed_vllm
+    from quantbench.upstream.vllm_cpu import installed_vllm
 
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
@@ -169,7 +169,7 @@ def probe() -> dict:
     whether that library has the W4A16 GEMM (`cpu_gemm_wna16`) that 4-bit integer formats need."""
     import torch
 
-    from quantbench.bench.backends._vllm_compat import installed_vllm
+    from quantbench.upstream.vllm_cpu import installed_vllm
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     dist = installed_vllm()

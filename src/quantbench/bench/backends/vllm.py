@@ -26,7 +26,7 @@ from pathlib import Path
 
 from quantbench import children
 from quantbench.bench.backends import hf
-from quantbench.bench.backends._vllm_compat import cache_root, engine_env, installed_vllm
+from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
 from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
 from quantbench.measure import cpu_info, quant_method
 

