@@ -31,6 +31,22 @@ def test_nonsensical_bench_values_are_named(override, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("+bench.nonexistent=1", "Key 'nonexistent' not in 'BenchConfig'"),
+        ("+bench.vllm.kv_cache=2", "Key 'kv_cache' not in 'VllmKnobs'"),
+        ("+tracking.log_models=false", "Key 'log_models' not in 'TrackingConfig'"),
+        ("+method.nonexistent=1", "unexpected keyword argument 'nonexistent'"),
+    ],
+)
+def test_a_key_added_with_plus_is_refused_before_any_model_is_loaded(override, needle):
+    """Hydra 1.3 lets `+group.key=value` add a key to a typed group; the job refuses it instead of ignoring it."""
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg_with(override))
+    assert needle in str(err.value)
+
+
 def test_missing_model_folder_is_named():
     cfg = cfg_with("model.pretrained=/no/such/model")
     with pytest.raises(ConfigError) as err:

@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache
+from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache, schema
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.runs import RESUMED_TAG
@@ -40,6 +40,7 @@ class Job:
 
 def prepare(cfg: DictConfig) -> Job:
     """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
+    schema.check(cfg)
     hw = cfg.hardware
     torch_dtype(hw.dtype)
     if hw.device.startswith("cuda") and not torch.cuda.is_available():

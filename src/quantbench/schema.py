@@ -121,3 +121,27 @@ def register() -> None:
     cs = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def check(cfg) -> None:
+    """Refuse keys that Hydra let in around the schemas: `+group.key=value` adds a key even to a typed group (Hydra
+    1.3 lifts the struct flag for `+`), where it would be ignored silently. Raises ConfigError naming the key and the
+    group's valid keys. Called inside the job (pipeline.prepare), so the run ends FAILED with that reason."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from quantbench.errors import ConfigError
+
+    for group, schema in SCHEMAS.items():
+        if group not in cfg:
+            continue
+        try:
+            OmegaConf.merge(
+                OmegaConf.structured(schema), OmegaConf.to_container(cfg[group])
+            )  # a plain copy: `+` left the node open
+        except OmegaConfBaseException as exc:
+            keys = ", ".join(f.name for f in dataclasses.fields(schema))
+            msg = str(exc).splitlines()[0]
+            raise ConfigError(f"{group}: {msg}. The {group} group's keys are: {keys}.") from exc

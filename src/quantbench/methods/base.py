@@ -33,9 +33,10 @@ class Method:
     needs_calibration: bool = False
     is_baseline: bool = False  # the unquantized reference that quality metrics compare against
 
-    def __init__(self, name: str, **knobs):
+    def __init__(self, name: str):
+        # No catch-all **kwargs: a method's knobs are its subclass's constructor arguments, so Hydra's instantiate
+        # refuses one it does not have (`+method.typo=1` included).
         self.name = name
-        self.knobs = knobs
 
     def validate(self, model_config, hardware: DictConfig) -> None:
         """Raise ConfigError for settings this method cannot honour on this model and hardware. Cheap."""
