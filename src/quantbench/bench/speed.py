@@ -27,7 +27,8 @@ class VllmKnobs:
 
 @dataclass
 class HfKnobs:
-    """`bench.hf` (all optional): how the transformers backend decodes."""
+    """`bench.hf` (all optional): how the transformers backend decodes. The first warm-up run decides the path (and
+    compiles); the bench_path tag says which path ran."""
 
     cache: str = "static"  # "static": KV cache allocated once (what transformers compiles); "dynamic": grown per token
     compile: str = "auto"  # "auto": transformers' own rule (CUDA/XPU, static cache, compileable quantizer); "never"
