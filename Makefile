@@ -46,13 +46,13 @@ ui: install         ## the MLflow UI over mlruns/ on http://127.0.0.1:5000 (PORT
 	$(BIN)/quantbench ui --port $(PORT) --mlruns $(CURDIR)/mlruns
 
 report: install     ## tables + Pareto plot of the latest sweep, logged as a summary run: make report ARGS="--sweep <id>"
-	$(BIN)/python -m quantbench.report $(ARGS)
+	$(BIN)/quantbench report $(ARGS)
 
-register: install   ## register the sweep's best run per conf/policy/default.yaml: make register ARGS="max_disk_gb=6"
-	$(BIN)/python -m quantbench.registry $(ARGS)
+register: install   ## register the sweep's best run per the policy group (conf/policy/): make register ARGS="max_disk_gb=6"
+	$(BIN)/quantbench register $(ARGS)
 
 recommend: install  ## which method, from measured data: make recommend ARGS="--gpu-memory-gb 6 --fine-tune"
-	$(BIN)/python -m quantbench.recommend $(ARGS)
+	$(BIN)/quantbench recommend $(ARGS)
 
 clean:              ## remove runs, sweeps and outputs (keeps .venv, the embedded models and the quantized-model cache)
 	rm -rf multirun outputs mlruns

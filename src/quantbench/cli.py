@@ -18,7 +18,7 @@ from pathlib import Path
 COMMANDS = {
     "run": "quantize, measure, evaluate, benchmark and log one job or a multirun (Hydra overrides; -m for a sweep)",
     "report": "the seed's tables, the quality groups and the Pareto plot of a sweep, logged as a summary run",
-    "register": "register the sweep's best run per conf/policy/default.yaml (key=value overrides)",
+    "register": "register the sweep's best run per the policy group (policy=<name>, key=value overrides)",
     "recommend": "which method fits your constraints, from measured data",
     "ui": "the MLflow UI over the local store (mlruns/) on http://127.0.0.1:5000",
     "server": "an MLflow tracking server over mlruns/, serving artifacts, on 127.0.0.1 (jobs log with tracking=server)",

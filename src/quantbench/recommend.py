@@ -1,6 +1,6 @@
 """The seed's decision matrix, answered from measurements instead of from the blog post.
 
-`python -m quantbench.recommend --gpu-memory-gb 6 --min-accuracy 0.5 --min-tokens-per-s 100 --fine-tune`
+`quantbench recommend --gpu-memory-gb 6 --min-accuracy 0.5 --min-tokens-per-s 100 --fine-tune`
 filters the sweep's finished runs by the constraints, prefers those whose accuracy is statistically
 indistinguishable from the baseline (paired bootstrap per task), and among them picks the fastest — saying
 why, and on which run ids that rests.
@@ -273,7 +273,7 @@ def _streams(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantbench.recommend", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="quantbench recommend", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu-memory-gb", type=float, help="GPU memory budget (GB)")
     p.add_argument("--min-accuracy", type=float, help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)")
     p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")

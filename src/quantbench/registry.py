@@ -165,7 +165,7 @@ def smoke_generate(folder: Path, prompt: str = "Where does", new_tokens: int = 8
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantbench.registry", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="quantbench register", description=__doc__.split("\n\n")[0])
     add_store_args(p)
 
     p.add_argument("--dry-run", action="store_true", help="print the decision, register nothing")

@@ -575,7 +575,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantbench.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="quantbench report", description=__doc__.split("\n\n")[0])
     add_store_args(p)
     p.add_argument("--out", type=Path, help="output folder (default: reports/<experiment>/ under the repo root)")
     p.add_argument("--no-log", action="store_true", help="write the files only, no summary run")
