@@ -10,8 +10,7 @@ and why each other run is not. `registry` registers what it chooses.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig
 
@@ -19,9 +18,6 @@ from quantbench import schema, stats
 from quantbench.errors import ConfigError
 from quantbench.paths import ROOT
 from quantbench.runs import RunRow, Selection, speed_groups
-
-MEAN_ACCURACY = "mean accuracy"
-
 
 MEAN_ACCURACY = "mean accuracy"
 
@@ -43,13 +39,12 @@ def load_policy(overrides: list[str] | None = None) -> DictConfig:
     `policy=<name>` picks conf/policy/<name>.yaml, `key=value` or `policy.key=value` sets a key. Hydra refuses an
     unknown key or a value of the wrong type (a typo must not silently relax a rule)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     schema.register()
     qualified = [
         o if o.split("=", 1)[0] == "policy" or o.startswith("policy.") else f"policy.{o}" for o in overrides or []
     ]
-    from hydra.errors import ConfigCompositionException
-
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         try:
             cfg = compose(config_name="register", overrides=qualified)
@@ -57,7 +52,7 @@ def load_policy(overrides: list[str] | None = None) -> DictConfig:
             cause = f" ({exc.__cause__})".replace("\n", " ") if exc.__cause__ else ""
             raise ConfigError(
                 f"The policy refuses {' '.join(overrides or [])!r}: {exc}{cause}. Its keys: "
-                f"{', '.join(f.name for f in dataclasses.fields(schema.PolicyConfig))}; its files: "
+                f"{', '.join(f.name for f in fields(schema.PolicyConfig))}; its files: "
                 f"{', '.join(sorted(p.stem for p in (ROOT / 'conf' / 'policy').glob('*.yaml')))}."
             ) from exc
     policy = cfg.policy
