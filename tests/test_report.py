@@ -339,3 +339,15 @@ def test_kl_divergence_groups_methods_only_where_paired_intervals_separate_them(
     assert int(steps["rtn"]["windows"]) == 16
     quality = {r["method"]: r for r in read_csv(out / "quality.csv")}
     assert float(quality["rtn"]["kl_ci_low"]) < float(quality["rtn"]["kl_mean"]) < float(quality["rtn"]["kl_ci_high"])
+
+
+def test_a_job_completed_by_a_rerun_of_its_sweep_shows_once_as_finished_and_a_job_still_failing_as_failed(tmp_path):
+    """A sweep rerun into the same folder has the same sweep_id: the job's interrupted attempt is superseded by the
+    run that finished it (same config_hash); a job that failed and was not rerun still shows as FAILED."""
+    uri, client, exp = make_store(tmp_path)
+    log_run(client, exp, "fp16", tags={"config_hash": "a"})
+    log_run(client, exp, "gptq", tags={"config_hash": "b"}, status="FAILED", failure_reason="interrupted", job_num=1)
+    log_run(client, exp, "gptq", tags={"config_hash": "b"}, job_num=1)
+    log_run(client, exp, "awq", tags={"config_hash": "c"}, status="FAILED", failure_reason="out of memory", job_num=2)
+    rows = Store(uri).select("quantbench-tiny").rows
+    assert [(r.method, r.status) for r in rows] == [("fp16", "FINISHED"), ("gptq", "FINISHED"), ("awq", "FAILED")]

@@ -198,6 +198,13 @@ class Selection:
         return self.baseline is not None and row.run_id == self.baseline.run_id
 
 
+def _without_superseded_attempts(rows: list[RunRow]) -> list[RunRow]:
+    """Drop a job's failed or interrupted attempts where the same job (config_hash) also has a FINISHED run: a sweep
+    rerun into the same folder (same sweep_id) completes the job, and its report shows it once, as finished."""
+    done = {r.tags.get("config_hash") for r in rows if r.status == "FINISHED"} - {None}
+    return [r for r in rows if r.status == "FINISHED" or r.tags.get("config_hash") not in done]
+
+
 class Store:
     """An MLflow tracking store, read-mostly."""
 
@@ -242,6 +249,7 @@ class Store:
                 + (f" matching {filter_string!r}" if filter_string else "")
                 + "."
             )
+        rows = _without_superseded_attempts(rows)
         rows.sort(key=lambda r: (int(r.tags.get(f"{RESUMED_TAG}.{sweep}", r.tags.get("job_num", 10**6))), r.start_time))
         if not filter_string:  # a run the filter left out is not missing
             rows += _missing_jobs([r for r in rows if r.tags.get("sweep_id") == sweep] or rows, rows)
