@@ -126,7 +126,9 @@ def test_hydra_refuses_unknown_keys_and_wrong_types_before_any_run(tmp_path, ove
     assert not (tmp_path / "mlruns").exists()
 
 
-@pytest.mark.parametrize("group", ["model", "eval", "quality", "hardware", "bench", "calibration", "tracking"])
+@pytest.mark.parametrize(
+    "group", ["model", "eval", "quality", "hardware", "bench", "calibration", "tracking", "policy"]
+)
 def test_every_option_of_a_typed_group_starts_from_its_schema(group):
     for option in options(group):
         text = (CONF / group / f"{option}.yaml").read_text()
