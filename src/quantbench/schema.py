@@ -9,13 +9,15 @@ Hydra's instantiate refuses an unknown one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from quantbench.bench import HfKnobs, VllmKnobs
+from quantbench.errors import ConfigError
 
 
 @dataclass
@@ -127,13 +129,6 @@ def check(cfg) -> None:
     """Refuse keys that Hydra let in around the schemas: `+group.key=value` adds a key even to a typed group (Hydra
     1.3 lifts the struct flag for `+`), where it would be ignored silently. Raises ConfigError naming the key and the
     group's valid keys. Called inside the job (pipeline.prepare), so the run ends FAILED with that reason."""
-    import dataclasses
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from quantbench.errors import ConfigError
-
     for group, schema in SCHEMAS.items():
         if group not in cfg:
             continue
@@ -142,6 +137,6 @@ def check(cfg) -> None:
                 OmegaConf.structured(schema), OmegaConf.to_container(cfg[group])
             )  # a plain copy: `+` left the node open
         except OmegaConfBaseException as exc:
-            keys = ", ".join(f.name for f in dataclasses.fields(schema))
+            keys = ", ".join(f.name for f in fields(schema))
             msg = str(exc).splitlines()[0]
             raise ConfigError(f"{group}: {msg}. The {group} group's keys are: {keys}.") from exc
