@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from quantbench import bench
+from quantbench import bench, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     folder, overrides = Path(sys.argv[1]).resolve(), sys.argv[2:]  # vLLM reads a relative path as a hub id
+    schema.register()  # the groups' typed schemas, as run.py registers them before Hydra composes
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     result = bench.run(bench.plan(cfg.bench), None, AutoTokenizer.from_pretrained(folder), folder, cfg.hardware)
