@@ -10,7 +10,7 @@ SWEEP  ?=
 PORT   ?= 5000
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install browser run test test-fast ui report register recommend clean clean-cache
+.PHONY: help install browser postgres run test test-fast ui server server-stop report register recommend clean clean-cache
 
 help:               ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,10 +33,19 @@ browser:            ## Chromium for the MLflow UI test (Debian's package; instal
 	  { $(SUDO) apt-get update -q >/dev/null && \
 	    $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
 
+# Debian's PostgreSQL 15, the tracking server's database (`make server`) and the server tests' (installed only where
+# its binaries are missing; Debian keeps them off PATH, under /usr/lib/postgresql/<version>/bin).
+postgres:           ## PostgreSQL for `make server` and its tests (Debian's package; installed only where it is missing)
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
+	  echo "Installing Debian's postgresql for the tracking server"; \
+	  $(SUDO) apt-get install -y -q postgresql >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && \
+	    $(SUDO) apt-get install -y -q postgresql >/dev/null; }; }
+
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)
 
-test: install browser ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
+test: install browser postgres ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only
@@ -44,6 +53,12 @@ test-fast: install  ## unit tests only
 
 ui: install         ## the MLflow UI over mlruns/ on http://127.0.0.1:5000 (PORT=... for another port)
 	$(BIN)/quantbench ui --port $(PORT) --mlruns $(CURDIR)/mlruns
+
+server: install postgres ## a tracking server for parallel jobs: mlflow server on PostgreSQL at 127.0.0.1:5000 (PORT=...), in the background
+	$(BIN)/quantbench server --store postgresql --detach --port $(PORT)
+
+server-stop:        ## stop `make server` (the MLflow server and its PostgreSQL)
+	$(BIN)/quantbench server stop
 
 report: install     ## tables + Pareto plot of the latest sweep, logged as a summary run: make report ARGS="--sweep <id>"
 	$(BIN)/quantbench report $(ARGS)

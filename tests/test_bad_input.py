@@ -146,3 +146,14 @@ def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, e
 
     monkeypatch.setattr(HfApi, "repo_info", repo_info)
     assert needle in models.hub_access_problem("org/m", revision="v9")
+
+
+def test_a_parallel_sweep_is_refused_a_sqlite_store_and_pointed_to_the_tracking_server():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        local = compose("config", overrides=["hydra/launcher=ray"], return_hydra_config=True)
+        served = compose("config", overrides=["hydra/launcher=ray", "tracking=server"], return_hydra_config=True)
+        serial = compose("config", return_hydra_config=True)
+    with pytest.raises(ConfigError, match=r"make server.*tracking=server"):
+        pipeline.check_store_for_launcher(local.tracking.uri, local.hydra.launcher._target_)
+    pipeline.check_store_for_launcher(served.tracking.uri, served.hydra.launcher._target_)
+    pipeline.check_store_for_launcher(serial.tracking.uri, serial.hydra.launcher._target_)  # one job at a time

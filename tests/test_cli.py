@@ -62,22 +62,3 @@ def test_report_register_and_recommend_work_on_the_default_sweep(default_sweep, 
     assert register.returncode == 0, register.stdout[-3000:] + register.stderr[-3000:]
     version = default_sweep.client.get_model_version_by_alias("quantbench-cli-test", "champion")
     assert version.run_id in register.stdout
-
-
-@pytest.mark.e2e
-def test_a_job_logs_through_the_tracking_server_with_its_artifacts(tiny_root, tmp_path, monkeypatch):
-    """`quantbench server` (a real `mlflow server` on 127.0.0.1, serving artifacts) and a job with tracking=server:
-    the run, its metrics and its model folder arrive over HTTP, with no path shared but the URL."""
-    from conftest import mlflow_service, run_cli
-    from mlflow.tracking import MlflowClient
-
-    server_store = tmp_path / "server-store"
-    with mlflow_service("server", server_store) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        run_cli("method=fp16", "eval=none", "bench=none", "quality=none", "tracking=server",
-                mlruns=tmp_path / "unused", workdir=tmp_path)  # fmt: skip
-        client = MlflowClient(uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("quantbench-tiny").experiment_id])
-        assert run.info.status == "FINISHED" and run.data.metrics["disk_gb"] > 0
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
-        assert list(server_store.glob("artifacts/**/model/config.json"))  # stored by the server, sent over HTTP

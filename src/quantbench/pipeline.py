@@ -41,6 +41,7 @@ class Job:
 def prepare(cfg: DictConfig) -> Job:
     """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
     schema.check(cfg)
+    check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
     hw = cfg.hardware
     torch_dtype(hw.dtype)
     if hw.device.startswith("cuda") and not torch.cuda.is_available():
@@ -63,6 +64,30 @@ def prepare(cfg: DictConfig) -> Job:
     return Job(
         method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan, quality_plan
     )
+
+
+# Launchers that run a sweep's jobs at the same time, in other processes or on other machines.
+PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_ray_launcher", "hydra_plugins.hydra_submitit_launcher",
+                      "hydra_plugins.hydra_joblib_launcher")  # fmt: skip
+
+
+def _launcher_target() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
+
+
+def check_store_for_launcher(tracking_uri: str, launcher_target: str) -> None:
+    """Jobs that run at once must not share a SQLite file: SQLite takes one writer at a time ("database is locked"
+    under contention), and a worker on another node cannot reach the file at all. Refused before any work."""
+    if tracking_uri.startswith("sqlite:") and launcher_target.startswith(PARALLEL_LAUNCHERS):
+        raise ConfigError(
+            f"This sweep runs its jobs in parallel ({launcher_target.rsplit('.', 1)[-1]}) but logs to the SQLite file "
+            f"{tracking_uri.removeprefix('sqlite:///')}, which takes one writer at a time and which workers on other "
+            f"machines cannot reach. Log to a tracking server instead: start one with `make server` (PostgreSQL "
+            f"behind `mlflow server`), then add tracking=server and set MLFLOW_TRACKING_URI to its URL "
+            f"(default http://127.0.0.1:5000), or point MLFLOW_TRACKING_URI at your team's server."
+        )
 
 
 @dataclass

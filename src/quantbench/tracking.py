@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import traceback
 from contextlib import contextmanager
@@ -100,6 +101,22 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def launcher_tags() -> dict[str, str]:
+    """Where a parallel launcher ran this job: the Ray node and worker, or the SLURM job and node."""
+    tags = {}
+    if "ray" in sys.modules:  # imported by the Ray worker that runs this job, never by us
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            tags |= {"launcher": "ray", "ray.node_id": context.get_node_id(), "ray.worker_id": context.get_worker_id()}
+            tags["ray.gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
+    if "SLURM_JOB_ID" in os.environ:
+        tags |= {"launcher": "slurm", "slurm.job_id": os.environ["SLURM_JOB_ID"]}
+        tags["slurm.node"] = os.environ.get("SLURMD_NODENAME", os.environ.get("SLURM_NODELIST", ""))
+    return tags
 
 
 class Tracker:
@@ -203,9 +220,11 @@ class Tracker:
                 "host.cpu_isa": " ".join(f for f in CPU_ISA_FLAGS if f in cpu_flags)
                 or "none of " + ",".join(CPU_ISA_FLAGS),
                 "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+                # which GPUs this job was given (a launcher sets it per job); "all" where nothing restricted it
+                "host.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
             }
         )
-        return tags
+        return tags | launcher_tags()
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
