@@ -35,7 +35,7 @@ def run_sweep(methods: str, backends: str, mlruns: Path, extra: list[str]) -> st
         f"method={methods}",
         f"bench.backend={backends}",
         "eval=none",
-        "tracking.log_model=false",
+        "tracking.log_model=none",
         f"paths.mlruns={mlruns}",
         f"hydra.sweep.dir={mlruns}/multirun",
         *extra,

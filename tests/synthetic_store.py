@@ -47,6 +47,7 @@ def log_run(
     status: str = "FINISHED",
     failure_reason: str | None = None,
     model_dir: Path | None = None,
+    model_by_reference: bool = False,
     job_num: int = 0,
     sweep_dir: Path | None = None,
     tasks: list[str] | None = None,
@@ -89,7 +90,10 @@ def log_run(
     if quality_windows:
         client.log_dict(rid, quality_windows, "quality/per_window.json")
     if model_dir is not None:
-        client.log_artifacts(rid, str(model_dir), "model")
+        if model_by_reference:  # tracking.log_model=reference: the folder's location, not its files
+            client.set_tag(rid, "model_location", model_dir.resolve().as_uri())
+        else:
+            client.log_artifacts(rid, str(model_dir), "model")
         with tempfile.TemporaryDirectory() as tmp:  # as the pipeline does: the folder's sha256s beside it
             (Path(tmp) / "model_sha256.json").write_text(json.dumps(measure.file_sha256(model_dir)))
             client.log_artifact(rid, str(Path(tmp) / "model_sha256.json"))

@@ -162,6 +162,29 @@ def test_a_model_folder_changed_after_its_run_is_not_registered(tmp_path):
         Store(uri).client.get_registered_model("edited")
 
 
+def test_a_model_logged_by_reference_is_registered_where_it_is_once_its_files_check_out(tmp_path):
+    """tracking.log_model=reference: no copy in the run; the version's source is the folder itself, checked against
+    the sha256s the job logged; a folder that moved or changed is refused."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    folder = tiny_model(tmp_path / "shared" / "m", seed=0)
+    metrics = {"disk_gb": 0.007}
+    run_id = log_run(client, exp, "fp16", samples={"t1": correctness(N, 360)}, metrics=metrics, model_dir=folder,
+                     model_by_reference=True)  # fmt: skip
+    assert not client.list_artifacts(run_id, "model")
+    registry.main(["--tracking-uri", uri, "registered_name=by-reference"])
+    version = client.get_model_version_by_alias("by-reference", "champion")
+    assert version.run_id == run_id and version.source == folder.resolve().as_uri()
+
+    with open(folder / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(SystemExit, match=r"config\.json \(changed\)"):
+        registry.main(["--tracking-uri", uri, "registered_name=by-reference-edited"])
+    (folder / "config.json").rename(folder / "moved.json")
+    folder.rename(folder.with_name("gone"))
+    with pytest.raises(SystemExit, match="not a folder on this machine"):
+        registry.main(["--tracking-uri", uri, "registered_name=by-reference-moved"])
+
+
 def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp_path):
     """gptq served by vLLM, aqlm by transformers' generate: tied on accuracy, so the default tie-break (tokens/s at one
     stream) would compare the backends, not the models."""

@@ -16,7 +16,18 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache, schema
+from quantbench import (
+    bench,
+    calibration,
+    evaluation,
+    fingerprint,
+    measure,
+    models,
+    quality,
+    quantized_cache,
+    schema,
+    tracking,
+)
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.runs import RESUMED_TAG
@@ -41,6 +52,7 @@ class Job:
 def prepare(cfg: DictConfig) -> Job:
     """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
     schema.check(cfg)
+    tracking.check(cfg.tracking)
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
     hw = cfg.hardware
     torch_dtype(hw.dtype)
@@ -237,8 +249,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
             # the files' sha256s are logged whether or not the files are: registration and users check against them
             tracker.log_json(measure.file_sha256(out_dir), measure.MODEL_SHA256)
-            if cfg.tracking.get("log_model", True):
-                tracker.log_folder(out_dir, "model")
+            tracker.log_model(out_dir, str(cfg.tracking.log_model))
         finally:
             del model
             _release_memory()

@@ -14,6 +14,8 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from quantbench import measure
 from quantbench.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.runs import RunRow, Selection, Store, add_store_args
+from quantbench.tracking import MODEL_LOCATION_TAG
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +39,13 @@ def register(
     Returns the version, whether it was created now, and the version the alias pointed to before.
     """
     client, name, row = store.client, policy.registered_name, decision.row
-    if not client.list_artifacts(row.run_id, MODEL_DIR):
+    reference = row.tags.get(MODEL_LOCATION_TAG)  # tracking.log_model=reference: the folder stayed where it was made
+    if reference is None and not client.list_artifacts(row.run_id, MODEL_DIR):
         raise SystemExit(
-            f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder "
-            f"(was tracking.log_model=false?); nothing to register."
+            f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder and no {MODEL_LOCATION_TAG} "
+            f"(was tracking.log_model=none?); nothing to register."
         )
-    verify_files(store, row)
+    verify_files(store, row, reference)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -50,7 +54,7 @@ def register(
             description="Quantized models chosen by quantbench's selection policy "
             "(conf/policy). Load with models:/<name>@champion.",
         )
-    source = f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+    source = reference or f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}"
     same = [
         v for v in client.search_model_versions(f"name = '{name}' and run_id = '{row.run_id}'") if v.source == source
     ]
@@ -71,9 +75,10 @@ def register(
     return version, created, previous
 
 
-def verify_files(store: Store, row: RunRow) -> None:
+def verify_files(store: Store, row: RunRow, reference: str | None = None) -> None:
     """Refuse to register a model folder whose files are not the ones the job measured (their sha256s, logged by the
-    job beside the folder): a folder edited or truncated after the run would be registered under its numbers."""
+    job beside the folder): a folder edited or truncated after the run would be registered under its numbers. A
+    referenced folder (tracking.log_model=reference) is checked where it is: it must be reachable from here."""
     import json
 
     import mlflow
@@ -90,9 +95,17 @@ def verify_files(store: Store, row: RunRow) -> None:
                 f"with force=true. ({type(exc).__name__})"
             ) from exc
         expected = json.loads(Path(record).read_text())
-        folder = mlflow.artifacts.download_artifacts(
-            run_id=row.run_id, artifact_path=MODEL_DIR, dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri
-        )
+        if reference is not None:
+            folder = url2pathname(urlparse(reference).path)
+            if not Path(folder).is_dir():
+                raise SystemExit(
+                    f"Run {row.run_id} ({row.label}) logged its model by reference, {reference}, which is not a "
+                    f"folder on this machine: register from a machine that shares that storage."
+                )
+        else:
+            folder = mlflow.artifacts.download_artifacts(
+                run_id=row.run_id, artifact_path=MODEL_DIR, dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri
+            )
         wrong = measure.changed_files(folder, expected)
     if wrong:
         raise SystemExit(

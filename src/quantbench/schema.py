@@ -97,7 +97,10 @@ class TrackingConfig:
     uri: str = MISSING
     artifact_root: str | None = None
     experiment: str = MISSING
-    log_model: bool = True
+    # copy: the model folder is logged as the run's artifact (over HTTP to a server); reference: only its location
+    # and its files' sha256s (tag model_location), for workers that share storage with whoever loads the model (a
+    # 16 GB folder is then not copied); none: neither (the sha256s are still logged)
+    log_model: str = "copy"
 
 
 @dataclass

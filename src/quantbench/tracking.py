@@ -119,6 +119,21 @@ def launcher_tags() -> dict[str, str]:
     return tags
 
 
+LOG_MODEL_MODES = ("copy", "reference", "none")
+MODEL_LOCATION_TAG = "model_location"  # tracking.log_model=reference: where the model folder is (a file:// URI)
+
+
+def check(cfg: DictConfig) -> None:
+    """The tracking group's values that its schema cannot check."""
+    from quantbench.errors import ConfigError
+
+    if str(cfg.log_model) not in LOG_MODEL_MODES:
+        raise ConfigError(
+            f"tracking.log_model={cfg.log_model}: choose copy (log the model folder as an artifact), reference (log "
+            f"its location and sha256s only, for workers on shared storage) or none."
+        )
+
+
 class Tracker:
     """A thin wrapper that knows where the store is and which experiment a study logs to."""
 
@@ -247,3 +262,11 @@ class Tracker:
 
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_model(self, folder: Path, mode: str) -> None:
+        """The model folder per tracking.log_model: copied into the run, or referenced by location (the job has
+        logged its files' sha256s either way, so whoever loads it can check it is what was measured)."""
+        if mode == "copy":
+            self.log_folder(folder, "model")
+        elif mode == "reference":
+            self.set_tags({MODEL_LOCATION_TAG: folder.resolve().as_uri()})
