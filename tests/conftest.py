@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -80,13 +82,40 @@ def default_sweep(tiny_root, tmp_path_factory) -> Store:
     return run_cli("-m", mlruns=work / "mlruns", workdir=work)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """`quantbench server --store postgresql --detach` in a folder under the project's cache (PostgreSQL runs as the
+    postgres user, who cannot enter pytest's root-only temporary folders); `quantbench server stop` after, checked."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=CACHE, prefix="test-server-"))
+    folder.chmod(0o755)
+    cli = [sys.executable, "-m", "quantbench", "server", "--mlruns", str(folder)]
+    port = free_port()
+    up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(free_port())],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        yield f"http://127.0.0.1:{port}", folder
+    finally:
+        down = subprocess.run([*cli, "stop"], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0 and "Stopped" in down.stderr, down.stderr
+        assert not (folder / "postgres" / "data" / "postmaster.pid").exists(), "PostgreSQL still running"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def mlflow_service(command: str, mlruns: Path):
     """`quantbench ui|server` over the store in `mlruns`, on a free port of 127.0.0.1, up (its /health answers)
     for the duration of the block; yields its URL. Stopped with its worker processes afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "quantbench", command, "--port", str(port), "--mlruns", str(mlruns)]
     log = mlruns.parent / f"{command}-{port}.log"
     with log.open("w") as out:

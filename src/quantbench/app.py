@@ -13,10 +13,11 @@ from quantbench.paths import ROOT
 
 os.environ.setdefault("QUANTBENCH_ROOT", str(ROOT))  # `paths.root` (conf/config.yaml) reads it
 schema.register()  # the config groups' typed schemas, before Hydra composes anything
-# conf/hydra/launcher/ray.yaml shadows the Ray plugin's config of the same name on purpose (it takes each job's
-# resources from the hardware group) and names the plugin's schema itself; Hydra 1.3 still matches the two by name
-# and warns that it will stop doing so in 1.2, a release long past.
-warnings.filterwarnings("ignore", message="\n'hydra/launcher/ray' is validated against ConfigStore schema")
+# conf/hydra/launcher/{ray,submitit_slurm}.yaml shadow the plugins' configs of the same names on purpose (they take
+# each job's resources from the hardware group); Hydra 1.3 types them with the plugins' schemas, matched by name,
+# and warns that it will stop doing so in 1.2, a release long past. (Naming a plugin's schema in the file's defaults
+# instead fails for submitit: Hydra's plugin scan reloads its config module, so the two classes differ.)
+warnings.filterwarnings("ignore", message="\n'hydra/launcher/(ray|submitit_slurm)' is validated against ConfigStore")
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")

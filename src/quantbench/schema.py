@@ -9,7 +9,6 @@ Hydra's instantiate refuses an unknown one.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -59,9 +58,9 @@ class HardwareConfig:
     eval_batch_size: int = 16
     # What one job asks of a parallel launcher (hydra/launcher=ray or submitit_slurm): the launcher, not quantbench,
     # then places each job on a GPU and node.
-    job_gpus: int = 0
+    job_gpus: int | None = None  # null: no GPU to ask for (CPU jobs)
     job_cpus: int = 1
-    job_memory_gb: float | None = None  # null: no memory reservation (SLURM: the partition's default)
+    job_mem_gb: int | None = None  # null: no memory reservation (SLURM: the partition's default)
     job_time_min: int = 60  # SLURM's time limit per job
 
 
@@ -129,16 +128,11 @@ SCHEMAS = {"model": ModelConfig, "eval": EvalConfig, "quality": QualityConfig, "
 
 
 def register() -> None:
-    """Store every schema as `<group>/<group>_schema` (what each group's YAML files name in their defaults), and the
-    Ray launcher's own schema as `hydra/launcher/ray_schema`, which conf/hydra/launcher/ray.yaml starts from (that
-    file shadows the plugin's `ray`, to take each job's resources from the hardware group)."""
+    """Store every schema as `<group>/<group>_schema` (what each group's YAML files name in their defaults). The
+    launcher configs (conf/hydra/launcher/) are typed by their plugins' own schemas, which Hydra matches by name."""
     cs = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
-    with contextlib.suppress(ImportError):  # the launcher plugin is in the lock; a trimmed install may lack it
-        from hydra_plugins.hydra_ray_launcher._config import RayLauncherConf
-
-        cs.store(group="hydra/launcher", name="ray_schema", node=RayLauncherConf, provider="quantbench")
 
 
 def check(cfg) -> None:

@@ -114,7 +114,10 @@ def launcher_tags() -> dict[str, str]:
             tags |= {"launcher": "ray", "ray.node_id": context.get_node_id(), "ray.worker_id": context.get_worker_id()}
             tags["ray.gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
     if "SLURM_JOB_ID" in os.environ:
-        tags |= {"launcher": "slurm", "slurm.job_id": os.environ["SLURM_JOB_ID"]}
+        job = os.environ["SLURM_JOB_ID"]
+        if "SLURM_ARRAY_JOB_ID" in os.environ:  # a sweep is one job array: <array>_<task>, as squeue shows it
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+        tags |= {"launcher": "slurm", "slurm.job_id": job}
         tags["slurm.node"] = os.environ.get("SLURMD_NODENAME", os.environ.get("SLURM_NODELIST", ""))
     return tags
 
