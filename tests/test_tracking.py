@@ -28,3 +28,22 @@ def test_the_model_folder_is_copied_referenced_or_left_out(tmp_path, mode):
 def test_an_unknown_log_model_mode_names_the_three():
     with pytest.raises(ConfigError, match="copy.*reference.*none"):
         check(OmegaConf.create({"log_model": "True"}))
+
+
+def test_a_job_failing_because_the_store_went_away_says_so_and_keeps_its_own_error(tmp_path, monkeypatch):
+    """The tracking server going away mid-job: the job fails with its own error, and a note that names the store
+    and says the run could not be marked FAILED (it stays RUNNING until a later job marks it Interrupted)."""
+    import mlflow
+
+    cfg = OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": None})
+    tracker = Tracker(cfg)
+    with pytest.raises(ConnectionError, match="metrics lost") as err:
+        with tracker.run(OmegaConf.create({"method": "fp16"}), "r", {}, key="k"):
+
+            def server_gone(*args, **kwargs):
+                raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/set-tag")
+
+            monkeypatch.setattr(mlflow, "set_tags", server_gone)  # the seam: every later call to the store fails
+            raise ConnectionError("metrics lost: the server closed the connection")
+    note = " ".join(err.value.__notes__)
+    assert "could not be marked FAILED" in note and str(tmp_path) in note and "Max retries" in note

@@ -212,10 +212,17 @@ class Tracker:
                 yield self
             except BaseException as exc:
                 reason = str(exc).strip() or type(exc).__name__
-                mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
-                mlflow.log_text("".join(traceback.format_exception(exc)), "failure/traceback.txt")
-                mlflow.end_run(status="FAILED")
-                exc.add_note(f"MLflow run {self.run_id} ended FAILED")
+                try:
+                    mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
+                    mlflow.log_text("".join(traceback.format_exception(exc)), "failure/traceback.txt")
+                    mlflow.end_run(status="FAILED")
+                    exc.add_note(f"MLflow run {self.run_id} ended FAILED")
+                except Exception as unreachable:  # the store itself is gone (a tracking server down): say so
+                    exc.add_note(
+                        f"MLflow run {self.run_id} could not be marked FAILED: the tracking store {self.cfg.uri} did "
+                        f"not answer ({type(unreachable).__name__}: {str(unreachable)[:300]}). It stays RUNNING "
+                        f"there until a later job on this host marks it FAILED (Interrupted)."
+                    )
                 raise
 
     @staticmethod
