@@ -14,14 +14,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from quantbench import schema
+from quantbench import schema, server
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
 
 CACHE = cache_root()
@@ -122,15 +121,7 @@ def mlflow_service(command: str, mlruns: Path):
         service = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180  # ~50 s on a busy 2-core machine: uvicorn's workers import MLflow
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert service.poll() is None, f"quantbench {command} exited:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"quantbench {command} did not come up:\n{log.read_text()[-3000:]}"
-                time.sleep(0.5)
+        server.wait_healthy(url, service, log)
         yield url
     finally:
         os.killpg(service.pid, signal.SIGTERM)
