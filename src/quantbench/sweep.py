@@ -1,20 +1,28 @@
-"""The end of a sweep: one table of what every job did, failures included.
+"""The end of a sweep: one table of what every job did, failures included, and no run left RUNNING by a worker
+that died.
 
 Hydra's basic sweeper runs every job, then raises the first failure (exit code 1) before `on_multirun_end`, so the
 table is printed when the process exits, after the last job, whatever happened. With a launcher that runs jobs
 in other processes (Ray, SLURM) `on_job_end` runs there and this table stays empty: the MLflow store has it all.
+
+A job whose worker died (a Ray worker or SLURM job killed, out of memory, a node lost) cannot end its own run. When
+the sweep's process exits, every run of this sweep still RUNNING is ended FAILED with that reason, unless it is a
+SLURM job that the queue still holds (SLURM jobs outlive the process that submitted them).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +47,66 @@ def describe(job_return: JobReturn) -> tuple[str, str]:
     return status, f"run {getattr(outcome, 'run_id', '?')}"
 
 
+ORPHANED = (
+    "its worker ended without ending the run (a Ray worker or SLURM job killed, out of memory, or its node lost), or "
+    "the sweep stopped before the job finished; marked FAILED by the sweep's process when the sweep ended"
+)
+
+
+def slurm_job_queued(job_id: str) -> bool:
+    """Whether SLURM still holds this job (pending or running); False where squeue is missing or does not know it."""
+    if not shutil.which("squeue"):
+        return False
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
+    """End FAILED this sweep's runs still RUNNING (see the module docstring); the ids of the runs ended."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.sweep_dir = '{sweep_dir}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("launcher") == "slurm" and slurm_job_queued(tags.get("slurm.job_id", "")):
+            continue
+        client.set_tag(run.info.run_id, "failure_reason", f"{tags.get('method', 'job')}: {ORPHANED}")
+        client.set_tag(run.info.run_id, "failure_type", "WorkerLost")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("Run %s (%s) was left RUNNING: marked FAILED (WorkerLost)", run.info.run_id, run.info.run_name)
+        ended.append(run.info.run_id)
+    return ended
+
+
 class SweepSummary(Callback):
     def __init__(self) -> None:
         self.rows: list[JobRow] = []
+        self.store: tuple[str, str, str] | None = None  # (tracking uri, experiment, sweep dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.rows.clear()
+        tracking = OmegaConf.to_container(config.tracking, resolve=True)
+        self.store = (tracking["uri"], tracking["experiment"], str(Path(config.hydra.sweep.dir)))
+        atexit.register(self.end_orphans)  # registered first, so it runs after Ray's own exit handler stops workers
         atexit.register(self.report)
+
+    def end_orphans(self) -> None:
+        atexit.unregister(self.end_orphans)
+        if self.store is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        uri, experiment, sweep_dir = self.store
+        try:
+            end_orphaned_runs(MlflowClient(uri), experiment, sweep_dir)
+        except Exception as exc:  # the store unreachable at exit: say so, do not mask the sweep's own outcome
+            log.warning("Could not check the sweep's runs for ones left RUNNING (%s: %s)", type(exc).__name__, exc)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
