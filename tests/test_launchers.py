@@ -4,7 +4,6 @@ single-node SLURM cluster. Jobs are the cheapest real ones (fp16, rtn, bnb_nf4 w
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,8 +13,6 @@ from mlflow.tracking import MlflowClient
 
 import slurm_cluster
 from conftest import run_cli
-
-pytestmark = pytest.mark.e2e
 
 
 def runs_of(url: str, experiment: str):
@@ -28,6 +25,7 @@ def most_at_once(runs) -> int:
     return max(sum(s <= t < e for s, e in spans) for t, _ in spans)
 
 
+@pytest.mark.e2e
 def test_a_ray_sweep_runs_two_jobs_at_a_time_and_every_run_reaches_the_server(postgres_server, tiny_root, tmp_path,
                                                                               monkeypatch):  # fmt: skip
     """Three jobs, a local Ray head with two CPUs, one CPU per job (hardware=cpu's job_cpus): two run at once, the
@@ -54,11 +52,10 @@ def test_a_ray_sweep_runs_two_jobs_at_a_time_and_every_run_reaches_the_server(po
     assert not (tmp_path / "unused").exists()  # nothing went to a local store
 
 
-# Skipped only outside CI: CI installs SLURM (`make slurm`) and runs as root, so there a missing cluster fails.
-@pytest.mark.skipif(
-    slurm_cluster.unavailable_reason() is not None and not os.environ.get("CI"),
-    reason=str(slurm_cluster.unavailable_reason()),
-)
+# `make test` installs SLURM (`make slurm`); the daemons need root, so where the tests are not root this is skipped
+# with that reason and test_the_slurm_job_asks_for_what_the_hardware_group_says below still checks the request.
+@pytest.mark.e2e
+@pytest.mark.skipif(slurm_cluster.unavailable_reason() is not None, reason=str(slurm_cluster.unavailable_reason()))
 def test_a_slurm_sweep_runs_its_jobs_as_one_job_array_and_every_run_names_its_slurm_job(postgres_server, tiny_root,
                                                                                         tmp_path, monkeypatch):  # fmt: skip
     """Two jobs through Submitit on a one-node cluster with two CPUs, one CPU per job (hardware=cpu): both run at
@@ -79,3 +76,25 @@ def test_a_slurm_sweep_runs_its_jobs_as_one_job_array_and_every_run_names_its_sl
     array_jobs = {r.data.tags["slurm.job_id"] for r in runs}
     assert len(array_jobs) == 2 and len({j.split("_")[0] for j in array_jobs}) == 1, array_jobs
     assert most_at_once(runs) == 2
+
+
+def test_the_slurm_job_asks_for_what_the_hardware_group_says(monkeypatch):
+    """hydra/launcher=submitit_slurm: GPUs, CPUs, memory and time limit per job come from the hardware group (and stay
+    overridable), the partition from SLURM_PARTITION; Hydra types the launcher's keys with the plugin's schema."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        h100 = compose("config", ["hydra/launcher=submitit_slurm", "hardware=h100", "hardware.job_mem_gb=64"],
+                       return_hydra_config=True)  # fmt: skip
+        cpu = compose("config", ["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=5"],
+                      return_hydra_config=True)  # fmt: skip
+        with pytest.raises(Exception, match="tiemout_min"):
+            compose("config", ["hydra/launcher=submitit_slurm", "hydra.launcher.tiemout_min=5"])
+    job = h100.hydra.launcher
+    assert (job.gpus_per_node, job.cpus_per_task, job.mem_gb, job.timeout_min, job.partition) == (1, 4, 64, 60, "gpu")
+    assert job._target_.endswith("SlurmLauncher") and job.tasks_per_node == 1
+    assert (cpu.hydra.launcher.gpus_per_node, cpu.hydra.launcher.cpus_per_task, cpu.hydra.launcher.timeout_min) == (
+        None, 1, 5)  # fmt: skip
