@@ -148,7 +148,9 @@ def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, e
     assert needle in models.hub_access_problem("org/m", revision="v9")
 
 
-def test_a_parallel_sweep_is_refused_a_sqlite_store_and_pointed_to_the_tracking_server():
+def test_a_parallel_sweep_is_refused_a_sqlite_store_and_pointed_to_the_tracking_server(monkeypatch):
+    # tracking=server reads its URL from MLFLOW_TRACKING_URI, which mlflow.set_tracking_uri (earlier tests) also sets
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         local = compose("config", overrides=["hydra/launcher=ray"], return_hydra_config=True)
         served = compose("config", overrides=["hydra/launcher=ray", "tracking=server"], return_hydra_config=True)
