@@ -10,6 +10,8 @@ SWEEP  ?=
 PORT   ?= 5000
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# $(call apt_install,PACKAGES): install Debian packages, refreshing the package lists only if the first try fails
+apt_install = $(APT) install -y -q $(1) >/dev/null || { $(APT) update -q >/dev/null && $(APT) install -y -q $(1) >/dev/null; }
 
 .PHONY: help install browser postgres slurm run test test-fast ui server server-stop report register recommend clean clean-cache
 
@@ -29,28 +31,20 @@ $(STAMP): requirements-lock.txt pyproject.toml
 # Debian's Chromium, which the MLflow UI test drives through Playwright (apt-get as root, else through sudo).
 browser:            ## Chromium for the MLflow UI test (Debian's package; installed only where it is missing)
 	@command -v chromium >/dev/null || { \
-	  echo "Installing Debian's chromium for the MLflow UI test"; \
-	  $(APT) install -y -q chromium >/dev/null || \
-	  { $(APT) update -q >/dev/null && \
-	    $(APT) install -y -q chromium >/dev/null; }; }
+	  echo "Installing Debian's chromium for the MLflow UI test"; $(call apt_install,chromium); }
 
 # Debian's PostgreSQL 15, the tracking server's database (`make server`) and the server tests' (installed only where
 # its binaries are missing; Debian keeps them off PATH, under /usr/lib/postgresql/<version>/bin).
 postgres:           ## PostgreSQL for `make server` and its tests (Debian's package; installed only where it is missing)
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
-	  echo "Installing Debian's postgresql for the tracking server"; \
-	  $(APT) install -y -q postgresql >/dev/null || \
-	  { $(APT) update -q >/dev/null && \
-	    $(APT) install -y -q postgresql >/dev/null; }; }
+	  echo "Installing Debian's postgresql for the tracking server"; $(call apt_install,postgresql); }
 
 # Debian's SLURM (slurmctld, slurmd, munge) for the test that runs a sweep on a real single-node cluster
 # (tests/slurm_cluster.py starts and stops it; installed only where it is missing).
 slurm:              ## a single-node SLURM for the submitit_slurm launcher test (Debian's packages; only where missing)
 	@command -v slurmd >/dev/null || test -x /usr/sbin/slurmd || { \
 	  echo "Installing Debian's slurmctld, slurmd and munge for the SLURM launcher test"; \
-	  $(APT) install -y -q slurmctld slurmd slurm-client munge >/dev/null || \
-	  { $(APT) update -q >/dev/null && \
-	    $(APT) install -y -q slurmctld slurmd slurm-client munge >/dev/null; }; }
+	  $(call apt_install,slurmctld slurmd slurm-client munge); }
 
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)

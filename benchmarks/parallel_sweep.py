@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,6 @@ from quantbench import server  # noqa: E402
 from quantbench.paths import cache_root  # noqa: E402
 
 log = logging.getLogger("parallel_sweep")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sweep(overrides: list[str], env: dict[str, str], log_file: Path) -> float:
@@ -62,7 +55,7 @@ def main() -> int:
     gpu = args.hardware != "cpu"
     work = Path(tempfile.mkdtemp(dir=cache_root(), prefix="parallel-sweep-"))
     work.chmod(0o755)  # PostgreSQL runs as the postgres user when we are root
-    url = server.start_detached(work / "mlruns", free_port(), "postgresql", free_port())
+    url = server.start_detached(work / "mlruns", server.free_port(), "postgresql", server.free_port())
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "RAY_AUTH_MODE": "disabled"}
     common = [args.jobs, f"hardware={args.hardware}", "tracking=server", "force=true", "quantized_cache.enabled=false"]
     common += [f"hydra.sweep.dir={work}/multirun/${{now:%H-%M-%S}}", *args.overrides]

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -81,12 +80,6 @@ def default_sweep(tiny_root, tmp_path_factory) -> Store:
     return run_cli("-m", mlruns=work / "mlruns", workdir=work)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """`quantbench server --store postgresql --detach` in a folder under the project's cache (PostgreSQL runs as the
@@ -95,8 +88,8 @@ def postgres_server():
     folder = Path(tempfile.mkdtemp(dir=CACHE, prefix="test-server-"))
     folder.chmod(0o755)
     cli = [sys.executable, "-m", "quantbench", "server", "--mlruns", str(folder)]
-    port = free_port()
-    up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(free_port())],
+    port = server.free_port()
+    up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(server.free_port())],
                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]
     try:
@@ -114,7 +107,7 @@ def postgres_server():
 def mlflow_service(command: str, mlruns: Path):
     """`quantbench ui|server` over the store in `mlruns`, on a free port of 127.0.0.1, up (its /health answers)
     for the duration of the block; yields its URL. Stopped with its worker processes afterwards."""
-    port = free_port()
+    port = server.free_port()
     cmd = [sys.executable, "-m", "quantbench", command, "--port", str(port), "--mlruns", str(mlruns)]
     log = mlruns.parent / f"{command}-{port}.log"
     with log.open("w") as out:

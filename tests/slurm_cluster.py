@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from quantbench.server import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -23,12 +24,6 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "slurmd must run as root to start jobs, and these tests are not root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _munged() -> subprocess.Popen | None:
@@ -67,8 +62,8 @@ def running(folder: Path, cpus: int = 2):
                 f"SlurmdPidFile={folder}/slurmd.pid",
                 f"SlurmctldLogFile={folder}/log/slurmctld.log",
                 f"SlurmdLogFile={folder}/log/slurmd.log",
-                f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
                 "ProctrackType=proctrack/linuxproc",  # no cgroups needed
                 "TaskPlugin=task/none",
                 "SelectType=select/cons_tres",

@@ -24,6 +24,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,8 +71,8 @@ class Postgres:
 
     def start(self) -> None:
         self.data.parent.mkdir(parents=True, exist_ok=True)
-        if self.as_root:
-            user = pwd.getpwnam(PG_USER)
+        user = pwd.getpwnam(PG_USER) if self.as_root else None
+        if user is not None:
             for path in (self.data.parent, *self.data.parent.parents):
                 if path.stat().st_mode & 0o001 == 0 and path.stat().st_uid != user.pw_uid:
                     raise RuntimeError(
@@ -83,8 +84,7 @@ class Postgres:
             os.chown(self.log, user.pw_uid, user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
             self.data.mkdir(exist_ok=True)
-            if self.as_root:
-                user = pwd.getpwnam(PG_USER)
+            if user is not None:
                 os.chown(self.data, user.pw_uid, user.pw_gid)
             log.info("Initialising a PostgreSQL cluster in %s", self.data)
             self._check(
@@ -116,6 +116,13 @@ class Postgres:
             self._check(
                 "pg_ctl stop", self._run(postgres_binary("pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data))
             )
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now (for a server, a database, a test cluster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, process: subprocess.Popen | None, log_file: Path, timeout_s: float = 180) -> None:

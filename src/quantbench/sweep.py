@@ -63,6 +63,8 @@ def slurm_job_queued(job_id: str) -> bool:
 
 def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
     """End FAILED this sweep's runs still RUNNING (see the module docstring); the ids of the runs ended."""
+    from quantbench.tracking import end_failed  # imports MLflow: only when a sweep ends, not when Hydra loads this
+
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -76,9 +78,7 @@ def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
         tags = run.data.tags
         if tags.get("launcher") == "slurm" and slurm_job_queued(tags.get("slurm.job_id", "")):
             continue
-        client.set_tag(run.info.run_id, "failure_reason", f"{tags.get('method', 'job')}: {ORPHANED}")
-        client.set_tag(run.info.run_id, "failure_type", "WorkerLost")
-        client.set_terminated(run.info.run_id, status="FAILED")
+        end_failed(client, run.info.run_id, "WorkerLost", f"{tags.get('method', 'job')}: {ORPHANED}")
         log.warning("Run %s (%s) was left RUNNING: marked FAILED (WorkerLost)", run.info.run_id, run.info.run_name)
         ended.append(run.info.run_id)
     return ended

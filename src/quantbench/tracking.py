@@ -122,6 +122,13 @@ def launcher_tags() -> dict[str, str]:
     return tags
 
 
+def end_failed(client: MlflowClient, run_id: str, failure_type: str, reason: str) -> None:
+    """End a run that its own job can no longer end (its process or worker is gone) FAILED, saying why."""
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_tag(run_id, "failure_type", failure_type)
+    client.set_terminated(run_id, status="FAILED")
+
+
 LOG_MODEL_MODES = ("copy", "reference", "none")
 MODEL_LOCATION_TAG = "model_location"  # tracking.log_model=reference: where the model folder is (a file:// URI)
 
@@ -187,9 +194,7 @@ class Tracker:
                 f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
                 f"killed or crashed before the run could end. Found by the next quantbench job on this store."
             )
-            self.client.set_tag(run.info.run_id, "failure_reason", reason)
-            self.client.set_tag(run.info.run_id, "failure_type", "Interrupted")
-            self.client.set_terminated(run.info.run_id, status="FAILED")
+            end_failed(self.client, run.info.run_id, "Interrupted", reason)
             log.warning(
                 "Run %s (%s) was left RUNNING by a process that is gone: marked FAILED (interrupted)",
                 run.info.run_id,
