@@ -65,6 +65,21 @@ def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, c
     return Store(uri=f"sqlite:///{mlruns}/mlflow.db", artifacts=mlruns / "artifacts", result=result)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist on a machine of several GPUs (`pytest -m gpu -n 2`), each worker takes one GPU, round
+    robin, before anything initialises CUDA: the GPU tests then run side by side instead of sharing GPU 0."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not shutil.which("nvidia-smi"):
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        visible = ",".join(str(i) for i in range(sum(row.startswith("GPU ") for row in listing.splitlines())))
+    gpus = [g for g in visible.split(",") if g.strip()]
+    if len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(worker[2:]) % len(gpus)]
+
+
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
     """The embedded model and its tasks, built (or taken from the cache) once per session."""

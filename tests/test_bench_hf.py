@@ -94,3 +94,11 @@ def test_the_reason_for_eager_decoding_follows_transformers_rule():
     Model.hf_quantizer = None
     Model.device = torch.device("cpu")
     assert "not cpu" in hf_backend.why_not_compiled(Model(), HfKnobs())
+
+
+def test_a_freed_model_is_reloaded_in_the_hardware_dtype_on_a_gpu_and_as_saved_on_cpu():
+    """An AQLM folder declares float32 (for aqlm's CPU kernel); reloaded so on CUDA, aqlm's kernels refuse it (seen on
+    an H200, 2026-12-01: the 8B-shape AQLM run failed in its HF fallback benchmark)."""
+    gpu = OmegaConf.create({"name": "h200", "device": "cuda", "dtype": "bfloat16", "memory_bandwidth_gbs": 4800})
+    assert hf_backend.reload_dtype(gpu) == torch.bfloat16
+    assert hf_backend.reload_dtype(CPU) == "auto"

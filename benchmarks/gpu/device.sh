@@ -3,6 +3,7 @@
 # commands; at most 64 MiB travels with each command). Stage the bundles with one command per chunk, back to back:
 #   vllm1, vllm2, vllm3   vLLM 0.26.0 for the image's torch 2.11.0+cu130 (../shared/gpu/make_vllm_bundle.sh .gpu/vllm)
 #   deps N                chunk N of quantbench's own dependencies (benchmarks/gpu/make_deps_bundle.sh .gpu/deps)
+#   ray                   Ray and Hydra's Ray launcher, for hydra/launcher=ray (benchmarks/gpu/make_ray_bundle.sh .gpu/ray)
 # then any other step runs `ARGS` with the staged packages on PYTHONPATH, e.g.
 #   bash benchmarks/gpu/device.sh run python3 -m pytest -m gpu tests/gpu
 # Each staging step carries its chunk (device `carry`: .gpu/vllm/p1, ...). If /tmp is empty, start over at vllm1.
@@ -15,10 +16,13 @@ case "$step" in
          rm -f /tmp/vllm.tar.xz.part0 ;;
   vllm3) pipi /tmp/site .gpu/vllm/p3/*.whl ;;
   deps)  pipi /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
+  ray)   mkdir -p /tmp/ray && xz -d < .gpu/ray/p1/ray.tar.xz | tar -x -C /tmp/ray && pipi /tmp/site2 .gpu/ray/p1/*.whl ;;
   run)
-    # Our pins first (compressed-tensors 0.19 for llm-compressor), then vLLM and its bundle; quantbench from src/.
-    export PYTHONPATH="$PWD/src:/tmp/site2:/tmp/vllm:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    # Our pins first (compressed-tensors 0.19 for llm-compressor, cloudpickle 2.2.1 for the Ray launcher), then Ray,
+    # vLLM and vLLM's bundle; quantbench from src/. Ray's workers inherit this environment.
+    export PYTHONPATH="$PWD/src:/tmp/site2:/tmp/ray:/tmp/vllm:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multi-GPU kinds: keep off
     export PYTHONUNBUFFERED=1 QUANTBENCH_CACHE="${QUANTBENCH_CACHE:-$PWD/.cache}"
     export PATH="/tmp/site2/bin:$PATH"
     "$@" ;;

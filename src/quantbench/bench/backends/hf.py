@@ -71,11 +71,23 @@ def describe_path(model, knobs: HfKnobs, compiled: bool) -> str:
     return f"transformers.generate, {knobs.cache} KV cache, {decode}"
 
 
+def reload_dtype(hardware) -> str | torch.dtype:
+    """The dtype to reload a saved artifact in when the pipeline had freed the evaluated model (a backend that serves
+    from disk fell back to us): the hardware's on an accelerator, as the evaluated model ran (an AQLM folder declares
+    float32, for aqlm's CPU kernel, and aqlm's CUDA kernels refuse float32: seen on an H200, 2026-12-01); the saved
+    one on CPU, where that float32 is what aqlm needs."""
+    from quantbench.methods.base import torch_dtype
+
+    return "auto" if str(hardware.device) == "cpu" else torch_dtype(hardware.dtype)
+
+
 def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if model is None:  # the pipeline freed it for a backend that serves from disk, which then fell back to us
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=hardware.device)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=reload_dtype(hardware), device_map=hardware.device
+        )
     device = model.device
     detail: dict = {"backend": "hf", "runs": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
