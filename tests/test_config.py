@@ -133,3 +133,38 @@ def test_every_option_of_a_typed_group_starts_from_its_schema(group):
     for option in options(group):
         text = (CONF / group / f"{option}.yaml").read_text()
         assert f"- {group}_schema" in text or "defaults:\n  - heldout" in text, f"{group}/{option}.yaml"
+
+
+def test_debug_presets_rerun_requantize_and_log_apart_from_the_sweeps():
+    """debug=default (conf/debug/, last in the defaults list, so it wins over an experiment): force, no quantized-model
+    cache, quantbench's loggers at DEBUG, its own experiment; debug=fast adds the shortest path through every stage."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=seed_shape", "debug=default"], return_hydra_config=True)
+    assert cfg.force is True and cfg.quantized_cache.enabled is False
+    assert cfg.tracking.experiment == "debug-llama-3.1-8b-shape" and list(cfg.hydra.verbose) == ["quantbench"]
+    assert cfg.bench.output_tokens == 250  # debug=default changes how a job runs, not what it measures
+
+    fast = compose_with("debug=fast", "bench=seed", "eval=seed")
+    assert fast.force is True and fast.tracking.experiment == "debug-tiny"
+    assert (fast.calibration.num_samples, fast.eval.limit, fast.quality.num_tokens, fast.repeats) == (8, 10, 256, 1)
+    assert (fast.bench.prompt_tokens, fast.bench.output_tokens, list(fast.bench.streams)) == (16, 16, [1])
+    assert (fast.bench.backend, fast.eval.tasks) == ("vllm", ["mmlu", "arc_challenge"])  # what to run stays
+
+
+@pytest.mark.e2e
+def test_debug_fast_runs_every_stage_briefly_and_runs_again_when_asked_twice(tiny_root, tmp_path):
+    """The same debug job twice: both run (a normal job would be skipped the second time), both quantize afresh,
+    both land in the debug experiment with the shortened settings as params, and the log shows quantbench's DEBUG
+    lines."""
+    first = run_cli("method=rtn", "debug=fast", mlruns=tmp_path / "mlruns", workdir=tmp_path, timeout=600)
+    again = run_cli("method=rtn", "debug=fast", mlruns=tmp_path / "mlruns", workdir=tmp_path, timeout=600)
+    runs = again.runs("debug-tiny")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert [r.data.tags["cache"] for r in runs] == ["off", "off"]
+    assert "Quantizing" in first.result.stdout and "Quantizing" in again.result.stdout
+    params, metrics = runs[1].data.params, runs[1].data.metrics
+    assert (params["eval.limit"], params["calibration.num_samples"], params["bench.streams"]) == ("10", "8", "[1]")
+    assert "tokens_per_s_1_stream" in metrics and "tokens_per_s_8_streams" not in metrics
+    assert "quality_kl_mean" in metrics and "tiny_facts_acc" in metrics
+    assert "[DEBUG]" in again.result.stdout
+    assert again.client.get_experiment_by_name("quantbench-tiny") is None
