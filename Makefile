@@ -40,7 +40,7 @@ postgres:           ## PostgreSQL for `make server` and its tests (Debian's pack
 	  echo "Installing Debian's postgresql for the tracking server"; $(call apt_install,postgresql); }
 
 # Debian's SLURM (slurmctld, slurmd, munge) for the test that runs a sweep on a real single-node cluster
-# (tests/slurm_cluster.py starts and stops it; installed only where it is missing).
+# (tests/helpers/slurm_cluster.py starts and stops it; installed only where it is missing).
 slurm:              ## a single-node SLURM for the submitit_slurm launcher test (Debian's packages; only where missing)
 	@command -v slurmd >/dev/null || test -x /usr/sbin/slurmd || { \
 	  echo "Installing Debian's slurmctld, slurmd and munge for the SLURM launcher test"; \

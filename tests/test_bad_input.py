@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_cli
+from helpers.run_if import run_if
 from quantbench import bench, models, pipeline
 from quantbench.errors import ConfigError
 
@@ -69,11 +70,8 @@ def test_unknown_eval_task_names_the_known_ones(tiny_root):
     assert "no_such_task" in str(err.value) and "tiny_arith" in str(err.value)
 
 
+@run_if(cuda=False)
 def test_gpu_hardware_without_a_gpu_is_refused(tiny_root):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         pipeline.prepare(cfg_with("hardware=h100"))
 

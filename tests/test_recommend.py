@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from synthetic_store import correctness, log_run, make_store
+from helpers.synthetic_store import correctness, log_run, make_store
 
 from quantbench import recommend
 from quantbench.runs import Store

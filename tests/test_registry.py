@@ -8,7 +8,7 @@ import logging
 import pytest
 from mlflow.exceptions import MlflowException
 
-from synthetic_store import correctness, log_run, make_store, tiny_model
+from helpers.synthetic_store import correctness, log_run, make_store, tiny_model
 
 from quantbench import policy, registry
 from quantbench.errors import ConfigError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synthetic_store import make_store
+from helpers.synthetic_store import make_store
 
 from quantbench import sweep
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import run_cli
+from helpers.run_if import run_if
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.e2e,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    run_if(cuda=True),
 ]
 
 # Per-method overrides for the GPU test machine: it has no network, and GPTQModel's default kernel on Hopper (Machete)

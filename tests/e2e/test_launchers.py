@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import slurm_cluster
+from helpers import slurm_cluster
+from helpers.run_if import run_if
 from conftest import run_cli
 
 
@@ -55,7 +56,7 @@ def test_a_ray_sweep_runs_two_jobs_at_a_time_and_every_run_reaches_the_server(po
 # `make test` installs SLURM (`make slurm`); the daemons need root, so where the tests are not root this is skipped
 # with that reason and test_the_slurm_job_asks_for_what_the_hardware_group_says below still checks the request.
 @pytest.mark.e2e
-@pytest.mark.skipif(slurm_cluster.unavailable_reason() is not None, reason=str(slurm_cluster.unavailable_reason()))
+@run_if(slurm=True)
 def test_a_slurm_sweep_runs_its_jobs_as_one_job_array_and_every_run_names_its_slurm_job(postgres_server, tiny_root,
                                                                                         tmp_path, monkeypatch):  # fmt: skip
     """Two jobs through Submitit on a one-node cluster with two CPUs, one CPU per job (hardware=cpu): both run at
