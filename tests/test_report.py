@@ -10,7 +10,7 @@ import csv
 import logging
 
 import pytest
-from synthetic_store import correctness, log_run, make_store
+from helpers.synthetic_store import correctness, log_run, make_store
 
 from quantbench import recommend, report
 from quantbench.runs import SUMMARY_TAG, Store
@@ -282,6 +282,56 @@ def test_random_weight_runs_show_speed_and_size_but_no_accuracy(tmp_path):
     rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(gpu_memory_gb=10))
     assert rec.choice.row.method == "bnb_nf4"  # fp16 needs 18.3 GB to serve
     assert "accuracy not compared with fp16 (random weights)" in rec.why and "significantly" not in rec.why
+
+
+def _shape_sweep(root, backends=("vllm", "vllm", "vllm")):
+    """Three random-weight runs in 8B shape (figures of the 2026-11-28 H100 stretch), no accuracy."""
+    uri, client, exp = make_store(root)
+    gpu = {"weights": "random", "model": "llama-3.1-8b-shape", "host.gpu": "NVIDIA H100 80GB HBM3"}
+    for (method, disk, tps, bound, kernel), backend in zip(
+        [
+            ("fp16", 16.06, 153.8, 201.7, "UnquantizedLinearMethod x224"),
+            ("bnb_nf4", 5.71, 170.3, None, "BitsAndBytesLinearMethod x224"),
+            ("gptq", 5.74, 260.2, 647.0, "AutoGPTQLinearMethod: MarlinLinearKernel x128"),
+        ],
+        backends,
+    ):
+        tags = gpu | {"bench_backend": backend, "vllm_linear_kernel": kernel}
+        metrics = {"disk_gb": disk, "tokens_per_s_1_stream": tps} | (
+            {"roofline_tokens_per_s_1_stream": bound} if bound else {}
+        )
+        log_run(client, exp, method, tags=tags, metrics=metrics, tasks=[])
+    return uri
+
+
+def test_a_sweep_without_accuracy_plots_speed_against_size_beside_the_bound(tmp_path):
+    """Random-weight shapes have no accuracy to plot: the plot is tokens/s at one stream against disk size, each run
+    beside its bandwidth bound, with the smaller-and-faster frontier; the report says so."""
+    uri = _shape_sweep(tmp_path / "mlruns")
+    pts = report.plot_points(Store(uri).select("quantbench-tiny"))
+    assert pts.kind == "speed"
+    by_method = {r.method: (x, y, b) for r, x, y, b in zip(pts.rows, pts.xs, pts.ys, pts.bounds)}
+    assert by_method == {"fp16": (16.06, 153.8, 201.7), "bnb_nf4": (5.71, 170.3, None), "gptq": (5.74, 260.2, 647.0)}
+    assert sorted(pts.rows[i].method for i in pts.frontier) == ["bnb_nf4", "gptq"]  # fp16: bigger and slower
+    assert sorted(pts.labels) == ["bnb_nf4, BitsAndBytes", "fp16, Unquantized", "gptq, Marlin"]  # method, kernel
+    out = tmp_path / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Speed vs size" in md and "## Accuracy vs size" not in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_measured_with_two_backends_gets_no_frontier(tmp_path):
+    """Tokens/s of vLLM and of transformers' generate measure the backends, not the methods: no frontier across them."""
+    pts = report.plot_points(Store(_shape_sweep(tmp_path / "mlruns", ("vllm", "hf", "vllm"))).select("quantbench-tiny"))
+    assert pts.kind == "speed" and len(pts.rows) == 3
+    assert pts.frontier == [] and pts.note == "no frontier: tokens/s measured with 2 backends or machines"
+
+
+def test_a_sweep_with_accuracy_plots_accuracy_against_size(built, store):
+    pts = report.plot_points(Store(store[0]).select("quantbench-tiny"))
+    assert pts.kind == "accuracy" and pts.rows and all(0 < y <= 100 for y in pts.ys)
+    assert "## Accuracy vs size" in (built / "report.md").read_text()
 
 
 def test_a_summary_run_whose_upload_fails_ends_failed_with_the_reason(store, monkeypatch, tmp_path):
