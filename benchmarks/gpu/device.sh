@@ -10,13 +10,17 @@
 set -euo pipefail
 step=${1:?step}; shift
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$@"; }
+# pip --target skips, with a mere warning, every top-level folder the target already has (`bin/` from an earlier
+# chunk, or a namespace package such as hydra_plugins/): each chunk goes to a fresh folder, then merges in.
+pipi_merge() { local dest=$1 tmp; shift; tmp=$(mktemp -d /tmp/chunk.XXXXXX); mkdir -p "$dest"
+               pipi "$tmp" "$@" && cp -a "$tmp/." "$dest/" && rm -rf "$tmp"; }
 case "$step" in
   vllm1) cp .gpu/vllm/p1/* /tmp/ ;;
   vllm2) mkdir -p /tmp/vllm && cat /tmp/vllm.tar.xz.part0 .gpu/vllm/p2/vllm.tar.xz.part1 | xz -d | tar -x -C /tmp/vllm
          rm -f /tmp/vllm.tar.xz.part0 ;;
   vllm3) pipi /tmp/site .gpu/vllm/p3/*.whl ;;
-  deps)  pipi /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
-  ray)   mkdir -p /tmp/ray && xz -d < .gpu/ray/p1/ray.tar.xz | tar -x -C /tmp/ray && pipi /tmp/site2 .gpu/ray/p1/*.whl ;;
+  deps)  pipi_merge /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
+  ray)   mkdir -p /tmp/ray && xz -d < .gpu/ray/p1/ray.tar.xz | tar -x -C /tmp/ray && pipi_merge /tmp/site2 .gpu/ray/p1/*.whl ;;
   run)
     # Our pins first (compressed-tensors 0.19 for llm-compressor, cloudpickle 2.2.1 for the Ray launcher), then Ray,
     # vLLM and vLLM's bundle; quantbench from src/. Ray's workers inherit this environment.
