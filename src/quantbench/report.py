@@ -290,10 +290,6 @@ class PlotPoints:
     left_out: list[str]  # runs not plotted, and why
     note: str | None = None  # why there is no frontier
 
-    @property
-    def y_label(self) -> str:
-        return "tokens/s at 1 stream (end to end, median)" if self.kind == "speed" else "mean accuracy (%)"
-
 
 def plot_points(sel: Selection) -> PlotPoints:
     """The runs to plot and their frontier. Accuracy where any finished run has one; else speed, whose frontier is
@@ -375,7 +371,7 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
         ax.set_ylabel(f"mean accuracy over {', '.join(sel.tasks)} (%)")
         ax.set_title(f"{sel.experiment}, sweep {sel.sweep}: accuracy vs size")
     else:
-        ax.set_ylabel(pts.y_label)
+        ax.set_ylabel("tokens/s at 1 stream (end to end, median)")
         ax.set_title(f"{sel.experiment}, sweep {sel.sweep}: speed vs size (no accuracy measured)")
     ax.grid(alpha=0.3)
     footer = ([f"not plotted: {', '.join(pts.left_out)}"] if pts.left_out else []) + ([pts.note] if pts.note else [])
