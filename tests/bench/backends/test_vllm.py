@@ -105,14 +105,23 @@ def test_known_slow_kernels_are_flagged_per_device():
     assert vllm_backend.slow_kernel("cuda", {"X: EmulationNvFp4LinearKernel": 1})
 
 
+SEED_BENCH = {
+    "backend": "vllm",
+    "prompt_tokens": 100,
+    "output_tokens": 250,
+    "streams": [1, 8],
+    "warmup": 1,
+    "repeats": 3,
+}
+
+
 def test_vllm_knobs_have_defaults_and_are_checked():
-    base = {"backend": "vllm", "prompt_tokens": 100, "output_tokens": 250, "streams": [1, 8], "warmup": 1, "repeats": 3}
-    assert bench.plan(OmegaConf.create(base)).vllm == bench.VllmKnobs()
-    knobs = bench.plan(OmegaConf.create({**base, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).vllm
+    assert bench.plan(OmegaConf.create(SEED_BENCH)).vllm == bench.VllmKnobs()
+    knobs = bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).vllm
     assert (knobs.kv_cache_gb, knobs.max_model_len, knobs.enforce_eager) == (2, 400, False)
     for bad in ({"kv_cache_gib": 1}, {"max_model_len": 300}, {"kv_cache_gb": 0}):
         with pytest.raises(ConfigError, match="bench.vllm"):
-            bench.plan(OmegaConf.create({**base, "vllm": bad}))
+            bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": bad}))
 
 
 def test_every_bench_config_composes_a_valid_vllm_plan():
@@ -256,17 +265,7 @@ def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch)
 
 
 def test_disabled_kernels_must_be_a_list_of_names():
-    cfg = OmegaConf.create(
-        {
-            "backend": "vllm",
-            "prompt_tokens": 8,
-            "output_tokens": 8,
-            "streams": [1],
-            "warmup": 0,
-            "repeats": 1,
-            "vllm": {"disabled_kernels": "MacheteLinearKernel"},
-        }
-    )
+    cfg = OmegaConf.create({**SEED_BENCH, "vllm": {"disabled_kernels": "MacheteLinearKernel"}})
     with pytest.raises(ConfigError, match="disabled_kernels"):
         bench.plan(cfg)
 
@@ -391,16 +390,6 @@ def test_a_job_whose_engine_runs_past_its_limit_ends_failed_with_no_engine_left(
 
 
 def test_the_engine_time_limit_is_a_checked_knob():
-    cfg = OmegaConf.create(
-        {
-            "backend": "vllm",
-            "prompt_tokens": 8,
-            "output_tokens": 8,
-            "streams": [1],
-            "warmup": 0,
-            "repeats": 1,
-            "vllm": {"timeout_s": 0},
-        }
-    )
+    cfg = OmegaConf.create({**SEED_BENCH, "vllm": {"timeout_s": 0}})
     with pytest.raises(ConfigError, match="timeout_s=0"):
         bench.plan(cfg)
