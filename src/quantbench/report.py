@@ -385,7 +385,8 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
 
 def _place_labels(ax, labels: list[str], xs: list[float], ys: list[float], gap: float = 0.045) -> None:
     """Each label just right of and above its point, in axes fractions; where points sit close together (the same
-    size, near accuracies or speeds), labels are stacked downwards from the highest, `gap` apart, never overprinted."""
+    size, near accuracies or speeds), labels are stacked downwards from the highest, `gap` apart, never overprinted,
+    and a moved label stands further right, clear of its neighbours' markers, with a line to its point."""
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
     placed: list[tuple[float, float]] = []  # (x, y) of the labels so far, axes fractions
     for i in sorted(range(len(labels)), key=lambda i: -ys[i]):
@@ -395,14 +396,15 @@ def _place_labels(ax, labels: list[str], xs: list[float], ys: list[float], gap: 
             if abs(nx - px) < 0.08 and y > py - gap:
                 y = py - gap
         placed.append((nx, y))
+        moved = y < ny + 0.015
         ax.annotate(
             labels[i],
             (xs[i], ys[i]),
-            xytext=(nx + 0.015, y),
+            xytext=(nx + (0.08 if moved else 0.03), y),
             textcoords="axes fraction",
             fontsize=9,
             va="bottom",
-            arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.6} if y < ny - 0.01 else None,
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved else None,
         )
 
 
