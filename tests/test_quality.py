@@ -70,6 +70,24 @@ def test_the_baseline_against_itself_is_exactly_zero_and_is_cached(tmp_path):
     assert q["quality_kl_mean"] == 0 and q["quality_kl_p99"] == 0 and q["quality_top1_agreement"] == 1
 
 
+def test_two_jobs_storing_the_same_baseline_at_once_both_succeed_and_agree(tmp_path, monkeypatch):
+    """Jobs that share the cache (a Ray sweep, pytest-xdist) may compute one baseline at the same time: here a second
+    job stores it between the first's write and its move into place. Both get the baseline; the file holds it."""
+    ids, model, path = torch.randint(0, 3, (2, 6)), FixedLogits([0.3, -1.0, 2.0]), tmp_path / "b.pt"
+    real_save, interleaved = torch.save, []
+
+    def save_then_let_another_job_finish(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not interleaved:
+            interleaved.append(f)
+            quality.baseline(model, ids, plan(), path)  # the other job: computes, writes and moves its file
+
+    monkeypatch.setattr(quality.torch, "save", save_then_let_another_job_finish)
+    first = quality.baseline(model, ids, plan(), path)
+    assert interleaved and torch.equal(first, torch.load(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]  # no temporary file left behind
+
+
 def test_a_flipped_argmax_counts_as_disagreement():
     ids = torch.zeros(1, 5, dtype=torch.long)
     base = torch.log_softmax(torch.tensor([2.0, 0.0]), -1).expand(1, 4, 2)

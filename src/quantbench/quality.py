@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +117,12 @@ def baseline(model, ids: torch.Tensor, p: QualityPlan, path: Path) -> torch.Tens
     exact = vocab is None or 4 * ids.shape[0] * (ids.shape[1] - 1) * vocab <= FLOAT32_LIMIT
     out = torch.cat([(lp if exact else lp.half()).cpu() for _, lp in log_probs(model, ids, p.batch_size)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # A temporary file of its own, then an atomic replace: jobs sharing the cache (a Ray sweep, pytest-xdist) may
+    # compute the same baseline at once, and one must never move or read the other's half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     torch.save(out, tmp)
-    tmp.rename(path)
+    os.replace(tmp, path)
     log.info("Stored the baseline's next-token distributions (%d tokens) at %s", out.shape[0] * out.shape[1], path)
     return out
 
