@@ -7,6 +7,9 @@ under benchmarks/results/.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,9 +65,18 @@ def _run(method: str, work):
         check=False,
         timeout=1200,
     )
+    keep_log(method, store)
     runs = [r for r in store.runs() if r.data.tags["method"] == method]
     assert runs, store.result.stdout[-4000:]
     return runs[-1], store
+
+
+def keep_log(name: str, store) -> None:
+    """The job's whole output (timestamped log lines) into $QB_GPU_LOGS/<name>.log where that is set: the device
+    command sets it to its $OUT, so each job's log comes back to be committed beside the pytest log."""
+    if folder := os.environ.get("QB_GPU_LOGS"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.log").write_text(store.result.stdout)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -93,7 +105,10 @@ def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, 
         mlruns=tmp_path / "mlruns",
         workdir=tmp_path,
         timeout=1200,
+        check=False,
     )
+    keep_log("vllm-gptq", store)
+    assert store.result.returncode == 0, store.result.stdout[-4000:]
     (run,) = store.runs()
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
