@@ -170,14 +170,9 @@ def test_our_tensors_are_what_aqlm_computes_with(num_codebooks, nbits):
 def test_auto_codebooks_are_the_seeds_1x16_on_llama_8b_and_2x8_on_the_tiny_model(tiny_root):
     from transformers import AutoConfig, LlamaConfig
 
-    llama_8b = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
+    from quantbench.embedded.random_shape import SHAPES
+
+    llama_8b = LlamaConfig(**SHAPES["llama-3.1-8b"])  # Meta's published config
     shapes_8b = measure.linear_shapes_of_config(llama_8b)
     assert aqlm_2bit.choose_shape("auto", shapes_8b) == (1, 16)
     assert aqlm_2bit.codebook_bits_per_weight((1, 16), shapes_8b) == pytest.approx(0.27, abs=0.01)
