@@ -316,7 +316,7 @@ def plot_points(sel: Selection) -> PlotPoints:
     return PlotPoints(kind, rows, labels, xs, ys, errors, colours, bounds, frontier, left_out, note)
 
 
-def pareto_plot(sel: Selection, path: Path) -> Path:
+def pareto_plot(sel: Selection, pts: PlotPoints, path: Path) -> Path:
     """Mean accuracy against disk size, coloured by tokens/s at 1 stream, with the size/accuracy frontier; for runs
     without accuracy (random-weight shapes), tokens/s at 1 stream against disk size beside the bandwidth bound, with
     the size/speed frontier."""
@@ -325,7 +325,6 @@ def pareto_plot(sel: Selection, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = plot_points(sel)
     xs, ys = pts.xs, pts.ys
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     if pts.rows:
@@ -486,7 +485,8 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
         separation = separation_table(sel, windows)
         tables[2:2] = [quality_table(sel, windows)] + ([separation] if separation else [])
     files = [t.write_csv(out / f"{t.name}.csv") for t in tables]
-    files.append(pareto_plot(sel, out / "pareto.png"))
+    plotted = plot_points(sel)
+    files.append(pareto_plot(sel, plotted, out / "pareto.png"))
     counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
     base = sel.baseline
     md = [
@@ -524,7 +524,7 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     }
     for t in tables:
         md += [f"## {t.title}", ""] + ([notes[t.name], ""] if t.name in notes else []) + [t.markdown(), ""]
-    if plot_points(sel).kind == "accuracy":
+    if plotted.kind == "accuracy":
         md += [
             "## Accuracy vs size",
             "",
