@@ -10,11 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from helpers.model_folders import small_model_folder
+from helpers.model_folders import CPU, small_model_folder
 from quantbench import bench
 from quantbench.bench import BenchResult, roofline
-
-CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
 
 
 def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):

@@ -1,12 +1,15 @@
-"""Model folders small enough to compute by hand what a decode step reads (the roofline's tests and the vLLM
-backend's decisions)."""
+"""Model folders small enough to compute by hand what a decode step reads, and the CPU hardware config they are
+measured against (the roofline's tests and the vLLM backend's decisions)."""
 
 from __future__ import annotations
 
 import json
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
+
+CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
 
 
 def small_model_folder(tmp_path, tied: bool = False, quantization: dict | None = None):

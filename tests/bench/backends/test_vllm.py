@@ -18,10 +18,8 @@ from quantbench.bench.backends import vllm as vllm_backend
 from quantbench.upstream.vllm_cpu import engine_env, patch_version_lookup
 from quantbench.errors import ConfigError
 
-from helpers.model_folders import small_model_folder
+from helpers.model_folders import CPU, small_model_folder
 from conftest import ROOT
-
-CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
 
 
 # --- fallback decision, kernel flags, config --------------------------------------------------------------------
