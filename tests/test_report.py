@@ -290,8 +290,8 @@ def _shape_sweep(root, backends=("vllm", "vllm", "vllm")):
     gpu = {"weights": "random", "model": "llama-3.1-8b-shape", "host.gpu": "NVIDIA H100 80GB HBM3"}
     for (method, disk, tps, bound, kernel), backend in zip(
         [
-            ("fp16", 16.06, 153.8, 201.7, "UnquantizedLinearMethod x224"),
-            ("bnb_nf4", 5.71, 170.3, None, "BitsAndBytesLinearMethod x224"),
+            ("fp16", 16.06, 153.8, 201.7, "UnquantizedLinearMethod: its own apply() x128"),  # the tags vLLM runs got
+            ("bnb_nf4", 5.71, 170.3, None, "BitsAndBytesLinearMethod: its own apply() x128"),
             ("gptq", 5.74, 260.2, 647.0, "AutoGPTQLinearMethod: MarlinLinearKernel x128"),
         ],
         backends,
@@ -319,6 +319,23 @@ def test_a_sweep_without_accuracy_plots_speed_against_size_beside_the_bound(tmp_
     md = (out / "report.md").read_text()
     assert "## Speed vs size" in md and "## Accuracy vs size" not in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_of_one_method_are_labelled_by_the_overrides_that_tell_them_apart(tmp_path):
+    """One artifact served with three kernels (the 2026-12-05 H100 sweep): the overrides all three share name none."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    common = "experiment=seed_shape hardware=h100 calibration.num_samples=32 method=awq"
+    for kernels in ("[MacheteLinearKernel]", "[]", "[MacheteLinearKernel,MarlinLinearKernel]"):
+        overrides = f"{common} bench.vllm.disabled_kernels={kernels} paths.mlruns=/tmp/qb-mlruns"
+        log_run(client, exp, "awq", tags={"overrides": overrides}, tasks=[])
+    log_run(client, exp, "fp16", tags={"overrides": "experiment=seed_shape hardware=h100 method=fp16"}, tasks=[])
+    labels = sorted(r.label for r in Store(uri).select("quantbench-tiny").rows)
+    assert labels == [
+        "awq (bench.vllm.disabled_kernels=[MacheteLinearKernel,MarlinLinearKernel])",
+        "awq (bench.vllm.disabled_kernels=[MacheteLinearKernel])",
+        "awq (bench.vllm.disabled_kernels=[])",
+        "fp16",
+    ]
 
 
 def test_speed_measured_with_two_backends_gets_no_frontier(tmp_path):

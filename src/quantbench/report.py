@@ -413,7 +413,9 @@ def _plot_label(r: RunRow, kind: str) -> str:
     kernel = r.tags.get("vllm_linear_kernel")
     if kind != "speed" or not kernel:
         return r.label
-    first = kernel.split(", ")[0].split(": ")[-1].rsplit(" x", 1)[0]
+    first = kernel.split(", ")[0].rsplit(" x", 1)[0]
+    scheme, _, chosen = first.rpartition(": ")
+    first = scheme if chosen == "its own apply()" else chosen  # no kernel object: the method's name says it
     return f"{r.method}, {first.removesuffix('LinearKernel').removesuffix('LinearMethod')}"
 
 

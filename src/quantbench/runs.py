@@ -338,7 +338,8 @@ def _resolve_baseline(rows: list[RunRow], every: list[RunRow], method: str) -> t
 
 
 def _label(rows: list[RunRow]) -> None:
-    """Label runs by method; where a method occurs twice, add the overrides that tell them apart."""
+    """Label runs by method; where a method occurs twice, add the overrides that tell them apart (those every run of
+    the method shares, such as `experiment=seed_shape`, tell nothing and are left out)."""
     by_method: dict[str, list[RunRow]] = {}
     for r in rows:
         by_method.setdefault(r.method, []).append(r)
@@ -346,12 +347,13 @@ def _label(rows: list[RunRow]) -> None:
         if len(group) == 1:
             group[0].label = group[0].method
             continue
-        for r in group:
-            extra = [
-                o
-                for o in r.tags.get("overrides", "").split()
-                if not o.startswith("method=") and not o.startswith(LOCATION_KEYS)
-            ]
+        own = [
+            [o for o in r.tags.get("overrides", "").split() if not o.startswith(("method=", *LOCATION_KEYS))]
+            for r in group
+        ]
+        shared = set.intersection(*(set(o) for o in own))
+        for r, overrides in zip(group, own):
+            extra = [o for o in overrides if o not in shared]
             r.label = f"{r.method} ({' '.join(extra)})" if extra else f"{r.method} ({r.short_id})"
         if len({r.label for r in group}) < len(group):
             for r in group:
