@@ -105,6 +105,17 @@ def test_aq_beats_round_to_nearest_at_the_same_bits_per_weight(layer0_inputs, na
     assert result.rel_error < 0.5 * rtn_error, f"AQ {result.rel_error:.4f} vs RTN 2-bit g{group} {rtn_error:.4f}"
 
 
+def test_each_group_is_assigned_its_nearest_codeword_across_chunks(monkeypatch):
+    """The code search's core: every 8-weight group gets the codeword at the smallest Euclidean distance, also where
+    the rows are split into chunks (here 7 rows a chunk, a remainder included) to bound the temporary's memory."""
+    g = torch.Generator().manual_seed(0)
+    x, centers = torch.randn(250, 8, generator=g), torch.randn(1024, 8, generator=g)
+    monkeypatch.setattr(aq, "CHUNK_ELEMENTS", 7 * 1024)
+    found = aq.nearest(x, centers)
+    best = torch.cdist(x.double(), centers.double()).min(1).values
+    assert torch.allclose((x.double() - centers.double()[found]).norm(dim=1), best, atol=1e-6)
+
+
 def test_every_step_of_the_search_lowers_the_weighted_error(layer0_inputs):
     w, h = layer0_inputs["self_attn.q_proj"]
     g = torch.Generator().manual_seed(0)

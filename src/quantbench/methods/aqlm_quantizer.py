@@ -37,6 +37,10 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2**24  # largest temporary (rows x candidates) a step materialises, to bound memory
+# On a GPU a chunk of 2**24 distances to 65,536 codewords is 256 rows: an 8B-shaped layer then takes ~100k chunks
+# of a few small kernels each, which took 13 s a layer on an H200 (2026-12-01) for ~0.6 s of arithmetic: launches,
+# we expect, more than work. 2**27 (512 MiB) makes 8x fewer chunks (its effect on a GPU is still to be measured).
+CHUNK_ELEMENTS_CUDA = 2**27
 
 
 @dataclass(frozen=True)
@@ -167,9 +171,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
 
 
 def nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Each row's nearest center: argmin over centers of |c|² - 2 x·c (|x|² is the same for all), in one fused
+    matrix product per chunk of rows (1.7x faster than separate ops on the CPU, same indices)."""
     c2 = (centers * centers).sum(1)
-    step = max(1, CHUNK_ELEMENTS // centers.shape[0])
-    return torch.cat([(c2 - 2 * x[i : i + step] @ centers.T).argmin(1) for i in range(0, x.shape[0], step)])
+    step = max(1, (CHUNK_ELEMENTS_CUDA if x.is_cuda else CHUNK_ELEMENTS) // centers.shape[0])
+    return torch.cat(
+        [torch.addmm(c2, x[i : i + step], centers.T, alpha=-2).argmin(1) for i in range(0, x.shape[0], step)]
+    )
 
 
 @torch.no_grad()
