@@ -38,6 +38,10 @@ dl "$whl" alembic==1.20.1 aqlm==1.1.7 auto-round==0.15.1 bitsandbytes==0.50.2 bl
   prettytable==3.18.0 pyasn1==0.6.5 pyasn1_modules==0.4.2 pytablewriter==1.2.1 python-dotenv==1.2.4 pytz==2026.6 \
   skops==0.16.0 smmap==5.0.3 SQLAlchemy==2.1.9 sqlparse==0.6.1 tabledata==1.3.5 tcolorpy==0.1.7 torchao==0.18.0 \
   typepy==1.3.5 wcwidth==0.9.4
+# Not quantbench's dependencies: two kernel packages vLLM 0.26 serves W4A16 layers with when they are installed
+# (ConchLinearKernel, HummingLinearKernel; the image has the nvcc, cuda-bindings, jinja2 and tabulate Humming's JIT
+# needs), carried so that `bench.vllm.disabled_kernels` sweeps can measure every kernel vLLM offers on Hopper.
+dl "$whl" conch-triton-kernels==1.3 humming-kernels==0.1.19
 
 # 2. sdist-only packages, built with Python 3.12 in a throwaway venv (no build isolation, no CUDA).
 "$PY312" -m venv "$work/bv"
