@@ -111,6 +111,10 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
         problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
     if not isinstance(knobs.disabled_kernels, list) or not all(isinstance(k, str) for k in knobs.disabled_kernels):
         problems.append(f"bench.vllm.disabled_kernels={knobs.disabled_kernels!r} (a list of kernel class names)")
+    if knobs.linear_backend not in VllmKnobs.LINEAR_BACKENDS:
+        problems.append(
+            f"bench.vllm.linear_backend={knobs.linear_backend!r} (one of {list(VllmKnobs.LINEAR_BACKENDS)})"
+        )
     if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
         problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:

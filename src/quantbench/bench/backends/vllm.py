@@ -156,6 +156,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         "enforce_eager": bool(knobs.enforce_eager),
         "seed": 0,
     }
+    if knobs.linear_backend != "auto":
+        engine["linear_backend"] = knobs.linear_backend
     if knobs.kv_cache_gb is not None:
         engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
     if device.startswith("cuda"):
@@ -198,6 +200,13 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
             f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
             f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
         )
+    outside = outside_family(knobs.linear_backend, out.get("linear_backend_family"), kernels)
+    if outside:
+        raise RuntimeError(
+            f"bench.vllm.linear_backend={knobs.linear_backend} but vLLM ran {outside}, not one of its "
+            f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
+            f"where the family has no kernel for the model's layers (here: {device})"
+        )
     path = "vllm.LLM offline engine"
     if device.startswith("cpu"):
         path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
@@ -213,6 +222,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     tags.update(speed_tags)
     if knobs.disabled_kernels:
         tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
+    if knobs.linear_backend != "auto":
+        tags["vllm_linear_backend"] = knobs.linear_backend
     if slow:
         tags["slow_kernel_reason"] = slow
         log.warning("vLLM runs a known slow fallback: %s", slow)
@@ -229,6 +240,18 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
     }
     return BenchResult(metrics=metrics, tags=tags, detail=detail)
+
+
+def outside_family(backend: str, family: list[str] | None, kernels: dict[str, int]) -> list[str]:
+    """The kernel classes that ran although `bench.vllm.linear_backend` asked for another family ([] for "auto", for
+    layers vLLM chose no kernel object for, and where vLLM gave no family to check against, which is logged)."""
+    if backend == "auto":
+        return []
+    if family is None:
+        log.warning("This vLLM does not say which kernels linear_backend=%s covers: not checked", backend)
+        return []
+    ran = {k.split(": ")[-1].split(" ")[0] for k in kernels}
+    return sorted(k for k in ran if k.endswith("Kernel") and k not in family)
 
 
 def glob_safe(model_dir: Path, link_dir: Path) -> Path:
