@@ -94,7 +94,8 @@ def test_every_method_finishes_the_pipeline_on_cuda(tiny_root, store_dir, fp16_r
     assert run.data.metrics["tiny_facts_acc"] >= fp16 - (0.15 if method.startswith("aqlm") else 0.05)
 
 
-def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, tmp_path):
+def test_vllm_serves_a_gptq_artifact_on_cuda_with_the_kernel_family_asked_for(tiny_root, tmp_path):
+    """Marlin, named through vLLM's --linear-backend (bench.vllm.linear_backend): on Hopper vLLM would pick Machete."""
     store = run_cli(
         "method=gptq",
         *METHODS["gptq"],
@@ -102,6 +103,7 @@ def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, 
         "eval=none",
         "bench=smoke",
         "bench.backend=vllm",
+        "bench.vllm.linear_backend=marlin",
         mlruns=tmp_path / "mlruns",
         workdir=tmp_path,
         timeout=1200,
@@ -113,6 +115,6 @@ def test_vllm_serves_a_gptq_artifact_on_cuda_with_a_named_gpu_kernel(tiny_root, 
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
     assert tags["bench_backend"] == "vllm"
-    assert any(k in tags["vllm_linear_kernel"] for k in ("MacheteLinearKernel", "MarlinLinearKernel")), tags
+    assert "MarlinLinearKernel" in tags["vllm_linear_kernel"] and tags["vllm_linear_backend"] == "marlin", tags
     assert 0 < metrics["serve_mem_gb"] < 80  # the engine's device memory, read while it ran
     assert metrics["roofline_fraction_1_stream"] < 1.0
