@@ -22,8 +22,9 @@ class VllmKnobs:
     # Marlin on Hopper; a run fails if a disabled kernel still ran.
     disabled_kernels: list[str] = field(default_factory=list)
     # vLLM's --linear-backend: the one family of quantized-linear kernels vLLM may choose from (marlin, machete,
-    # triton, conch, exllama, humming, ...); "auto": vLLM's own choice. vLLM refuses to start where that family
-    # cannot serve the layers. A sweep over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
+    # triton, conch, exllama, humming, ...); "auto": vLLM's own choice. Where the family cannot serve a layer, vLLM
+    # 0.26 refuses to start and 0.32 serves it with its own choice: either way the run fails and says why. A sweep
+    # over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
     linear_backend: str = "auto"
     # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
     timeout_s: float | None = 1800.0
