@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 from pathlib import Path
 
 import pytest
