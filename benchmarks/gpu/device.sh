@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # benchmarks/gpu/device.sh STEP [ARGS] — run on the lent GPU test machine (no network; /tmp survives ~30 s between
 # commands; at most 64 MiB travels with each command). Stage the bundles with one command per chunk, back to back:
-#   vllm1, vllm2, vllm3   vLLM 0.26.0 for the image's torch 2.11.0+cu130 (../shared/gpu/make_vllm_bundle.sh .gpu/vllm)
+#   vllm1, vllm2, vllm3, vllm4
+#                         vLLM 0.26.0 for the image's torch 2.11.0+cu130 (../shared/gpu/make_vllm_bundle.sh .gpu/vllm, then
+#                         `bash benchmarks/gpu/device.sh recut`: the bundle's two 57 MB archive parts no longer fit beside
+#                         the repository's own 12 MB under the 64 MiB a command carries, so they travel in three chunks)
 #   deps N                chunk N of quantbench's own dependencies (benchmarks/gpu/make_deps_bundle.sh .gpu/deps)
 #   ray                   Ray and Hydra's Ray launcher, for hydra/launcher=ray (benchmarks/gpu/make_ray_bundle.sh .gpu/ray)
 # then any other step runs `ARGS` with the staged packages on PYTHONPATH, e.g.
 #   bash benchmarks/gpu/device.sh run python3 -m pytest -m gpu tests/gpu
-# Each staging step carries its chunk (device `carry`: .gpu/vllm/p1, ...). If /tmp is empty, start over at vllm1.
+# Each staging step carries its chunk (device `carry`: .gpu/vllm/c1, c2, c3, then .gpu/vllm/p3; .gpu/deps/pN). If /tmp
+# is empty, start over at vllm1.
 set -euo pipefail
 step=${1:?step}; shift
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$@"; }
@@ -15,10 +19,11 @@ pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$
 pipi_merge() { local dest=$1 tmp; shift; tmp=$(mktemp -d /tmp/chunk.XXXXXX); mkdir -p "$dest"
                pipi "$tmp" "$@" && cp -a "$tmp/." "$dest/" && rm -rf "$tmp"; }
 case "$step" in
-  vllm1) cp .gpu/vllm/p1/* /tmp/ ;;
-  vllm2) mkdir -p /tmp/vllm && cat /tmp/vllm.tar.xz.part0 .gpu/vllm/p2/vllm.tar.xz.part1 | xz -d | tar -x -C /tmp/vllm
-         rm -f /tmp/vllm.tar.xz.part0 ;;
-  vllm3) pipi /tmp/site .gpu/vllm/p3/*.whl ;;
+  recut) cat .gpu/vllm/p1/vllm.tar.xz.part0 .gpu/vllm/p2/vllm.tar.xz.part1 | split -b 38M -d -a 1 - .gpu/vllm/archive.
+         for i in 0 1 2; do mkdir -p .gpu/vllm/c$((i + 1)) && mv .gpu/vllm/archive.$i .gpu/vllm/c$((i + 1))/; done ;;
+  vllm1|vllm2|vllm3) cp .gpu/vllm/c"${step#vllm}"/archive.* /tmp/ ;;
+  vllm4) mkdir -p /tmp/vllm && cat /tmp/archive.0 /tmp/archive.1 /tmp/archive.2 | xz -d | tar -x -C /tmp/vllm
+         rm -f /tmp/archive.[012] && pipi /tmp/site .gpu/vllm/p3/*.whl ;;
   deps)  pipi_merge /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
   ray)   mkdir -p /tmp/ray && xz -d < .gpu/ray/p1/ray.tar.xz | tar -x -C /tmp/ray && pipi_merge /tmp/site2 .gpu/ray/p1/*.whl ;;
   run)
