@@ -1,5 +1,5 @@
 """Bad input: a clear error naming the bad value before any model is loaded, a non-zero exit, and a FAILED
-MLflow run that says why; the other jobs of a sweep still run."""
+MLflow run that says why, with no traceback on the console; the other jobs of a sweep still run."""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, 
     )
     assert store.result.returncode != 0
     assert "/no/such/model" in store.result.stdout
+    assert f"MLflow run {store.runs()[0].info.run_id} ended FAILED" in store.result.stdout
+    assert "Traceback" not in store.result.stdout  # bad input is a paragraph, not a crash
     failed, finished = store.runs()
     assert failed.info.status == "FAILED" and finished.info.status == "FINISHED"
     assert "/no/such/model" in failed.data.tags["failure_reason"]
