@@ -105,6 +105,16 @@ def test_known_slow_kernels_are_flagged_per_device():
     assert vllm_backend.slow_kernel("cuda", {"X: EmulationNvFp4LinearKernel": 1})
 
 
+def test_a_kernel_read_from_vllms_log_counts_as_one_that_ran():
+    """Where the model walk fails, kernels come from vLLM's log records; the checks read both forms alike."""
+    walked = {"CompressedTensorsWNA16: MarlinLinearKernel": 224, "UnquantizedLinearMethod: cuda:mm": 1}
+    logged = {"CompressedTensorsWNA16: MarlinLinearKernel (from vLLM's log)": 1}
+    for kernels in (walked, logged):
+        assert "MarlinLinearKernel" in vllm_backend.kernel_names(kernels)
+        assert vllm_backend.outside_family("machete", ["MacheteLinearKernel"], kernels) == ["MarlinLinearKernel"]
+        assert vllm_backend.outside_family("marlin", ["MarlinLinearKernel"], kernels) == []
+
+
 SEED_BENCH = {
     "backend": "vllm",
     "prompt_tokens": 100,

@@ -126,11 +126,18 @@ def unsupported_reason(model_dir: str | Path, hardware, caps: dict | None = None
     return None
 
 
+FROM_LOG = " (from vLLM's log)"  # marks kernels read from vLLM's log records, where the model walk failed
+
+
+def kernel_names(kernels: dict[str, int]) -> list[str]:
+    """The kernels that ran, from the "<scheme>: <kernel>" keys that `vllm_linear_kernel` reports."""
+    return list(dict.fromkeys(described.rsplit(": ", 1)[-1].removesuffix(FROM_LOG) for described in kernels))
+
+
 def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
     """The reason of the first known slow fallback among the kernels vLLM chose, else None."""
     device = device.split(":")[0]
-    for described in kernels:
-        kernel = described.rsplit(": ", 1)[-1]
+    for kernel in kernel_names(kernels):
         reason = SLOW_KERNELS.get((device, kernel)) or SLOW_KERNELS.get(("*", kernel))
         if reason:
             return f"{kernel}: {reason}"
@@ -192,9 +199,9 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     metrics.update(speed)
     kernels = out["linear_kernels"]
     if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
-        kernels = {f"{scheme}: {kernel} (from vLLM's log)": 1 for kernel, scheme in out["logged_kernels"]}
-    slow = slow_kernel(device, {k.removesuffix(" (from vLLM's log)"): c for k, c in kernels.items()})
-    still_used = [k for k in knobs.disabled_kernels if any(k in described for described in kernels)]
+        kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
+    slow = slow_kernel(device, kernels)
+    still_used = [k for k in knobs.disabled_kernels if k in kernel_names(kernels)]
     if still_used:
         raise RuntimeError(
             f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
@@ -250,8 +257,7 @@ def outside_family(backend: str, family: list[str] | None, kernels: dict[str, in
     if family is None:
         log.warning("This vLLM does not say which kernels linear_backend=%s covers: not checked", backend)
         return []
-    ran = {k.split(": ")[-1].split(" ")[0] for k in kernels}
-    return sorted(k for k in ran if k.endswith("Kernel") and k not in family)
+    return sorted(k for k in kernel_names(kernels) if k.endswith("Kernel") and k not in family)
 
 
 def glob_safe(model_dir: Path, link_dir: Path) -> Path:
