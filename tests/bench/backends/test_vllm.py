@@ -105,6 +105,30 @@ def test_known_slow_kernels_are_flagged_per_device():
     assert vllm_backend.slow_kernel("cuda", {"X: EmulationNvFp4LinearKernel": 1})
 
 
+def test_the_kernel_of_a_method_that_wraps_another_is_found():
+    """vLLM's INC scheme (AutoRound's format) holds a GPTQ method, which holds the kernel: on an H100 the model walk
+    said "its own apply()" while vLLM's log said MarlinLinearKernel, so a linear_backend check had nothing to check."""
+    from quantbench.bench.backends._vllm_engine import kernel_name
+
+    class MarlinLinearKernel: ...
+
+    class AutoGPTQLinearMethod:
+        def __init__(self):
+            self.kernel = MarlinLinearKernel()
+
+    class INCWNA16LinearScheme:
+        def __init__(self):
+            self.linear_method = AutoGPTQLinearMethod()
+
+    class INCLinearMethod:
+        def __init__(self):
+            self.scheme = INCWNA16LinearScheme()
+
+    method = INCLinearMethod()
+    assert kernel_name(object(), method, method.scheme) == "MarlinLinearKernel"
+    assert kernel_name(object(), object(), None) == "its own apply()"
+
+
 def test_a_kernel_read_from_vllms_log_counts_as_one_that_ran():
     """Where the model walk fails, kernels come from vLLM's log records; the checks read both forms alike."""
     walked = {"CompressedTensorsWNA16: MarlinLinearKernel": 224, "UnquantizedLinearMethod: cuda:mm": 1}

@@ -28,7 +28,8 @@ def describe_linear_layers(model) -> dict[str, int]:
     """'<quant method class>[/<scheme>]: <kernel>' -> count, for every vLLM linear layer of the loaded model.
 
     The kernel is the object vLLM chose at load time: a `...Kernel` instance held by the quant method or its
-    scheme (mixed-precision, scaled-mm, FP4/FP8 kernels; compressed-tensors keeps the scheme on the layer), else
+    scheme (mixed-precision, scaled-mm, FP4/FP8 kernels; compressed-tensors keeps the scheme on the layer), or by a
+    method they wrap (INC's scheme serves AutoRound's GPTQ-packed layers through a GPTQ method), else
     the CPU GEMM bound to the layer (`layer.cpu_linear`: oneDNN, sgl-kernel or the torch fallback), else the quant
     method's GEMM function.
     """
@@ -41,15 +42,22 @@ def describe_linear_layers(model) -> dict[str, int]:
         method = getattr(module, "quant_method", None)
         scheme = getattr(method, "scheme", None) or getattr(module, "scheme", None)  # compressed-tensors: on the layer
         label = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
-        kinds[f"{label}: {_kernel_name(module, method, scheme)}"] += 1
+        kinds[f"{label}: {kernel_name(module, method, scheme)}"] += 1
     return dict(kinds)
 
 
-def _kernel_name(layer, method, scheme) -> str:
-    for owner in (method, scheme):
-        for value in vars(owner).values() if owner is not None else ():
-            if "Kernel" in type(value).__name__ and not isinstance(value, type):
-                return type(value).__name__
+def kernel_name(layer, method, scheme) -> str:
+    owners = [method, scheme]
+    for _ in range(3):  # and the methods these wrap: INC's scheme serves GPTQ-packed layers through a GPTQ method
+        inner = []
+        for owner in owners:
+            for value in getattr(owner, "__dict__", {}).values():
+                name = type(value).__name__
+                if "Kernel" in name and not isinstance(value, type):
+                    return name
+                if name.endswith(("LinearMethod", "Scheme")):
+                    inner.append(value)
+        owners = inner
     cpu_linear = getattr(layer, "cpu_linear", None)
     if cpu_linear is not None:
         code = getattr(cpu_linear, "__code__", None)  # a lambda around the chosen op, e.g. ops.onednn_mm(...)
