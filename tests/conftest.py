@@ -22,6 +22,8 @@ import pytest
 from quantbench import schema, server
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
 
+pytest_plugins = ["helpers.sigterm"]
+
 CACHE = cache_root()
 schema.register()  # tests that compose the config with Hydra need the groups' schemas, as run.py does
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,27 @@ def test_a_child_within_its_limit_returns_its_output_and_exit_code():
         setting="y",
     )
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_a_test_session_stopped_with_sigterm_still_tears_down_its_fixtures(tmp_path):
+    """So that `kill`ing `make test` stops the servers its fixtures started (tests/helpers/sigterm.py)."""
+    (tmp_path / "test_held.py").write_text(
+        "import pathlib, time, pytest\n"
+        "@pytest.fixture(scope='session')\n"
+        "def server():\n"
+        f"    yield pathlib.Path({str(tmp_path)!r}, 'started').touch()\n"
+        f"    pathlib.Path({str(tmp_path)!r}, 'stopped').touch()\n"
+        "def test_waits(server):\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    session = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "helpers.sigterm", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    session.send_signal(signal.SIGTERM)
+    out = session.communicate(timeout=60)[0]
+    assert (tmp_path / "stopped").exists(), out
