@@ -47,6 +47,7 @@ def describe_linear_layers(model) -> dict[str, int]:
 
 
 def kernel_name(layer, method, scheme) -> str:
+    """The class of the kernel object that serves `layer`, else its CPU GEMM, else its method's GEMM function."""
     owners = [method, scheme]
     for _ in range(3):  # and the methods these wrap: INC's scheme serves GPTQ-packed layers through a GPTQ method
         inner = []
