@@ -40,7 +40,8 @@ dl "$whl" alembic==1.20.1 aqlm==1.1.7 auto-round==0.15.1 bitsandbytes==0.50.2 bl
   typepy==1.3.5 wcwidth==0.9.4
 # Not quantbench's dependencies: two kernel packages vLLM 0.26 serves W4A16 layers with when they are installed
 # (ConchLinearKernel, HummingLinearKernel; the image has the nvcc, cuda-bindings, jinja2 and tabulate Humming's JIT
-# needs), carried so that `bench.vllm.disabled_kernels` sweeps can measure every kernel vLLM offers on Hopper.
+# needs), carried so that `bench.vllm.linear_backend` (or `disabled_kernels`) sweeps can measure every kernel vLLM
+# offers on Hopper.
 dl "$whl" conch-triton-kernels==1.3 humming-kernels==0.1.19
 
 # 2. sdist-only packages, built with Python 3.12 in a throwaway venv (no build isolation, no CUDA).

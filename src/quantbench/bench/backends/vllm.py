@@ -201,7 +201,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
         kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
     slow = slow_kernel(device, kernels)
-    still_used = [k for k in knobs.disabled_kernels if k in kernel_names(kernels)]
+    ran = kernel_names(kernels)
+    still_used = [k for k in knobs.disabled_kernels if k in ran]
     if still_used:
         raise RuntimeError(
             f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
