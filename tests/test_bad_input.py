@@ -48,6 +48,19 @@ def test_a_key_added_with_plus_is_refused_before_any_model_is_loaded(override, n
     assert needle in str(err.value)
 
 
+def test_a_kernel_family_that_cannot_serve_the_artifact_is_refused_before_any_model_is_loaded():
+    """vLLM would refuse to start only after quantization: Exllama takes float16 activations (the CPU preset is
+    bf16) and symmetric weights (AWQ stores zero points unless told not to)."""
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg_with("bench=seed", "bench.vllm.linear_backend=exllama"))
+    assert "add bench.vllm.dtype=float16" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(
+            cfg_with("method=awq", "bench=seed", "bench.vllm.linear_backend=exllama", "bench.vllm.dtype=float16")
+        )
+    assert "stores a zero point per group" in str(err.value)
+
+
 def test_missing_model_folder_is_named():
     cfg = cfg_with("model.pretrained=/no/such/model")
     with pytest.raises(ConfigError) as err:

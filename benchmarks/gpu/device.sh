@@ -7,6 +7,12 @@
 #                         the repository's own 12 MB under the 64 MiB a command carries, so they travel in three chunks)
 #   deps N                chunk N of quantbench's own dependencies (benchmarks/gpu/make_deps_bundle.sh .gpu/deps)
 #   ray                   Ray and Hydra's Ray launcher, for hydra/launcher=ray (benchmarks/gpu/make_ray_bundle.sh .gpu/ray)
+#   ext 1, ext 2          optional: GPTQModel's compiled CUDA extensions (Marlin fp16 and bf16, the GPTQ block and the
+#                         packer) from an earlier machine of the same image, so that a fresh machine loads them instead of
+#                         spending ~7 minutes compiling them (228 + 119 + 33 s measured on an H100) before its first GPTQ or
+#                         AutoRound folder loads. GPTQModel loads a cached library it finds and compiles only what is
+#                         missing. Made on a machine that compiled them: `bash benchmarks/gpu/device.sh extsave` (into
+#                         $OUT, four 15 MB chunks: carry the first two as .gpu/ext/c1, the rest as .gpu/ext/c2).
 # then any other step runs `ARGS` with the staged packages on PYTHONPATH, e.g.
 #   bash benchmarks/gpu/device.sh run python3 -m pytest -m gpu tests/gpu
 # Each staging step carries its chunk (device `carry`: .gpu/vllm/c1, c2, c3, then .gpu/vllm/p3; .gpu/deps/pN). If /tmp
@@ -25,6 +31,11 @@ case "$step" in
   vllm4) mkdir -p /tmp/vllm && cat /tmp/archive.0 /tmp/archive.1 /tmp/archive.2 | xz -d | tar -x -C /tmp/vllm
          rm -f /tmp/archive.[012] && pipi /tmp/site .gpu/vllm/p3/*.whl ;;
   deps)  pipi_merge /tmp/site2 .gpu/deps/p"$1"/*.whl ;;
+  ext)   cp .gpu/ext/c"$1"/ext.tar.xz.* /tmp/
+         if [ "$1" = 2 ]; then mkdir -p ~/.cache && cat /tmp/ext.tar.xz.* | xz -d | tar -x -C ~/.cache gptqmodel
+                               rm -f /tmp/ext.tar.xz.*; ls ~/.cache/gptqmodel/torch_extensions; fi ;;
+  extsave) (cd ~/.cache && find gptqmodel -name '*.so' -o -name '*.lock' -o -name '.ninja_*' -o -name build.ninja \
+            | tar -c -T - | xz -T0 -9 | split -b 15M -d -a 1 - "${OUT:?}/ext.tar.xz.") ;;
   ray)   mkdir -p /tmp/ray && xz -d < .gpu/ray/p1/ray.tar.xz | tar -x -C /tmp/ray && pipi_merge /tmp/site2 .gpu/ray/p1/*.whl ;;
   run)
     # Our pins first (compressed-tensors 0.19 for llm-compressor, cloudpickle 2.2.1 for the Ray launcher), then Ray,

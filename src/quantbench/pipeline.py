@@ -66,6 +66,7 @@ def prepare(cfg: DictConfig) -> Job:
     except Exception as exc:
         raise ConfigError(f"method={cfg.method.get('name')}: cannot build it from its config: {exc}") from exc
     bench_plan = bench.plan(cfg.bench)
+    bench.check_serving(bench_plan, hw, method.zero_points)
     if method.needs_calibration:
         calibration.check(cfg.calibration)
     source = models.resolve(cfg.model, cfg.paths.cache)

@@ -35,6 +35,7 @@ __all__ = [
     "HfKnobs",
     "VllmKnobs",
     "backend_names",
+    "check_serving",
     "decode_tokens_per_s",
     "load_backend",
     "loads_from_disk",
@@ -115,6 +116,8 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
         problems.append(
             f"bench.vllm.linear_backend={knobs.linear_backend!r} (one of {list(VllmKnobs.LINEAR_BACKENDS)})"
         )
+    if knobs.dtype not in VllmKnobs.DTYPES:
+        problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
     if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
         problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
@@ -129,6 +132,30 @@ def _hf_knobs(cfg, problems: list[str]) -> HfKnobs:
     if knobs.compile not in HfKnobs.COMPILES:
         problems.append(f"bench.hf.compile={knobs.compile!r} (one of {list(HfKnobs.COMPILES)})")
     return knobs
+
+
+def check_serving(plan: BenchPlan | None, hardware, zero_points: bool) -> None:
+    """What the asked-for kernels need of the serving dtype and of the method's weights (`zero_points`: stored with
+    a zero point per group), checked before any model is loaded."""
+    if plan is None or plan.backend != "vllm":
+        return
+    from quantbench.methods.base import torch_dtype  # here: loads torch, which a plan's check may not have yet
+
+    knobs = plan.vllm
+    dtype = str(torch_dtype(knobs.serving_dtype(str(hardware.dtype)))).removeprefix("torch.")  # half: float16
+    allowed = VllmKnobs.BACKEND_DTYPES.get(knobs.linear_backend)
+    if allowed and dtype not in allowed:
+        raise ConfigError(
+            f"bench.vllm.linear_backend={knobs.linear_backend} computes in {' or '.join(allowed)} only, but vLLM "
+            f"would serve in {dtype} (bench.vllm.dtype={knobs.dtype}, hardware.dtype={hardware.dtype}); add "
+            f"bench.vllm.dtype={allowed[0]} to serve the artifact in {allowed[0]} whatever it was quantized in."
+        )
+    if zero_points and knobs.linear_backend in VllmKnobs.SYMMETRIC_ONLY:
+        raise ConfigError(
+            f"bench.vllm.linear_backend={knobs.linear_backend} serves symmetric integer weights only, but this method "
+            f"stores a zero point per group; quantize symmetrically (awq: method.zero_point=false; gptq: "
+            f"method.sym=true; rtn: method.symmetric=true) or ask for another kernel family."
+        )
 
 
 def load_backend(name: str):

@@ -26,6 +26,10 @@ class VllmKnobs:
     # 0.26 refuses to start and 0.32 serves it with its own choice: either way the run fails and says why. A sweep
     # over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
     linear_backend: str = "auto"
+    # The dtype vLLM computes in; "auto": hardware.dtype, the one the model was quantized and evaluated in. float16
+    # serves a bfloat16-quantized artifact to kernels that take float16 activations only (Exllama), without
+    # quantizing in float16 (which overflows on some models, e.g. llama-3.1-8b-shape's random weights under AWQ).
+    dtype: str = "auto"
     # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
     timeout_s: float | None = 1800.0
 
@@ -35,6 +39,15 @@ class VllmKnobs:
         "flashinfer_b12x", "b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter", "machete", "fbgemm",
         "conch", "exllama", "emulation", "xpu", "xpu_woq",
     )  # fmt: skip
+    DTYPES = ("auto", "float16", "bfloat16", "float32")
+    # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
+    # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
+    BACKEND_DTYPES = {"exllama": ("float16",)}
+    SYMMETRIC_ONLY = ("exllama",)
+
+    def serving_dtype(self, hardware_dtype: str) -> str:
+        """The dtype vLLM computes in: `dtype`, or the hardware's where that is "auto"."""
+        return hardware_dtype if self.dtype == "auto" else self.dtype
 
 
 @dataclass

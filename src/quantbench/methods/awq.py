@@ -44,6 +44,10 @@ class AWQ(Method):
         self.bits, self.group_size, self.zero_point = int(bits), int(group_size), bool(zero_point)
         self.duo_scaling, self.seq_len = bool(duo_scaling), int(seq_len)
 
+    @property
+    def zero_points(self) -> bool:
+        return self.zero_point
+
     def validate(self, model_config, hardware: DictConfig) -> None:
         check_bits("awq", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("awq", self.group_size, model_config)

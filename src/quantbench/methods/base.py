@@ -32,6 +32,8 @@ class Method:
     quant_format: str = "safetensors"
     needs_calibration: bool = False
     is_baseline: bool = False  # the unquantized reference that quality metrics compare against
+    # Integer weights stored with a zero point per group (asymmetric): not every serving kernel takes them.
+    zero_points: bool = False
 
     def __init__(self, name: str):
         # No catch-all **kwargs: a method's knobs are its subclass's constructor arguments, so Hydra's instantiate

@@ -50,6 +50,10 @@ class GPTQ(Method):
         self.act_group_aware, self.damp_percent = bool(act_group_aware), float(damp_percent)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
 
+    @property
+    def zero_points(self) -> bool:
+        return not self.sym
+
     def validate(self, model_config, hardware: DictConfig) -> None:
         check_bits("gptq", self.bits, SUPPORTED_BITS, "the widths the GPTQ format packs")
         check_group_size("gptq", self.group_size, model_config)

@@ -30,6 +30,10 @@ class RTN(Method):
         super().__init__(name)
         self.bits, self.group_size, self.symmetric = int(bits), int(group_size), bool(symmetric)
 
+    @property
+    def zero_points(self) -> bool:
+        return not self.symmetric
+
     def validate(self, model_config, hardware: DictConfig) -> None:
         check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)

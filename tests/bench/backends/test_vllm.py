@@ -321,6 +321,33 @@ def test_a_linear_backend_vllm_does_not_know_is_refused_before_any_work():
         bench.plan(cfg)
 
 
+def test_vllm_serves_in_the_hardware_dtype_unless_bench_vllm_dtype_names_another(tmp_path, monkeypatch):
+    """An artifact quantized in bfloat16 can be served in float16 (Exllama takes nothing else) without quantizing
+    in float16; the run says so in a tag."""
+    md, seen = small_model_folder(tmp_path), {}
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: ExllamaLinearKernel": 4}, seen))
+    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
+    assert seen["engine"]["dtype"] == "bfloat16" and "vllm_dtype" not in result.tags
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(dtype="float16"))
+    result = vllm_backend.run(plan, None, None, md, CPU)
+    assert seen["engine"]["dtype"] == "float16" and result.tags["vllm_dtype"] == "float16"
+
+
+def test_exllama_with_bfloat16_activations_or_zero_points_is_refused_before_any_work_with_what_fixes_it():
+    exllama = OmegaConf.create({**SEED_BENCH, "vllm": {"linear_backend": "exllama"}})
+    with pytest.raises(ConfigError, match=r"float16 only, but vLLM would serve in bfloat16 .*bench.vllm.dtype=float16"):
+        bench.check_serving(bench.plan(exllama), CPU, zero_points=False)
+    bench.check_serving(bench.plan(exllama), OmegaConf.merge(CPU, {"dtype": "half"}), False)  # torch.half: float16
+    exllama.vllm.dtype = "float16"
+    bench.check_serving(bench.plan(exllama), CPU, zero_points=False)
+    with pytest.raises(ConfigError, match=r"symmetric integer weights only.*awq: method.zero_point=false"):
+        bench.check_serving(bench.plan(exllama), CPU, zero_points=True)
+    bench.check_serving(bench.plan(OmegaConf.create(SEED_BENCH)), CPU, zero_points=True)  # auto: vLLM's choice
+    with pytest.raises(ConfigError, match=r"bench.vllm.dtype='fp16' \(one of \['auto', 'float16'"):
+        bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"dtype": "fp16"}}))
+
+
 def test_our_list_of_linear_backends_holds_every_one_the_installed_vllm_accepts():
     """VllmKnobs.LINEAR_BACKENDS is copied from vLLM (importing vLLM to check a config would change this process):
     every value the installed vLLM's KernelConfig accepts must pass our check too. In a child process, as the

@@ -156,7 +156,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     device = str(hardware.device)
     knobs = plan.vllm
     engine = {
-        "dtype": str(hardware.dtype),
+        "dtype": knobs.serving_dtype(str(hardware.dtype)),
         "max_model_len": knobs.max_model_len or plan.prompt_tokens + plan.output_tokens,
         "max_num_seqs": max(plan.streams),
         "enable_prefix_caching": False,
@@ -232,6 +232,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
     if knobs.linear_backend != "auto":
         tags["vllm_linear_backend"] = knobs.linear_backend
+    if knobs.dtype != "auto":
+        tags["vllm_dtype"] = knobs.dtype
     if slow:
         tags["slow_kernel_reason"] = slow
         log.warning("vLLM runs a known slow fallback: %s", slow)
