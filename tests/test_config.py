@@ -87,6 +87,7 @@ def test_the_seed_study_in_8b_shapes_needs_no_hub_and_scores_no_accuracy():
     assert cfg.eval.tasks == [] and cfg.calibration.dataset == "embedded:tiny"
     assert (cfg.bench.backend, cfg.bench.prompt_tokens, cfg.bench.output_tokens) == ("vllm", 100, 250)
     assert cfg.tracking.log_model == "none" and cfg.hardware.device == "cuda"
+    assert cfg.hardware.memory_bandwidth_gbs is None  # the bound at the card's measured bandwidth, as the seed's
     assert cfg.hydra.sweeper.params.method.split(",") == [
         "fp16",
         "bnb_nf4",

@@ -47,6 +47,7 @@ def store(tmp_path_factory):
             job_num=0,
             **common,
             samples={"t1": correctness(N1, 360), "t2": correctness(N2, 240)},
+            tags={"memory_bandwidth_source": "measured"},
             metrics={
                 "disk_gb": 16.1,
                 "weight_gb": 16.0,
@@ -56,6 +57,7 @@ def store(tmp_path_factory):
                 "tokens_per_s_8_streams": 1660.0,
                 "roofline_tokens_per_s_1_stream": 500.0,
                 "roofline_fraction_1_stream": 0.644,
+                "memory_bandwidth_gbs": 3002.2,
                 "quality_kl_mean": 0.0,
                 "quality_kl_p99": 0.0,
                 "quality_top1_agreement": 1.0,
@@ -176,6 +178,7 @@ def test_tables_and_plot(built):
     for title in ("(a) Memory footprint", "(b) Accuracy", "(c) Throughput", "Decision matrix"):
         assert f"## {title}" in md
     assert "64%" in md and "roofline @ 1" in md  # roofline fraction shown where logged
+    assert "3002 measured" in md  # and the bandwidth that bound assumes, with where it came from
     assert (built / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

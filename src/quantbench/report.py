@@ -212,9 +212,9 @@ def throughput_table(sel: Selection) -> Table:
             f" — measured with {len(groups)} backends or machines; compare tokens/s within a group only: "
             + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
         )
-    t = Table(
-        "throughput", title, headers + ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)", "Measured with"]
-    )
+    tail = ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)"]
+    tail += ["Bandwidth (GB/s)"] if roofline else []  # what each bound assumes: a datasheet's or the card's measured
+    t = Table("throughput", title, headers + tail + ["Measured with"])
     order = [r for rows in groups.values() for r in rows] + [r for r in sel.rows if not r.ok]
     for r in order:
         row, rec = (
@@ -246,8 +246,11 @@ def throughput_table(sel: Selection) -> Table:
             backend,
             kernel or MISSING,
             _fmt(start, ".0f"),
-            r.speed_basis if r.ok else MISSING,
         ]
+        bandwidth = r.metrics.get("memory_bandwidth_gbs")
+        if roofline:
+            row.append(MISSING if bandwidth is None else f"{bandwidth:.0f} {r.tags.get('memory_bandwidth_source', '')}")
+        row.append(r.speed_basis if r.ok else MISSING)
         rec |= {
             "ttft_s_1_stream": ttft,
             "speed_basis": r.speed_basis if r.ok else None,
@@ -255,6 +258,8 @@ def throughput_table(sel: Selection) -> Table:
             "bench_fallback_reason": r.tags.get("bench_fallback_reason"),
             "kernel": kernel,
             "vllm_engine_start_s": start,
+            "memory_bandwidth_gbs": bandwidth,
+            "memory_bandwidth_source": r.tags.get("memory_bandwidth_source"),
         }
         t.cells.append(row)
         t.records.append(rec)

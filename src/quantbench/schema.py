@@ -54,7 +54,7 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "bfloat16"
     memory_gb: float | None = None
-    memory_bandwidth_gbs: float | None = None  # datasheet; null: measured once per CPU and cached
+    memory_bandwidth_gbs: float | None = None  # datasheet; null: measured on the device once and cached
     eval_batch_size: int = 16
     # What one job asks of a parallel launcher (hydra/launcher=ray or submitit_slurm): the launcher, not quantbench,
     # then places each job on a GPU and node.

@@ -1,5 +1,5 @@
 """The memory-bandwidth roofline (quantbench.bench.roofline): what a decode step reads, by hand, on folders small
-enough to count; what each backend's basis says; the CPU's bandwidth measured once."""
+enough to count; what each backend's basis says; a device's bandwidth measured once."""
 
 from __future__ import annotations
 
@@ -191,15 +191,30 @@ def test_the_tensors_a_model_holds_count_a_tied_head_once():
 
 def test_cpu_bandwidth_is_measured_once_and_cached_by_cpu_model(tmp_path, monkeypatch):
     cache = tmp_path / "memory_bandwidth.json"
-    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda: 12.5)
+    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda device: 12.5)
     assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
     assert json.loads(cache.read_text())[roofline.cpu_model()]["gbs"] == 12.5
 
-    def no_second_measurement():
+    def no_second_measurement(device):
         raise AssertionError("measured again despite the cache")
 
     monkeypatch.setattr(roofline, "measure_bandwidth_gbs", no_second_measurement)
     assert roofline.memory_bandwidth(CPU, cache) == (12.5, "measured")
+
+
+def test_a_gpu_without_a_datasheet_figure_is_measured_on_the_gpu_and_cached_by_its_name(tmp_path, monkeypatch):
+    """Not the host's memory: a decode step on a GPU reads the card's own."""
+    cache, seen = tmp_path / "memory_bandwidth.json", []
+    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda device: seen.append(device) or 2961.3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = OmegaConf.create({"device": "cuda", "memory_bandwidth_gbs": None})
+    assert roofline.memory_bandwidth(gpu, cache) == (2961.3, "measured") and seen == ["cuda"]
+    entry = json.loads(cache.read_text())["NVIDIA H100 80GB HBM3 (GPU)"]
+    assert entry["gbs"] == 2961.3 and "on cuda" in entry["method"]
+    roofline.memory_bandwidth(gpu, cache)
+    assert seen == ["cuda"]  # cached
+    roofline.memory_bandwidth(CPU, cache)
+    assert seen == ["cuda", "cpu"]  # the host is another key: measured on its own
 
 
 def test_bandwidth_measurement_counts_read_and_write_bytes(monkeypatch):

@@ -118,3 +118,15 @@ def test_vllm_serves_a_gptq_artifact_on_cuda_with_the_kernel_family_asked_for(ti
     assert "MarlinLinearKernel" in tags["vllm_linear_kernel"] and tags["vllm_linear_backend"] == "marlin", tags
     assert 0 < metrics["serve_mem_gb"] < 80  # the engine's device memory, read while it ran
     assert metrics["roofline_fraction_1_stream"] < 1.0
+
+
+def test_the_bandwidth_measured_on_the_gpu_is_the_cards_own_and_below_its_datasheet():
+    """hardware.memory_bandwidth_gbs=null on a GPU measures the card's memory: well above any host's, and under the
+    datasheet figure (a copy timed without waiting for the GPU would read far above it)."""
+    from omegaconf import OmegaConf
+
+    from quantbench.bench import roofline
+
+    datasheet = OmegaConf.load(Path(__file__).parents[2] / "conf" / "hardware" / f"{gpu_hardware()}.yaml")
+    measured = roofline.measure_bandwidth_gbs(device="cuda")
+    assert 0.5 * datasheet.memory_bandwidth_gbs < measured < 1.02 * datasheet.memory_bandwidth_gbs
