@@ -235,6 +235,22 @@ def test_the_evaluated_models_run_int4_kernels_or_the_dequantized_artifact(artif
         )
 
 
+@pytest.mark.e2e
+def test_awq_without_zero_points_stores_symmetric_weights_as_exllama_needs(source, tmp_path):
+    """method.zero_point=false: the artifact declares symmetric weights and stores no zero point, which is what
+    `zero_points` tells the serving check (bench.check_serving lets Exllama take it)."""
+    m = method_from_yaml("awq", "method.zero_point=false")
+    m.validate(source.config(), CPU)
+    assert m.zero_points is False and method_from_yaml("awq").zero_points is True
+    texts = calibration.texts(
+        OmegaConf.create(dict(dataset="embedded:tiny", num_samples=8, seq_len=128, seed=0)), CACHE
+    )
+    m.quantize(source, tmp_path / "model", CPU, texts)
+    weights = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
+    assert weights["config_groups"]["group_0"]["weights"]["symmetric"] is True
+    assert not [name for name in measure.safetensors_index(tmp_path / "model") if "zero_point" in name]
+
+
 def test_rtn_is_the_uncalibrated_baseline_in_the_same_format_as_awq(source):
     rtn, awq = method_from_yaml("rtn"), method_from_yaml("awq")
     rtn.validate(source.config(), CPU)
