@@ -150,16 +150,11 @@ def tokens_per_s(b: DecodeBytes, n_streams: int, prompt_tokens: int, output_toke
 
 def cpu_model() -> str:
     """The CPU's model name and logical CPU count: the key of the measured-bandwidth cache."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+    name, _ = measure.cpu_info()
+    if name == "unknown":  # no /proc/cpuinfo
         import platform
 
-        name = platform.processor() or name
+        name = platform.processor() or "unknown CPU"
     return f"{name} x{os.cpu_count()}"
 
 
