@@ -74,6 +74,26 @@ def test_an_entry_whose_files_changed_is_dropped_not_used(tmp_path):
     assert not (cache / "k1").exists()
 
 
+def test_the_cache_holds_no_second_copy_of_the_weights_and_a_jobs_later_writes_do_not_reach_it(tmp_path):
+    job = tmp_path / "job" / "model"
+    job.mkdir(parents=True)
+    (job / "model-00001-of-00001.safetensors").write_bytes(b"quantized weights")
+    (job / "config.json").write_text('{"quantization_config": {}}')
+    cache = tmp_path / "cache"
+    entry = qc.store(cache, "k1", {"x": 1}, job, {"quantize_s": 1.0}, "run-1")
+    shard = "model-00001-of-00001.safetensors"
+    assert (entry.folder / shard).samefile(job / shard)  # one copy of the weights on disk
+    assert not (entry.folder / "config.json").samefile(job / "config.json")
+    (job / "config.json").write_text("{}")  # e.g. the job rewrites a small file after storing
+    again = tmp_path / "job2" / "model"
+    qc.restore(qc.lookup(cache, "k1"), again)
+    assert (again / shard).samefile(entry.folder / shard)
+    (again / "tokenizer.json").write_text("{}")  # the job writes its tokenizer beside a restored model
+    (again / "config.json").write_text('{"edited": true}')
+    assert qc.lookup(cache, "k1") is not None  # still the entry it stored: no change reached it
+    assert json.loads((entry.folder / "config.json").read_text()) == {"quantization_config": {}}
+
+
 @pytest.mark.e2e
 def test_a_second_job_with_the_same_key_reuses_the_quantized_folder_and_still_verifies_it(tiny_root, tmp_path):
     quick = ("method=rtn", "eval=none", "bench=none", "quality=none")
