@@ -90,15 +90,37 @@ def running(folder: Path, cpus: int = 2):
             time.sleep(0.5)
         yield env
     finally:
+        # A job's step tells slurmctld it is complete only after the launcher has read its results: shut down before
+        # that and the step (slurmstepd) retries forever, outliving the test session. Let the queue drain first.
+        deadline = time.monotonic() + 60
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=env).stdout.strip()
+        ):
+            time.sleep(0.5)
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
         deadline = time.monotonic() + 30
         while any((folder / f"{d}.pid").exists() and _alive(folder / f"{d}.pid") for d in ("slurmctld", "slurmd")):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        _kill_steps_in(folder)  # whatever still outlived the drain (a step stuck past the deadline)
         if munged is not None:
             munged.terminate()
             munged.wait(timeout=30)
+
+
+def _kill_steps_in(folder: Path) -> None:
+    """SIGKILL the slurmstepd processes of this cluster (their working folder is inside `folder`); those of any
+    other cluster on the machine are left alone."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() == "slurmstepd" and (proc / "cwd").resolve().is_relative_to(
+                folder.resolve()
+            ):
+                os.kill(int(proc.name), 9)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
 
 
 def _alive(pid_file: Path) -> bool:
