@@ -151,7 +151,7 @@ def tokens_per_s(b: DecodeBytes, n_streams: int, prompt_tokens: int, output_toke
 def cpu_model() -> str:
     """The CPU's model name and logical CPU count: the key of the measured-bandwidth cache."""
     name, _ = measure.cpu_info()
-    if name == "unknown":  # no /proc/cpuinfo
+    if name == "unknown":  # no /proc/cpuinfo, or no "model name" line in it (some ARM kernels)
         import platform
 
         name = platform.processor() or "unknown CPU"
