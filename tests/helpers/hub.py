@@ -318,6 +318,8 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _route(self, parts: list[str], query: dict, head: bool) -> None:
         token = self._token()
+        if parts[:2] == ["api", "telemetry"]:  # huggingface_hub's usage pings (HF_HUB_DISABLE_TELEMETRY turns them off)
+            return self._send_json({}, 200, head)
         if parts[:2] == ["api", "agent-harnesses"]:  # huggingface_hub's best-effort agent detection: none known here
             return self._send_json({"standardEnvVars": [], "harnesses": {}}, 200, head)
         if parts[:2] == ["api", "whoami-v2"]:
@@ -549,7 +551,6 @@ class LocalHub:
             "HF_HOME": str(tmp / "hf_home"),
             "HF_HUB_CACHE": str(tmp / "hf_home" / "hub"),
             "HF_DATASETS_CACHE": str(tmp / "hf_home" / "datasets"),
-            "HF_HUB_DISABLE_TELEMETRY": "1",
         }
         if token:
             env["HF_TOKEN"] = self.token
