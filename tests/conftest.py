@@ -22,7 +22,7 @@ import pytest
 from quantbench import schema, server
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
 
-pytest_plugins = ["helpers.sigterm"]
+pytest_plugins = ["helpers.sigterm", "helpers.hub"]  # hub: the local hub fixtures (local_hub, stopped_hub)
 
 CACHE = cache_root()
 schema.register()  # tests that compose the config with Hydra need the groups' schemas, as run.py does
@@ -48,8 +48,12 @@ class Store:
         return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, check: bool = True) -> Store:
-    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`."""
+def run_cli(
+    *overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, check: bool = True, env: dict | None = None
+) -> Store:
+    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`.
+    `env`: the job's whole environment (e.g. a local hub's: `LocalHub.env`); by default this one's, with the hub
+    offline."""
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
@@ -59,7 +63,8 @@ def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, c
         f"hydra.run.dir={workdir}/outputs",
         f"quantized_cache.dir={workdir}/quantized",
     ]  # per test: a test that quantizes really quantizes
-    env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**(env if env is not None else {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})}
+    env["QUANTBENCH_CACHE"] = str(CACHE)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:

@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_cli
+from helpers.hub import unused_endpoint
 from helpers.run_if import run_if
 from quantbench import bench, models, pipeline
 from quantbench.errors import ConfigError
@@ -121,44 +122,32 @@ def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, 
     assert finished.data.metrics["disk_gb"] > 0
 
 
-def _hub_error(cls, status: int, **kw):
-    import httpx
-
-    request = httpx.Request("GET", "https://huggingface.co/api/models/org/m")
-    return cls(f"{status} error", response=httpx.Response(status, request=request), **kw)
-
-
-@pytest.mark.parametrize(
-    "error, needle",
-    [
-        ("gated", "is gated: accept its licence"),
-        ("missing", "there is no model 'org/m' on the hub, or it is private"),
-        ("revision", "has no revision 'v9'"),
-        ("credential", "refused the credential for 'org/m' (HTTP 401)"),
-        ("unreachable", "the hub cannot be reached for 'org/m' (ConnectError"),
-    ],
-)
-def test_hub_problems_are_told_apart_because_each_has_another_fix(monkeypatch, error, needle):
-    """The hub's answers (a faked seam: no network here), each turned into the reason a user can act on."""
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
+ASK_THE_HUB = """
+    import json
     from quantbench import models
+    print(json.dumps({{k: models.hub_access_problem(*args) for k, args in {cases!r}.items()}}))
+"""
 
-    raised = {
-        "gated": _hub_error(GatedRepoError, 403),
-        "missing": _hub_error(RepositoryNotFoundError, 404),
-        "revision": _hub_error(RevisionNotFoundError, 404),
-        "credential": _hub_error(HfHubHTTPError, 401),
-        "unreachable": httpx.ConnectError("[Errno 101] Network is unreachable"),
-    }[error]
 
-    def repo_info(self, repo_id, **kw):
-        raise raised
-
-    monkeypatch.setattr(HfApi, "repo_info", repo_info)
-    assert needle in models.hub_access_problem("org/m", revision="v9")
+def test_hub_problems_are_told_apart_because_each_has_another_fix(local_hub, tmp_path):
+    """The local hub's answers (tests/helpers/hub.py answers as the real hub does), each turned into the reason a user
+    can act on. Both meta-llama repositories are gated, as on the real hub."""
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    anonymous = local_hub.run_python(
+        ASK_THE_HUB.format(cases={"missing": ("meta-llama/No-Such-Model",), "gated": (model,)}), tmp_path, token=False
+    )
+    assert anonymous["missing"].startswith("there is no model 'meta-llama/No-Such-Model' on the hub")
+    assert anonymous["gated"].startswith(f"the model '{model}' is gated: accept its licence")
+    assert "`hf auth login`, formerly `huggingface-cli login`; or set HF_TOKEN" in anonymous["gated"]
+    logged_in = local_hub.run_python(ASK_THE_HUB.format(cases={"revision": (model, "v9"), "fine": (model,)}), tmp_path)
+    assert logged_in["revision"].startswith(f"the model '{model}' has no revision 'v9'")
+    assert logged_in["fine"] is None  # HF_TOKEN, as the server knows it, opens the gated repository
+    refused = local_hub.run_python(ASK_THE_HUB.format(cases={"m": (model,)}), tmp_path, env={"HF_TOKEN": "hf_other"})
+    assert refused["m"].startswith(f"the hub refused the credential for '{model}' (HTTP 401)")
+    down = local_hub.run_python(
+        ASK_THE_HUB.format(cases={"m": (model,)}), tmp_path, env={"HF_ENDPOINT": unused_endpoint()}
+    )
+    assert down["m"].startswith(f"the hub cannot be reached for '{model}' (ConnectError")
 
 
 def test_a_parallel_sweep_is_refused_a_sqlite_store_and_pointed_to_the_tracking_server(monkeypatch):

@@ -209,57 +209,54 @@ def test_the_c4_and_wikitext_configs_read_what_they_always_read():
     assert calibration.source(compose_with("calibration=c4", "calibration.split=train").calibration).data_files is None
 
 
-class FakeHubBuilder:
-    """What `datasets.load_dataset_builder` returns for a hub dataset: metadata, the commit read (`hash`), the data."""
+def test_a_hub_dataset_logs_its_id_split_column_and_the_commit_datasets_resolved(local_hub, tmp_path):
+    """Read by `datasets` from the local hub (tests/helpers/hub.py), in a process whose HF_ENDPOINT is that hub; a
+    wrong split, column or subset is refused by check() with the ones the dataset has."""
+    import urllib.request
 
-    def __init__(self, rows: dict[str, list], commit: str):
-        import datasets
+    from helpers.hub_repos import TEST_DATASET
 
-        self.data = datasets.Dataset.from_dict(rows)
-        splits = datasets.SplitDict()
-        splits.add(datasets.SplitInfo(name="train"))
-        self.info = datasets.DatasetInfo(features=self.data.features, splits=splits)
-        self.hash = commit
+    out = local_hub.run_python(
+        f"""
+        import json
+        from omegaconf import OmegaConf
+        from quantbench import calibration
+        from quantbench.errors import ConfigError
 
-    def download_and_prepare(self):
-        pass
+        def cfg(**kw):
+            return OmegaConf.create(dict(dataset="{TEST_DATASET}", num_samples=4, seq_len=64, seed=0) | kw)
 
-    def as_dataset(self, split: str):
-        assert split == "train"
-        return self.data
-
-
-def test_a_hub_dataset_logs_its_id_split_column_and_the_commit_datasets_resolved(monkeypatch):
-    import datasets
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    asked = {}
-
-    def builder(repo_id, name=None, revision=None, data_files=None):
-        asked.update(repo_id=repo_id, name=name, revision=revision)
-        return FakeHubBuilder({"body": texts_of(6), "id": list(range(6))}, commit)
-
-    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
-    monkeypatch.setattr(calibration, "hub_offline", lambda: False)
-    monkeypatch.setattr(calibration, "hub_access_problem", lambda *a: None)  # the hub knows the dataset
-    c = cfg("someone/own-set", text_column="body", subset="legal", revision="main")
-    calibration.check(c)
-    loaded = calibration.load(c, "/tmp")
-    assert asked == dict(repo_id="someone/own-set", name="legal", revision="main")
-    assert set(loaded.texts) <= set(texts_of(6)) and len(loaded.texts) == 4
-    assert loaded.identity == {
+        good = cfg(subset="long", text_column="text", revision="main")
+        calibration.check(good)
+        loaded = calibration.load(good, "{tmp_path}")
+        out = {{"identity": loaded.identity, "texts": loaded.texts}}
+        bad = {{"split": cfg(subset="long", split="test2"), "column": cfg(subset="long", text_column="body"),
+                "subset": cfg(subset="legal")}}
+        for name, c in bad.items():
+            try:
+                calibration.check(c)
+            except ConfigError as exc:
+                out[name] = str(exc)
+        print(json.dumps(out))
+        """,
+        tmp_path,
+        token=False,
+    )
+    with urllib.request.urlopen(f"{local_hub.url}/api/datasets/{TEST_DATASET}/revision/main", timeout=10) as answer:
+        commit = json.load(answer)["sha"]
+    assert out["identity"] == {
         "calibration.source": "hub",
-        "calibration.hub_id": "someone/own-set",
-        "calibration.hub_subset": "legal",
+        "calibration.hub_id": TEST_DATASET,
+        "calibration.hub_subset": "long",
         "calibration.hub_split": "train",
-        "calibration.hub_text_column": "body",
+        "calibration.hub_text_column": "text",
         "calibration.hub_revision": commit,
-        "calibration.qualifying_texts": "6",
+        "calibration.qualifying_texts": "8",
     }
-    with pytest.raises(ConfigError, match=r"no split 'test'.*\['train'\]"):
-        calibration.check(cfg("someone/own-set", text_column="body", split="test"))
-    with pytest.raises(ConfigError, match=r"no column 'text'.*'body'"):
-        calibration.check(cfg("someone/own-set"))
+    assert len(out["texts"]) == 4 and all(len(t.split()) == 80 for t in out["texts"])
+    assert "no split 'test2'" in out["split"] and "['test', 'train']" in out["split"]
+    assert "no column 'body'" in out["column"] and "'text'" in out["column"]
+    assert "no subset 'legal'" in out["subset"] and "['short', 'long']" in out["subset"]
 
 
 def test_calibration_file_reads_well_on_the_command_line(tmp_path):

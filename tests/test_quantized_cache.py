@@ -61,6 +61,15 @@ def test_a_hub_snapshot_is_known_by_its_commit_without_hashing(tmp_path):
     assert qc.source_identity(source, tmp_path) == {"hub": "org/m", "commit": "0123abcd"}
 
 
+def test_a_hub_id_is_known_by_the_commit_its_revision_resolved_to_not_by_the_revision(tmp_path):
+    """models.resolve gives a hub id (transformers downloads at load time) and the commit the hub resolved: "main"
+    today and "main" after a push are other models."""
+    before = SourceModel(name="m", reference="org/m", path_or_id="org/m", revision="a" * 40, hub_commit="a" * 40)
+    after = SourceModel(name="m", reference="org/m", path_or_id="org/m", revision="b" * 40, hub_commit="b" * 40)
+    assert qc.source_identity(before, tmp_path) == {"hub": "org/m", "commit": "a" * 40}
+    assert qc.source_identity(after, tmp_path) != qc.source_identity(before, tmp_path)
+
+
 def test_an_entry_whose_files_changed_is_dropped_not_used(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
 from quantbench.errors import ConfigError
-from quantbench.models import EMBEDDED_PREFIX, hub_access_problem, hub_offline
+from quantbench.models import EMBEDDED_PREFIX, OFFLINE_MODE, hub_access_problem, hub_endpoint, hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +154,20 @@ def check(cfg: DictConfig) -> None:
     if isinstance(src, LocalFile):
         _qualifying(_read_file(src), cfg, f"file {src.path}", _layout(src))
     elif isinstance(src, HubDataset):
-        offline = hub_offline()  # up to a 3 s connection attempt: once
-        if offline and not _cached(src.repo_id):
-            raise ConfigError(
-                f"calibration.dataset={src.repo_id!r} is a hub dataset, the hub cannot be reached "
-                f"(offline), and `datasets` has no cached copy of it (nor is there a file "
-                f"{_absolute(src.repo_id)}); use a local file or calibration=local, or load the "
-                f"dataset once with `datasets` while online."
+        why = hub_unreachable()  # up to a 3 s connection attempt to the endpoint: once
+        if why is not None and not _cached(src.repo_id):
+            how = (
+                "unset HF_HUB_OFFLINE to read it from the hub"
+                if why == OFFLINE_MODE
+                else f"check HF_ENDPOINT ({hub_endpoint()}) and the network, or load it once where the hub is "
+                f"reachable into this machine's `datasets` cache (HF_HOME) and run with HF_HUB_OFFLINE=1"
             )
-        if not offline:
+            raise ConfigError(
+                f"calibration.dataset={src.repo_id!r} is a hub dataset, the hub cannot be used ({why}), and "
+                f"`datasets` has no cached copy of it (nor is there a file {_absolute(src.repo_id)}). Use a local "
+                f"copy: calibration.dataset=<a .jsonl/.json/.txt/.parquet file> or calibration=local; or {how}."
+            )
+        if why is None:
             problem = hub_access_problem(src.repo_id, src.revision, "dataset")
             if problem:
                 raise ConfigError(f"calibration.dataset={src.repo_id!r}: {problem}.")
@@ -297,6 +302,12 @@ def _hub_builder(src: HubDataset):
             src.repo_id, name=src.subset, revision=src.revision, data_files=src.data_files
         )
     except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"BuilderConfig '{src.subset}' not found"):
+            subsets = datasets.get_dataset_config_names(src.repo_id, revision=src.revision)
+            raise ConfigError(
+                f"calibration.dataset={src.repo_id!r} has no subset {src.subset!r} (calibration.subset, the "
+                f"dataset's config name); its subsets are {subsets}."
+            ) from exc
         raise ConfigError(
             f"calibration.dataset={src.repo_id!r} (subset {src.subset!r}, revision "
             f"{src.revision!r}) cannot be opened with `datasets`: {_reason(exc)}. Check the id, "

@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig
@@ -16,7 +17,10 @@ from quantbench.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
-HUB_HOST = ("huggingface.co", 443)
+OFFLINE_MODE = "HF_HUB_OFFLINE is set (offline mode)"
+PROBE_TIMEOUT_S = 3  # a hub that takes longer to accept a connection counts as unreachable
+# What a model's snapshot must hold to be used from the local Hugging Face cache without the hub.
+MODEL_FILES = ("config.json", "*.safetensors", "*.json", "*.model")
 
 
 @dataclass
@@ -26,8 +30,28 @@ class SourceModel:
     name: str
     reference: str  # what the user wrote
     path_or_id: str  # what from_pretrained gets
-    revision: str | None = None
+    revision: str | None = None  # for a hub id: the commit the revision asked for resolved to
     trust_remote_code: bool = False
+    hub_commit: str | None = None  # a hub id's resolved commit (also when read from a cached snapshot)
+
+    def tags(self) -> dict[str, str]:
+        """The hub identity of a model by hub id (repo, resolved commit, endpoint); nothing for a local folder."""
+        if self.hub_commit is None:
+            return {}
+        return {
+            "model.hub_id": self.reference,
+            "model.hub_commit": self.hub_commit,
+            "model.hub_endpoint": hub_endpoint(),
+        }
+
+    def local_folder(self) -> str:
+        """A folder holding the model's files, for loaders that take no revision (GPTQModel): a hub id's snapshot at
+        its resolved commit, downloaded into the Hugging Face cache as from_pretrained does."""
+        if self.hub_commit is None or Path(self.path_or_id).is_dir():
+            return self.path_or_id
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(self.path_or_id, revision=self.hub_commit)
 
     def config(self):
         from transformers import AutoConfig
@@ -81,7 +105,8 @@ def resolve(model_cfg: DictConfig, cache_dir: str | Path) -> SourceModel:
                 f"a Hugging Face model folder."
             )
         return SourceModel(path_or_id=str(path.resolve()), **common)
-    return SourceModel(path_or_id=_resolve_hub_id(ref, model_cfg.get("revision")), **common)
+    path_or_id, commit = resolve_hub(ref, model_cfg.get("revision"), "model.pretrained", MODEL_FILES)
+    return SourceModel(**(common | {"revision": commit}), path_or_id=path_or_id, hub_commit=commit)
 
 
 def embedded_root(ref: str, cache_dir: str | Path) -> Path:
@@ -108,21 +133,48 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or os.path.isdir(ref) or ref.count("/") > 1
 
 
-def hub_offline() -> bool:
-    """True when the hub cannot be used: HF_HUB_OFFLINE is set or huggingface.co is unreachable (3 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return True
+def hub_endpoint() -> str:
+    """The hub the clients talk to: HF_ENDPOINT, else https://huggingface.co (as huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be used now (HF_HUB_OFFLINE is set, or its endpoint accepts no connection within
+    PROBE_TIMEOUT_S), or None when it can. Probes the endpoint the clients will use, not huggingface.co."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or any(_true(os.environ.get(v)) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return OFFLINE_MODE
+    endpoint = urlsplit(hub_endpoint())
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection(HUB_HOST, timeout=3).close()
-        return False
-    except OSError:
-        return True
+        socket.create_connection((endpoint.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+        return None
+    except OSError as exc:
+        return f"{hub_endpoint()} does not answer ({exc.strerror or type(exc).__name__})"
 
 
-def hub_access_problem(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str | None:
-    """Why `repo_id` cannot be used from a reachable hub, with the causes told apart (each has another fix): gated,
-    no such repository (or private and invisible to the token), no such revision, a refused credential, the hub
-    unreachable after all. None when it can be used. Asks for metadata only; downloads nothing."""
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """True when the hub cannot be used (see hub_unreachable)."""
+    return hub_unreachable() is not None
+
+
+class HubAccessError(Exception):
+    """Why a reachable hub will not give a repository, in words a user can act on."""
+
+
+def hub_commit(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str:
+    """The commit `revision` (None: the default branch) of `repo_id` resolves to, once the repository is known to be
+    readable with the credentials at hand: the hub shows a gated repository's metadata to anyone and refuses only its
+    files, so a gated one is asked `auth-check` too. Raises HubAccessError with the causes told apart (each has another
+    fix): gated, no such repository (or private and invisible to the token), no such revision, a refused credential,
+    the hub unreachable after all. Asks for metadata only; downloads nothing."""
     import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
@@ -134,55 +186,105 @@ def hub_access_problem(repo_id: str, revision: str | None = None, repo_type: str
     )
 
     what = "model" if repo_type == "model" else repo_type
+    api = HfApi()
     try:
-        HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=10)
-        return None
+        info = api.repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=10)
+        if info.gated:
+            api.auth_check(repo_id, repo_type=repo_type)
+        return str(info.sha)
     except HFValidationError as exc:
-        return f"{repo_id!r} is not a valid hub id ({exc})"
-    except GatedRepoError:
-        return (
-            f"the {what} {repo_id!r} is gated: accept its licence on its hub page and log in with an account that "
-            f"has access (`huggingface-cli login`, or HF_TOKEN)"
-        )
-    except RevisionNotFoundError:
-        return f"the {what} {repo_id!r} has no revision {revision!r}"
-    except RepositoryNotFoundError:
-        return (
-            f"there is no {what} {repo_id!r} on the hub, or it is private and your token cannot see it: check the "
-            f"id, and log in for a private one"
-        )
+        raise HubAccessError(f"{repo_id!r} is not a valid hub id ({exc})") from exc
+    except GatedRepoError as exc:
+        raise HubAccessError(
+            f"the {what} {repo_id!r} is gated: accept its licence on its page ({hub_endpoint()}/"
+            f"{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}) and log in with an account that has access "
+            f"(`hf auth login`, formerly `huggingface-cli login`; or set HF_TOKEN)"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise HubAccessError(
+            f"the {what} {repo_id!r} has no revision {revision!r}: give a branch, tag or commit sha it has"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise HubAccessError(
+            f"there is no {what} {repo_id!r} on the hub ({hub_endpoint()}), or it is private and your token cannot see "
+            f"it: check the id, and log in for a private one"
+        ) from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status in (401, 403):
-            return (
+            raise HubAccessError(
                 f"the hub refused the credential for {repo_id!r} (HTTP {status}): the token in HF_TOKEN or from "
-                f"`huggingface-cli login` is invalid or lacks access"
-            )
-        return f"the hub answered HTTP {status} for {repo_id!r}: {str(exc).splitlines()[0]}"
+                f"`hf auth login` is invalid or lacks access; log in again or unset HF_TOKEN"
+            ) from exc
+        raise HubAccessError(f"the hub answered HTTP {status} for {repo_id!r}: {str(exc).splitlines()[0]}") from exc
     except (httpx.TransportError, OSError) as exc:
-        return f"the hub cannot be reached for {repo_id!r} ({type(exc).__name__}: {exc})"
+        raise HubAccessError(f"the hub cannot be reached for {repo_id!r} ({type(exc).__name__}: {exc})") from exc
 
 
-def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
-    """A hub id resolves to its cached snapshot when there is one; otherwise the hub must be reachable."""
+def hub_access_problem(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str | None:
+    """Why `repo_id` cannot be used from a reachable hub (see hub_commit), or None when it can."""
+    try:
+        hub_commit(repo_id, revision, repo_type)
+        return None
+    except HubAccessError as exc:
+        return str(exc)
+
+
+def cached_snapshot(repo_id: str, revision: str | None, patterns: tuple[str, ...]) -> str | None:
+    """The local Hugging Face cache's snapshot of `repo_id` at `revision` with the files `patterns` name, or None; one
+    without weights (a download that stopped after config.json) is none."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            local_files_only=True,
-            allow_patterns=["config.json", "*.safetensors", "*.json", "*.model"],
-        )
-    except (OSError, ValueError):  # not (fully) cached (LocalEntryNotFoundError), or not a valid id (told below)
-        pass
-    if hub_offline():
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=list(patterns))
+    except (OSError, ValueError):  # not (fully) cached (LocalEntryNotFoundError), or not a valid id (told later)
+        return None
+    weights = [*Path(folder).glob("*.safetensors"), *Path(folder).glob("*.bin")]
+    return folder if (Path(folder) / "config.json").is_file() and weights else None
+
+
+def _remember_revision(repo_id: str, revision: str | None, key: str) -> None:
+    """config.json by the revision asked for, as from_pretrained(repo_id) reads it first: the Hugging Face cache then
+    maps that revision to its commit (refs/main), so HF_HUB_OFFLINE=1 finds the snapshot later, though the weights
+    are downloaded by the commit itself."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, "config.json", revision=revision)
+    except RemoteEntryNotFoundError as exc:
         raise ConfigError(
-            f"model.pretrained={repo_id!r} is a hub id, it is not in the local Hugging Face cache, and "
-            f"the hub cannot be reached (offline or HF_HUB_OFFLINE=1). Download it first "
-            f"(`huggingface-cli download {repo_id}`) or point model.pretrained at a local folder."
+            f"{key}={repo_id!r} has no config.json at revision {revision!r}: not a transformers model."
+        ) from exc
+
+
+def resolve_hub(repo_id: str, revision: str | None, key: str, patterns: tuple[str, ...]) -> tuple[str, str]:
+    """(what from_pretrained gets, the commit) for the hub id `repo_id` named by the config key `key`, or ConfigError
+    before any download. Reachable hub: the revision is resolved there and access checked (a cached copy does not hide
+    a gated repository or a wrong revision), and transformers downloads through the Hugging Face cache as a user's
+    from_pretrained would. HF_HUB_OFFLINE or an unreachable hub: the cached snapshot, if there is one."""
+    why = hub_unreachable()
+    if why is None:
+        try:
+            commit = hub_commit(repo_id, revision)
+        except HubAccessError as exc:
+            raise ConfigError(f"{key}={repo_id!r}: {exc}.") from exc
+        _remember_revision(repo_id, revision, key)
+        return repo_id, commit
+    cached = cached_snapshot(repo_id, revision, patterns)
+    at = f" at revision {revision!r}" if revision else ""
+    if cached is not None:
+        log.warning("%s=%r: the hub cannot be used (%s): using the cached snapshot %s", key, repo_id, why, cached)
+        return cached, Path(cached).name
+    if why == OFFLINE_MODE:
+        raise ConfigError(
+            f"{key}={repo_id!r} is a hub id, {OFFLINE_MODE}, and it is not in the local Hugging Face cache{at}. "
+            f"Unset HF_HUB_OFFLINE to download it from {hub_endpoint()}, download it first "
+            f"(`hf download {repo_id}`), or point {key} at a local folder."
         )
-    problem = hub_access_problem(repo_id, revision)
-    if problem:
-        raise ConfigError(f"model.pretrained={repo_id!r}: {problem}.")
-    return repo_id
+    raise ConfigError(
+        f"{key}={repo_id!r} is a hub id, the hub cannot be reached ({why}; HF_ENDPOINT sets where it is), and it is "
+        f"not in the local Hugging Face cache{at}. Use a local copy: point {key} at a local folder, or download it "
+        f"where the hub is reachable (`hf download {repo_id}`) into this machine's Hugging Face cache "
+        f"(HF_HOME) and run with HF_HUB_OFFLINE=1."
+    )

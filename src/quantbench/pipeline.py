@@ -151,7 +151,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         except ConfigError as exc:
             log.error("Bad input: %s", exc)
             raise
-        tracker.set_tags(job.method.tags())
+        tracker.set_tags(job.method.tags() | job.source.tags())  # a hub model's repo and resolved commit
         model = None
         try:
             loaded = _calibration(cfg, job, seed=int(cfg.calibration.seed))

@@ -65,8 +65,10 @@ def key_of(inputs: dict) -> str:
 def source_identity(source: SourceModel, cache_dir: Path) -> dict:
     """A hub snapshot by repo and commit; any other folder by the sha256 of its files (remembered per path, size and
     mtime, so an 8B folder is hashed once, not per job)."""
+    if source.hub_commit is not None:  # a hub id: the commit its revision resolved to (downloaded or cached)
+        return {"hub": source.reference, "commit": source.hub_commit}
     path = Path(source.path_or_id)
-    if not path.is_dir():  # a hub id that is not cached: its revision as asked (the download resolves it)
+    if not path.is_dir():  # a hub id resolved elsewhere than models.resolve: its revision as asked
         return {"hub": source.path_or_id, "revision": source.revision or "main"}
     if path.parent.name == "snapshots":  # the Hugging Face cache: .../models--org--name/snapshots/<commit>
         return {"hub": source.reference, "commit": path.name}

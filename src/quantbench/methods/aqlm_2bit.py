@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel, hub_offline
+from quantbench.models import SourceModel, resolve_hub
 from quantbench.upstream.quantizers import fix_not_to_quantize, guard_cpu_kernel
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,15 @@ class AQLM2Bit(Method):
         self.needs_calibration = self.pretrained is None  # a published checkpoint is already quantized
         self.shape: tuple[int, int] | None = None  # (num_codebooks, nbits_per_codebook), settled by validate()
         self.checkpoint: str | None = None  # the resolved `pretrained`: a local folder or a hub id
+        self.checkpoint_commit: str | None = None  # a hub checkpoint's resolved commit
 
     # -- validation: cheap, before any weights load -------------------------------------------------------------
 
     def validate(self, model_config, hardware: DictConfig) -> None:
         torch_dtype(hardware.dtype)
         if self.pretrained is not None:
-            self.checkpoint = resolve_checkpoint(self.pretrained, self.revision)
-            self.shape = _check_checkpoint(self.checkpoint, self.revision, model_config)
+            self.checkpoint, self.checkpoint_commit = resolve_checkpoint(self.pretrained, self.revision)
+            self.shape = _check_checkpoint(self.checkpoint, self.checkpoint_commit, model_config)
         else:
             shapes = measure.linear_shapes_of_config(model_config)
             bad = sorted(n for n, (_, i) in shapes.items() if i % GROUP)
@@ -119,13 +120,18 @@ class AQLM2Bit(Method):
         if self.shape is None:
             self.validate(source.config(), hardware)
         if self.pretrained is not None:
-            copy_checkpoint(self.checkpoint, self.revision, out_dir)
+            copy_checkpoint(self.checkpoint, self.checkpoint_commit, out_dir)
         else:
             if not calibration:
                 raise ConfigError(f"method={self.name} quantizes with calibration data, and none was given.")
             self._quantize_builtin(source, out_dir, hardware, calibration)
         log_bits_per_weight(out_dir, source.config())
         return load_quantized(out_dir, hardware)
+
+    def tags(self) -> dict[str, str]:
+        if self.checkpoint_commit is None:
+            return super().tags()
+        return super().tags() | {"method.hub_id": str(self.pretrained), "method.hub_commit": self.checkpoint_commit}
 
     def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig):
         return load_quantized(out_dir, hardware)
@@ -143,7 +149,14 @@ class AQLM2Bit(Method):
         # The model stays on the CPU; quantize_model moves one decoder layer at a time to the compute device.
         model = source.load(dtype=dtype, device="cpu")
         errors = aq.quantize_model(
-            model, source.tokenizer(), calibration, settings, self.seq_len, hardware.device, work, source.path_or_id
+            model,
+            source.tokenizer(),
+            calibration,
+            settings,
+            self.seq_len,
+            hardware.device,
+            work,
+            f"{source.path_or_id}@{source.hub_commit}" if source.hub_commit else source.path_or_id,
         )
         log.info(
             "AQLM %s: mean relative weighted error %.4f over %d linear layers (worst %s %.4f)",
@@ -205,8 +218,10 @@ def choose_shape(codebooks: str, linear_shapes: dict[str, tuple[int, int]]) -> t
 # -- published checkpoints -----------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(ref: str, revision: str | None = None) -> str:
-    """A local folder with config.json, or a hub id that is cached or reachable; else ConfigError (no download)."""
+def resolve_checkpoint(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(a local folder with config.json, None), or for a hub id (what from_pretrained gets, its resolved commit) once
+    the hub has shown it can be read, or its cached snapshot where the hub cannot be used; else ConfigError (no
+    download)."""
     if ref.startswith(("/", "./", "../", "~")) or os.path.isdir(ref) or ref.count("/") > 1:
         path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
@@ -214,19 +229,8 @@ def resolve_checkpoint(ref: str, revision: str | None = None) -> str:
                 f"method.pretrained={ref!r}: no AQLM checkpoint there (need a folder with config.json), "
                 f"or give a hub id such as 'ISTA-DASLab/Meta-Llama-3.1-8B-Instruct-AQLM-PV-2Bit-1x16-hf'."
             )
-        return str(path.resolve())
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(ref, revision=revision, local_files_only=True, allow_patterns=list(CHECKPOINT_FILES))
-    except Exception:  # not (fully) cached
-        pass
-    if hub_offline():
-        raise ConfigError(
-            f"method.pretrained={ref!r} is a hub id that is not in the local Hugging Face cache, and the "
-            f"hub cannot be reached. Download it first (`huggingface-cli download {ref}`) or give a folder."
-        )
-    return ref
+        return str(path.resolve()), None
+    return resolve_hub(ref, revision, "method.pretrained", CHECKPOINT_FILES)
 
 
 def _checkpoint_config(checkpoint: str, revision: str | None):

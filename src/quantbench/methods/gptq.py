@@ -112,7 +112,7 @@ class GPTQ(Method):
                 offload_to_disk=False,
             )  # the default spills finished layers to a temp dir in /tmp
             qmodel = GPTQModel.load(
-                source.path_or_id,
+                source.local_folder(),  # a hub model's snapshot at its resolved commit: GPTQModel takes no revision
                 config,
                 dtype=dtype,
                 device=hardware.device,
