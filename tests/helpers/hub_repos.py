@@ -48,9 +48,16 @@ def aqlm_repo_id() -> str:
 
 
 def build(
-    root: Path, model_folder: Path, *, aqlm: bool = True, hardware: str = "cpu", cache_dir: Path | None = None
+    root: Path,
+    model_folder: Path,
+    *,
+    aqlm: bool = True,
+    hardware: str = "cpu",
+    cache_dir: Path | None = None,
+    aqlm_overrides: tuple[str, ...] = (),
 ) -> dict[str, Path]:
-    """Write every repository under `root` (idempotent); returns repo id -> folder."""
+    """Write every repository under `root` (idempotent); returns repo id -> folder. `aqlm_overrides` are Hydra
+    overrides of the AQLM quantization (e.g. the shortest search for an 8B-shape stand-in on a GPU)."""
     from quantbench.paths import cache_root
 
     root, model_folder = Path(root), Path(model_folder)
@@ -62,7 +69,9 @@ def build(
     for repo_id in SEED_MODELS:
         out[repo_id] = publish(root / "models" / repo_id, _files(model_folder), gated=True, memo=memo)
     if aqlm:
-        out[aqlm_repo_id()] = write_aqlm_repo(root, model_folder, hardware, Path(cache_dir or cache_root()))
+        out[aqlm_repo_id()] = write_aqlm_repo(
+            root, model_folder, hardware, Path(cache_dir or cache_root()), aqlm_overrides
+        )
     if importlib.util.find_spec("helpers.hub_datasets") is not None:
         from helpers import hub_datasets
 
@@ -73,11 +82,17 @@ def build(
     return out
 
 
-def write_aqlm_repo(root: Path, model_folder: Path, hardware: str = "cpu", cache_dir: Path | None = None) -> Path:
+def write_aqlm_repo(
+    root: Path,
+    model_folder: Path,
+    hardware: str = "cpu",
+    cache_dir: Path | None = None,
+    overrides: tuple[str, ...] = (),
+) -> Path:
     """The repository of the repo id `aqlm_2bit_pretrained` names: quantbench's AQLM checkpoint of `model_folder`."""
     from quantbench.paths import cache_root
 
-    checkpoint = aqlm_checkpoint(model_folder, Path(cache_dir or cache_root()), hardware)
+    checkpoint = aqlm_checkpoint(model_folder, Path(cache_dir or cache_root()), hardware, overrides)
     memo = DigestMemo(Path(root) / DIGEST_MEMO)
     folder = publish(Path(root) / "models" / aqlm_repo_id(), _files(checkpoint), gated=False, memo=memo)
     memo.save()
@@ -129,7 +144,9 @@ def _replace(tmp: Path, folder: Path) -> None:
 # -- the AQLM checkpoint, by quantbench's own quantizer ------------------------------------------------------------------
 
 
-def aqlm_checkpoint(model_folder: Path, cache_dir: Path, hardware: str = "cpu") -> Path:
+def aqlm_checkpoint(
+    model_folder: Path, cache_dir: Path, hardware: str = "cpu", overrides: tuple[str, ...] = ()
+) -> Path:
     """An AQLM checkpoint of `model_folder` (plus its tokenizer), made by `method=aqlm_2bit calibration=local` on
     `hardware`; stored under <cache>/quantbench/hub-aqlm/<key>, the key made of the model's file sha256s, the method's
     and calibration's resolved configs, the hardware's device and dtype and the library versions."""
@@ -143,9 +160,9 @@ def aqlm_checkpoint(model_folder: Path, cache_dir: Path, hardware: str = "cpu") 
     from quantbench.paths import ROOT
 
     schema.register()
-    overrides = ["method=aqlm_2bit", "calibration=local", f"hardware={hardware}", f"paths.cache={cache_dir}"]
+    composed = ["method=aqlm_2bit", "calibration=local", f"hardware={hardware}", f"paths.cache={cache_dir}", *overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        cfg = compose("config", overrides=composed)
     memo = DigestMemo(cache_dir / "quantbench" / "hub-aqlm" / DIGEST_MEMO)
     memo.path.parent.mkdir(parents=True, exist_ok=True)
     method_cfg = {
@@ -233,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         "--hardware", default="cpu", help="where the AQLM checkpoint is quantized (a conf/hardware name)"
     )
     parser.add_argument("--no-aqlm", action="store_true", help="leave out the AQLM checkpoint")
+    parser.add_argument(
+        "--aqlm-override",
+        action="append",
+        default=[],
+        help="a Hydra override of the AQLM quantization, e.g. method.codebooks=2x8 (repeatable; part of its cache key)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from quantbench import models
@@ -243,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.model.startswith("embedded:")
         else Path(args.model)
     )
-    for repo_id, path in build(args.root, folder, aqlm=not args.no_aqlm, hardware=args.hardware).items():
+    built = build(
+        args.root, folder, aqlm=not args.no_aqlm, hardware=args.hardware, aqlm_overrides=tuple(args.aqlm_override)
+    )
+    for repo_id, path in built.items():
         print(f"{repo_id}\t{path}")
 
 
