@@ -22,6 +22,10 @@ warnings.filterwarnings("ignore", message="\n'hydra/launcher/(ray|submitit_slurm
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig):
-    from quantbench import pipeline
+    """One job. SIGTERM or SIGHUP kills its children and ends its run FAILED naming the signal (the process then exits
+    with 128 + the signal's number); secrets are masked in every log record it makes (quantbench.redact)."""
+    from quantbench import children, pipeline, redact
 
-    return pipeline.run(cfg)
+    redact.install_log_filter()
+    with children.stop_on_signals():
+        return pipeline.run(cfg)

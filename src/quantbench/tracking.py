@@ -6,11 +6,14 @@ leaves a FAILED run with the reason, and everything logged up to that point stay
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,12 +22,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure
+from quantbench import measure, redact
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 
 log = logging.getLogger(__name__)
@@ -144,15 +148,96 @@ def check(cfg: DictConfig) -> None:
         )
 
 
+REACH_TIMEOUT_S = 5.0  # per attempt (connect, then read): an unreachable store fails the job within ~10 s
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+
+
+def unreachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """Why the tracking store at `uri` does not answer, or None if it does. An HTTP(S) store answers once anything
+    does (a login page, a 404, a TLS handshake MLflow may be told to accept); a database once its host and port accept
+    a connection. Local stores (sqlite, file) are not checked."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    try:
+        if scheme in ("http", "https"):
+            import requests
+
+            try:
+                requests.get(uri, timeout=timeout_s, stream=True, allow_redirects=False).close()
+            except requests.exceptions.SSLError:
+                pass  # it answered; whether its certificate is trusted is MLflow's to say (MLFLOW_TRACKING_INSECURE_TLS)
+            except requests.RequestException as exc:
+                return redact.text(_short_reason(str(exc)))[:300]
+        elif scheme in DATABASE_PORTS and parts.hostname:
+            socket.create_connection((parts.hostname, parts.port or DATABASE_PORTS[scheme]), timeout=timeout_s).close()
+    except OSError as exc:
+        return redact.text(str(exc))[:300]
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Refuse, naming the URI, a tracking store that does not answer, within seconds: MLflow's own client retries a
+    refused connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES: 7, with exponential backoff) before it fails."""
+    from quantbench.errors import ConfigError
+
+    problem = unreachable(uri)
+    if problem is not None:
+        raise ConfigError(
+            f"The tracking store {redact.text(uri)} does not answer ({problem}), checked before any work (no run "
+            f"was created). Start it (`quantbench server --detach`, `make server`), fix tracking.uri or "
+            f"MLFLOW_TRACKING_URI, or log to the local store with tracking=local."
+        )
+
+
+def _short_reason(message: str) -> str:
+    """The "[Errno 111] Connection refused" or "... timed out" part of requests' nested connection error text."""
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+|[\w. ]*timed out[^)]*\)?", message)
+    return found.group(0).strip() if found else message
+
+
+def mlflow_uri(uri: str) -> str:
+    """The URI MLflow is given: an HTTP(S) URI's `user:password@` moves into MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (MLflow's own basic-auth settings), so that MLflow never prints it (its "View run at
+    <URL>" line goes straight to stdout)."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+@contextmanager
+def _one_quick_try() -> Iterator[None]:
+    """MLflow HTTP calls that try once, for 5 s, instead of retrying for minutes: for a store found gone."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Tracker:
-    """A thin wrapper that knows where the store is and which experiment a study logs to."""
+    """A thin wrapper that knows where the store is and which experiment a study logs to. Nothing it logs carries a
+    secret (quantbench.redact)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        if cfg.uri.startswith("sqlite:///"):
-            Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(cfg.uri)
-        self.client = MlflowClient(cfg.uri)
+        redact.remember_uri(str(cfg.uri))
+        redact.remember_environment()
+        self.uri = mlflow_uri(str(cfg.uri))
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
 
     def _experiment_id(self, name: str, artifact_root: str | None) -> str:
@@ -207,26 +292,35 @@ class Tracker:
     def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str], key: str) -> Iterator["Tracker"]:
         """Start a run tagged with its config hash `key`, with params and the config YAML; on an exception, end it
         FAILED with the reason."""
+        resolved = OmegaConf.to_container(job_cfg, resolve=True)
+        redact.remember_config(resolved)
+        clean = redact.config(resolved)
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({**self.environment_tags(), **tags, "config_hash": key})
-            resolved = OmegaConf.to_container(job_cfg, resolve=True)
-            self.log_params(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
-            mlflow.log_text(OmegaConf.to_yaml(job_cfg, resolve=True), "config/config.yaml")
+            self.set_tags({**self.environment_tags(), **tags, "config_hash": key})
+            self.log_params(flatten({k: v for k, v in clean.items() if k != "hydra"}))
+            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(clean)), "config/config.yaml")
             try:
                 yield self
             except BaseException as exc:
-                reason = str(exc).strip() or type(exc).__name__
+                reason = redact.text(str(exc).strip() or type(exc).__name__)
+                failure_type = getattr(exc, "failure_type", type(exc).__name__)  # children.Stopped: the signal
                 try:
-                    mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
-                    mlflow.log_text("".join(traceback.format_exception(exc)), "failure/traceback.txt")
+                    problem = unreachable(self.uri)  # a dead server is found in seconds, not after MLflow's retries
+                    if problem is not None:
+                        with contextlib.suppress(Exception), _one_quick_try():
+                            mlflow.end_run(status="FAILED")  # forgets the run here, so that no more calls wait
+                        raise ConnectionError(problem)
+                    mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": failure_type})
+                    mlflow.log_text(redact.text("".join(traceback.format_exception(exc))), "failure/traceback.txt")
                     mlflow.end_run(status="FAILED")
                     exc.add_note(f"MLflow run {self.run_id} ended FAILED")
-                except Exception as unreachable:  # the store itself is gone (a tracking server down): say so
+                except Exception as gone:  # the store itself is gone (a tracking server down): say so
                     exc.add_note(
-                        f"MLflow run {self.run_id} could not be marked FAILED: the tracking store {self.cfg.uri} did "
-                        f"not answer ({type(unreachable).__name__}: {str(unreachable)[:300]}). It stays RUNNING "
-                        f"there until a later job on this host marks it FAILED (Interrupted)."
+                        f"MLflow run {self.run_id} could not be marked FAILED: the tracking store "
+                        f"{redact.text(self.uri)} stopped answering ({type(gone).__name__}: "
+                        f"{redact.text(str(gone))[:300]}). It stays RUNNING there until a later job on this host "
+                        f"marks it FAILED (Interrupted)."
                     )
                 raise
 
@@ -257,7 +351,7 @@ class Tracker:
         return tags | launcher_tags()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        items = [(k, redact.text(str(v))[:MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
 
@@ -267,12 +361,12 @@ class Tracker:
             mlflow.log_metrics(clean, step=step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        mlflow.set_tags({k: redact.text(str(v)) for k, v in tags.items() if v is not None})
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
-            path.write_text(json.dumps(obj, indent=2, default=str))
+            path.write_text(redact.text(json.dumps(obj, indent=2, default=str)))
             mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
