@@ -195,3 +195,19 @@ def test_log_records_are_masked_whatever_handler_writes_them(monkeypatch):
     assert records[0] == "connecting to postgresql://***@db:5432/m with ***"
     assert "http://***@host/api" in records[1] and "p4ssw0rd" not in records[1]
     assert records[2] == "100 tokens, nothing secret"
+
+
+def test_the_driver_sqlalchemy_picks_for_a_postgresql_uri_is_pinned_and_imports():
+    """`tracking.uri=postgresql://...` (a team's MLflow database reached directly): SQLAlchemy 2.1 serves it with
+    psycopg 3, so the lock must carry psycopg (not only psycopg2, which failed with `No module named 'psycopg'`)."""
+    import importlib
+    import re
+
+    from sqlalchemy.engine import make_url
+
+    from conftest import ROOT
+
+    driver = make_url("postgresql://user@127.0.0.1/mlflow").get_dialect().driver
+    lock = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
+    assert driver in lock and f"{driver}-binary" in lock, f"requirements-lock.txt does not pin {driver}"
+    assert importlib.import_module(driver).pq.__impl__ == "binary"  # the wheel with its own libpq, no compiler
