@@ -22,7 +22,8 @@ SECRET_NAME = re.compile(
     r"(?:^|[_.\-])(?:token|secret|api[_-]?key|access[_-]?key|credentials?)(?:$|[_.\-])|passw(?:or)?d", re.I
 )
 MIN_SECRET_CHARS = 6  # a shorter value ("1", "true", "hf") would mask ordinary text wherever it occurs
-_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/?#@\s'\"]+@", re.I)
+# scheme://user:password@ , also as Hydra prints overrides (http\://user\:password@...)
+_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*\\?://)[^/?#@\s'\"]+@", re.I)
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&;][^=&#\s]*(?:token|passw(?:or)?d|secret|api[_-]?key)[^=&#\s]*=)[^&#\s'\"]+", re.I
 )
