@@ -153,3 +153,19 @@ def test_a_guarded_child_reports_the_exit_status_of_its_command():
     assert done.returncode == -signal.SIGKILL
     assert children.describe_exit(done.returncode) == "was killed by SIGKILL"
     assert children.describe_exit(3) == "exited with 3"
+
+
+def test_a_signal_the_job_was_started_to_ignore_stays_ignored():
+    """`nohup python run.py ...` ignores SIGHUP: closing the terminal must not stop the job."""
+    code = (
+        "import os, signal\n"
+        "from quantbench import children\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "with children.stop_on_signals():\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"
+        "assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN\n"
+        "print('still running')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "still running" in out.stdout, out.stderr

@@ -114,7 +114,7 @@ def test_an_https_store_whose_certificate_is_not_trusted_still_counts_as_answeri
     import subprocess
     import threading
 
-    from quantbench import tracking
+    from quantbench import stores
 
     folder = tmp_path
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1",
@@ -126,7 +126,7 @@ def test_an_https_store_whose_certificate_is_not_trusted_still_counts_as_answeri
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        assert tracking.unreachable(f"https://127.0.0.1:{server.server_address[1]}") is None
+        assert stores.unreachable(f"https://127.0.0.1:{server.server_address[1]}") is None
     finally:
         server.shutdown()
 
@@ -211,3 +211,26 @@ def test_the_driver_sqlalchemy_picks_for_a_postgresql_uri_is_pinned_and_imports(
     lock = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
     assert driver in lock and f"{driver}-binary" in lock, f"requirements-lock.txt does not pin {driver}"
     assert importlib.import_module(driver).pq.__impl__ == "binary"  # the wheel with its own libpq, no compiler
+
+
+def test_a_job_given_an_unreachable_tracking_server_exits_at_once_with_one_paragraph(tmp_path):
+    """`python run.py tracking=server` with nothing at MLFLOW_TRACKING_URI: the store is checked before the job's heavy
+    imports; the exit is non-zero with the paragraph naming the URI, no traceback. (The check itself is timed above;
+    here the bound only catches MLflow's retries, since a busy machine's imports take seconds of their own.)"""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from quantbench.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "tracking=server", f"hydra.run.dir={tmp_path}/out"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    elapsed = time.monotonic() - started
+    print(f"run.py with an unreachable tracking server exited after {elapsed:.1f} s")
+    assert out.returncode != 0
+    assert f"The tracking store {url} does not answer ([Errno 111] Connection refused)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and elapsed < 60

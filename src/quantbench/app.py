@@ -23,9 +23,13 @@ warnings.filterwarnings("ignore", message="\n'hydra/launcher/(ray|submitit_slurm
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig):
-    """One job. SIGTERM or SIGHUP kills its children and ends its run FAILED naming the signal (the process then exits
-    with 128 + the signal's number)."""
-    from quantbench import children, pipeline
+    """One job. A tracking store that does not answer fails it in seconds, before the imports below (seconds more);
+    SIGTERM or SIGHUP kills its children and ends its run FAILED naming the signal (the process then exits with
+    128 + the signal's number)."""
+    from quantbench import children, stores
+
+    stores.check_reachable(str(cfg.tracking.uri))
+    from quantbench import pipeline
 
     with children.stop_on_signals():
         return pipeline.run(cfg)

@@ -111,7 +111,8 @@ def kill_live_groups() -> None:
 def stop_on_signals() -> Iterator[None]:
     """For one job: on SIGTERM or SIGHUP kill every live child group at once, then raise `Stopped` in the job's main
     thread (the job's run ends FAILED with it). A second signal during the cleanup only kills children again, so that
-    the run can still be marked. Outside the main thread (where Python cannot take signals) this does nothing."""
+    the run can still be marked. Outside the main thread (where Python cannot take signals) this does nothing; a signal
+    that is ignored (SIGHUP under nohup) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -123,7 +124,8 @@ def stop_on_signals() -> Iterator[None]:
             stopping.append(signum)
             raise Stopped(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    # a signal the job was started to ignore (`nohup` ignores SIGHUP) stays ignored
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     except Stopped as exc:
