@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 PG_USER = "postgres"
 DATABASE = "mlflow"
 LOOPBACK = "127.0.0.1"
+WORKER_HEALTHCHECK_S = 120
 # Every connection needs the password; TCP on loopback only (listen_addresses); no Unix socket is opened.
 PG_HBA = f"""# Written by quantbench at every start (quantbench/server.py): password (scram-sha-256) for every connection.
 host all all {LOOPBACK}/32 scram-sha-256
@@ -255,6 +256,9 @@ def serve(mlruns: Path, port: int, store: str, pg_port: int, host: str = LOOPBAC
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend]
         cmd += ["--serve-artifacts", "--artifacts-destination", str(artifacts)]
         cmd += ["--host", host, "--port", str(port)]
+        # uvicorn replaces a worker that misses a 5 s health check; on a busy small machine a worker still importing
+        # MLflow misses it, and its replacement too: the server never came up in 180 s (seen with 6 jobs on 2 cores)
+        cmd += ["--uvicorn-opts", f"--timeout-worker-healthcheck {WORKER_HEALTHCHECK_S}"]
         mlflow = children.spawn(cmd, env=env)
         try:
             return mlflow.wait()

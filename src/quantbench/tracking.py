@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure, redact
-from quantbench.stores import check_reachable, mlflow_uri, unreachable
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
+from quantbench.stores import check_reachable, mlflow_uri, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ class Tracker:
             self.run_id = active.info.run_id
             self.set_tags({**self.environment_tags(), **tags, "config_hash": key})
             self.log_params(flatten({k: v for k, v in clean.items() if k != "hydra"}))
-            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(clean)), "config/config.yaml")
+            config_yaml = yaml.safe_dump(clean, default_flow_style=False, allow_unicode=True, sort_keys=False)
+            mlflow.log_text(config_yaml, "config/config.yaml")  # as OmegaConf.to_yaml writes it, masked
             try:
                 yield self
             except BaseException as exc:
