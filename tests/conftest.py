@@ -102,27 +102,36 @@ def default_sweep(tiny_root, tmp_path_factory) -> Store:
     return run_cli("-m", mlruns=work / "mlruns", workdir=work)
 
 
+def world_enterable_folder(prefix: str) -> Path:
+    """A new folder under the project's cache that the postgres user can enter (PostgreSQL runs as that user when
+    we are root, and cannot enter pytest's root-only temporary folders)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=CACHE, prefix=prefix))
+    folder.chmod(0o755)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
-    """`quantbench server --store postgresql --detach` in a folder under the project's cache (PostgreSQL runs as the
-    postgres user, who cannot enter pytest's root-only temporary folders); `quantbench server stop` after, checked."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=CACHE, prefix="test-server-"))
-    folder.chmod(0o755)
+    """`quantbench server --store postgresql --detach` in a folder whose path has a space and shell syntax (nothing
+    may pass it through a shell: `$(touch INJECTED)` must stay a name); `quantbench server stop` after, checked."""
+    parent = world_enterable_folder("test-server-")
+    folder = parent / "mlflow store $(touch INJECTED)"
     cli = [sys.executable, "-m", "quantbench", "server", "--mlruns", str(folder)]
     port = server.free_port()
     up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(server.free_port())],
-                        capture_output=True, text=True, timeout=300)  # fmt: skip
+                        capture_output=True, text=True, timeout=300, cwd=parent)  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]
     try:
         yield f"http://127.0.0.1:{port}", folder
     finally:
-        down = subprocess.run([*cli, "stop"], capture_output=True, text=True, timeout=120)
+        down = subprocess.run([*cli, "stop"], capture_output=True, text=True, timeout=120, cwd=parent)
         assert down.returncode == 0 and "Stopped" in down.stderr, down.stderr
         assert not (folder / "postgres" / "data" / "postmaster.pid").exists(), "PostgreSQL still running"
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-        shutil.rmtree(folder, ignore_errors=True)
+        assert not list(parent.rglob("INJECTED")), "a path was passed through a shell"
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -75,3 +75,97 @@ def test_a_test_session_stopped_with_sigterm_still_tears_down_its_fixtures(tmp_p
     session.send_signal(signal.SIGTERM)
     out = session.communicate(timeout=60)[0]
     assert (tmp_path / "stopped").exists(), out
+
+
+# A job that runs one child, which starts a grandchild (as vLLM's engine starts its engine core) and writes both pids.
+JOB = """
+import os, sys, subprocess
+from quantbench import children
+child = (
+    "import subprocess, sys, time, os\\n"
+    "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\\n"
+    f"open({sys.argv[1]!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}')\\n"
+    "time.sleep(120)\\n"
+)
+if sys.argv[2] == "plain":  # no handlers: what SIGKILL leaves of a job
+    children.run([sys.executable, "-c", child], timeout_s=300, what="The test child", setting="a.knob")
+else:
+    with children.stop_on_signals():
+        children.run([sys.executable, "-c", child], timeout_s=300, what="The test child", setting="a.knob")
+"""
+
+
+def _start_job(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, list[int]]:
+    """The job above, once its child and grandchild run: (the job, [child pid, grandchild pid])."""
+    pids = tmp_path / "pids"
+    job = subprocess.Popen(
+        [sys.executable, "-c", JOB, str(pids), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.1)
+    return job, [int(p) for p in pids.read_text().split()]
+
+
+def _gone(pids: list[int], timeout_s: float = 20) -> list[int]:
+    """The pids still alive (not zombies) after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in pids if alive(p) and "State:\tZ" not in _status(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+def test_a_job_killed_with_sigkill_takes_its_child_and_grandchild_with_it(tmp_path):
+    """SIGKILL runs no handler in the job: the guard, told by the kernel that the job died, kills the child's group."""
+    job, pids = _start_job(tmp_path, "plain")
+    job.kill()
+    job.wait()
+    left = _gone(pids)
+    for pid in left:  # what the assertion below reports must not outlive the test either
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "processes outlived the job killed with SIGKILL"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_job_stopped_by_a_signal_kills_its_children_and_exits_naming_it(tmp_path, signum):
+    job, pids = _start_job(tmp_path, "handlers")
+    job.send_signal(signum)
+    out = job.communicate(timeout=60)[0]
+    assert job.returncode == 128 + signum, out
+    assert f"stopped by {signal.Signals(signum).name} (signal {int(signum)})" in out
+    assert _gone(pids, timeout_s=1) == [], "the children were not killed at once"
+
+
+def test_a_guarded_child_reports_the_exit_status_of_its_command():
+    """The guard ends as its command did, so that callers see the same status (a signal as a negative code)."""
+    done = children.run([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], timeout_s=60, what="x",
+                        setting="y")  # fmt: skip
+    assert done.returncode == -signal.SIGKILL
+    assert children.describe_exit(done.returncode) == "was killed by SIGKILL"
+    assert children.describe_exit(3) == "exited with 3"
+
+
+def test_a_signal_the_job_was_started_to_ignore_stays_ignored():
+    """`nohup python run.py ...` ignores SIGHUP: closing the terminal must not stop the job."""
+    code = (
+        "import os, signal\n"
+        "from quantbench import children\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "with children.stop_on_signals():\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"
+        "assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN\n"
+        "print('still running')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "still running" in out.stdout, out.stderr

@@ -34,16 +34,22 @@ def usage() -> str:
 
 
 def mlflow_ui(argv: list[str]) -> int:
-    """`mlflow ui` over a local store, bound to 127.0.0.1."""
+    """`mlflow ui` over a local store, bound to 127.0.0.1 unless --host says otherwise."""
     import argparse
-    import subprocess
+    import logging
 
+    from quantbench import children, server
     from quantbench.paths import ROOT
 
     p = argparse.ArgumentParser(prog="quantbench ui", description=COMMANDS["ui"])
-    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; docs/server-security.md)"
+    )
     p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="the store's folder (default: %(default)s)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[quantbench ui] %(message)s")
+    server.check_host(args.host)
     Path(args.mlruns).mkdir(parents=True, exist_ok=True)
     store = [
         "--backend-store-uri",
@@ -51,9 +57,11 @@ def mlflow_ui(argv: list[str]) -> int:
         "--default-artifact-root",
         f"{args.mlruns}/artifacts",
     ]
-    return subprocess.call(
-        [sys.executable, "-m", "mlflow", "ui", *store, "--host", "127.0.0.1", "--port", str(args.port)]
-    )
+    ui = children.spawn([sys.executable, "-m", "mlflow", "ui", *store, "--host", args.host, "--port", str(args.port)])
+    try:
+        return ui.wait()
+    finally:  # Ctrl-C, or an error here: the UI's server and workers go with this command
+        children.kill_group(ui)
 
 
 def main(argv: list[str] | None = None) -> int:

