@@ -18,8 +18,10 @@ set -euo pipefail
 step=${1:?step}; shift
 VENV=/opt/torch/.venv
 case "$step" in
-  stage)   cp .gpu/bundle/c"$1"/bundle.tar.xz.* /tmp/ ;;
-  install) mkdir -p /tmp/wheels && cat /tmp/bundle.tar.xz.* | xz -d | tar -x -C /tmp/wheels && rm -f /tmp/bundle.tar.xz.*
+  stage)   mkdir -p /tmp/bundle && cp .gpu/bundle/c"$1"/* /tmp/bundle/ ;;
+  install) mkdir -p /tmp/wheels  # each wheel arrives as xz pieces <wheel>.xz.p00, .p01, ...
+           for whl in $(ls /tmp/bundle | sed 's/\.xz\.p[0-9]*$//' | sort -u); do
+             cat /tmp/bundle/"$whl".xz.p* | xz -d > /tmp/wheels/"$whl" & done; wait; rm -rf /tmp/bundle
            PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels PIP_DISABLE_PIP_VERSION_CHECK=1 make install VENV="$VENV" STACK=cuda
            "$VENV/bin/python" benchmarks/gpu/cuda_lock.py check > "${OUT:?}/environment.txt" ;;
   ext)     cp .gpu/ext/c"$1"/ext.tar.xz.* /tmp/

@@ -10,19 +10,18 @@ CPython 3.12 on manylinux x86-64 where PyPI has them; the sdist-only packages ar
 libpcre2-dev), so its extension needs only glibc. Three wheels are stripped of what a Hopper GPU run never loads, to
 fit the 64 MiB a command carries: vLLM (FlashAttention 2 kernels, DeepGEMM, SM100 FMHA headers, vllm-rs), bitsandbytes
 (native libraries other than CUDA 13.0 and CPU) and Ray (its Java workers); their RECORD files are rewritten, so pip
-installs them as any wheel. All wheels are repacked uncompressed and the lot is compressed once with xz.
+installs them as any wheel. Each wheel is repacked uncompressed and compressed with xz
+(kept under .gpu/xz/, so a changed lock compresses only its new wheels), then cut into pieces that fill the chunks.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -100,42 +99,73 @@ def repack(src: Path, dest: Path, name: str) -> None:
             zout.writestr(info, data)
 
 
+def compressed(wheel: Path, cache: Path) -> Path:
+    """The wheel compressed with xz, kept under `cache` by file name, so a rebuild compresses only new wheels."""
+    out = cache / f"{wheel.name}.xz"
+    if not out.exists():
+        tmp = out.with_suffix(".xz.tmp")
+        with wheel.open("rb") as src, tmp.open("wb") as dst:
+            subprocess.run(["xz", "-6", "-T0", "-c"], stdin=src, stdout=dst, check=True)
+        tmp.rename(out)
+    return out
+
+
+def pack(files: list[Path], out: Path, chunk: int) -> int:
+    """Cut each file into pieces of at most `chunk` bytes (`<name>.p00`, `.p01`, ...) and fill as few chunk folders
+    `out/c1`, `out/c2`, ... as hold them, largest piece first into the first folder with room."""
+    pieces = []
+    for f in files:
+        data = f.read_bytes()
+        pieces += [(f"{f.name}.p{i // chunk:02d}", data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    folders: list[list] = []
+    for name, data in sorted(pieces, key=lambda p: -len(p[1])):
+        room = next((f for f in folders if f[0] + len(data) <= chunk), None)
+        if room is None:
+            room = [0, []]
+            folders.append(room)
+        room[0] += len(data)
+        room[1].append((name, data))
+    shutil.rmtree(out, ignore_errors=True)
+    for i, (_, held) in enumerate(folders, 1):
+        (out / f"c{i}").mkdir(parents=True)
+        for name, data in held:
+            (out / f"c{i}" / name).write_bytes(data)
+    return len(folders)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="an empty or new folder (git-ignored, e.g. .gpu/bundle)")
+    parser.add_argument("out", type=Path, help="a new folder (git-ignored, e.g. .gpu/bundle); replaced if it exists")
     parser.add_argument("--chunk-mb", type=int, default=36, help="largest chunk; the repository travels beside it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     carried = cuda_lock.carried()
     cuda_lock.META.mkdir(parents=True, exist_ok=True)
+    cache = cuda_lock.META.parent / "xz"
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        wheels = work / "wheels"
-        wheels.mkdir()
         built = work / "built"
         built.mkdir()
+        parts = []
         for name, version in carried.items():
             found = wheel_for(name, version, cuda_lock.META) or download(name, version, cuda_lock.META)
             if found is None:
                 log.info("building %s==%s from its sdist", name, version)
                 found = build_sdist(name, version, built, work / "venv")
-            repack(found, wheels / found.name, name)
-        if any(
-            n.endswith(".so") for n in zipfile.ZipFile(wheel_for("gptqmodel", carried["gptqmodel"], wheels)).namelist()
-        ):
-            raise SystemExit("the gptqmodel wheel holds compiled code; it should JIT-build on the GPU machine")
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for whl in sorted(wheels.iterdir()):
-                tar.add(whl, arcname=whl.name)
-        xz = subprocess.run(["xz", "-6", "-T0", "-c"], input=buf.getvalue(), capture_output=True, check=True).stdout
-    shutil.rmtree(args.out, ignore_errors=True)
-    size = args.chunk_mb * 2**20
-    for i in range(0, len(xz), size):
-        chunk = args.out / f"c{i // size + 1}"
-        chunk.mkdir(parents=True)
-        (chunk / f"bundle.tar.xz.{i // size:02d}").write_bytes(xz[i : i + size])
-    log.info("%d wheels, %.1f MB in %d chunks under %s", len(carried), len(xz) / 1e6, -(-len(xz) // size), args.out)
+                shutil.copy2(found, cuda_lock.META / found.name)  # built once
+                found = cuda_lock.META / found.name
+            if name == "gptqmodel" and any(n.endswith(".so") for n in zipfile.ZipFile(found).namelist()):
+                raise SystemExit("the gptqmodel wheel holds compiled code; it should JIT-build on the GPU machine")
+            if not (cache / f"{found.name}.xz").exists():
+                repack(found, work / found.name, name)
+                parts.append(compressed(work / found.name, cache))
+                (work / found.name).unlink()
+            else:
+                parts.append(cache / f"{found.name}.xz")
+    chunks = pack(parts, args.out, args.chunk_mb * 2**20)
+    total = sum(p.stat().st_size for p in parts)
+    log.info("%d wheels, %.1f MB in %d chunks under %s", len(parts), total / 1e6, chunks, args.out)
     return 0
 
 
