@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Job:
     eval_plan: evaluation.EvalPlan | None
     bench_plan: bench.BenchPlan | None
     quality_plan: quality.QualityPlan | None = None
+    quality_ids: torch.Tensor | None = None  # the held-out windows, cut before any weights load
 
 
 def prepare(cfg: DictConfig) -> Job:
@@ -56,6 +58,8 @@ def prepare(cfg: DictConfig) -> Job:
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
     hw = cfg.hardware
     torch_dtype(hw.dtype)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(hw.device)):
+        raise ConfigError(f"hardware.device={hw.device!r}: quantbench runs on 'cpu', 'cuda' or 'cuda:<index>'.")
     if hw.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"hardware={hw.name} asks for device {hw.device!r} but no CUDA GPU is visible; "
@@ -69,13 +73,35 @@ def prepare(cfg: DictConfig) -> Job:
     bench.check_serving(bench_plan, hw, method.zero_points)
     if method.needs_calibration:
         calibration.check(cfg.calibration)
+    if cfg.model.get("trust_remote_code", False):
+        raise ConfigError(
+            f"model.trust_remote_code=true (model={cfg.model.name}) is refused: quantbench loads the model in several "
+            f"places that run no remote code (the quantizers' loaders, the fresh-process artifact check, the HF "
+            f"benchmark's reload, vLLM's engine), so the model would run as different code in each, or not at all. "
+            f"Use a model whose architecture your transformers version ships, with trust_remote_code=false."
+        )
     source = models.resolve(cfg.model, cfg.paths.cache)
-    model_config = source.config()
+    try:
+        model_config = source.config()
+    except (OSError, ValueError, KeyError) as exc:  # no weights are read: a config.json transformers cannot use
+        raise ConfigError(
+            f"model.pretrained={source.reference!r}: transformers cannot read its config ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})."
+        ) from exc
     method.validate(model_config, hw)
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
+    # the windows need only the tokenizer: a num_tokens the text cannot fill is told before any weights load
+    quality_ids = quality.windows(source.tokenizer(), quality_plan) if quality_plan else None
     return Job(
-        method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan, quality_plan
+        method,
+        source,
+        model_config,
+        measure.linear_shapes_of_config(model_config),
+        eval_plan,
+        bench_plan,
+        quality_plan,
+        quality_ids,
     )
 
 
@@ -282,8 +308,7 @@ def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibratio
 def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
     """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.quality). The baseline's
     distributions come from the cache, from this model if it is the baseline, or from the unquantized source."""
-    plan, hw = job.quality_plan, cfg.hardware
-    ids = quality.windows(tokenizer, plan)
+    plan, hw, ids = job.quality_plan, cfg.hardware, job.quality_ids
     path = quality.baseline_path(cfg.paths.cache, job.source, str(hw.dtype), str(hw.device), ids)
     if path.exists() or job.method.is_baseline:
         base = quality.baseline(model, ids, plan, path)
