@@ -31,7 +31,7 @@ from quantbench import (
 )
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
-from quantbench.runs import RESUMED_TAG
+from quantbench.runs import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
 from quantbench.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             quantized = (
                 cached.manifest["metrics"]
                 if cached is not None
-                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": _peak_gb(mem)}
+                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": mem.gb}
             )
+            mem_bases = {"quantize_peak_mem_gb": mem.basis}  # a cache hit's: quantized on this device type
             metrics |= quantized | {
                 "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
                 "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
@@ -222,6 +223,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 }
             )
             tracker.log_metrics(metrics)
+            tracker.set_tags(_mem_tags(mem_bases))
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
             probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
@@ -243,10 +245,13 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             if job.eval_plan is not None:
                 with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
                     result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
-                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": _peak_gb(mem)}
+                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": mem.gb}
+                mem_bases["eval_peak_mem_gb"] = mem.basis
                 tracker.log_metrics(metrics)
-                tracker.log_json(result.results, "eval/results.json")
-                tracker.log_json(result.samples, "eval/samples.json")
+                tracker.set_tags(_mem_tags(mem_bases))
+                tracker.log_json(result.results, evaluation.RESULTS)
+                tracker.log_json(result.samples, evaluation.SAMPLES)
+                tracker.log_json(result.per_task, evaluation.PER_TASK)
                 metrics |= _repeat_accuracy(
                     cfg, job, tokenizer, result.metrics, tracker, probe, metrics["fingerprint_nll"]
                 )
@@ -256,6 +261,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                     compared = _quality(cfg, job, model, tokenizer)
                 metrics |= compared.metrics | {"quality_s": quality_time.seconds}
                 tracker.log_metrics(metrics)
+                tracker.set_tags({QUALITY_WINDOWS_TAG: quality.windows_id(job.quality_ids)})
                 tracker.log_json(compared.per_window, quality.PER_WINDOW)
 
             if job.bench_plan is not None:
@@ -265,15 +271,20 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                     _release_memory()
                 with measure.PeakMemory() as mem:
                     speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
-                metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
+                metrics |= speed.metrics | {"bench_peak_mem_gb": mem.gb}
+                mem_bases["bench_peak_mem_gb"] = mem.basis
                 # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
+                mem_bases["serve_mem_gb"] = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
                 metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
                 tracker.log_metrics(metrics)
                 tracker.set_tags(speed.tags)
                 tracker.log_json(speed.detail, "bench/benchmark.json")
 
-            metrics["peak_mem_gb"] = max(v for k, v in metrics.items() if k.endswith("_peak_mem_gb"))
+            peaks = [k for k in metrics if k.endswith("_peak_mem_gb")]
+            metrics["peak_mem_gb"] = max(metrics[k] for k in peaks)
+            mem_bases["peak_mem_gb"] = " + ".join(sorted({mem_bases.get(k, "unknown") for k in peaks}))
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
+            tracker.set_tags(_mem_tags(mem_bases))
             # the files' sha256s are logged whether or not the files are: registration and users check against them
             tracker.log_json(measure.file_sha256(out_dir), measure.MODEL_SHA256)
             tracker.log_model(out_dir, str(cfg.tracking.log_model))
@@ -342,7 +353,7 @@ def _repeat_accuracy(
     repeats = int(cfg.get("repeats", 1))
     if repeats < 2 or not job.method.needs_calibration:
         return {}
-    accs = {k: [v] for k, v in first.items() if k.endswith("_acc")}
+    accs = {f"{t}_{evaluation.ACCURACY}": [first[f"{t}_{evaluation.ACCURACY}"]] for t in job.eval_plan.tasks}
     tracker.log_metrics({f"{k}_repeat": v[0] for k, v in accs.items()}, step=0)
     # the probe's loss per seed shows that each seed really gave another model (the first is the artifact's)
     tracker.log_metrics({"fingerprint_nll_repeat": first_nll}, step=0)
@@ -366,8 +377,9 @@ def _repeat_accuracy(
     return out
 
 
-def _peak_gb(mem: measure.PeakMemory) -> float:
-    return (mem.peak_cuda if mem.peak_cuda else mem.peak_rss) / measure.GB
+def _mem_tags(bases: dict[str, str]) -> dict[str, str]:
+    """mem_basis.<metric>: what each memory figure measured (measure.MEM_BASES), so that only like is compared."""
+    return {f"{MEM_BASIS_TAG}.{name}": basis for name, basis in bases.items()}
 
 
 def _release_memory() -> None:
