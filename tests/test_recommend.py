@@ -175,3 +175,12 @@ def test_one_memory_budget_is_not_applied_to_figures_that_measured_different_thi
     assert "serve_mem_gb: cuda_device_used: fp16, gptq; serve_mem_gb: cuda_allocator: aqlm_2bit" in rec.why
     (smallest,) = [m for m in recommend.decision_matrix(sel, st.compare(sel)) if m["constraint"].startswith("Tight")]
     assert smallest["recommended"] == "none measured" and "not comparable" in smallest["evidence"]
+
+
+@pytest.mark.parametrize(
+    "args", [["--gpu-memory-gb", "nan"], ["--gpu-memory-gb", "-4"], ["--max-kl-mean", "inf"], ["--streams", "0"]]
+)
+def test_a_constraint_out_of_range_is_refused_before_the_store_is_read(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recommend.main(["--tracking-uri", "sqlite:////nonexistent/mlflow.db", *args])
+    assert exit_.value.code == 2 and f"error: argument {args[0]}" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -329,16 +330,37 @@ def _streams(n: int) -> str:
     return f"{n} stream" if n == 1 else f"{n} streams"
 
 
+def _number(ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """An argparse type: a finite number within the bounds (a NaN budget would pass every run)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if (
+            not math.isfinite(value)
+            or (ge is not None and value < ge)
+            or (gt is not None and value <= gt)
+            or (le is not None and value > le)
+        ):
+            bounds = ", ".join(f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None)
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantbench recommend", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpu-memory-gb", type=float, help="GPU memory budget (GB)")
-    p.add_argument("--min-accuracy", type=float, help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)")
-    p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")
-    p.add_argument("--streams", type=int, default=1, help="concurrent streams the tokens/s floor applies to")
+    p.add_argument("--gpu-memory-gb", type=_number(gt=0), help="GPU memory budget (GB)")
+    p.add_argument(
+        "--min-accuracy", type=_number(ge=0, le=100), help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)"
+    )
+    p.add_argument("--min-tokens-per-s", type=_number(ge=0), help="minimum output tokens/s")
+    p.add_argument("--streams", type=int, default=1, choices=range(1, 1025), metavar="N",
+                   help="concurrent streams the tokens/s floor applies to")  # fmt: skip
     p.add_argument("--fine-tune", action="store_true", help="the model will be fine-tuned (QLoRA: bitsandbytes)")
     p.add_argument(
         "--max-kl-mean",
-        type=float,
+        type=_number(ge=0),
         help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)",
     )
     p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")
