@@ -99,3 +99,11 @@ def test_a_memory_metric_ranks_only_runs_whose_figures_measured_the_same_thing(m
     d = decide(mixed_memory, "rank_by=serve_mem_gb", "tie_break=null")
     assert not any(x.won for x in d.values())
     assert "serve_mem_gb cannot rank these runs" in d["gptq"].why
+
+
+def test_quantbench_register_answers_a_bad_policy_value_with_the_paragraph_and_exit_2(three, caplog):
+    from quantbench import registry
+
+    with caplog.at_level("ERROR"):
+        assert registry.main(["--tracking-uri", three, "--dry-run", "tie_tolerance=-1"]) == 2
+    assert "tie_tolerance=-1.0 (must be >= 0)" in caplog.text
