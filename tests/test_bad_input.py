@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
 from helpers.hub import unused_endpoint
 from helpers.run_if import run_if
-from quantbench import bench, models, pipeline
+from quantbench import bench, models, pipeline, schema
 from quantbench.errors import ConfigError
 
 
@@ -161,3 +162,91 @@ def test_a_parallel_sweep_is_refused_a_sqlite_store_and_pointed_to_the_tracking_
         pipeline.check_store_for_launcher(local.tracking.uri, local.hydra.launcher._target_)
     pipeline.check_store_for_launcher(served.tracking.uri, served.hydra.launcher._target_)
     pipeline.check_store_for_launcher(serial.tracking.uri, serial.hydra.launcher._target_)  # one job at a time
+
+
+# Nonsense in every group, each with what its one-paragraph refusal says; an override may need another method.
+# On the code before these checks, some ran to a FINISHED run (eval.num_fewshot=-1, repeats=0, a negative bandwidth or
+# memory, job_cpus=0, trust_remote_code) and others failed only after loading the model (eval.limit=0 and -1 and
+# seed=-1 inside lm-eval with a raw ValueError, quality.num_tokens after quantizing, artifact_check_s=0 after saving).
+BAD_VALUES = {
+    "limit_negative": (["eval.limit=-1"], "eval.limit=-1.0 (must be > 0 (documents per task"),
+    "limit_zero": (["eval.limit=0"], "eval.limit=0.0 (must be > 0"),
+    "limit_not_whole": (["eval.limit=2.5"], "eval.limit=2.5 (must be a whole number of documents"),
+    "fewshot_negative": (["eval.num_fewshot=-1"], "eval.num_fewshot=-1 (must be >= 0)"),
+    "repeats_zero": (["repeats=0"], "repeats=0 (must be >= 1)"),
+    "seed_negative": (["seed=-1"], "seed=-1 (must be >= 0)"),
+    "timeout_zero": (["timeouts.artifact_check_s=0"], "timeouts.artifact_check_s=0.0 (must be > 0)"),
+    "bench_repeats_zero": (["bench.repeats=0"], "bench.repeats=0 (must be >= 1)"),
+    "quality_seq_len": (["quality.seq_len=4"], "quality.seq_len=4 (must be >= 8)"),
+    "quality_seed_nan": (["quality.seed=-3"], "quality.seed=-3 (must be >= 0)"),
+    "quality_too_long": (["quality.num_tokens=100000000"], "quality.num_tokens=100000000: the held-out text has only"),
+    "calibration_seq_len": (["calibration.seq_len=1"], "calibration.seq_len=1 (must be >= 8)"),
+    "calibration_samples": (["calibration.num_samples=0"], "calibration.num_samples=0 (must be >= 1)"),
+    "bandwidth_negative": (["hardware.memory_bandwidth_gbs=-1"], "hardware.memory_bandwidth_gbs=-1.0 (must be > 0)"),
+    "bandwidth_nan": (["hardware.memory_bandwidth_gbs=nan"], "hardware.memory_bandwidth_gbs=nan (must be a finite"),
+    "memory_negative": (["hardware.memory_gb=-3"], "hardware.memory_gb=-3.0 (must be > 0)"),
+    "eval_batch_zero": (["hardware.eval_batch_size=0"], "hardware.eval_batch_size=0 (must be >= 1)"),
+    "job_cpus_zero": (["hardware.job_cpus=0"], "hardware.job_cpus=0 (must be >= 1)"),
+    "job_time_zero": (["hardware.job_time_min=0"], "hardware.job_time_min=0 (must be >= 1)"),
+    "device_unknown": (["hardware.device=tpu"], "hardware.device='tpu': quantbench runs on 'cpu', 'cuda'"),
+    "remote_code": (["model.trust_remote_code=true"], "model.trust_remote_code=true (model=tiny) is refused"),
+    "aqlm_lr_negative": (["method=aqlm_2bit", "method.finetune_lr=-1"], "method.finetune_lr=-1.0 (must be > 0)"),
+    "aqlm_rounds_zero": (["method=aqlm_2bit", "method.max_rounds=0"], "method.max_rounds=0 (must be >= 1)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_bad_value_is_refused_with_its_name_before_any_model_loads(name, tiny_root):
+    overrides, needle = BAD_VALUES[name]
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg_with(*overrides))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)  # one paragraph
+
+
+def test_a_value_of_the_wrong_type_at_the_root_is_refused_by_hydra_and_an_unknown_root_key_by_the_job():
+    with pytest.raises(Exception, match="repeats=abc"):
+        cfg_with("repeats=abc")
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['repeat'\]"):
+        schema.check(cfg_with("+repeat=3"))
+
+
+@pytest.fixture(scope="module")
+def bad_sweep(tmp_path_factory, tiny_root):
+    """Every bad value as one job of one real multirun (`+bad=<name>`: a config group of our own on Hydra's search
+    path, one file per value), so the CLI's imports are paid once."""
+    work = tmp_path_factory.mktemp("bad_sweep")
+    group = work / "conf" / "bad"
+    group.mkdir(parents=True)
+    for name, (overrides, _) in BAD_VALUES.items():
+        method = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+        body = OmegaConf.to_yaml(OmegaConf.from_dotlist([o for o in overrides if not o.startswith("method=")]))
+        head = "# @package _global_\n" + (f"defaults:\n  - override /method: {method[0]}\n" if method else "")
+        (group / f"{name}.yaml").write_text(head + body)
+    store = run_cli(
+        "--config-dir", str(work / "conf"), "-m", f"+bad={','.join(sorted(BAD_VALUES))}",
+        "~hydra.sweeper.params.method",  # one job per bad value, not one per default method as well
+        mlruns=work / "mlruns", workdir=work, check=False, timeout=1500,
+    )  # fmt: skip
+    runs = {next(o for o in r.data.tags["overrides"].split() if o.startswith("+bad=")): r for r in store.runs()}
+    assert len(runs) == len(store.runs()) == len(BAD_VALUES), store.result.stdout[-3000:]
+    return store, {key.removeprefix("+bad="): run for key, run in runs.items()}
+
+
+MAX_JOB_S = 60  # a job that refuses its input spends its time importing and indexing tasks, not loading weights
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_the_cli_refuses_every_bad_value_with_a_failed_run_that_says_why(bad_sweep, name):
+    store, runs = bad_sweep
+    needle = BAD_VALUES[name][1]
+    assert store.result.returncode != 0
+    assert needle in store.result.stdout  # the one-paragraph reason on the console
+    run = runs[name]
+    assert run.info.status == "FAILED", f"{name}: {run.info.status}"
+    assert needle in run.data.tags["failure_reason"] and run.data.tags["failure_type"] == "ConfigError"
+    assert run.data.metrics == {}  # nothing was measured: no model was loaded, quantized or scored
+    trace = store.client.download_artifacts(run.info.run_id, "failure/traceback.txt", str(store.artifacts.parent))
+    assert "in prepare" in open(trace).read()  # refused while validating, before the steps that load weights
+    assert (run.info.end_time - run.info.start_time) / 1000 < MAX_JOB_S

@@ -121,3 +121,40 @@ def test_bad_settings_are_refused_by_name(override, needle):
 
 def test_quality_none_plans_nothing():
     assert quality.plan(OmegaConf.create({"name": "none", "dataset": None})) is None
+
+
+def test_the_baseline_is_keyed_by_the_window_shape_and_the_models_content(tmp_path):
+    """The same tokens cut at another seq_len are other windows (a [4, 64] baseline cannot score [8, 32] windows), and
+    a local model folder retrained in place is another model: each gets its own cached baseline."""
+    from helpers.synthetic_store import tiny_model
+
+    from quantbench.models import SourceModel
+
+    folder = tiny_model(tmp_path / "model")
+    source = SourceModel(name="m", reference=str(folder), path_or_id=str(folder))
+    tokens = torch.arange(256)
+    by_64 = quality.baseline_path(tmp_path, source, "bfloat16", "cpu", tokens.view(4, 64))
+    by_32 = quality.baseline_path(tmp_path, source, "bfloat16", "cpu", tokens.view(8, 32))
+    assert by_64 != by_32
+    assert quality.windows_id(tokens.view(4, 64)) != quality.windows_id(tokens.view(8, 32))
+    assert by_64 == quality.baseline_path(tmp_path, source, "bfloat16", "cpu", tokens.view(4, 64))  # same: reused
+    tiny_model(folder, seed=1)  # retrained in place: same path, other weights
+    assert quality.baseline_path(tmp_path, source, "bfloat16", "cpu", tokens.view(4, 64)) != by_64
+
+
+def test_a_job_with_another_seq_len_does_not_take_the_cached_baseline(tiny_root, tmp_path):
+    """Through the pipeline's own path: quality.windows then baseline_path, as two jobs with quality.seq_len=64 and 32
+    over the same 256 tokens of held-out text would."""
+    from transformers import AutoTokenizer
+
+    from quantbench.models import SourceModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_root / "model")
+    source = SourceModel(name="tiny", reference="embedded:tiny", path_or_id=str(tiny_root / "model"))
+    paths = {
+        n: quality.baseline_path(
+            tmp_path, source, "bfloat16", "cpu", quality.windows(tok, plan(num_tokens=256, seq_len=n))
+        )
+        for n in (64, 32)
+    }
+    assert paths[64] != paths[32]

@@ -4,6 +4,7 @@ takes, and tokens/s are ranked only between runs measured the same way."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
@@ -12,7 +13,7 @@ from quantbench import recommend
 from quantbench.runs import Store
 
 N = 400
-H100 = {"hardware": "h100", "host.gpu": "NVIDIA H100 80GB HBM3"}
+H100 = {"hardware": "h100", "host.gpu": "NVIDIA H100 80GB HBM3", "vllm_version": "vllm==0.26.0"}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_a_4bit_model_that_serves_within_the_budget_is_accepted_though_quantizin
     with caplog.at_level(logging.INFO):
         rc = recommend.main(["--tracking-uri", uri, "--gpu-memory-gb", "10", "--backend", "vllm"])
     assert rc == 0
-    assert f"gptq (run {ids['gptq']}): needs 8.6 GB (GPU memory to serve it)" in caplog.text
-    assert "fp16" in caplog.text and "needs 18.3 GB (GPU memory to serve it) > 10 GB budget" in caplog.text
+    assert f"gptq (run {ids['gptq']}): needs 8.6 GB (GPU memory to serve it, cuda_device_used)" in caplog.text
+    assert "needs 18.3 GB (GPU memory to serve it, cuda_device_used) > 10 GB budget" in caplog.text
 
 
 def test_tokens_per_s_of_different_backends_are_not_ranked_against_each_other(store):
@@ -85,11 +86,12 @@ def test_tokens_per_s_of_different_backends_are_not_ranked_against_each_other(st
     st = Store(uri)
     sel = st.select("quantbench-tiny")
     comps = st.compare(sel)
-    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=10))  # gptq (vLLM) and aqlm (hf) fit
+    rec = recommend.recommend(sel, comps, recommend.Constraints())
     assert rec.choice is None
     assert "measured by different backends or machines" in rec.why
-    assert "vllm on NVIDIA H100 80GB HBM3: gptq (260 tokens/s)" in rec.why
-    assert "hf on NVIDIA H100 80GB HBM3: aqlm_2bit (30 tokens/s)" in rec.why
+    assert "vllm (vllm==0.26.0) on NVIDIA H100 80GB HBM3; 100 prompt + 250 tokens: gptq (260 tokens/s)" in rec.why
+    assert "hf (transformers 5.17.0, torch 2.13.0) on NVIDIA H100 80GB HBM3; 100 prompt + 250 tokens: " in rec.why
+    assert "aqlm_2bit (30 tokens/s)" in rec.why
     within = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=10, backend="vllm"))
     assert within.choice.row.run_id == ids["gptq"]
     assert any("aqlm_2bit" in o and "benchmarked by hf, not vllm" in o for o in within.others)
@@ -142,3 +144,43 @@ def test_the_memory_table_shows_what_quantizing_took_beside_what_serving_takes(s
     with (tmp_path / "memory.csv").open() as fh:
         gptq = next(r for r in csv.DictReader(fh) if r["method"] == "gptq")
     assert (float(gptq["quantize_peak_mem_gb"]), float(gptq["serve_mem_gb"])) == (17.0, 8.6)
+
+
+def test_a_run_without_accuracy_is_not_within_noise_of_the_baseline(tmp_path):
+    """A task whose metrics were not read (no accuracy logged) or an accuracy logged as NaN: the run was never compared
+    with the baseline, so it cannot count as 'not significantly worse' and win on speed alone."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    log_run(
+        client, exp, "fp16", job_num=0, samples={"t1": correctness(N, 300)}, metrics={"tokens_per_s_1_stream": 50.0}
+    )
+    log_run(client, exp, "gptq", job_num=1, samples={"t1": correctness(N, 300, 2, 2)},
+            metrics={"tokens_per_s_1_stream": 100.0})  # fmt: skip
+    log_run(client, exp, "awq", job_num=2, tasks=["t1"], metrics={"tokens_per_s_1_stream": 300.0})
+    log_run(client, exp, "rtn", job_num=3, tasks=["t1"], metrics={"tokens_per_s_1_stream": 200.0, "t1_acc": math.nan})
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints())
+    assert rec.choice.row.method == "gptq"  # slower than awq and rtn, but the only one compared and within noise
+    assert any("awq" in o and "accuracy not compared with fp16 on t1 (no t1_acc accuracy)" in o for o in rec.others)
+    assert any("rtn" in o and "t1 (t1_acc is nan (not a measurement) accuracy)" in o for o in rec.others)
+
+
+def test_one_memory_budget_is_not_applied_to_figures_that_measured_different_things(store):
+    uri, ids = store
+    st = Store(uri)
+    sel = st.select("quantbench-tiny")
+    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(gpu_memory_gb=10))
+    assert rec.choice is None
+    assert "memory figures measured different things" in rec.why
+    assert "serve_mem_gb: cuda_device_used: fp16, gptq; serve_mem_gb: cuda_allocator: aqlm_2bit" in rec.why
+    (smallest,) = [m for m in recommend.decision_matrix(sel, st.compare(sel)) if m["constraint"].startswith("Tight")]
+    assert smallest["recommended"] == "none measured" and "not comparable" in smallest["evidence"]
+
+
+@pytest.mark.parametrize(
+    "args", [["--gpu-memory-gb", "nan"], ["--gpu-memory-gb", "-4"], ["--max-kl-mean", "inf"], ["--streams", "0"]]
+)
+def test_a_constraint_out_of_range_is_refused_before_the_store_is_read(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recommend.main(["--tracking-uri", "sqlite:////nonexistent/mlflow.db", *args])
+    assert exit_.value.code == 2 and f"error: argument {args[0]}" in capsys.readouterr().err

@@ -219,7 +219,9 @@ def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp
     )
     _, _, ds = decisions(uri)
     assert not any(d.won for d in ds.values())
-    assert "tokens_per_s_1_stream would rank runs benchmarked by different backends" in ds["gptq"].why
+    assert "tokens_per_s_1_stream cannot rank these runs: tokens_per_s_1_stream was measured on different bases" in (
+        ds["gptq"].why
+    )
     assert "set rank_across_backends=true" in ds["aqlm_2bit"].why
     _, _, ds = decisions(uri, "rank_across_backends=true")
     assert ds["gptq"].won

@@ -421,3 +421,32 @@ def test_a_job_completed_by_a_rerun_of_its_sweep_shows_once_as_finished_and_a_jo
     log_run(client, exp, "awq", tags={"config_hash": "c"}, status="FAILED", failure_reason="out of memory", job_num=2)
     rows = Store(uri).select("quantbench-tiny").rows
     assert [(r.method, r.status) for r in rows] == [("fp16", "FINISHED"), ("gptq", "FINISHED"), ("awq", "FAILED")]
+
+
+def test_per_window_kl_pairs_only_runs_scored_on_the_same_windows(tmp_path):
+    """Two runs with as many windows, but cut from the text at another seq_len (their quality_windows_sha256 tags
+    differ): resampling them as pairs would compare other texts, so the separation table does not."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    values = [1e-3 + 1e-4 * (i % 3) for i in range(16)]
+    for i, (method, windows) in enumerate((("fp16", "aaaa"), ("gptq", "aaaa"), ("awq", "bbbb"))):
+        log_run(client, exp, method, job_num=i, samples={"t1": correctness(N1, 300)},
+                metrics={"quality_kl_mean": i * 1e-3}, tags={"quality_windows_sha256": windows},
+                quality_windows={"kl_mean": [i * v for v in values]})  # fmt: skip
+    out = tmp_path / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    steps = {r["to"]: r for r in read_csv(out / "quality_groups.csv")}
+    assert steps["gptq"]["verdict"] == "separated"
+    assert steps["awq"]["verdict"] == "not comparable: different held-out windows" and steps["awq"]["windows"] == ""
+
+
+def test_the_accuracy_table_shows_acc_norm_where_a_task_scores_it(tmp_path):
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    for i, method in enumerate(("fp16", "gptq")):
+        log_run(client, exp, method, job_num=i, samples={"arc_challenge": correctness(N1, 200 + 10 * i)},
+                metrics={"arc_challenge_acc_norm": 0.6 + i / 100, "arc_challenge_acc_norm_stderr": 0.02})  # fmt: skip
+    out = tmp_path / "out"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "accuracy.csv")}
+    assert (rows["gptq"]["task"], float(rows["gptq"]["acc_norm"]), float(rows["gptq"]["acc"])) == (
+        "arc_challenge", 0.61, 0.525)  # fmt: skip
+    assert "| Normalized acc ± stderr |" in (out / "report.md").read_text()

@@ -115,6 +115,17 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
     return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
 
 
+# What a memory figure measured (the mem_basis.<metric> tags): figures of different bases do not compare. The job
+# process's RSS counts every library it imported (3.4 GB for a 7 MB model); CUDA's allocator peak counts this
+# process's tensors only; the device's used memory counts every process on the GPU (vLLM's engine, its KV cache).
+MEM_BASES = {
+    "job_process_rss": "peak RSS of the job's process (sampled every 20 ms)",
+    "engine_process_rss": "peak RSS of the vLLM engine's process",
+    "cuda_allocator": "peak of CUDA's caching allocator in the job's process (torch.cuda.max_memory_allocated)",
+    "cuda_device_used": "the GPU's used memory, device-wide, read while the vLLM engine ran",
+}
+
+
 class PeakMemory:
     """Peak process memory (RSS, sampled every 20 ms) and peak CUDA memory over a `with` block.
 
@@ -148,6 +159,16 @@ class PeakMemory:
         self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
         if torch.cuda.is_available():
             self.peak_cuda = torch.cuda.max_memory_allocated()
+
+    @property
+    def gb(self) -> float:
+        """The block's peak: CUDA's allocator where the block used the GPU, else the process's RSS (see `basis`)."""
+        return (self.peak_cuda if self.peak_cuda else self.peak_rss) / GB
+
+    @property
+    def basis(self) -> str:
+        """Which of MEM_BASES `gb` is."""
+        return "cuda_allocator" if self.peak_cuda else "job_process_rss"
 
 
 class Stopwatch:

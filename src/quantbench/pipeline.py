@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from quantbench import (
 )
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
-from quantbench.runs import RESUMED_TAG
+from quantbench.runs import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
 from quantbench.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Job:
     eval_plan: evaluation.EvalPlan | None
     bench_plan: bench.BenchPlan | None
     quality_plan: quality.QualityPlan | None = None
+    quality_ids: torch.Tensor | None = None  # the held-out windows, cut before any weights load
 
 
 def prepare(cfg: DictConfig) -> Job:
@@ -56,6 +58,8 @@ def prepare(cfg: DictConfig) -> Job:
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
     hw = cfg.hardware
     torch_dtype(hw.dtype)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(hw.device)):
+        raise ConfigError(f"hardware.device={hw.device!r}: quantbench runs on 'cpu', 'cuda' or 'cuda:<index>'.")
     if hw.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"hardware={hw.name} asks for device {hw.device!r} but no CUDA GPU is visible; "
@@ -69,13 +73,35 @@ def prepare(cfg: DictConfig) -> Job:
     bench.check_serving(bench_plan, hw, method.zero_points)
     if method.needs_calibration:
         calibration.check(cfg.calibration)
+    if cfg.model.get("trust_remote_code", False):
+        raise ConfigError(
+            f"model.trust_remote_code=true (model={cfg.model.name}) is refused: quantbench loads the model in several "
+            f"places that run no remote code (the quantizers' loaders, the fresh-process artifact check, the HF "
+            f"benchmark's reload, vLLM's engine), so the model would run as different code in each, or not at all. "
+            f"Use a model whose architecture your transformers version ships, with trust_remote_code=false."
+        )
     source = models.resolve(cfg.model, cfg.paths.cache)
-    model_config = source.config()
+    try:
+        model_config = source.config()
+    except (OSError, ValueError, KeyError) as exc:  # no weights are read: a config.json transformers cannot use
+        raise ConfigError(
+            f"model.pretrained={source.reference!r}: transformers cannot read its config ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})."
+        ) from exc
     method.validate(model_config, hw)
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
+    # the windows need only the tokenizer: a num_tokens the text cannot fill is told before any weights load
+    quality_ids = quality.windows(source.tokenizer(), quality_plan) if quality_plan else None
     return Job(
-        method, source, model_config, measure.linear_shapes_of_config(model_config), eval_plan, bench_plan, quality_plan
+        method,
+        source,
+        model_config,
+        measure.linear_shapes_of_config(model_config),
+        eval_plan,
+        bench_plan,
+        quality_plan,
+        quality_ids,
     )
 
 
@@ -178,8 +204,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             quantized = (
                 cached.manifest["metrics"]
                 if cached is not None
-                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": _peak_gb(mem)}
+                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": mem.gb}
             )
+            mem_bases = {"quantize_peak_mem_gb": mem.basis}  # a cache hit's: quantized on this device type
             metrics |= quantized | {
                 "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
                 "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
@@ -196,6 +223,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                 }
             )
             tracker.log_metrics(metrics)
+            tracker.set_tags(_mem_tags(mem_bases))
             tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
 
             probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
@@ -217,10 +245,13 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             if job.eval_plan is not None:
                 with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
                     result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
-                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": _peak_gb(mem)}
+                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": mem.gb}
+                mem_bases["eval_peak_mem_gb"] = mem.basis
                 tracker.log_metrics(metrics)
-                tracker.log_json(result.results, "eval/results.json")
-                tracker.log_json(result.samples, "eval/samples.json")
+                tracker.set_tags(_mem_tags(mem_bases))
+                tracker.log_json(result.results, evaluation.RESULTS)
+                tracker.log_json(result.samples, evaluation.SAMPLES)
+                tracker.log_json(result.per_task, evaluation.PER_TASK)
                 metrics |= _repeat_accuracy(
                     cfg, job, tokenizer, result.metrics, tracker, probe, metrics["fingerprint_nll"]
                 )
@@ -230,6 +261,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                     compared = _quality(cfg, job, model, tokenizer)
                 metrics |= compared.metrics | {"quality_s": quality_time.seconds}
                 tracker.log_metrics(metrics)
+                tracker.set_tags({QUALITY_WINDOWS_TAG: quality.windows_id(job.quality_ids)})
                 tracker.log_json(compared.per_window, quality.PER_WINDOW)
 
             if job.bench_plan is not None:
@@ -239,15 +271,20 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                     _release_memory()
                 with measure.PeakMemory() as mem:
                     speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
-                metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
+                metrics |= speed.metrics | {"bench_peak_mem_gb": mem.gb}
+                mem_bases["bench_peak_mem_gb"] = mem.basis
                 # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
+                mem_bases["serve_mem_gb"] = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
                 metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
                 tracker.log_metrics(metrics)
                 tracker.set_tags(speed.tags)
                 tracker.log_json(speed.detail, "bench/benchmark.json")
 
-            metrics["peak_mem_gb"] = max(v for k, v in metrics.items() if k.endswith("_peak_mem_gb"))
+            peaks = [k for k in metrics if k.endswith("_peak_mem_gb")]
+            metrics["peak_mem_gb"] = max(metrics[k] for k in peaks)
+            mem_bases["peak_mem_gb"] = " + ".join(sorted({mem_bases.get(k, "unknown") for k in peaks}))
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
+            tracker.set_tags(_mem_tags(mem_bases))
             # the files' sha256s are logged whether or not the files are: registration and users check against them
             tracker.log_json(measure.file_sha256(out_dir), measure.MODEL_SHA256)
             tracker.log_model(out_dir, str(cfg.tracking.log_model))
@@ -282,8 +319,7 @@ def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibratio
 def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
     """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.quality). The baseline's
     distributions come from the cache, from this model if it is the baseline, or from the unquantized source."""
-    plan, hw = job.quality_plan, cfg.hardware
-    ids = quality.windows(tokenizer, plan)
+    plan, hw, ids = job.quality_plan, cfg.hardware, job.quality_ids
     path = quality.baseline_path(cfg.paths.cache, job.source, str(hw.dtype), str(hw.device), ids)
     if path.exists() or job.method.is_baseline:
         base = quality.baseline(model, ids, plan, path)
@@ -317,7 +353,7 @@ def _repeat_accuracy(
     repeats = int(cfg.get("repeats", 1))
     if repeats < 2 or not job.method.needs_calibration:
         return {}
-    accs = {k: [v] for k, v in first.items() if k.endswith("_acc")}
+    accs = {f"{t}_{evaluation.ACCURACY}": [first[f"{t}_{evaluation.ACCURACY}"]] for t in job.eval_plan.tasks}
     tracker.log_metrics({f"{k}_repeat": v[0] for k, v in accs.items()}, step=0)
     # the probe's loss per seed shows that each seed really gave another model (the first is the artifact's)
     tracker.log_metrics({"fingerprint_nll_repeat": first_nll}, step=0)
@@ -341,8 +377,9 @@ def _repeat_accuracy(
     return out
 
 
-def _peak_gb(mem: measure.PeakMemory) -> float:
-    return (mem.peak_cuda if mem.peak_cuda else mem.peak_rss) / measure.GB
+def _mem_tags(bases: dict[str, str]) -> dict[str, str]:
+    """mem_basis.<metric>: what each memory figure measured (measure.MEM_BASES), so that only like is compared."""
+    return {f"{MEM_BASIS_TAG}.{name}": basis for name, basis in bases.items()}
 
 
 def _release_memory() -> None:

@@ -5,7 +5,9 @@ and why each other run is not. `registry` registers what it chooses.
    min_tokens_per_s_1_stream, max_kl_mean, max_acc_drop_points, reject_significantly_worse), is rejected with the
    reason.
 2. The others are ranked by `rank_by`; runs within `tie_tolerance` of the best are tied, and `tie_break` decides.
-   A speed metric ranks runs of one backend on one machine only, unless `rank_across_backends`.
+   A speed metric ranks runs of one speed basis only (backend and version, machine and threads, benchmark shape),
+   and a memory metric, limit or rank, runs whose figures measured the same thing (process RSS, CUDA's allocator,
+   device memory), unless `rank_across_backends`. A metric logged as NaN passes no constraint and ranks nowhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 from quantbench import schema, stats
 from quantbench.errors import ConfigError
 from quantbench.paths import ROOT
-from quantbench.runs import RunRow, Selection, speed_groups
+from quantbench.runs import RunRow, Selection, mem_groups, speed_groups
 
 MEAN_ACCURACY = "mean accuracy"
 
@@ -55,9 +57,13 @@ def load_policy(overrides: list[str] | None = None) -> DictConfig:
                 f"{', '.join(f.name for f in fields(schema.PolicyConfig))}; its files: "
                 f"{', '.join(sorted(p.stem for p in (ROOT / 'conf' / 'policy').glob('*.yaml')))}."
             ) from exc
+    schema.check(cfg)  # ranges: a negative tie tolerance or a NaN limit would relax or break the rules silently
     policy = cfg.policy
     if str(policy.rank_by).replace("_", " ") == MEAN_ACCURACY:
         policy.rank_by = MEAN_ACCURACY
+    for name in (policy.rank_by, policy.tie_break):
+        if name is not None:
+            higher_is_better(name)  # refuses a name that ranks nothing, before any run is read
     return policy
 
 
@@ -71,14 +77,34 @@ def metric(row: RunRow, name: str | None, tasks: list[str]) -> float | None:
     return row.metrics.get(name)
 
 
+# Which way a metric is better, by its name: what `rank_by` and `tie_break` may name. Anything else (a standard
+# error, a bound, a count, the machine's bandwidth) measures no quality of the model and ranks nothing.
+HIGHER_IS_BETTER = ("mean_accuracy", "tokens_per_s_", "decode_tokens_per_s_", "roofline_fraction_",
+                    "quality_top1_agreement", "fingerprint_agreement")  # fmt: skip
+HIGHER_SUFFIXES = ("_acc", "_acc_norm", "_acc_mean", "_acc_norm_mean")
+LOWER_IS_BETTER = ("ttft_s_", "quality_kl_", "quality_ppl", "bits_per_weight", "fingerprint_nll",
+                   "fingerprint_reload_nll")  # fmt: skip
+LOWER_SUFFIXES = ("_gb", "_s", "_acc_std")
+NOT_RANKABLE = ("_stderr", "roofline_tokens_per_s_", "memory_bandwidth_gbs", "quality_tokens", "acc_repeats")
+
+
 def higher_is_better(name: str) -> bool:
-    """Sizes, times, KL divergence and perplexity are better small; accuracy, throughput and agreement big."""
+    """Accuracy, throughput, agreement: better big. Sizes, times, bits per weight, KL divergence, perplexity and
+    the fingerprint's loss: better small. Raises ConfigError for a name that ranks nothing (a standard error, a
+    bandwidth bound, a count) or is not a metric quantbench logs."""
     lowered = name.replace(" ", "_")
-    return not (
-        lowered.endswith("_gb")
-        or lowered.startswith("ttft")
-        or lowered.startswith(("quality_kl", "quality_ppl"))
-        or (lowered.endswith("_s") and not lowered.startswith(("tokens_per_s", "decode_tokens_per_s")))
+    if any(p in lowered for p in NOT_RANKABLE):
+        raise ConfigError(
+            f"{name!r} does not rank models (a standard error, a bound or a count measures the measurement, not the "
+            f"model); rank by accuracy, a speed, a size or a quality metric."
+        )
+    if lowered.startswith(HIGHER_IS_BETTER) or lowered.endswith(HIGHER_SUFFIXES):
+        return True
+    if lowered.startswith(LOWER_IS_BETTER) or lowered.endswith(LOWER_SUFFIXES):
+        return False
+    raise ConfigError(
+        f"{name!r}: quantbench does not know whether more is better; rank by {MEAN_ACCURACY!r}, a <task>_acc, "
+        f"tokens_per_s_<n>_stream(s), a *_gb size, a *_s time, bits_per_weight or a quality_* metric."
     )
 
 
@@ -89,34 +115,65 @@ def is_speed(name: str | None) -> bool:
     )
 
 
+MEMORY_METRICS = ("serve_mem_gb", "peak_mem_gb", "quantize_peak_mem_gb", "eval_peak_mem_gb", "bench_peak_mem_gb")
+
+
+def is_memory(name: str | None) -> bool:
+    """Memory figures: each measured as process RSS, CUDA's allocator peak or device memory (RunRow.mem_basis)."""
+    return bool(name) and name.replace(" ", "_") in MEMORY_METRICS
+
+
+def _bases(name: str, rows: list[RunRow]) -> dict[str, list[RunRow]]:
+    """The rows by what `name` measured on them, where that decides whether they compare (speeds and memory)."""
+    if is_speed(name):
+        return speed_groups(rows)
+    if is_memory(name):
+        return mem_groups(rows, name.replace(" ", "_"))
+    return {"": rows}
+
+
+def _not_comparable(name: str, groups: dict[str, list[RunRow]]) -> str:
+    return (
+        f"{name} was measured on different bases ("
+        + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
+        + "), so comparing it measures the backend, the machine or the way it was measured as much as the model; "
+        "choose runs of one basis (e.g. a sweep with one bench.backend, or --filter), or set rank_across_backends=true"
+    )
+
+
 def decide(sel: Selection, comparisons: stats.Comparisons, policy: DictConfig) -> list[Decision]:
     """Reject, rank, break ties; every Decision says why its run won or lost."""
+    up_rank = 1 if higher_is_better(policy.rank_by) else -1  # a name that ranks nothing is refused first
+    up_tie = 1 if policy.tie_break is None or higher_is_better(policy.tie_break) else -1
     decisions = [Decision(r) for r in sel.rows]
     for d in decisions:
         d.rejected = _rejections(d.row, sel, comparisons, policy)
         d.score = metric(d.row, policy.rank_by, sel.tasks)
         d.tie_value = metric(d.row, policy.tie_break, sel.tasks)
         if not d.rejected and d.score is None:
-            d.rejected.append(f"has no {policy.rank_by} to rank by")
+            d.rejected.append(f"has no {policy.rank_by} to rank by" + _nan_note(d.row, policy.rank_by))
+    limited = [name for name, limit, _ in _limits(policy) if limit is not None and is_memory(name)]
+    finished = [d for d in decisions if d.row.ok]
+    for name in limited:  # a memory limit holds runs to one number: it must mean the same on each
+        groups = _bases(name, [d.row for d in finished])
+        if len(groups) > 1 and not policy.rank_across_backends:
+            for d in finished:
+                d.rejected.append(f"max_{name} cannot be applied: " + _not_comparable(name, groups))
     candidates = [d for d in decisions if not d.rejected]
     if not candidates:
+        for d in decisions:
+            d.why = "rejected: " + "; ".join(d.rejected)
         return decisions
-    up_rank = 1 if higher_is_better(policy.rank_by) else -1
-    up_tie = 1 if policy.tie_break is None or higher_is_better(policy.tie_break) else -1
     best = max(up_rank * d.score for d in candidates)
     tied = [d for d in candidates if best - up_rank * d.score <= policy.tie_tolerance]
     for name, compared in ((policy.rank_by, candidates), (policy.tie_break, tied if len(tied) > 1 else [])):
-        groups = speed_groups(d.row for d in compared)
-        if is_speed(name) and len(groups) > 1 and not policy.rank_across_backends:
-            reason = (
-                f"{name} would rank runs benchmarked by different backends or machines ("
-                + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
-                + "), which measures the backend as much as the model; choose runs of one backend "
-                "(e.g. a sweep with one bench.backend), or set rank_across_backends=true"
-            )
+        groups = _bases(name, [d.row for d in compared]) if name else {}
+        if len(groups) > 1 and not policy.rank_across_backends:
             for d in compared:
-                d.rejected.append(reason)
-                d.why = "rejected: " + "; ".join(d.rejected)
+                d.rejected.append(f"{name} cannot rank these runs: " + _not_comparable(name, groups))
+            for d in decisions:
+                if d.rejected:
+                    d.why = "rejected: " + "; ".join(d.rejected)
             return decisions
     tied.sort(key=lambda d: (d.tie_value is None, -up_tie * (d.tie_value or 0.0), -up_rank * d.score))
     winner = tied[0]
@@ -149,23 +206,30 @@ def decide(sel: Selection, comparisons: stats.Comparisons, policy: DictConfig) -
     return decisions
 
 
-def _rejections(row: RunRow, sel: Selection, comparisons: stats.Comparisons, policy: DictConfig) -> list[str]:
-    if not row.ok:
-        return [row.short_status()]
-    out = []
-    limits = [
+def _limits(policy: DictConfig) -> list[tuple[str, float | None, str]]:
+    return [
         ("disk_gb", policy.max_disk_gb, "max"),
         ("serve_mem_gb", policy.max_serve_mem_gb, "max"),
         ("peak_mem_gb", policy.max_peak_mem_gb, "max"),
         ("tokens_per_s_1_stream", policy.min_tokens_per_s_1_stream, "min"),
         ("quality_kl_mean", policy.max_kl_mean, "max"),
     ]
-    for name, limit, kind in limits:
+
+
+def _nan_note(row: RunRow, name: str) -> str:
+    return f" ({row.why_missing(name)})" if name in row.invalid else ""
+
+
+def _rejections(row: RunRow, sel: Selection, comparisons: stats.Comparisons, policy: DictConfig) -> list[str]:
+    if not row.ok:
+        return [row.short_status()]
+    out = []
+    for name, limit, kind in _limits(policy):
         if limit is None:
             continue
-        value = row.metrics.get(name)
+        value = row.metrics.get(name)  # NaN and infinities are not in row.metrics: they pass nothing
         if value is None:
-            out.append(f"no {name} to check against {kind} {limit:g}")
+            out.append(f"{row.why_missing(name)} to check against {kind} {limit:g}")
         elif (value > limit) if kind == "max" else (value < limit):
             out.append(f"{name} {value:.4g} {'>' if kind == 'max' else '<'} {kind} {limit:g}")
     if policy.max_acc_drop_points is not None:
@@ -176,7 +240,10 @@ def _rejections(row: RunRow, sel: Selection, comparisons: stats.Comparisons, pol
             for task in sel.tasks:
                 acc, ref = row.acc(task), base.acc(task)
                 if acc is None or ref is None:
-                    out.append(f"no {task} accuracy to compare with the baseline")
+                    out.append(
+                        f"no {task} accuracy to compare with the baseline"
+                        + _nan_note(row if acc is None else base, f"{task}_acc")
+                    )
                 elif 100 * (ref - acc) > policy.max_acc_drop_points:
                     out.append(
                         f"{task} drops {100 * (ref - acc):.2f} pp vs {sel.baseline_method} "

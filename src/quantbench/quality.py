@@ -6,13 +6,15 @@ differ; the KL divergence of the next-token distribution from the baseline's, it
 a method breaks) and top-1 agreement move long before accuracy does (the measures llama.cpp's quantization tables
 and the quantization literature use). Perplexity on the same text is logged beside them.
 
-The baseline's log-probabilities are computed once per (source model, dtype, device type, text) and cached: from the
-in-memory model when the job is the baseline itself (fp16), else by loading the unquantized source model.
+The baseline's log-probabilities are computed once per (source model's content, dtype, device type, windows) and
+cached: from the in-memory model when the job is the baseline itself (fp16), else by loading the unquantized source
+model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -95,11 +97,20 @@ def log_probs(model, ids: torch.Tensor, batch_size: int):
         yield x, torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
 
 
+def windows_id(ids: torch.Tensor) -> str:
+    """The held-out windows' identity: their shape and token ids (the same tokens cut at another seq_len are other
+    windows). Per-window figures of two runs pair only when this is equal."""
+    return hashlib.sha256(f"{list(ids.shape)}|{ids.dtype}|".encode() + ids.numpy().tobytes()).hexdigest()[:16]
+
+
 def baseline_path(cache_dir: str | Path, source: SourceModel, dtype: str, device: str, ids: torch.Tensor) -> Path:
-    key = hashlib.sha256(
-        f"{source.reference}|{source.path_or_id}|{source.revision}|{dtype}|{device.split(':')[0]}".encode()
-        + ids.numpy().tobytes()
-    ).hexdigest()[:16]
+    """Where the baseline's distributions on these windows are cached: keyed by the source model's content (file
+    hashes or hub commit, so a folder retrained in place is another baseline), dtype, device type and the windows
+    (shape included)."""
+    from quantbench.quantized_cache import source_identity
+
+    identity = json.dumps(source_identity(source, Path(cache_dir)), sort_keys=True)
+    key = hashlib.sha256(f"{identity}|{dtype}|{device.split(':')[0]}|{windows_id(ids)}".encode()).hexdigest()[:16]
     return Path(cache_dir) / "quantbench" / "baselines" / f"{source.name}-{key}.pt"
 
 

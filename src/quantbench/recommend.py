@@ -3,17 +3,20 @@
 `quantbench recommend --gpu-memory-gb 6 --min-accuracy 0.5 --min-tokens-per-s 100 --fine-tune`
 filters the sweep's finished runs by the constraints, prefers those whose accuracy is statistically
 indistinguishable from the baseline (paired bootstrap per task), and among them picks the fastest — saying
-why, and on which run ids that rests.
+why, and on which run ids that rests. A run whose accuracy could not be compared with the baseline is not
+"within noise"; tokens/s and memory figures are compared only where they measured the same thing.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 
 from quantbench import stats
+from quantbench.bench import stream_label
 from quantbench.runs import RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ class Assessment:
     row: RunRow
     excluded: list[str] = field(default_factory=list)
     worse_on: list[str] = field(default_factory=list)  # tasks significantly worse than the baseline
+    not_compared: list[str] = field(default_factory=list)  # tasks without a difference from the baseline, and why
     memory_gb: float | None = None
-    memory_basis: str = ""
+    memory_basis: str = ""  # what the figure is, in words
+    memory_kind: str = ""  # what it measured (RunRow.mem_basis, "weights", "disk"): figures compare within one kind
+    budget_excluded: bool = False  # excluded by the memory budget (alone, or besides other reasons)
 
     @property
     def feasible(self) -> bool:
@@ -63,25 +69,47 @@ class Recommendation:
     assessments: list[Assessment]
 
 
-def memory_need(row: RunRow) -> tuple[float | None, str]:
-    """GPU memory a run needs: what serving it took on the GPU (vLLM's engine, read from the device) if measured, else
-    its measured peak if it ran on a GPU, else its weights (a CPU peak is host RSS)."""
-    if row.on_gpu and row.metrics.get("serve_mem_gb") is not None:
-        return row.metrics["serve_mem_gb"], "GPU memory to serve it"
-    if row.on_gpu and row.metrics.get("peak_mem_gb") is not None:
-        return row.metrics["peak_mem_gb"], "peak GPU memory"
+def memory_need(row: RunRow) -> tuple[float | None, str, str]:
+    """GPU memory a run needs, what that figure is in words, and what it measured: what serving it took on the GPU
+    (vLLM's engine, read from the device; the HF backend, CUDA's allocator) if measured, else its measured peak if it
+    ran on a GPU, else its weights (a CPU peak is host RSS)."""
+    for name, words in (("serve_mem_gb", "GPU memory to serve it"), ("peak_mem_gb", "peak GPU memory")):
+        if row.on_gpu and row.metrics.get(name) is not None:
+            basis = row.mem_basis(name)
+            return row.metrics[name], f"{words}, {basis}", f"{name}: {basis}"
     if row.metrics.get("weight_gb") is not None:
-        return row.metrics["weight_gb"], "weights only; no GPU peak measured"
-    return row.metrics.get("disk_gb"), "disk size; no weight or GPU peak measured"
+        return row.metrics["weight_gb"], "weights only; no GPU peak measured", "weights"
+    return row.metrics.get("disk_gb"), "disk size; no weight or GPU peak measured", "disk"
+
+
+def memory_kinds(assessments: list[Assessment]) -> dict[str, list[Assessment]]:
+    """Assessments with a memory figure by what it measured, in the order first seen."""
+    kinds: dict[str, list[Assessment]] = {}
+    for a in assessments:
+        if a.memory_gb is not None:
+            kinds.setdefault(a.memory_kind, []).append(a)
+    return kinds
+
+
+def _kinds_text(kinds: dict[str, list[Assessment]]) -> str:
+    return "; ".join(f"{kind}: {', '.join(a.row.label for a in group)}" for kind, group in kinds.items())
 
 
 def assess(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> list[Assessment]:
     out = []
     for row in sel.finished:
         a = Assessment(row)
-        a.memory_gb, a.memory_basis = memory_need(row)
+        a.memory_gb, a.memory_basis, a.memory_kind = memory_need(row)
         a.worse_on = stats.worse_tasks(row.run_id, comparisons)
+        compared = comparisons.get(row.run_id or "", {})
+        if sel.baseline is not None and row.run_id != sel.baseline.run_id and not row.random_weights:
+            a.not_compared = [
+                f"{t} ({row.why_missing(f'{t}_acc')} accuracy)" if row.acc(t) is None else t
+                for t in sel.tasks
+                if t not in compared
+            ]
         if c.gpu_memory_gb is not None:
+            a.budget_excluded = a.memory_gb is None or a.memory_gb > c.gpu_memory_gb
             if a.memory_gb is None:
                 a.excluded.append("no memory measurement")
             elif a.memory_gb > c.gpu_memory_gb:
@@ -95,13 +123,13 @@ def assess(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> li
         if c.min_tokens_per_s is not None:
             tps = row.tokens_per_s(c.streams)
             if tps is None:
-                a.excluded.append(f"no tokens/s at {_streams(c.streams)}")
+                a.excluded.append(f"{row.why_missing(f'tokens_per_s_{stream_label(c.streams)}')} at this stream count")
             elif tps < c.min_tokens_per_s:
                 a.excluded.append(f"{tps:.0f} tokens/s < {c.min_tokens_per_s:g} at {_streams(c.streams)}")
         if c.max_kl_mean is not None:
             kl = row.metrics.get("quality_kl_mean")
             if kl is None:
-                a.excluded.append("no quality_kl_mean (run with a quality config)")
+                a.excluded.append(f"{row.why_missing('quality_kl_mean')} (run with a quality config)")
             elif kl > c.max_kl_mean:
                 a.excluded.append(f"KL divergence from the baseline {kl:.3g} > {c.max_kl_mean:g} nats/token")
         if c.backend is not None and row.tags.get("bench_backend") != c.backend:
@@ -116,10 +144,26 @@ def assess(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> li
 
 
 def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) -> Recommendation:
-    """Feasible runs; of those, the ones not significantly worse than the baseline; of those, the fastest."""
+    """Feasible runs; of those, the ones compared with the baseline on every task and significantly worse on none;
+    of those, the fastest."""
     assessments = assess(sel, comparisons, c)
+    # the runs the budget decides between: those no other constraint excludes
+    kinds = memory_kinds([a for a in assessments if len(a.excluded) == int(a.budget_excluded)])
+    if c.gpu_memory_gb is not None and len(kinds) > 1 and not c.across_backends:
+        return Recommendation(
+            None,
+            f"The runs' memory figures measured different things ({_kinds_text(kinds)}), so one budget of "
+            f"{c.gpu_memory_gb:g} GB would not hold them to the same test. Choose runs of one kind with --filter, "
+            f"or compare them anyway with --across-backends.",
+            [
+                f"{a.row.label} ({a.row.run_id}): {a.memory_gb:.3g} GB, {a.memory_basis}"
+                for k in kinds.values()
+                for a in k
+            ],
+            assessments,
+        )
     feasible = [a for a in assessments if a.feasible]
-    accurate = [a for a in feasible if not a.worse_on]
+    accurate = [a for a in feasible if not a.worse_on and not a.not_compared]
     pool = accurate or feasible
     if not pool:
         lines = [f"{a.row.label} ({a.row.run_id}): " + "; ".join(a.excluded) for a in assessments]
@@ -156,13 +200,14 @@ def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) ->
             ""
             if best.worse_on
             else f"; no task significantly worse than {sel.baseline_method}"
-            if comparisons.get(best.row.run_id or "")
+            if comparisons.get(best.row.run_id or "") and not best.not_compared
             else f"; accuracy not compared with {sel.baseline_method}"
             + (" (random weights)" if best.row.random_weights else "")
+            + (f" on {', '.join(best.not_compared)}" if best.not_compared else "")
         )
         + (
             ""
-            if accurate
+            if accurate or not best.worse_on
             else " — but every feasible run is significantly worse than the baseline somewhere: "
             + "; ".join(best.worse_on)
         )
@@ -177,6 +222,12 @@ def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) ->
             others.append(
                 f"{a.row.label} ({a.row.run_id}): significantly worse than {sel.baseline_method} on "
                 + "; ".join(a.worse_on)
+            )
+        elif accurate and a.not_compared:
+            others.append(
+                f"{a.row.label} ({a.row.run_id}): accuracy not compared with {sel.baseline_method} on "
+                + ", ".join(a.not_compared)
+                + ", so it cannot count as within noise"
             )
         else:
             others.append(
@@ -233,10 +284,17 @@ def decision_matrix(sel: Selection, comparisons: stats.Comparisons) -> list[dict
         None if gptq else "maturity is not measured, and no GPTQ run finished in this sweep",
     )
     add("fine_tune", "Fine-tuning (QLoRA)", recommend(quantized, comparisons, Constraints(fine_tune=True)))
-    smallest = sorted(
-        (a for a in assess(quantized, comparisons, Constraints()) if a.memory_gb is not None), key=lambda a: a.memory_gb
-    )
-    if smallest:
+    kinds = memory_kinds(assess(quantized, comparisons, Constraints()))
+    smallest = sorted(next(iter(kinds.values()), []), key=lambda a: a.memory_gb)
+    if len(kinds) > 1:
+        least = "; ".join(f"{kind}: {min(g, key=lambda a: a.memory_gb).row.label}" for kind, g in kinds.items())
+        add(
+            "min_memory",
+            "Tight GPU memory / absolute minimum memory",
+            None,
+            f"not comparable: the runs' memory figures measured different things (smallest of each: {least})",
+        )
+    elif smallest:
         s = smallest[0]
         rec = Recommendation(s, "", [], [])
         add(
@@ -272,16 +330,37 @@ def _streams(n: int) -> str:
     return f"{n} stream" if n == 1 else f"{n} streams"
 
 
+def _number(ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """An argparse type: a finite number within the bounds (a NaN budget would pass every run)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if (
+            not math.isfinite(value)
+            or (ge is not None and value < ge)
+            or (gt is not None and value <= gt)
+            or (le is not None and value > le)
+        ):
+            bounds = ", ".join(f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None)
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantbench recommend", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpu-memory-gb", type=float, help="GPU memory budget (GB)")
-    p.add_argument("--min-accuracy", type=float, help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)")
-    p.add_argument("--min-tokens-per-s", type=float, help="minimum output tokens/s")
-    p.add_argument("--streams", type=int, default=1, help="concurrent streams the tokens/s floor applies to")
+    p.add_argument("--gpu-memory-gb", type=_number(gt=0), help="GPU memory budget (GB)")
+    p.add_argument(
+        "--min-accuracy", type=_number(ge=0, le=100), help="minimum mean accuracy over tasks (0.5 or 50 for 50%%)"
+    )
+    p.add_argument("--min-tokens-per-s", type=_number(ge=0), help="minimum output tokens/s")
+    p.add_argument("--streams", type=int, default=1, choices=range(1, 1025), metavar="N",
+                   help="concurrent streams the tokens/s floor applies to")  # fmt: skip
     p.add_argument("--fine-tune", action="store_true", help="the model will be fine-tuned (QLoRA: bitsandbytes)")
     p.add_argument(
         "--max-kl-mean",
-        type=float,
+        type=_number(ge=0),
         help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)",
     )
     p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")

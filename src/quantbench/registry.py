@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
+from quantbench.errors import ConfigError
 from quantbench.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.runs import RunRow, Selection, Store, add_store_args
 from quantbench.tracking import MODEL_LOCATION_TAG
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    policy = load_policy(args.overrides)
+    try:
+        policy = load_policy(args.overrides)
+    except ConfigError as exc:  # bad input: the paragraph, not a traceback
+        log.error("%s", exc)
+        return 2
     baseline = policy.baseline if args.baseline == p.get_default("baseline") else args.baseline
     store = Store(args.tracking_uri)
     sel = store.select(args.experiment, args.sweep, args.filter, baseline)

@@ -23,6 +23,7 @@ from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_sto
 log = logging.getLogger(__name__)
 
 MISSING = "—"
+ARTIFACT_ERRORS_TAG = "artifact_errors"  # on the summary run: artifacts the report could not read
 STATUS_CHARS = 160  # a failure reason can be a traceback; the Markdown cell keeps its start, the CSV all of it
 
 
@@ -92,10 +93,10 @@ def memory_table(sel: Selection) -> Table:
                 _fmt(disk, ".4g"),
                 delta_cell,
                 _fmt(r.metrics.get("weight_gb"), ".4g"),
-                _fmt(r.metrics.get("serve_mem_gb"), ".3g"),
-                _fmt(r.metrics.get("quantize_peak_mem_gb"), ".3g"),
-                _fmt(r.metrics.get("eval_peak_mem_gb"), ".3g"),
-                _fmt(r.metrics.get("peak_mem_gb"), ".3g"),
+                _mem(r, "serve_mem_gb"),
+                _mem(r, "quantize_peak_mem_gb"),
+                _mem(r, "eval_peak_mem_gb"),
+                _mem(r, "peak_mem_gb"),
                 _fmt(r.metrics.get("quantize_s"), ".0f"),
                 r.short_id,
             ]
@@ -115,9 +116,24 @@ def memory_table(sel: Selection) -> Table:
                 "eval_peak_mem_gb": r.metrics.get("eval_peak_mem_gb"),
                 "peak_mem_gb": r.metrics.get("peak_mem_gb"),
                 "quantize_s": r.metrics.get("quantize_s"),
+                **{f"{k}_basis": r.mem_basis(k) if k in r.metrics else None for k in MEMORY_FIGURES},
             }
         )
     return t
+
+
+MEMORY_FIGURES = ("serve_mem_gb", "quantize_peak_mem_gb", "eval_peak_mem_gb", "peak_mem_gb")
+MEM_SHORT = {"job_process_rss": "job RSS", "engine_process_rss": "engine RSS", "cuda_allocator": "CUDA allocator",
+             "cuda_device_used": "GPU used"}  # fmt: skip
+
+
+def _mem(r: RunRow, name: str) -> str:
+    """A memory figure with what it measured: figures of different kinds do not compare."""
+    value = r.metrics.get(name)
+    if value is None:
+        return MISSING
+    basis = r.mem_basis(name)
+    return f"{value:.3g} ({' + '.join(MEM_SHORT.get(b, b) for b in basis.split(' + '))})"
 
 
 def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
@@ -128,6 +144,7 @@ def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
             "Method",
             "Task",
             "Accuracy ± stderr",
+            "Normalized acc ± stderr",
             "Mean ± std (repeats)",
             f"Δ vs {sel.baseline_method}",
             "95 % CI",
@@ -139,6 +156,9 @@ def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
     for r in sel.rows:
         for task in sel.tasks:
             acc, se = r.acc(task), r.metrics.get(f"{task}_acc_stderr")
+            norm, norm_se = r.metrics.get(f"{task}_acc_norm"), r.metrics.get(f"{task}_acc_norm_stderr")
+            if r.random_weights:
+                norm = norm_se = None
             mean, std = r.metrics.get(f"{task}_acc_mean"), r.metrics.get(f"{task}_acc_std")
             diff = comparisons.get(r.run_id or "", {}).get(task)
             if not r.ok:
@@ -160,6 +180,9 @@ def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
                     r.label,
                     task,
                     f"{100 * acc:.2f} % ± {100 * se:.2f}" if acc is not None and se is not None else _fmt(acc, ".2%"),
+                    f"{100 * norm:.2f} % ± {100 * norm_se:.2f}"
+                    if norm is not None and norm_se is not None
+                    else _fmt(norm, ".2%"),
                     f"{100 * mean:.2f} ± {100 * std:.2f} (n={repeats})"
                     if mean is not None and std is not None
                     else MISSING,
@@ -179,6 +202,8 @@ def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
                     "task": task,
                     "acc": acc,
                     "acc_stderr": se,
+                    "acc_norm": norm,
+                    "acc_norm_stderr": norm_se,
                     "acc_mean": mean,
                     "acc_std": std,
                     "repeats": repeats if mean is not None else None,
@@ -509,7 +534,13 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
         + (f" Note: {sel.baseline_note}" if sel.baseline_note else ""),
         "",
     ]
+    if store.problems:
+        md += ["**Artifacts that could not be read** (the summary run's tag `artifact_errors` lists them):", ""]
+        md += [f"- {p}" for p in store.problems] + [""]
     notes = {
+        "memory": "Each memory figure says what it measured: the job's or the vLLM engine's process RSS, CUDA's "
+        "allocator peak in the job's process, or the GPU's used memory read device-wide while vLLM ran. Figures of "
+        "different kinds do not compare.",
         "accuracy": "± is lm-eval's standard error. Δ is the method minus the baseline in percentage points; its 95 % CI "
         "comes from a paired bootstrap over the documents both runs scored (matched by doc_id, 10 000 "
         "resamples), or from the two standard errors when per-sample results are missing (unpaired "
@@ -620,9 +651,10 @@ def separation_table(sel: Selection, windows: dict[str, list[float]]) -> Table |
     groups, cells, records = [[ranked[0].label]], [], []
     for a, b in zip(ranked, ranked[1:]):
         wa, wb = windows[a.run_id], windows[b.run_id]
-        d = stats.paired_bootstrap(wa, wb) if len(wa) == len(wb) else None
+        same = a.quality_windows_id == b.quality_windows_id and len(wa) == len(wb)
+        d = stats.paired_bootstrap(wa, wb) if same else None
         separated = d is not None and d.low > 0
-        verdict = ("separated" if separated else "within noise") if d else "not comparable: different held-out text"
+        verdict = ("separated" if separated else "within noise") if d else "not comparable: different held-out windows"
         if separated:
             groups.append([])
         groups[-1].append(b.label)
@@ -674,9 +706,13 @@ def log_summary(store: Store, sel: Selection, files: list[Path]) -> str:
         f"{SUMMARY_TAG}.baseline": sel.baseline_method,
         f"{SUMMARY_TAG}.runs": ",".join(r.run_id for r in sel.rows if r.run_id),
     }
+    if store.problems:  # what the report could not read, and what it fell back to
+        tags[ARTIFACT_ERRORS_TAG] = "; ".join(store.problems)[:5000]
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        if not store.problems and ARTIFACT_ERRORS_TAG in existing[0].data.tags:
+            client.delete_tag(run_id, ARTIFACT_ERRORS_TAG)  # an earlier build's errors are not this one's
     else:
         run_id = client.create_run(sel.experiment_id, run_name=name, tags=tags).info.run_id
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -22,9 +23,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from quantbench import stats
-from quantbench.paths import ROOT
+from quantbench import evaluation, quality, stats
 from quantbench.bench import stream_label
+from quantbench.paths import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
 # Overrides that say where things go, not what was measured: useless for telling two runs apart.
 LOCATION_KEYS = ("paths.", "tracking.", "hydra.", "quantized_cache.dir")
+MEM_BASIS_TAG = "mem_basis"  # mem_basis.<metric> = what a memory figure measured (quantbench.measure.MEM_BASES)
+QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.quality)
+# What a run misses when one of its JSON artifacts cannot be read
+ARTIFACT_CONSEQUENCE = {
+    evaluation.SAMPLES: "its accuracy differences fall back to unpaired intervals from the two standard errors",
+    quality.PER_WINDOW: "its KL interval and its place in the KL separation table are left out",
+}
 
 
 @dataclass
@@ -51,22 +59,30 @@ class RunRow:
     artifact_uri: str | None = None
     start_time: int = 0
     label: str = ""
+    # metrics logged as NaN or infinity: not measurements, so they are not in `metrics` and pass no constraint
+    invalid: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_run(cls, run: Run) -> "RunRow":
         tags = dict(run.data.tags)
         method = tags.get("method") or run.data.params.get("method.name") or run.info.run_name or "?"
+        logged = dict(run.data.metrics)
         return cls(
             run.info.run_id,
             method,
             run.info.status,
-            dict(run.data.metrics),
+            {k: v for k, v in logged.items() if math.isfinite(v)},
             dict(run.data.params),
             tags,
             run.info.artifact_uri,
             run.info.start_time or 0,
             label=method,
+            invalid={k: v for k, v in logged.items() if not math.isfinite(v)},
         )
+
+    def why_missing(self, name: str) -> str:
+        """Why the run has no usable `name`: logged as NaN or infinity, or not logged at all."""
+        return f"{name} is {self.invalid[name]} (not a measurement)" if name in self.invalid else f"no {name}"
 
     @property
     def ok(self) -> bool:
@@ -146,11 +162,43 @@ class RunRow:
 
     @property
     def speed_basis(self) -> str:
-        """What its tokens/s were measured with: the backend and the machine. Throughput compares only within one
-        basis (vLLM against transformers' generate, or one CPU against another, measures the backend or the box)."""
-        machine = self.tags.get("host.gpu", "none")
-        machine = machine if machine != "none" else self.tags.get("host.cpu", "unknown machine")
-        return f"{self.tags.get('bench_backend', 'no backend')} on {machine}"
+        """What its tokens/s were measured with: the backend and its version, the machine (and, on a CPU, the threads
+        the benchmark ran on), and the benchmark's shape. Throughput compares only within one basis (vLLM against
+        transformers' generate, one CPU or thread count against another, 32 prompt tokens against 100, measures the
+        backend, the box or the benchmark)."""
+        backend = self.tags.get("bench_backend", "no backend")
+        if backend == "vllm":
+            version = self.tags.get("vllm_version", "vllm version unknown")
+        else:
+            version = f"transformers {self.tags.get('version.transformers', '?')}, torch {self.tags.get('version.torch', '?')}"
+        gpu = self.tags.get("host.gpu", "none")
+        machine = gpu if gpu != "none" else self.tags.get("host.cpu", "unknown machine")
+        if gpu == "none":
+            machine += f", {self.tags.get('bench_threads', '?')} thread(s)"
+        shape = f"{self.params.get('bench.prompt_tokens', '?')} prompt + {self.params.get('bench.output_tokens', '?')}"
+        return f"{backend} ({version}) on {machine}; {shape} tokens"
+
+    def mem_basis(self, name: str) -> str:
+        """What a memory figure measured (`mem_basis.<name>` tag); for runs logged before the tag, what the code that
+        logged them measured: vLLM's serving memory read device-wide on a GPU and its engine's RSS on a CPU, CUDA's
+        allocator peak for the job's own steps on a GPU, the job process's RSS on a CPU."""
+        tagged = self.tags.get(f"{MEM_BASIS_TAG}.{name}")
+        if tagged:
+            return tagged
+        gpu = self.on_gpu
+        if name == "serve_mem_gb" and self.tags.get("bench_backend") == "vllm":
+            return "cuda_device_used" if gpu else "engine_process_rss"
+        return "cuda_allocator" if gpu else "job_process_rss"
+
+    @property
+    def quality_windows_id(self) -> str:
+        """Which held-out windows its quality figures were measured on: their sha256 (tag), or for older runs the
+        settings that chose them. Per-window figures pair only between runs with the same id."""
+        tagged = self.tags.get(QUALITY_WINDOWS_TAG)
+        if tagged:
+            return tagged
+        keys = ("quality.dataset", "quality.num_tokens", "quality.seq_len", "quality.seed", "model.pretrained")
+        return "settings:" + "|".join(self.params.get(k, "?") for k in keys)
 
     @property
     def on_gpu(self) -> bool:
@@ -158,10 +206,19 @@ class RunRow:
 
 
 def speed_groups(rows: Iterable[RunRow]) -> dict[str, list[RunRow]]:
-    """Runs by speed basis (backend and machine), in the order first seen: the sets whose tokens/s compare."""
+    """Runs by speed basis (backend, version, machine, threads, shape), in the order first seen: the sets whose
+    tokens/s compare."""
     groups: dict[str, list[RunRow]] = {}
     for row in rows:
         groups.setdefault(row.speed_basis, []).append(row)
+    return groups
+
+
+def mem_groups(rows: Iterable[RunRow], name: str) -> dict[str, list[RunRow]]:
+    """Runs by what their memory figure `name` measured, in the order first seen: the sets whose figures compare."""
+    groups: dict[str, list[RunRow]] = {}
+    for row in rows:
+        groups.setdefault(row.mem_basis(name), []).append(row)
     return groups
 
 
@@ -213,6 +270,8 @@ class Store:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per samples.json is noise
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._samples: dict[tuple[str, str], dict | None] = {}  # (run id, artifact path) -> its JSON
+        # artifacts that were logged but could not be read, each with what the report lost (the report tags them)
+        self.problems: list[str] = []
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -259,25 +318,37 @@ class Store:
         return sel
 
     def samples(self, row: RunRow) -> dict | None:
-        """eval/samples.json of a run ({task: [{doc_id, acc}]}), or None when it was not logged."""
-        return self._json_artifact(row, "eval/samples.json")
+        """eval/samples.json of a run ({task: [{doc_id, acc}]}; a group's rows also name their `task`), or None."""
+        return self._json_artifact(row, evaluation.SAMPLES)
 
     def quality_windows(self, row: RunRow) -> dict | None:
         """quality/per_window.json of a run ({kl_mean: [...], ...} per held-out window), or None."""
-        return self._json_artifact(row, "quality/per_window.json")
+        return self._json_artifact(row, quality.PER_WINDOW)
 
     def _json_artifact(self, row: RunRow, path: str) -> dict | None:
+        """The artifact's JSON; None when the run did not log it (no evaluation, an older quantbench), or when it
+        cannot be read, which is logged at WARNING and kept in `problems`: the report then says what it lost."""
         if row.run_id is None:
             return None
         key = (row.run_id, path)
         if key not in self._samples:
+            self._samples[key] = None
             try:
+                folder = str(Path(path).parent)
+                if path not in {a.path for a in self.client.list_artifacts(row.run_id, folder)}:
+                    log.debug("Run %s logged no %s", row.run_id, path)
+                    return None
                 with tempfile.TemporaryDirectory() as tmp:
                     local = self.client.download_artifacts(row.run_id, path, tmp)
                     self._samples[key] = json.loads(Path(local).read_text())
             except (MlflowException, OSError, json.JSONDecodeError) as exc:
-                log.debug("No %s for run %s: %s", path, row.run_id, exc)
-                self._samples[key] = None
+                problem = (
+                    f"{path} of run {row.run_id} ({row.label}) could not be read ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}), so "
+                    f"{ARTIFACT_CONSEQUENCE.get(path, 'it is left out')}"
+                )
+                log.warning("%s", problem)
+                self.problems.append(problem)
         return self._samples[key]
 
     def compare(self, sel: Selection) -> stats.Comparisons:
@@ -292,7 +363,7 @@ class Store:
                 continue
             row_samples = self.samples(row) or {}
             per_task: dict[str, stats.Difference] = {}
-            for task in sel.tasks:
+            for task in sel.tasks:  # a group's rows pair by subtask and document
                 if task in base_samples and task in row_samples:
                     a, b = stats.pair_by_doc(base_samples[task], row_samples[task])
                     if len(a):

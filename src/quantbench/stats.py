@@ -62,19 +62,20 @@ def worse_tasks(run_id: str | None, comparisons: Comparisons) -> list[str]:
 
 
 def pair_by_doc(baseline: Iterable[dict], candidate: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-document correctness of both runs on the documents both scored, matched by doc_id.
+    """Per-document correctness of both runs on the documents both scored, matched by (task, doc_id): a group's rows
+    name the subtask they come from (MMLU's 57 subjects each number their documents from 0), a task's need not.
 
-    A doc_id seen several times (one entry per calibration repeat) counts once, with its mean correctness.
+    A document seen several times (one entry per calibration repeat) counts once, with its mean correctness.
     """
 
-    def by_doc(rows: Iterable[dict]) -> dict[int, float]:
-        sums: dict[int, list[float]] = {}
+    def by_doc(rows: Iterable[dict]) -> dict[tuple[str | None, int], float]:
+        sums: dict[tuple[str | None, int], list[float]] = {}
         for row in rows:
-            sums.setdefault(int(row["doc_id"]), []).append(float(row["acc"]))
+            sums.setdefault((row.get("task"), int(row["doc_id"])), []).append(float(row["acc"]))
         return {doc: sum(v) / len(v) for doc, v in sums.items()}
 
     a, b = by_doc(baseline), by_doc(candidate)
-    common = sorted(a.keys() & b.keys())
+    common = sorted(a.keys() & b.keys(), key=lambda k: (k[0] or "", k[1]))
     return np.array([a[d] for d in common], dtype=float), np.array([b[d] for d in common], dtype=float)
 
 

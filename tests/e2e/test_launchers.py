@@ -95,7 +95,8 @@ def test_the_slurm_job_asks_for_what_the_hardware_group_says(monkeypatch):
         with pytest.raises(Exception, match="tiemout_min"):
             compose("config", ["hydra/launcher=submitit_slurm", "hydra.launcher.tiemout_min=5"])
     job = h100.hydra.launcher
-    assert (job.gpus_per_node, job.cpus_per_task, job.mem_gb, job.timeout_min, job.partition) == (1, 4, 64, 60, "gpu")
+    # the default sweep's slowest method on a GPU: our AQLM quantizer (methods.AQLM2Bit.time_limit_min)
+    assert (job.gpus_per_node, job.cpus_per_task, job.mem_gb, job.timeout_min, job.partition) == (1, 4, 64, 2160, "gpu")
     assert job._target_.endswith("SlurmLauncher") and job.tasks_per_node == 1
     assert (cpu.hydra.launcher.gpus_per_node, cpu.hydra.launcher.cpus_per_task, cpu.hydra.launcher.timeout_min) == (
         None, 1, 5)  # fmt: skip

@@ -62,6 +62,8 @@ def log_run(
         "sweep_id": sweep,
         "job_num": str(job_num),
         "quant_library": "transformers",
+        "version.transformers": "5.17.0",
+        "version.torch": "2.13.0",
         **(tags or {}),
     }
     if sweep_dir is not None:
@@ -74,6 +76,8 @@ def log_run(
     client.log_param(rid, "eval.tasks", json.dumps(tasks or sorted(samples or {})))
     client.log_param(rid, "repeats", "1")
     client.log_param(rid, "hardware.device", "cpu")
+    client.log_param(rid, "bench.prompt_tokens", "100")
+    client.log_param(rid, "bench.output_tokens", "250")
     values = dict(metrics or {})
     for task, acc in (samples or {}).items():
         p, n = sum(acc) / len(acc), len(acc)

@@ -45,6 +45,12 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "m
 class AQLM2Bit(Method):
     library = "aqlm"
     quant_format = "aqlm"
+    time_limit_min = 2160  # our AQLM quantizer takes most of a day on an 8B; its kernels make evaluation slow too
+
+    @classmethod
+    def time_limit_for(cls, knobs: dict) -> int:
+        """A published checkpoint is loaded, not quantized: evaluation with AQLM's kernels is what takes time."""
+        return 240 if knobs.get("pretrained") else cls.time_limit_min
 
     def __init__(
         self,
@@ -103,8 +109,17 @@ class AQLM2Bit(Method):
                     f"method={self.name}: AQLM codes groups of {GROUP} input weights, and these layers' "
                     f"input sizes are not multiples of {GROUP}: {bad[:5]}."
                 )
-            if any(v < 1 for k, v in self.search.items() if k in ("beam_size", "batch_size")) or self.seq_len < 2:
-                raise ConfigError(f"method={self.name}: beam_size, batch_size must be >= 1 and seq_len >= 2.")
+            lowest = {"beam_size": 1, "batch_size": 1, "max_rounds": 1, "cg_iters": 1, "kmeans_iters": 0,
+                      "finetune_epochs": 0, "rel_tol": 0, "seed": 0}  # fmt: skip
+            bad = [
+                f"method.{k}={self.search[k]} (must be >= {low})" for k, low in lowest.items() if self.search[k] < low
+            ]
+            if not self.search["finetune_lr"] > 0:  # a negative rate climbs the error; NaN fails this test too
+                bad.append(f"method.finetune_lr={self.search['finetune_lr']} (must be > 0)")
+            if self.seq_len < 2:
+                bad.append(f"method.seq_len={self.seq_len} (must be >= 2)")
+            if bad:
+                raise ConfigError(f"method={self.name}: " + "; ".join(bad) + ".")
             self.shape = choose_shape(self.codebooks, shapes)
         self.quant_format = f"aqlm-{self.shape[0]}x{self.shape[1]}"
         if self.shape[1] == 8 and str(hardware.device) == "cpu":

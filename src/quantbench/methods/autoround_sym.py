@@ -45,6 +45,7 @@ MIN_SEQLEN = 8
 class AutoRoundSym(Method):
     library = "auto-round"
     needs_calibration = True
+    time_limit_min = 360  # 200 SignRound iterations per decoder block
 
     def __init__(
         self,

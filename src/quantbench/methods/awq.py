@@ -30,6 +30,7 @@ class AWQ(Method):
     library = "llmcompressor"
     quant_format = "compressed-tensors"
     needs_calibration = True
+    time_limit_min = 180
 
     def __init__(
         self,

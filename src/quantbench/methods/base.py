@@ -34,6 +34,16 @@ class Method:
     is_baseline: bool = False  # the unquantized reference that quality metrics compare against
     # Integer weights stored with a zero point per group (asymmetric): not every serving kernel takes them.
     zero_points: bool = False
+    # SLURM's time limit for one job of this method (hardware.job_time_min=null: schema.slurm_time_min): minutes for
+    # one calibration seed of Llama 3.1 8B on one GPU, evaluation (MMLU, ARC) and benchmark included. Estimates with
+    # a margin, not measurements: a job that outgrows them says so in SLURM's TIMEOUT; set hardware.job_time_min.
+    time_limit_min: int = 90
+
+    @classmethod
+    def time_limit_for(cls, knobs: dict) -> int:
+        """`time_limit_min` for a method configured with `knobs` (its YAML); a method whose knobs change its cost
+        (a published checkpoint instead of quantizing) says so here."""
+        return cls.time_limit_min
 
     def __init__(self, name: str):
         # No catch-all **kwargs: a method's knobs are its subclass's constructor arguments, so Hydra's instantiate

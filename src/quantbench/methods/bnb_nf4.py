@@ -14,6 +14,7 @@ from quantbench.models import SourceModel
 class BnbNF4(Method):
     library = "bitsandbytes"
     quant_format = "bitsandbytes-4bit"
+    time_limit_min = 120  # bitsandbytes' 4-bit matmuls make evaluation slower than fp16's
 
     def __init__(self, name: str, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16"):
         super().__init__(name)

@@ -30,6 +30,7 @@ class GPTQ(Method):
     library = "gptqmodel"
     quant_format = "gptq"
     needs_calibration = True
+    time_limit_min = 180
 
     def __init__(
         self,

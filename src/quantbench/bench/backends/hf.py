@@ -94,7 +94,8 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
 
     knobs = plan.hf
     options = generate_options(knobs)
-    tags: dict[str, str] = {"bench_backend": "hf"}
+    # the threads torch computed on: on a CPU they decide the speed as much as the model (runs.RunRow.speed_basis)
+    tags: dict[str, str] = {"bench_backend": "hf", "bench_threads": str(torch.get_num_threads())}
 
     def generate(ids: torch.Tensor, new_tokens: int) -> float:
         _sync(device)

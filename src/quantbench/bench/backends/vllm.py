@@ -226,6 +226,9 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
         "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
         or out["kernel_source"],
         "slow_kernel_fallback": "true" if slow else "false",
+        "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
+        # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
+        "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
     }
     tags.update(speed_tags)
     if knobs.disabled_kernels:
