@@ -18,27 +18,12 @@ from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
 from quantbench import runs as runs_module
-from quantbench.tracking import Tracker, config_hash
+from quantbench.tracking import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
 
 
-# --- unit: the job's identity and the liveness check ---------------------------------------------------------------
-
-
-def test_the_config_hash_ignores_where_things_go_and_changes_with_what_is_measured():
-    base = {
-        "method": {"name": "gptq", "bits": 4},
-        "seed": 0,
-        "force": False,
-        "paths": {"root": "/a"},
-        "tracking": {"uri": "sqlite:///a.db"},
-    }
-    h = config_hash(OmegaConf.create(base))
-    moved = {**base, "paths": {"root": "/b"}, "tracking": {"uri": "sqlite:///b.db"}, "force": True}
-    assert config_hash(OmegaConf.create(moved)) == h
-    assert config_hash(OmegaConf.create({**base, "seed": 1})) != h
-    assert config_hash(OmegaConf.create({**base, "method": {"name": "gptq", "bits": 3}})) != h
+# --- unit: the liveness check (the job's identity: test_identity.py) -----------------------------------------------
 
 
 def _running_run(tracker: Tracker, name: str, tags: dict[str, str]) -> str:
