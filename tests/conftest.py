@@ -48,18 +48,32 @@ class Store:
         return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def run_cli(*overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, check: bool = True) -> Store:
-    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`."""
+def run_cli(
+    *overrides: str,
+    mlruns: Path,
+    workdir: Path,
+    timeout: int = 1800,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> Store:
+    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`
+    (a test's own `overrides` of them win); `env` adds to the environment."""
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
-        *overrides,
         f"paths.mlruns={mlruns}",
         f"hydra.sweep.dir={workdir}/multirun",
         f"hydra.run.dir={workdir}/outputs",
-        f"quantized_cache.dir={workdir}/quantized",
-    ]  # per test: a test that quantizes really quantizes
-    env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        f"quantized_cache.dir={workdir}/quantized",  # per test: a test that quantizes really quantizes
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "QUANTBENCH_CACHE": str(CACHE),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:

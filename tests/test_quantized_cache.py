@@ -182,3 +182,31 @@ def test_a_second_job_with_the_same_key_reuses_the_quantized_folder_and_still_ve
     assert requantized.data.tags["cache"] == "miss" and requantized.info.status == "FINISHED"
     assert "changed since it was stored" in healed.result.stdout and "Quantizing" in healed.result.stdout
     assert json.loads(entry.read_text())["run_id"] == requantized.info.run_id
+
+
+@pytest.mark.e2e
+def test_a_rerun_into_a_used_job_folder_never_writes_into_the_cache_or_another_jobs_model(tiny_root, tmp_path):
+    """A GPTQ artifact stored from job folder A and restored into job folder B shares its shard with both. Then a
+    job reruns into B's fixed folder (hydra.run.dir), with the cache off and another calibration seed: it saves a
+    new model, and the cache entry, A's model and B's model keep every byte (sha256s unchanged)."""
+    quick = ("method=gptq", "eval=none", "bench=none", "quality=none")
+    mlruns, cache = tmp_path / "mlruns", f"quantized_cache.dir={tmp_path}/quantized"
+    run_cli(*quick, f"hydra.run.dir={tmp_path}/a", cache, mlruns=mlruns, workdir=tmp_path)
+    restored = run_cli(*quick, "force=true", f"hydra.run.dir={tmp_path}/b", cache, mlruns=mlruns, workdir=tmp_path)
+    first, second = restored.runs()
+    assert (first.data.tags["cache"], second.data.tags["cache"]) == ("miss", "hit")
+    entry = qc.lookup(tmp_path / "quantized", first.data.tags["cache_key"])
+    folders = [entry.folder, *(tmp_path / "a").glob("model*"), *(tmp_path / "b").glob("model*")]
+    assert len(folders) == 3
+    shards = [next(f.glob("*.safetensors")) for f in folders]
+    assert shards[0].stat().st_size > 100_000 and all(s.samefile(shards[0]) for s in shards)  # one linked shard
+    before = {f: measure.file_sha256(f) for f in folders}
+
+    rerun = run_cli(*quick, "force=true", f"hydra.run.dir={tmp_path}/b", "quantized_cache.enabled=false",
+                    "calibration.seed=7", cache, mlruns=mlruns, workdir=tmp_path)  # fmt: skip
+    assert "Quantizing" in rerun.result.stdout and rerun.runs()[-1].info.status == "FINISHED"
+    assert {f: measure.file_sha256(f) for f in folders} == before
+    assert qc.lookup(tmp_path / "quantized", first.data.tags["cache_key"]) is not None
+    (new,) = set((tmp_path / "b").glob("model*")) - set(folders)
+    new_shard = next(new.glob("*.safetensors"))
+    assert measure.sha256(new_shard) != measure.sha256(shards[0])  # seed 7 made another model, saved on its own

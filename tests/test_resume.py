@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,3 +101,45 @@ def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it_and_force
     forced = run_cli("seed=0", "force=true", *QUICK, "quality=none", mlruns=mlruns, workdir=tmp_path)
     finished = [r for r in forced.runs() if r.info.status == "FINISHED"]
     assert sorted(r.data.params["seed"] for r in finished) == ["0", "0", "1", "2"]
+
+
+@pytest.mark.e2e
+def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tiny_root, tmp_path):
+    """None of these changes shows in the config, each changes what a result depends on, so each reruns the job:
+    a run that logged no model cannot stand for one that must log it, a model folder retrained in place is another
+    model, an edit to quantbench's own source (uncommitted) is other code. With nothing changed the job is skipped
+    and names the run that stands for it."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_root / "model", model)
+    job = (*QUICK, "quality=none", f"model.pretrained={model}")
+    mlruns = tmp_path / "mlruns"
+
+    def finished(store) -> list:
+        return [r for r in store.runs() if r.info.status == "FINISHED"]
+
+    run_cli(*job, "tracking.log_model=none", mlruns=mlruns, workdir=tmp_path)
+    copy = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert "Skipping" not in copy.result.stdout and len(finished(copy)) == 2
+    logged = copy.client.list_artifacts(finished(copy)[-1].info.run_id, "model")
+    assert any(a.path.endswith(".safetensors") for a in logged)  # the model is there, as log_model=copy asks
+
+    again = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert f"Skipping fp16: run {finished(copy)[-1].info.run_id}" in again.result.stdout
+    assert len(again.runs()) == 2
+
+    weights = load_file(model / "model.safetensors")  # retrained in place: new weights under the same name
+    weights = {k: v * 1.01 if k.endswith("mlp.up_proj.weight") else v for k, v in weights.items()}
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    retrained = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert "Skipping" not in retrained.result.stdout and len(finished(retrained)) == 3
+
+    edited = tmp_path / "edited-src"
+    shutil.copytree(ROOT / "src" / "quantbench", edited / "quantbench", ignore=shutil.ignore_patterns("__pycache__"))
+    pipeline = edited / "quantbench" / "pipeline.py"
+    pipeline.write_text(pipeline.read_text() + "\n# an uncommitted edit\n")
+    env = {"PYTHONPATH": f"{edited}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "QUANTBENCH_ROOT": str(ROOT)}
+    code = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path, env=env)
+    assert "Skipping" not in code.result.stdout and len(finished(code)) == 4
+    assert len({r.data.tags["config_hash"] for r in finished(code)}) == 4
