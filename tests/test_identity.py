@@ -51,6 +51,8 @@ def test_the_job_key_ignores_where_things_go_and_changes_with_what_is_measured(t
     moved = cfg_with(*FULL, f"paths.root={tmp_path}", f"paths.mlruns={tmp_path}/m", "force=true",
                      f"quantized_cache.dir={tmp_path}/q", "tracking.experiment=other", "timeouts.artifact_check_s=5")  # fmt: skip
     assert identity.job_key(moved) == key
+    # what a job asks of a launcher (a SLURM time limit raised after a timeout) is not what it measures
+    assert identity.job_key(cfg_with(*FULL, "hardware.job_time_min=600", "hardware.job_cpus=4")) == key
     assert identity.job_key(cfg_with(*FULL, "seed=1")) != key
     assert identity.job_key(cfg_with(*FULL, "method.group_size=64")) != key
 

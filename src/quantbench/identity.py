@@ -195,7 +195,7 @@ def later_stage_inputs(cfg: DictConfig, quantize_key: str, artifact: dict[str, s
     if str(cfg.bench.backend) != "none":
         stages["bench"] = common | {
             "bench": OmegaConf.to_container(cfg.bench, resolve=True),
-            "hardware": OmegaConf.to_container(hw, resolve=True),
+            "hardware": _without_launcher_requests(OmegaConf.to_container(hw, resolve=True)),
             "libraries": serving_libraries(cfg.bench),
             "machine": machine(str(hw.device)),
         }
@@ -218,9 +218,18 @@ def _task_files(cfg: DictConfig) -> dict[str, str] | None:
 
 
 def config_part(cfg: DictConfig) -> dict:
-    """The resolved config minus where things go and whether the job reruns."""
+    """The resolved config minus where things go, whether the job reruns and what it asks of a launcher."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in resolved.items() if k not in NOT_IN_CONFIG_HASH}
+    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_CONFIG_HASH}
+    if isinstance(kept.get("hardware"), dict):
+        kept["hardware"] = _without_launcher_requests(kept["hardware"])
+    return kept
+
+
+def _without_launcher_requests(hardware: dict) -> dict:
+    """The hardware group minus hardware.job_* (GPUs, CPUs, memory and time limit asked of Ray or SLURM): a rerun with
+    a longer time limit is the same job, and the cores a job really had are in the machine class."""
+    return {k: v for k, v in hardware.items() if not k.startswith("job_")}
 
 
 def job_key(cfg: DictConfig) -> str:

@@ -24,6 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench import atomic
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,22 @@ class Tracker:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        if cfg.uri.startswith("sqlite:///"):
-            Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(cfg.uri)
-        self.client = MlflowClient(cfg.uri)
-        self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
+        if cfg.uri.startswith("sqlite:///"):
+            # The first use of a SQLite file creates its tables (MLflow's migrations); two jobs starting on a new file
+            # at once would both migrate it, and one fails. One at a time, the others then find it made.
+            db = Path(cfg.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.file_lock(db):
+                self._connect(cfg)
+        else:
+            self._connect(cfg)
         # what this job has logged, by name: a stage's outputs are what it added (`since`), reusable by a later job
         self.logged: dict[str, set[str]] = {"metrics": set(), "tags": set(), "artifacts": set()}
+
+    def _connect(self, cfg: DictConfig) -> None:
+        self.client = MlflowClient(cfg.uri)
+        self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
 
     def _experiment_id(self, name: str, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
