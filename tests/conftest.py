@@ -58,14 +58,16 @@ def run_cli(
 ) -> Store:
     """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`
     (a test's own `overrides` of them win); `env` adds to the environment."""
+    flags = [o for o in overrides if o.startswith("-")]  # -m: before the overrides (argparse takes none after them)
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
+        *flags,
         f"paths.mlruns={mlruns}",
         f"hydra.sweep.dir={workdir}/multirun",
         f"hydra.run.dir={workdir}/outputs",
         f"quantized_cache.dir={workdir}/quantized",  # per test: a test that quantizes really quantizes
-        *overrides,
+        *(o for o in overrides if not o.startswith("-")),
     ]
     env = {
         **os.environ,
