@@ -228,49 +228,27 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
                 record[stage] = {"key": identity.key_of(inputs), "inputs": inputs}
             tracker.set_tags({f"identity.{stage}": record[stage]["key"] for stage in stages})
 
-            if job.eval_plan is not None and (reused := _reused(tracker, record, "eval", force)) is not None:
-                metrics |= reused
-            elif job.eval_plan is not None:
-                mark = tracker.mark()
-                with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
-                    result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
-                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": _peak_gb(mem)}
-                tracker.log_metrics(metrics)
-                tracker.log_json(result.results, "eval/results.json")
-                tracker.log_json(result.samples, "eval/samples.json")
-                metrics |= _repeat_accuracy(
-                    cfg, job, tokenizer, result.metrics, tracker, probe, metrics["fingerprint_nll"]
-                )
-                record["eval"]["outputs"] = tracker.since(mark)
-
-            if job.quality_plan is not None and (reused := _reused(tracker, record, "quality", force)) is not None:
-                metrics |= reused
-            elif job.quality_plan is not None:
-                mark = tracker.mark()
-                with measure.Stopwatch() as quality_time:
-                    compared = _quality(cfg, job, model, tokenizer)
-                metrics |= compared.metrics | {"quality_s": quality_time.seconds}
-                tracker.log_metrics(metrics)
-                tracker.log_json(compared.per_window, quality.PER_WINDOW)
-                record["quality"]["outputs"] = tracker.since(mark)
-
-            if job.bench_plan is not None and (reused := _reused(tracker, record, "bench", force)) is not None:
-                metrics |= reused
-            elif job.bench_plan is not None:
-                mark = tracker.mark()
-                if bench.loads_from_disk(job.bench_plan) and cfg.hardware.device.startswith("cuda"):
+            for stage in stages:  # eval, quality, bench, in order; each taken from an earlier run that has its key
+                reused = _reused(tracker, record, stage, force)
+                if reused is not None:
+                    metrics |= reused
+                    continue
+                if (
+                    stage == "bench"
+                    and bench.loads_from_disk(job.bench_plan)
+                    and cfg.hardware.device.startswith("cuda")
+                ):
                     # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy.
                     model = None
                     _release_memory()
-                with measure.PeakMemory() as mem:
-                    speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
-                metrics |= speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
-                # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
-                metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
-                tracker.log_metrics(metrics)
-                tracker.set_tags(speed.tags)
-                tracker.log_json(speed.detail, "bench/benchmark.json")
-                record["bench"]["outputs"] = tracker.since(mark)
+                mark = tracker.mark()
+                if stage == "eval":
+                    metrics |= _evaluate(cfg, job, tracker, model, tokenizer, probe, metrics["fingerprint_nll"])
+                elif stage == "quality":
+                    metrics |= _measure_quality(cfg, job, tracker, model, tokenizer)
+                else:
+                    metrics |= _benchmark(cfg, job, tracker, model, tokenizer, out_dir)
+                record[stage]["outputs"] = tracker.since(mark)
 
             metrics["peak_mem_gb"] = max(v for k, v in metrics.items() if k.endswith("_peak_mem_gb"))
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
@@ -281,6 +259,38 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
             _release_memory()
     log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
     return Outcome("FINISHED", tracker.run_id, metrics)
+
+
+def _evaluate(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, probe: list[int], nll: float) -> dict:
+    """lm-eval on the in-memory model, then the calibration repeats; logged, and returned."""
+    with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
+        result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
+    metrics = result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": _peak_gb(mem)}
+    tracker.log_metrics(metrics)
+    tracker.log_json(result.results, "eval/results.json")
+    tracker.log_json(result.samples, "eval/samples.json")
+    return metrics | _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker, probe, nll)
+
+
+def _measure_quality(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer) -> dict:
+    with measure.Stopwatch() as quality_time:
+        compared = _quality(cfg, job, model, tokenizer)
+    metrics = compared.metrics | {"quality_s": quality_time.seconds}
+    tracker.log_metrics(metrics)
+    tracker.log_json(compared.per_window, quality.PER_WINDOW)
+    return metrics
+
+
+def _benchmark(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, out_dir: Path) -> dict:
+    with measure.PeakMemory() as mem:
+        speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
+    metrics = speed.metrics | {"bench_peak_mem_gb": _peak_gb(mem)}
+    # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
+    metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
+    tracker.log_metrics(metrics)
+    tracker.set_tags(speed.tags)
+    tracker.log_json(speed.detail, "bench/benchmark.json")
+    return metrics
 
 
 def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
