@@ -143,3 +143,53 @@ def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tin
     code = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path, env=env)
     assert "Skipping" not in code.result.stdout and len(finished(code)) == 4
     assert len({r.data.tags["config_hash"] for r in finished(code)}) == 4
+
+
+# --- unit: a stage taken from an earlier run -------------------------------------------------------------------------
+
+
+def _tracker(tmp_path) -> Tracker:
+    return Tracker(
+        OmegaConf.create(
+            {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": str(tmp_path / "artifacts")}
+        )
+    )
+
+
+def test_a_stage_is_copied_whole_from_the_run_that_measured_it_and_says_so(tmp_path, caplog):
+    """Metrics with their history (a calibration repeat per step), tags and JSON artifacts, and the tag naming the
+    run that measured them; a run whose record cannot be read back is not used (WARNING), the stage runs."""
+    from quantbench.pipeline import IDENTITY_FILE, _reused
+
+    tracker = _tracker(tmp_path)
+    outputs = {"metrics": ["tiny_acc", "tiny_acc_repeat"], "tags": ["eval_note"], "artifacts": ["eval/samples.json"]}
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "first", {}, key="job-1"):
+        tracker.set_tags({"identity.eval": "E1", "eval_note": "measured here"})
+        tracker.log_metrics({"tiny_acc": 0.75})
+        for step, value in enumerate((0.75, 0.70, 0.80)):
+            tracker.log_metrics({"tiny_acc_repeat": value}, step=step)
+        tracker.log_json({"tiny": [{"doc_id": 0, "acc": 1.0}]}, "eval/samples.json")
+        tracker.log_json({"eval": {"key": "E1", "outputs": outputs}}, IDENTITY_FILE)
+        first = tracker.run_id
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "second", {}, key="job-2"):
+        record = {"eval": {"key": "E1"}}
+        assert _reused(tracker, record, "eval", force=True) is None  # force=true measures again
+        assert _reused(tracker, record, "eval", force=False) == {"tiny_acc": 0.75, "tiny_acc_repeat": 0.80}
+        second = tracker.run_id
+    run = tracker.client.get_run(second)
+    assert run.data.tags["eval_resumed_from"] == first and run.data.tags["eval_note"] == "measured here"
+    history = tracker.client.get_metric_history(second, "tiny_acc_repeat")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.75), (1, 0.70), (2, 0.80)]
+    assert tracker.read_json(second, "eval/samples.json") == {"tiny": [{"doc_id": 0, "acc": 1.0}]}
+    assert record["eval"]["resumed_from"] == first and record["eval"]["outputs"] == outputs
+
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "third", {}, key="job-3"):  # from a copy: the origin
+        assert _reused(tracker, {"eval": {"key": "E1"}}, "eval", force=False) is not None
+        third = tracker.run_id
+    assert tracker.client.get_run(third).data.tags["eval_resumed_from"] == first
+
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "broken", {}, key="job-4"):
+        tracker.set_tags({"identity.quality": "Q1"})  # FINISHED without a record of what the stage logged
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "fifth", {}, key="job-5"):
+        assert _reused(tracker, {"quality": {"key": "Q1"}}, "quality", force=False) is None
+    assert "Cannot take the quality results of run" in caplog.text
