@@ -62,6 +62,8 @@ def test_two_jobs_started_in_the_same_second_keep_their_own_folders_and_models(t
     """Two users, a CI matrix or a script start `run.py method=gptq` and `run.py method=awq` in the same second:
     each job writes its own folder, and each run's logged model/ is the checkpoint its method made."""
     mlruns = tmp_path / "mlruns"
+    mlruns.mkdir()
+    MlflowClient(f"sqlite:///{mlruns}/mlflow.db").search_experiments()  # an existing store (a new one: test_tracking)
     # as in the issue: force=true, and the cache off so that both jobs quantize and save
     common = [*QUICK, "force=true", "quantized_cache.enabled=false", f"paths.root={tmp_path}", f"paths.mlruns={mlruns}"]
     for _ in range(3):  # the start line is a whole second; a job slower to reach it by a second is retried
