@@ -49,22 +49,35 @@ class Store:
 
 
 def run_cli(
-    *overrides: str, mlruns: Path, workdir: Path, timeout: int = 1800, check: bool = True, env: dict | None = None
+    *overrides: str,
+    mlruns: Path,
+    workdir: Path,
+    timeout: int = 1800,
+    check: bool = True,
+    env: dict[str, str | None] | None = None,
 ) -> Store:
-    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`.
-    `env`: the job's whole environment (e.g. a local hub's: `LocalHub.env`); by default this one's, with the hub
-    offline."""
+    """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`
+    (a test's own `overrides` of them win). The job's environment is this one's with the hub offline, plus `env`
+    (e.g. a local hub's, `LocalHub.env`, which turns offline mode off); a key given as None is removed."""
+    flags = [o for o in overrides if o.startswith("-")]  # -m: before the overrides (argparse takes none after them)
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
-        *overrides,
+        *flags,
         f"paths.mlruns={mlruns}",
         f"hydra.sweep.dir={workdir}/multirun",
         f"hydra.run.dir={workdir}/outputs",
-        f"quantized_cache.dir={workdir}/quantized",
-    ]  # per test: a test that quantizes really quantizes
-    env = {**(env if env is not None else {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})}
-    env["QUANTBENCH_CACHE"] = str(CACHE)
+        f"quantized_cache.dir={workdir}/quantized",  # per test: a test that quantizes really quantizes
+        *(o for o in overrides if not o.startswith("-")),
+    ]
+    env = {
+        **os.environ,
+        "QUANTBENCH_CACHE": str(CACHE),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
+    env = {k: v for k, v in env.items() if v is not None}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,27 +19,12 @@ from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
 from quantbench import runs as runs_module
-from quantbench.tracking import Tracker, config_hash
+from quantbench.tracking import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
 
 
-# --- unit: the job's identity and the liveness check ---------------------------------------------------------------
-
-
-def test_the_config_hash_ignores_where_things_go_and_changes_with_what_is_measured():
-    base = {
-        "method": {"name": "gptq", "bits": 4},
-        "seed": 0,
-        "force": False,
-        "paths": {"root": "/a"},
-        "tracking": {"uri": "sqlite:///a.db"},
-    }
-    h = config_hash(OmegaConf.create(base))
-    moved = {**base, "paths": {"root": "/b"}, "tracking": {"uri": "sqlite:///b.db"}, "force": True}
-    assert config_hash(OmegaConf.create(moved)) == h
-    assert config_hash(OmegaConf.create({**base, "seed": 1})) != h
-    assert config_hash(OmegaConf.create({**base, "method": {"name": "gptq", "bits": 3}})) != h
+# --- unit: the liveness check (the job's identity: test_identity.py) -----------------------------------------------
 
 
 def _running_run(tracker: Tracker, name: str, tags: dict[str, str]) -> str:
@@ -115,3 +101,95 @@ def test_a_sweep_killed_in_its_second_job_is_completed_by_rerunning_it_and_force
     forced = run_cli("seed=0", "force=true", *QUICK, "quality=none", mlruns=mlruns, workdir=tmp_path)
     finished = [r for r in forced.runs() if r.info.status == "FINISHED"]
     assert sorted(r.data.params["seed"] for r in finished) == ["0", "0", "1", "2"]
+
+
+@pytest.mark.e2e
+def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tiny_root, tmp_path):
+    """None of these changes shows in the config, each changes what a result depends on, so each reruns the job:
+    a run that logged no model cannot stand for one that must log it, a model folder retrained in place is another
+    model, an edit to quantbench's own source (uncommitted) is other code. With nothing changed the job is skipped
+    and names the run that stands for it."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_root / "model", model)
+    job = (*QUICK, "quality=none", f"model.pretrained={model}")
+    mlruns = tmp_path / "mlruns"
+
+    def finished(store) -> list:
+        return [r for r in store.runs() if r.info.status == "FINISHED"]
+
+    run_cli(*job, "tracking.log_model=none", mlruns=mlruns, workdir=tmp_path)
+    copy = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert "Skipping" not in copy.result.stdout and len(finished(copy)) == 2
+    logged = copy.client.list_artifacts(finished(copy)[-1].info.run_id, "model")
+    assert any(a.path.endswith(".safetensors") for a in logged)  # the model is there, as log_model=copy asks
+
+    again = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert f"Skipping fp16: run {finished(copy)[-1].info.run_id}" in again.result.stdout
+    assert len(again.runs()) == 2
+
+    weights = load_file(model / "model.safetensors")  # retrained in place: new weights under the same name
+    weights = {k: v * 1.01 if k.endswith("mlp.up_proj.weight") else v for k, v in weights.items()}
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    retrained = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
+    assert "Skipping" not in retrained.result.stdout and len(finished(retrained)) == 3
+
+    edited = tmp_path / "edited-src"
+    shutil.copytree(ROOT / "src" / "quantbench", edited / "quantbench", ignore=shutil.ignore_patterns("__pycache__"))
+    pipeline = edited / "quantbench" / "pipeline.py"
+    pipeline.write_text(pipeline.read_text() + "\n# an uncommitted edit\n")
+    env = {"PYTHONPATH": f"{edited}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "QUANTBENCH_ROOT": str(ROOT)}
+    code = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path, env=env)
+    assert "Skipping" not in code.result.stdout and len(finished(code)) == 4
+    assert len({r.data.tags["config_hash"] for r in finished(code)}) == 4
+
+
+# --- unit: a stage taken from an earlier run -------------------------------------------------------------------------
+
+
+def _tracker(tmp_path) -> Tracker:
+    return Tracker(
+        OmegaConf.create(
+            {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": str(tmp_path / "artifacts")}
+        )
+    )
+
+
+def test_a_stage_is_copied_whole_from_the_run_that_measured_it_and_says_so(tmp_path, caplog):
+    """Metrics with their history (a calibration repeat per step), tags and JSON artifacts, and the tag naming the
+    run that measured them; a run whose record cannot be read back is not used (WARNING), the stage runs."""
+    from quantbench.pipeline import IDENTITY_FILE, _reused
+
+    tracker = _tracker(tmp_path)
+    outputs = {"metrics": ["tiny_acc", "tiny_acc_repeat"], "tags": ["eval_note"], "artifacts": ["eval/samples.json"]}
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "first", {}, key="job-1"):
+        tracker.set_tags({"identity.eval": "E1", "eval_note": "measured here"})
+        tracker.log_metrics({"tiny_acc": 0.75})
+        for step, value in enumerate((0.75, 0.70, 0.80)):
+            tracker.log_metrics({"tiny_acc_repeat": value}, step=step)
+        tracker.log_json({"tiny": [{"doc_id": 0, "acc": 1.0}]}, "eval/samples.json")
+        tracker.log_json({"eval": {"key": "E1", "outputs": outputs}}, IDENTITY_FILE)
+        first = tracker.run_id
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "second", {}, key="job-2"):
+        record = {"eval": {"key": "E1"}}
+        assert _reused(tracker, record, "eval", force=True) is None  # force=true measures again
+        assert _reused(tracker, record, "eval", force=False) == {"tiny_acc": 0.75, "tiny_acc_repeat": 0.80}
+        second = tracker.run_id
+    run = tracker.client.get_run(second)
+    assert run.data.tags["eval_resumed_from"] == first and run.data.tags["eval_note"] == "measured here"
+    history = tracker.client.get_metric_history(second, "tiny_acc_repeat")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.75), (1, 0.70), (2, 0.80)]
+    assert tracker.read_json(second, "eval/samples.json") == {"tiny": [{"doc_id": 0, "acc": 1.0}]}
+    assert record["eval"]["resumed_from"] == first and record["eval"]["outputs"] == outputs
+
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "third", {}, key="job-3"):  # from a copy: the origin
+        assert _reused(tracker, {"eval": {"key": "E1"}}, "eval", force=False) is not None
+        third = tracker.run_id
+    assert tracker.client.get_run(third).data.tags["eval_resumed_from"] == first
+
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "broken", {}, key="job-4"):
+        tracker.set_tags({"identity.quality": "Q1"})  # FINISHED without a record of what the stage logged
+    with tracker.run(OmegaConf.create({"method": "rtn"}), "fifth", {}, key="job-5"):
+        assert _reused(tracker, {"quality": {"key": "Q1"}}, "quality", force=False) is None
+    assert "Cannot take the quality results of run" in caplog.text

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from helpers.together import run_together
 from quantbench.errors import ConfigError
 from quantbench.tracking import MODEL_LOCATION_TAG, Tracker, check
 
@@ -234,3 +235,22 @@ def test_a_job_given_an_unreachable_tracking_server_exits_at_once_with_one_parag
     assert out.returncode != 0
     assert f"The tracking store {url} does not answer ([Errno 111] Connection refused)" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and elapsed < 60
+
+
+TRACKER = """
+from omegaconf import OmegaConf
+from quantbench.tracking import Tracker
+cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "e", "artifact_root": sys.argv[2]})
+"""
+
+
+def test_two_jobs_opening_a_new_sqlite_store_at_once_both_connect(tmp_path):
+    """The first use of a SQLite store creates its tables; two jobs starting at once on a new file (two users, two
+    sweeps) both get the store and the one experiment, instead of one failing in MLflow's migration."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    body = "print('EXPERIMENT', Tracker(cfg).experiment_id)"
+    done = run_together([(TRACKER, body, [uri, str(tmp_path / "artifacts")])] * 2)
+    for result in done:
+        assert result.returncode == 0, result.stdout[-3000:]
+    ids = {line.split()[1] for r in done for line in r.stdout.splitlines() if line.startswith("EXPERIMENT ")}
+    assert len(ids) == 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import (
@@ -22,6 +23,7 @@ from quantbench import (
     calibration,
     evaluation,
     fingerprint,
+    identity,
     measure,
     models,
     quality,
@@ -32,7 +34,7 @@ from quantbench import (
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.runs import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
-from quantbench.tracking import Tracker, config_hash
+from quantbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -131,35 +133,30 @@ def check_store_for_launcher(tracking_uri: str, launcher_target: str) -> None:
 
 @dataclass
 class Outcome:
-    """What a job did: FINISHED (ran now) or SKIPPED (a FINISHED run with its config hash was already there)."""
+    """What a job did: FINISHED (ran now) or SKIPPED (a FINISHED run with its job key was already there: that run,
+    `resumed_from`, stands for it)."""
 
     status: str
     run_id: str
     metrics: dict[str, float]
+    resumed_from: str | None = None
 
 
-def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
-    """Run one job, unless the store already has a FINISHED run of the same config (`force=true` reruns it)."""
-    out_dir = Path(out_dir or _job_output_dir()) / "model"
+IDENTITY_FILE = "identity.json"  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
+
+
+def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
+    """Run one job, unless the store already has a FINISHED run of it (the same job key, quantbench.identity); a
+    stage whose results a FINISHED run already has is taken from that run. `force=true` reruns everything."""
+    job_dir = Path(job_dir or _job_output_dir())
     tracker = Tracker(cfg.tracking)
     tracker.fail_interrupted_runs()
-    key = config_hash(cfg)  # once: it may hash a calibration file
-    if not cfg.get("force", False):
-        done = tracker.finished_run(key)
+    key = identity.job_key(cfg)  # once: it hashes the model's files (remembered) and a calibration file
+    force = bool(cfg.get("force", False))
+    if not force:
+        done = tracker.finished_run("config_hash", key)
         if done is not None:
-            run_id = done.info.run_id
-            log.info(
-                "Skipping %s: run %s of experiment %r already FINISHED with this config (config_hash %s); "
-                "force=true reruns it",
-                cfg.method.name,
-                run_id,
-                cfg.tracking.experiment,
-                key,
-            )
-            sweep = _sweep_tags()
-            if "sweep_id" in sweep:  # the run counts as this sweep's too (report, register, recommend read it)
-                tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
-            return Outcome("SKIPPED", run_id, dict(done.data.metrics))
+            return _skip(cfg, tracker, done, key)
     tags = {
         "model": cfg.model.name,
         "hardware": cfg.hardware.name,
@@ -172,6 +169,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
         tags["weights"] = "random"  # speed, size and memory are the architecture's; accuracy is chance
     metrics: dict[str, float] = {}
     with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags, key=key):
+        out_dir = job_dir / f"model-{tracker.run_id}"  # this job's own: no other job writes or deletes here
         try:
             job = prepare(cfg)
         except ConfigError as exc:
@@ -184,7 +182,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             calib = loaded.texts if loaded else None
             if loaded:
                 tracker.log_params(loaded.identity)  # what the texts were read from: file sha256, hub commit
-            cache_key, cache_inputs, cached = _cache_lookup(cfg, job, loaded.identity if loaded else {})
+            quantize_inputs = identity.quantize_inputs(
+                cfg,
+                type(job.method),
+                identity.model(job.source, Path(cfg.paths.cache)),
+                identity.loaded_calibration(loaded.identity) if loaded else None,
+            )
+            quantize_key = identity.key_of(quantize_inputs)
+            record = {"quantize": {"key": quantize_key, "inputs": quantize_inputs}}
+            tracker.set_tags({"identity.quantize": quantize_key})
+            cache_on = _cacheable(cfg, job)
+            cached = quantized_cache.lookup(Path(cfg.quantized_cache.dir), quantize_key) if cache_on else None
             with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
                 if cached is not None:
                     log.info(
@@ -192,11 +200,11 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
                         cached.folder.parent,
                         cached.manifest.get("run_id"),
                     )
-                    quantized_cache.restore(cached, out_dir)
+                    _tag_copied(tracker, quantized_cache.restore(cached, out_dir))
                     model = job.method.load_saved(out_dir, job.source, cfg.hardware)
                 else:
                     log.info("Quantizing %s with %s", job.source.reference, job.method.name)
-                    model = job.method.quantize(job.source, out_dir, cfg.hardware, calib)
+                    model = job.method.quantize(job.source, quantized_cache.discard(out_dir), cfg.hardware, calib)
             tokenizer = job.source.tokenizer()
             tokenizer.save_pretrained(out_dir)
             # from a cache hit, the quantization's own time and peak as measured when it ran (the report compares
@@ -218,8 +226,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             tracker.set_tags({"quant_format": job.method.quant_format})
             tracker.set_tags(
                 {
-                    "cache": "off" if cache_key is None else "hit" if cached is not None else "miss",
-                    "cache_key": cache_key,
+                    "cache": "off" if not cache_on else "hit" if cached is not None else "miss",
+                    "cache_key": quantize_key if cache_on else None,
                 }
             )
             tracker.log_metrics(metrics)
@@ -237,56 +245,48 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
             )
             tracker.log_metrics(metrics)
             tracker.set_tags({"artifact_verified": "true"})
-            if cache_key is not None and cached is None:  # only a verified artifact is stored
-                quantized_cache.store(
-                    Path(cfg.quantized_cache.dir), cache_key, cache_inputs, out_dir, quantized, tracker.run_id
-                )
+            # the files' sha256s are logged whether or not the files are: registration and users check against them
+            artifact = measure.file_sha256(out_dir)
+            tracker.log_json(artifact, measure.MODEL_SHA256)
+            if cache_on and cached is None:  # only a verified artifact is stored
+                _store(cfg, tracker, quantize_key, quantize_inputs, out_dir, quantized)
 
-            if job.eval_plan is not None:
-                with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
-                    result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
-                metrics |= result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": mem.gb}
-                mem_bases["eval_peak_mem_gb"] = mem.basis
-                tracker.log_metrics(metrics)
-                tracker.set_tags(_mem_tags(mem_bases))
-                tracker.log_json(result.results, evaluation.RESULTS)
-                tracker.log_json(result.samples, evaluation.SAMPLES)
-                tracker.log_json(result.per_task, evaluation.PER_TASK)
-                metrics |= _repeat_accuracy(
-                    cfg, job, tokenizer, result.metrics, tracker, probe, metrics["fingerprint_nll"]
-                )
+            stages = identity.later_stage_inputs(cfg, quantize_key, artifact)
+            for stage, inputs in stages.items():
+                record[stage] = {"key": identity.key_of(inputs), "inputs": inputs}
+            tracker.set_tags({f"identity.{stage}": record[stage]["key"] for stage in stages})
 
-            if job.quality_plan is not None:
-                with measure.Stopwatch() as quality_time:
-                    compared = _quality(cfg, job, model, tokenizer)
-                metrics |= compared.metrics | {"quality_s": quality_time.seconds}
-                tracker.log_metrics(metrics)
-                tracker.set_tags({QUALITY_WINDOWS_TAG: quality.windows_id(job.quality_ids)})
-                tracker.log_json(compared.per_window, quality.PER_WINDOW)
-
-            if job.bench_plan is not None:
-                if bench.loads_from_disk(job.bench_plan) and cfg.hardware.device.startswith("cuda"):
+            for stage in stages:  # eval, quality, bench, in order; each taken from an earlier run that has its key
+                reused = _reused(tracker, record, stage, force)
+                if reused is not None:
+                    metrics |= reused
+                    continue
+                if (
+                    stage == "bench"
+                    and bench.loads_from_disk(job.bench_plan)
+                    and cfg.hardware.device.startswith("cuda")
+                ):
                     # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy.
                     model = None
                     _release_memory()
-                with measure.PeakMemory() as mem:
-                    speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
-                metrics |= speed.metrics | {"bench_peak_mem_gb": mem.gb}
-                mem_bases["bench_peak_mem_gb"] = mem.basis
-                # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
-                mem_bases["serve_mem_gb"] = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
-                metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
-                tracker.log_metrics(metrics)
-                tracker.set_tags(speed.tags)
-                tracker.log_json(speed.detail, "bench/benchmark.json")
+                mark = tracker.mark()
+                if stage == "eval":
+                    metrics |= _evaluate(cfg, job, tracker, model, tokenizer, probe, metrics["fingerprint_nll"])
+                elif stage == "quality":
+                    metrics |= _measure_quality(cfg, job, tracker, model, tokenizer)
+                else:
+                    metrics |= _benchmark(cfg, job, tracker, model, tokenizer, out_dir)
+                record[stage]["outputs"] = tracker.since(mark)
 
             peaks = [k for k in metrics if k.endswith("_peak_mem_gb")]
             metrics["peak_mem_gb"] = max(metrics[k] for k in peaks)
+            # each stage tagged what its figures measured (a reused stage: the run that measured it)
+            tags = tracker.client.get_run(tracker.run_id).data.tags
+            mem_bases |= {k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith(f"{MEM_BASIS_TAG}.")}
             mem_bases["peak_mem_gb"] = " + ".join(sorted({mem_bases.get(k, "unknown") for k in peaks}))
             tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
             tracker.set_tags(_mem_tags(mem_bases))
-            # the files' sha256s are logged whether or not the files are: registration and users check against them
-            tracker.log_json(measure.file_sha256(out_dir), measure.MODEL_SHA256)
+            tracker.log_json(record, IDENTITY_FILE)
             tracker.log_model(out_dir, str(cfg.tracking.log_model))
         finally:
             del model
@@ -295,18 +295,116 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> Outcome:
     return Outcome("FINISHED", tracker.run_id, metrics)
 
 
-def _cache_lookup(
-    cfg: DictConfig, job: Job, calibration_identity: dict[str, str]
-) -> tuple[str | None, dict, quantized_cache.Entry | None]:
-    """(key, its inputs, the stored entry or None); no key where the cache is off or quantizing is loading (fp16,
-    bitsandbytes: `load_saved` not implemented). The calibration data's identity (a file's sha256) is in the key: an
-    edited file under the same name is other data."""
+def _evaluate(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, probe: list[int], nll: float) -> dict:
+    """lm-eval on the in-memory model, then the calibration repeats; logged, and returned."""
+    with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
+        result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
+    metrics = result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": mem.gb}
+    tracker.log_metrics(metrics)
+    tracker.set_tags(_mem_tags({"eval_peak_mem_gb": mem.basis}))
+    tracker.log_json(result.results, evaluation.RESULTS)
+    tracker.log_json(result.samples, evaluation.SAMPLES)
+    tracker.log_json(result.per_task, evaluation.PER_TASK)
+    return metrics | _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker, probe, nll)
+
+
+def _measure_quality(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer) -> dict:
+    with measure.Stopwatch() as quality_time:
+        compared = _quality(cfg, job, model, tokenizer)
+    metrics = compared.metrics | {"quality_s": quality_time.seconds}
+    tracker.log_metrics(metrics)
+    tracker.set_tags({QUALITY_WINDOWS_TAG: quality.windows_id(job.quality_ids)})
+    tracker.log_json(compared.per_window, quality.PER_WINDOW)
+    return metrics
+
+
+def _benchmark(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, out_dir: Path) -> dict:
+    with measure.PeakMemory() as mem:
+        speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
+    metrics = speed.metrics | {"bench_peak_mem_gb": mem.gb}
+    # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
+    serve_basis = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
+    metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
+    tracker.log_metrics(metrics)
+    tracker.set_tags(speed.tags | _mem_tags({"bench_peak_mem_gb": mem.basis, "serve_mem_gb": serve_basis}))
+    tracker.log_json(speed.detail, "bench/benchmark.json")
+    return metrics
+
+
+def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
+    """The job is done: its FINISHED run stands for it, and counts as the current sweep's too (report, register and
+    recommend read the `resumed_in.<sweep_id>` tag)."""
+    run_id = done.info.run_id
+    log.info(
+        "Skipping %s: run %s of experiment %r already FINISHED with this job's identity (config_hash %s: the same "
+        "config, quantbench source, library versions, machine class, model and calibration contents and "
+        "tracking.log_model); force=true reruns it",
+        cfg.method.name,
+        run_id,
+        cfg.tracking.experiment,
+        key,
+    )
+    sweep = _sweep_tags()
+    if "sweep_id" in sweep:
+        tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
+    return Outcome("SKIPPED", run_id, dict(done.data.metrics), resumed_from=run_id)
+
+
+def _reused(tracker: Tracker, record: dict, stage: str, force: bool) -> dict[str, float] | None:
+    """The stage's results copied from the newest FINISHED run of the experiment with the same stage key (tag
+    `<stage>_resumed_from`: the run that measured them), or None where there is none (or force=true): run it."""
+    key = record[stage]["key"]
+    source = None if force else tracker.finished_run(f"identity.{stage}", key)
+    if source is None:
+        return None
+    try:
+        outputs = tracker.read_json(source.info.run_id, IDENTITY_FILE)[stage]["outputs"]
+        metrics = tracker.copy_outputs(source, outputs)
+    except (MlflowException, OSError, KeyError, TypeError, ValueError) as exc:
+        log.warning(
+            "Cannot take the %s results of run %s (%s: %s): running the stage again",
+            stage,
+            source.info.run_id,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    origin = source.data.tags.get(f"{stage}_resumed_from", source.info.run_id)
+    tracker.set_tags({f"{stage}_resumed_from": origin})
+    record[stage] |= {"outputs": outputs, "resumed_from": origin}
+    log.info("Reusing the %s results of run %s (the same %s identity %s): not run again", stage, origin, stage, key)
+    return metrics
+
+
+def _cacheable(cfg: DictConfig, job: Job) -> bool:
+    """Whether this job's artifact goes through the quantized-model cache: not where it is off or where quantizing is
+    loading (fp16, bitsandbytes: `load_saved` not implemented)."""
     qc = cfg.get("quantized_cache") or {}
-    if not qc.get("enabled", False) or type(job.method).load_saved is Method.load_saved:
-        return None, {}, None
-    inputs = quantized_cache.inputs(cfg, job.method, job.source) | {"calibration_data": calibration_identity}
-    key = quantized_cache.key_of(inputs)
-    return key, inputs, quantized_cache.lookup(Path(qc.dir), key)
+    return bool(qc.get("enabled", False)) and type(job.method).load_saved is not Method.load_saved
+
+
+def _store(cfg: DictConfig, tracker: Tracker, key: str, inputs: dict, out_dir: Path, quantized: dict) -> None:
+    """Store the verified artifact in the cache. A store that fails (a full disk) leaves no entry and does not fail
+    the run, whose results stand: it is logged, and tagged `cache_store`."""
+    try:
+        entry = quantized_cache.store(Path(cfg.quantized_cache.dir), key, inputs, out_dir, quantized, tracker.run_id)
+    except OSError as exc:
+        log.warning(
+            "Could not store the quantized model in the cache %s (%s): nothing was stored, the next job with this "
+            "key quantizes again",
+            cfg.quantized_cache.dir,
+            exc,
+        )
+        tracker.set_tags({"cache_store": f"failed: {exc}"[:500]})
+        return
+    tracker.set_tags({"cache_store": "stored"})
+    _tag_copied(tracker, entry.copied)
+
+
+def _tag_copied(tracker: Tracker, copied: list[str]) -> None:
+    """Say on the run where weight shards were copied, not hard-linked, between the job folder and the cache."""
+    if copied:
+        tracker.set_tags({"cache_link": f"copied, not linked: {'; '.join(copied)}"[:500]})
 
 
 def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibration | None:

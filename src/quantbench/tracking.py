@@ -7,7 +7,6 @@ leaves a FAILED run with the reason, and everything logged up to that point stay
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from importlib import metadata
@@ -26,7 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure, redact
+from quantbench import atomic, redact
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
 
@@ -34,34 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
 TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
-# Where a job writes and logs, and whether it reruns, do not change what it measures: left out of its identity.
-NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force", "quantized_cache", "timeouts")
-
-
-def config_hash(job_cfg: DictConfig) -> str:
-    """The identity of a job: sha256 of its resolved config minus paths, tracking and `force`. Two jobs with the same
-    hash quantize, evaluate and benchmark the same thing; a rerun of a sweep skips those already FINISHED."""
-    resolved = OmegaConf.to_container(job_cfg, resolve=True)
-    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_CONFIG_HASH}
-    data = _calibration_file_sha256(job_cfg)
-    if data:  # an edited calibration file under the same name is another job
-        kept["calibration_file_sha256"] = data
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _calibration_file_sha256(job_cfg: DictConfig) -> str | None:
-    """The sha256 of a local calibration file, if the job names one (None otherwise, and for a bad value: the job's
-    own checks report that)."""
-    if "calibration" not in job_cfg or OmegaConf.is_missing(job_cfg.calibration, "dataset"):
-        return None
-    from quantbench import calibration
-    from quantbench.errors import ConfigError
-
-    try:
-        src = calibration.source(job_cfg.calibration)
-    except ConfigError:
-        return None
-    return measure.sha256(src.path) if isinstance(src, calibration.LocalFile) and src.path.is_file() else None
 
 
 def process_alive(pid: int, started: float | None) -> bool:
@@ -171,10 +143,21 @@ class Tracker:
         redact.remember_uri(str(cfg.uri))
         redact.remember_environment()
         self.uri = mlflow_uri(str(cfg.uri))
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            # The first use of a SQLite file creates its tables (MLflow's migrations); two jobs starting on a new file
+            # at once would both migrate it, and one fails. One at a time, the others then find it made.
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.file_lock(db):
+                self._connect(cfg)
+        else:
+            self._connect(cfg)
+        # what this job has logged, by name: a stage's outputs are what it added (`since`), reusable by a later job
+        self.logged: dict[str, set[str]] = {"metrics": set(), "tags": set(), "artifacts": set()}
+
+    def _connect(self, cfg: DictConfig) -> None:
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment_id(cfg.experiment, cfg.get("artifact_root"))
 
@@ -191,12 +174,13 @@ class Tracker:
         except mlflow.exceptions.MlflowException:  # created by a concurrent job in the meantime
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def finished_run(self, config_hash: str):
-        """A FINISHED run (mlflow Run) of this experiment with this config hash, if any."""
+    def finished_run(self, tag: str, value: str):
+        """The newest FINISHED run (mlflow Run) of this experiment whose tag `tag` is `value`, if any."""
         runs = self.client.search_runs(
             [self.experiment_id],
             max_results=1,
-            filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
         )
         return runs[0] if runs else None
 
@@ -298,15 +282,54 @@ class Tracker:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
             mlflow.log_metrics(clean, step=step)
+            self.logged["metrics"].update(clean)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags({k: redact.text(str(v)) for k, v in tags.items() if v is not None})
+        clean = {k: redact.text(str(v)) for k, v in tags.items() if v is not None}
+        mlflow.set_tags(clean)
+        self.logged["tags"].update(clean)
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
             path.write_text(redact.text(json.dumps(obj, indent=2, default=str)))
             mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        self.logged["artifacts"].add(artifact_file)
+
+    def mark(self) -> dict[str, set[str]]:
+        """What has been logged so far, to tell a stage's own outputs by `since`."""
+        return {kind: set(names) for kind, names in self.logged.items()}
+
+    def since(self, mark: dict[str, set[str]]) -> dict[str, list[str]]:
+        """The metrics, tags and JSON artifacts logged after `mark`, by name."""
+        return {kind: sorted(names - mark[kind]) for kind, names in self.logged.items()}
+
+    def read_json(self, run_id: str, artifact_file: str) -> Any:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(self.client.download_artifacts(run_id, artifact_file, tmp)).read_text())
+
+    def copy_outputs(self, source, outputs: dict[str, list[str]]) -> dict[str, float]:
+        """Log into this run what `source` (an mlflow Run of this store) logged under the names `outputs` lists:
+        every metric with its history (steps included), the tags, the JSON artifacts. Everything is read before
+        anything is logged, so a source that cannot be read leaves this run as it was (the error is raised)."""
+        from mlflow.entities import Metric
+
+        run_id = source.info.run_id
+        missing = [name for name in outputs["metrics"] if name not in source.data.metrics]
+        if missing:
+            raise KeyError(f"run {run_id} has no metric(s) {missing}")
+        history = [m for name in outputs["metrics"] for m in self.client.get_metric_history(run_id, name)]
+        tags = {name: source.data.tags[name] for name in outputs["tags"]}
+        artifacts = {name: self.read_json(run_id, name) for name in outputs["artifacts"]}
+        now = int(time.time() * 1000)
+        batch = [Metric(m.key, m.value, now, m.step) for m in history]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        self.logged["metrics"].update(outputs["metrics"])
+        self.set_tags(tags)
+        for name, obj in artifacts.items():
+            self.log_json(obj, name)
+        return {name: source.data.metrics[name] for name in outputs["metrics"]}
 
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(folder), artifact_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -67,3 +68,45 @@ def test_the_shape_model_resolves_and_is_flagged_as_random_weights():
 def test_an_unknown_embedded_model_lists_the_choices(tmp_path):
     with pytest.raises(ConfigError, match="embedded:llama-3.1-8b-shape"):
         models.resolve(OmegaConf.create({"name": "x", "pretrained": "embedded:gpt-5-shape"}), tmp_path)
+
+
+BUILD = """
+import json, logging
+from pathlib import Path
+from quantbench.embedded import random_shape
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+"""
+
+
+def test_two_jobs_that_need_the_same_shape_at_once_build_it_once(tmp_path):
+    """The 8B shape is 16 GB: two jobs starting together must not both build it. One builds (under a lock), the
+    other waits and takes its folder; no temporary folder is left."""
+    from helpers.together import run_together
+
+    body = "print('ROOT', random_shape.build('llama-3.1-8b-shape', Path(sys.argv[1]), fields=json.loads(sys.argv[2]), device='cpu'))"
+    done = run_together([(BUILD, body, [str(tmp_path), json.dumps(SMALL)])] * 2)
+    for result in done:
+        assert result.returncode == 0, result.stdout[-3000:]
+    assert sum(r.stdout.count("Building llama-3.1-8b-shape") for r in done) == 1, [r.stdout for r in done]
+    roots = {line.split(" ", 1)[1] for r in done for line in r.stdout.splitlines() if line.startswith("ROOT ")}
+    assert len(roots) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [Path(roots.pop()).name]
+
+
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(tmp_path):
+    """A build killed mid-way leaves its temporary folder; the next build removes it once its process is gone (a
+    live builder's folder, or another host's, is left alone)."""
+    import subprocess
+    import sys
+
+    from quantbench import atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = random_shape.build("llama-3.1-8b-shape", tmp_path / "probe", fields=SMALL, device="cpu").name
+    gone = tmp_path / f".{name}.tmp-{atomic.HOST}-{dead.pid}"
+    other_host = tmp_path / f".{name}.tmp-another-host-{dead.pid}"
+    for folder in (gone, other_host):
+        (folder / "model").mkdir(parents=True)
+    random_shape.build("llama-3.1-8b-shape", tmp_path, fields=SMALL, device="cpu")
+    assert not gone.exists() and other_host.exists()

@@ -547,6 +547,7 @@ class LocalHub:
         """The environment a user's process has with this hub: HF_ENDPOINT, caches under `tmp`, not offline."""
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}  # fmt: skip
         env |= {
+            **dict.fromkeys(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"), "0"),
             "HF_ENDPOINT": self.url,
             "HF_HOME": str(tmp / "hf_home"),
             "HF_HUB_CACHE": str(tmp / "hf_home" / "hub"),

