@@ -609,7 +609,8 @@ TEST_TOKEN = "hf_quantbench_local_hub_test_token"
 @pytest.fixture(scope="session")
 def hub_root(tmp_path_factory, tiny_root) -> Path:
     """The seed's repositories over the embedded model (tests/helpers/hub_repos.py), but its AQLM checkpoint (see
-    `hub_aqlm_repo`), plus a small two-config parquet dataset for the tests."""
+    `hub_aqlm_repo`); the seed's datasets (cais/mmlu, allenai/ai2_arc, allenai/c4, Salesforce/wikitext:
+    tests/helpers/hub_datasets.py) and a small two-config parquet dataset for the tests."""
     from helpers import hub_repos
 
     root = tmp_path_factory.mktemp("hub")

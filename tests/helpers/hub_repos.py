@@ -5,7 +5,8 @@
 * the repo id `conf/method/aqlm_2bit_pretrained.yaml` names, not gated: an AQLM checkpoint of that model made by
   quantbench's own AQLM quantizer (method aqlm_2bit, calibration=local), cached under the project cache by the model's
   content and the quantizer's settings, so it is quantized once;
-* the dataset repositories of tests/helpers/hub_datasets.py (`write_dataset_repos`), where that module exists.
+* the seed's dataset repositories (cais/mmlu, allenai/ai2_arc, allenai/c4, Salesforce/wikitext), written from the
+  embedded world by tests/helpers/hub_datasets.py.
 
 Each repository is written into a temporary folder and renamed into place, and skipped when its content key (the files'
 sha256s and the gated flag, in its `.hub.json`) is unchanged.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `helpers` importable as under pytest
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers import hub_datasets  # noqa: E402
 from helpers.hub import DIGEST_MEMO, HUB_META, DigestMemo  # noqa: E402
 
 log = logging.getLogger("quantbench.tests.hub_repos")
@@ -72,12 +73,7 @@ def build(
         out[aqlm_repo_id()] = write_aqlm_repo(
             root, model_folder, hardware, Path(cache_dir or cache_root()), aqlm_overrides
         )
-    if importlib.util.find_spec("helpers.hub_datasets") is not None:
-        from helpers import hub_datasets
-
-        out |= hub_datasets.write_dataset_repos(root)
-    else:
-        log.warning("tests/helpers/hub_datasets.py is not there: no dataset repositories besides the test one")
+    out |= hub_datasets.write_dataset_repos(root)
     memo.save()
     return out
 
