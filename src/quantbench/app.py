@@ -9,13 +9,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import redact, schema
-from quantbench.paths import ROOT, unique_suffix
+from quantbench.paths import ROOT, job_dirname, unique_suffix
 
 os.environ.setdefault("QUANTBENCH_ROOT", str(ROOT))  # `paths.root` (conf/config.yaml) reads it
 schema.register()  # the config groups' typed schemas, before Hydra composes anything
 redact.install_log_filter()  # before Hydra logs anything: its launcher logs each job's overrides (a URI's password)
 # the run and sweep folders' suffix (conf/hydra/default.yaml); cached, so every use in one config is the same value
 OmegaConf.register_new_resolver("quantbench.unique", unique_suffix, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("quantbench.dirname", job_dirname, replace=True)  # a sweep job's folder name
 # conf/hydra/launcher/{ray,submitit_slurm}.yaml shadow the plugins' configs of the same names on purpose (they take
 # each job's resources from the hardware group); Hydra 1.3 types them with the plugins' schemas, matched by name,
 # and warns that it will stop doing so in 1.2, a release long past. (Naming a plugin's schema in the file's defaults

@@ -16,9 +16,10 @@ import os
 import platform
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,30 @@ def publish(tmp: Path, target: Path) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         raise
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> bool:
+    """Build the folder `target` once across processes: under its lock, unless it is done (a `DONE` file inside),
+    `build` fills a fresh temporary folder, which is then marked done and published; a failed build leaves nothing.
+    True where this process built it, False where another had."""
+    target = Path(target)
+    with file_lock(target):
+        if (target / "DONE").exists():
+            return False
+        clean_stale(target.parent)
+        tmp = temporary_path(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            (tmp / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            if target.exists():  # a folder without DONE: not a finished build
+                shutil.rmtree(target)
+            publish(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
 
 
 def write_text(path: Path, text: str) -> None:

@@ -4,6 +4,7 @@ tests all ask here (Hydra's `paths.*` config resolves to the same folders throug
 from __future__ import annotations
 
 import os
+import hashlib
 import secrets
 from pathlib import Path
 
@@ -21,3 +22,17 @@ def unique_suffix() -> str:
     process and config (the resolver caches it; Hydra copies the cache into each job of a sweep and to Ray and SLURM
     workers): two processes started in the same second get folders of their own."""
     return secrets.token_hex(4)
+
+
+DIRNAME_LIMIT = 120  # characters: a file name may have 255 bytes, and Hydra prefixes the job number
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder name from its overrides (`${quantbench.dirname:${hydra.job.override_dirname}}`): as Hydra
+    writes it while it is short, else cut with a hash of the whole appended, so that a job with many overrides (the
+    seed study with its sizes) gets a folder instead of "File name too long". '/' (a path given as a value) would
+    make nested folders: it becomes '_'."""
+    name = override_dirname.replace("/", "_")
+    if len(name) <= DIRNAME_LIMIT:
+        return name
+    return f"{name[: DIRNAME_LIMIT - 9]}~{hashlib.sha256(override_dirname.encode()).hexdigest()[:8]}"

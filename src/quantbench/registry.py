@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if winner is None:
         log.error("No run satisfies the policy; nothing registered.")
         return 1
+    if policy.registered_name is None:  # one entry per model: the seed study's winner is not filed under the tiny one
+        policy.registered_name = f"quantbench-{winner.row.tags.get('model', 'model')}"
+    log.info("Registered model name: %s", policy.registered_name)
     if args.dry_run:
         return 0
     version, created, previous = register(store, sel, winner, policy)

@@ -158,7 +158,7 @@ class TrackingConfig:
 class PolicyConfig:
     """`quantbench register`'s selection policy (quantbench.policy says how each key is applied)."""
 
-    registered_name: str = "quantbench-tiny"  # the Model Registry entry
+    registered_name: str | None = None  # the Model Registry entry; null: quantbench-<the winning run's model>
     alias: str = "champion"  # moved to the winning version on every registration
     baseline: str = "fp16"  # the method accuracy drops are measured against
     max_disk_gb: float | None = knob(None, gt=0)

@@ -2,8 +2,9 @@
 of tests/helpers/hub_datasets.py, in formats the model learned only on questions that no evaluation asks: ARC well
 above chance (0.25); MMLU not yet (a strict xfail, so that it turns into a failure to update once it does).
 
-Until the local hub serves the repos, lm-eval reads them as local folders: its own task YAMLs are copied with only
-`dataset_path` changed, so the prompts, choices, metrics and the group's size-weighted average are lm-eval's."""
+Here lm-eval reads the whole repos as local folders (its own task YAMLs copied with only `dataset_path` changed, so
+the prompts, choices, metrics and the group's size-weighted average are lm-eval's), in-process: this measures the
+model. tests/e2e/test_seed_study.py reads them through the local hub, as a user's job does."""
 
 from __future__ import annotations
 

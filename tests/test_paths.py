@@ -1,0 +1,21 @@
+"""Folder names a sweep's jobs get (conf/hydra/default.yaml)."""
+
+from __future__ import annotations
+
+from quantbench.paths import DIRNAME_LIMIT, job_dirname
+
+
+def test_a_short_override_list_names_the_folder_as_hydra_writes_it():
+    assert job_dirname("method=gptq,repeats=3") == "method=gptq,repeats=3"
+
+
+def test_a_long_override_list_is_cut_to_a_valid_file_name_that_still_tells_jobs_apart():
+    """The seed study with its CPU sizes: Hydra's own name is 270 characters, over the 255 a file name may have."""
+    common = ",".join(f"bench.knob_{i}={i}" for i in range(20))
+    a, b = job_dirname(f"{common},method=awq"), job_dirname(f"{common},method=gptq")
+    assert len(a) <= DIRNAME_LIMIT and len(b) <= DIRNAME_LIMIT and a != b
+    assert a.startswith("bench.knob_0=0,")
+
+
+def test_a_path_given_as_a_value_does_not_make_nested_folders():
+    assert "/" not in job_dirname("eval.include_path=/data/tasks")
