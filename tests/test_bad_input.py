@@ -70,6 +70,20 @@ def test_missing_model_folder_is_named():
     assert "/no/such/model" in str(err.value) and "no such folder" in str(err.value)
 
 
+def test_a_model_folder_with_a_truncated_safetensors_file_is_refused_before_loading(tiny_root, tmp_path):
+    """A copy cut short: before this check, the job failed inside transformers' loader with safetensors' traceback."""
+    import shutil
+
+    folder = shutil.copytree(tiny_root / "model", tmp_path / "model")
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cfg = cfg_with(f"model.pretrained={folder}")
+    with pytest.raises(ConfigError) as err:
+        models.resolve(cfg.model, "/tmp")
+    assert f"{shard} is not a whole safetensors file" in str(err.value) and "cut short" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_hub_id_while_offline_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = cfg_with("model=llama-3.1-8b-instruct")

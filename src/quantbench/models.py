@@ -104,9 +104,27 @@ def resolve(model_cfg: DictConfig, cache_dir: str | Path) -> SourceModel:
                 f"model.pretrained={ref!r}: the folder exists but has no config.json, so it is not "
                 f"a Hugging Face model folder."
             )
+        check_weight_files(path, f"model.pretrained={ref!r}")
         return SourceModel(path_or_id=str(path.resolve()), **common)
     path_or_id, commit = resolve_hub(ref, model_cfg.get("revision"), "model.pretrained", MODEL_FILES)
     return SourceModel(**(common | {"revision": commit}), path_or_id=path_or_id, hub_commit=commit)
+
+
+def check_weight_files(folder: Path, what: str) -> None:
+    """Refuse a folder whose safetensors files are not whole (a download or copy cut short), before any weights load:
+    each file's header is read and checked to cover the file (milliseconds, even for an 8B folder)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(
+                f"{what}: {file} is not a whole safetensors file ({exc}); it was probably cut short by a download "
+                f"or copy. Copy or download the model folder again (for a hub snapshot, delete it from the Hugging "
+                f"Face cache first)."
+            ) from exc
 
 
 def embedded_root(ref: str, cache_dir: str | Path) -> Path:
