@@ -59,7 +59,8 @@ def run_cli(
     """`python run.py <overrides>` with its store, outputs and sweep folders redirected into `mlruns`/`workdir`
     (a test's own `overrides` of them win). The job's environment is this one's with the hub offline, plus `env`
     (e.g. a local hub's, `LocalHub.env`, which turns offline mode off); a key given as None is removed."""
-    flags = [o for o in overrides if o.startswith("-")]  # -m: before the overrides (argparse takes none after them)
+    # flags (-m, --config-dir=DIR: a flag's value after '=') go before the overrides; argparse takes none after them
+    flags = [o for o in overrides if o.startswith("-")]
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),

