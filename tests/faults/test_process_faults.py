@@ -137,21 +137,30 @@ def all_run_ids(uri: str) -> set[str]:
     return {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
 
+@contextlib.contextmanager
+def inside(store: Path, folder: Path, stage: str):
+    """A vLLM-benchmarked job started and waited into `stage` (the module a child runs), 2 s in: yields the job, that
+    child and the job's process tree (processes, groups) as it was then. Whatever of the tree is left when the block
+    ends is killed: nothing a test started may outlive it."""
+    job = start_job(store, folder, *VLLM)
+    tree: tuple[list[psutil.Process], set[int]] = ([], set())
+    try:
+        child = wait_for_child(job, stage)
+        time.sleep(2)  # well inside it: the engine loads the model, the check reloads the artifact
+        tree = process_tree(job.pid)
+        yield job, child, tree
+    finally:
+        kill_all(*tree)
+
+
 @pytest.mark.parametrize("stage", [ENGINE, ARTIFACT_CHECK])
 def test_sigterm_mid_job_ends_its_run_failed_naming_the_signal_and_leaves_nothing_running(store, tmp_path, stage):
     uri = local_uri(store)
     before, ids = ended_runs(uri), all_run_ids(uri)
-    job = start_job(store, tmp_path / "job", *VLLM)
-    procs, groups = [], set()
-    try:
-        wait_for_child(job, stage)
-        time.sleep(2)  # well inside it: the engine loads the model, the check reloads the artifact
-        procs, groups = process_tree(job.pid)
+    with inside(store, tmp_path / "job", stage) as (job, _, tree):
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=300) == 128 + signal.SIGTERM
-        assert left_running(procs, groups) == []
-    finally:
-        kill_all(procs, groups)
+        assert left_running(*tree) == []
     console = (tmp_path / "job" / "console.txt").read_text()
     assert "The job was stopped by SIGTERM (signal 15)" in console, console[-3000:]
     run = the_run(uri, ids)
@@ -166,17 +175,10 @@ def test_sigkill_mid_job_leaves_nothing_running_and_the_next_job_reaps_its_run(s
     later, e.g. on its next write to the closed pipe or when its work is done, does not count)."""
     uri = local_uri(store)
     before, ids = ended_runs(uri), all_run_ids(uri)
-    job = start_job(store, tmp_path / "job", *VLLM)
-    procs, groups = [], set()
-    try:
-        wait_for_child(job, stage)
-        time.sleep(2)
-        procs, groups = process_tree(job.pid)
+    with inside(store, tmp_path / "job", stage) as (job, _, tree):
         job.kill()
         assert job.wait(timeout=60) == -signal.SIGKILL
-        assert left_running(procs, groups, timeout_s=10) == [], "the job's children outlived it (killed with SIGKILL)"
-    finally:
-        kill_all(procs, groups)
+        assert left_running(*tree, timeout_s=10) == [], "the job's children outlived it (killed with SIGKILL)"
     killed = the_run(uri, ids)
     assert killed.info.status == "RUNNING"  # nothing could end it: the process had no chance
     (tmp_path / "next").mkdir()
@@ -190,17 +192,10 @@ def test_sigkill_mid_job_leaves_nothing_running_and_the_next_job_reaps_its_run(s
 def test_an_engine_killed_under_the_job_ends_its_run_failed_saying_so(store, tmp_path):
     uri = local_uri(store)
     before, ids = ended_runs(uri), all_run_ids(uri)
-    job = start_job(store, tmp_path / "job", *VLLM)
-    procs, groups = [], set()
-    try:
-        engine = wait_for_child(job, ENGINE)
-        time.sleep(2)
-        procs, groups = process_tree(job.pid)
+    with inside(store, tmp_path / "job", ENGINE) as (job, engine, tree):
         engine.kill()
         assert job.wait(timeout=600) != 0
-        assert left_running(procs, groups) == []
-    finally:
-        kill_all(procs, groups)
+        assert left_running(*tree) == []
     console = (tmp_path / "job" / "console.txt").read_text()
     assert "the vLLM engine process was killed by SIGKILL" in console, console[-3000:]
     run = the_run(uri, ids)
