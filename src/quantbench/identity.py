@@ -119,15 +119,16 @@ def files_sha256(folder: Path, cache_dir: Path) -> dict[str, str]:
         memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     except ValueError:  # written whole (atomic.write_text); unreadable only if edited by hand: start over
         memo = {}
-    files = {}
+    files, hashed = {}, False
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         stat = f.stat()
         memo_key = f"{f.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
         if memo_key not in memo:
-            memo[memo_key] = measure.sha256(f)
+            memo[memo_key], hashed = measure.sha256(f), True
         files[f.relative_to(folder).as_posix()] = memo[memo_key]
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(memo_path, json.dumps(memo))
+    if hashed:  # every job asks, twice (its key, then its run): rewrite the memo only when it learned something
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(memo_path, json.dumps(memo))
     return files
 
 
