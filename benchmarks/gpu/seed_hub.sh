@@ -26,7 +26,8 @@ case "${1:?start|pipeline|poll}" in
     echo "started: $W/logs/pipeline.log" ;;
   poll)
     for _ in $(seq "${2:-540}"); do [ -e "$W/done" ] && break; sleep 1; done
-    cp "$W/mlruns/mlflow.db" "${OUT:?}/mlflow.db" 2>/dev/null
+    [ -e "$W/mlruns/mlflow.db" ] && $D python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+      "$W/mlruns/mlflow.db" "${OUT:?}/mlflow.db"  # a consistent copy while jobs write
     tar -C "$W" -cJf "$OUT/logs.tar.xz" logs report 2>/dev/null
     grep -h "^[0-9:]* \(lane\|step\)" "$W/logs/pipeline.log"; df -h / | tail -1
     for f in "$W"/logs/*.log; do
@@ -39,7 +40,7 @@ case "${1:?start|pipeline|poll}" in
     $D python tests/helpers/hub_repos.py --root "$W/hub" --model embedded:llama-3.1-8b-shape --no-aqlm \
       > "$W/logs/0-hub-repos.log" 2>&1 || { note "step hub repositories FAILED"; touch "$W/done"; exit 1; }
     $D python tests/helpers/hub.py --root "$W/hub" --port 8765 --token hf_local > "$W/logs/hub.log" 2>&1 &
-    for _ in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:8765/api/whoami-v2 -H "Authorization: Bearer hf_local" && break; sleep 1; done
+    for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8765) 2>/dev/null && break; sleep 1; done  # it hashes first
     note "step hub up"
     export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=hf_local
     sizes=(repeats=1 eval.limit=10 calibration.num_samples=32 quality.num_tokens=1024 bench.repeats=1
