@@ -16,7 +16,7 @@
 # If /tmp is empty (a fresh machine), start over at `stage 1`.
 set -euo pipefail
 step=${1:?step}; shift
-VENV=/opt/torch/.venv
+VENV=${QB_VENV:-/opt/torch/.venv}  # QB_VENV: another environment, e.g. a dry run of a script here
 case "$step" in
   stage)   mkdir -p /tmp/bundle && cp .gpu/bundle/c"$1"/* /tmp/bundle/ ;;
   install) mkdir -p /tmp/wheels  # each wheel arrives as xz pieces <wheel>.xz.p00, .p01, ...

@@ -18,7 +18,8 @@ set -uo pipefail
 W=${QB_SEED_DIR:-/tmp/qb-seed}
 cd "$(dirname "$0")/../.."
 D="bash benchmarks/gpu/device.sh run"
-HW=${QB_HARDWARE:-h100}  # conf/hardware: h100 or h200
+HW=${QB_HARDWARE:-h100}  # conf/hardware: h100 or h200 (cpu with QB_MODEL=embedded:tiny: a dry run here)
+MODEL=${QB_MODEL:-embedded:llama-3.1-8b-shape}
 case "${1:?start|pipeline|poll}" in
   start)
     mkdir -p "$W/logs"
@@ -37,19 +38,23 @@ case "${1:?start|pipeline|poll}" in
   pipeline)
     note() { echo "$(date +%T) $*"; }
     note "step hub repositories (8B shape, datasets)"
-    $D python tests/helpers/hub_repos.py --root "$W/hub" --model embedded:llama-3.1-8b-shape --no-aqlm \
+    $D python tests/helpers/hub_repos.py --root "$W/hub" --model "$MODEL" --no-aqlm \
       > "$W/logs/0-hub-repos.log" 2>&1 || { note "step hub repositories FAILED"; touch "$W/done"; exit 1; }
     $D python tests/helpers/hub.py --root "$W/hub" --port 8765 --token hf_local > "$W/logs/hub.log" 2>&1 &
     for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8765) 2>/dev/null && break; sleep 1; done  # it hashes first
     note "step hub up"
     export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=hf_local
+    # The Hugging Face cache in memory (128 GB): on the 64 GB disk, the 8B shape (16 GB), the cache's copy of it
+    # (16 GB) and three lanes' artifacts filled it on 2026-12-06 (AutoRound's save failed: no space left).
+    export HF_HOME=${QB_HF_HOME:-/dev/shm/qb-hf}
     sizes=(repeats=1 eval.limit=10 calibration.num_samples=32 quality.num_tokens=1024 bench.repeats=1
            bench.vllm.enforce_eager=true bench.vllm.gpu_memory_utilization=0.3 tracking.log_model=none
            quantized_cache.enabled=false "paths.mlruns=$W/mlruns")
+    read -ra extra <<< "${QB_EXTRA:-}"  # more overrides, e.g. the embedded model's sizes for a dry run on CPU
     job() {  # job LANE METHOD [OVERRIDES...]: one method's sweep; its saved weights are removed after (disk: 64 GB)
       local lane=$1 method=$2; shift 2
       note "lane $lane $method start"
-      $D python run.py -m experiment=seed "hardware=$HW" "method=$method" "${sizes[@]}" "$@" \
+      $D python run.py -m experiment=seed "hardware=$HW" "method=$method" "${sizes[@]}" "${extra[@]}" "$@" \
         "hydra.sweep.dir=$W/multirun/$method" > "$W/logs/$lane-$method.log" 2>&1
       note "lane $lane $method exit $?"
       find "$W/multirun/$method" -name '*.safetensors' -delete
@@ -57,9 +62,9 @@ case "${1:?start|pipeline|poll}" in
     (job a fp16; job a bnb_nf4; job a awq) & lanes=($!)
     (job b gptq method.backend=marlin; job b autoround_sym method.iters=10) & lanes+=($!)
     (note "step AQLM checkpoint (2x8 codebooks, shortest search)"
-     $D python tests/helpers/hub_repos.py --root "$W/hub" --model embedded:llama-3.1-8b-shape --hardware "$HW" \
+     $D python tests/helpers/hub_repos.py --root "$W/hub" --model "$MODEL" --hardware "$HW" \
        --aqlm-override method.codebooks=2x8 --aqlm-override method.kmeans_iters=0 \
-       --aqlm-override method.max_rounds=0 --aqlm-override method.finetune_epochs=0 > "$W/logs/c-hub-aqlm.log" 2>&1
+       --aqlm-override method.max_rounds=1 --aqlm-override method.finetune_epochs=0 > "$W/logs/c-hub-aqlm.log" 2>&1
      note "step AQLM checkpoint exit $?"
      job c aqlm_2bit_pretrained) & lanes+=($!)
     wait "${lanes[@]}"

@@ -128,3 +128,35 @@ def test_gptqmodel_still_logs_into_the_working_directory_and_the_scope_redirects
     with gptqmodel_scope(log_dir=tmp_path):
         assert loop_processor._PROJECT_LOG_DIR == tmp_path
     assert loop_processor._PROJECT_LOG_DIR == Path("logs")
+
+
+# --- ray 2.60 + Python's importlib.metadata: a dist-info with a blank RECORD row (upstream/ray_records.py) -----------
+
+# What `import ray` does to sys.path (ray/thirdparty_files), with a dist-info like the psutil and colorama ones ray
+# 2.60.0 carries there on the GPU machine: a RECORD with a blank row.
+AFTER_RAY = """
+import sys, pathlib, tempfile
+root = pathlib.Path(tempfile.mkdtemp())
+info = root / "psutil-7.2.2.dist-info"
+info.mkdir()
+(info / "METADATA").write_text("Metadata-Version: 2.1\\nName: psutil\\nVersion: 7.2.2\\n")
+(info / "RECORD").write_text("psutil/__init__.py,,\\n\\npsutil-7.2.2.dist-info/RECORD,,\\n")
+sys.path.insert(0, str(root))
+"""
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_importlib_metadata_still_fails_on_a_blank_record_row():
+    """When this fails, Python reads such a RECORD: delete upstream/ray_records.py."""
+    out = _python(AFTER_RAY + "import importlib.metadata as m\nm.packages_distributions()")
+    assert "make_file() missing 1 required positional argument" in out.stderr
+
+
+def test_transformers_imported_first_survives_what_ray_does_to_the_path():
+    broken = _python(AFTER_RAY + "import transformers")  # vLLM's CUDA engine core, before the workaround
+    assert broken.returncode != 0 and "make_file()" in broken.stderr
+    fixed = _python("import quantbench.bench.backends._vllm_engine\n" + AFTER_RAY + "import transformers.utils")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]

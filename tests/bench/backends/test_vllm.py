@@ -161,6 +161,17 @@ def test_vllm_knobs_have_defaults_and_are_checked():
             bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": bad}))
 
 
+def test_an_engine_failure_names_the_engine_cores_own_error_first():
+    """As on the H100 on 2026-12-06: the engine core's TypeError, then the front end's 'See root cause above'."""
+    out = [
+        '  File "/usr/lib/python3.12/importlib/metadata/__init__.py", line 498, in skip_missing_files',
+        "TypeError: Distribution.files.<locals>.make_file() missing 1 required positional argument: 'name'",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    ]
+    assert vllm_backend.root_cause(out).startswith("TypeError: Distribution.files")
+    assert vllm_backend.root_cause(["INFO loading", "done"]).startswith("(no exception")
+
+
 def test_every_bench_config_composes_a_valid_vllm_plan():
     for name in ("smoke", "seed"):
         cfg = OmegaConf.load(ROOT / "conf" / "bench" / f"{name}.yaml")

@@ -21,7 +21,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from quantbench.upstream.ray_records import import_transformers_before_ray
+
 log = logging.getLogger("quantbench.bench.vllm_engine")
+# At import, so that vLLM's engine core (forked or spawned from this module) has it too.
+import_transformers_before_ray()
 
 
 def describe_linear_layers(model) -> dict[str, int]:

@@ -153,6 +153,19 @@ def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
     return None
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+
+
+def root_cause(lines: list[str]) -> str:
+    """The first exception line of the engine's output (vLLM's engine core prints its error, then the front end
+    raises "Engine core initialization failed. See root cause above"), so that a FAILED run's reason starts with it."""
+    for line in lines:
+        text = line.split("] - ", 1)[-1].strip()  # as logged through quantbench.bench.vllm_engine, or raw
+        if EXCEPTION_LINE.match(text):
+            return text
+    return "(no exception in its output; its last lines follow)"
+
+
 def gpu_share(knobs: VllmKnobs, device: str) -> float:
     """vLLM's gpu_memory_utilization: the knob, else what is free now less 1 GiB (at most 0.9). vLLM refuses to start
     unless that share of the card is free, and this process keeps its CUDA context and what its allocator holds."""
@@ -366,5 +379,8 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
             if cuda:
                 sampler.join()
         if code != 0 or not res.exists():
-            raise RuntimeError(f"the vLLM engine process {children.describe_exit(code)}:\n" + "\n".join(tail))
+            lines = [line for line in tail if line.strip(" ^~")]  # not Python's caret markers
+            raise RuntimeError(
+                f"the vLLM engine process {children.describe_exit(code)}: {root_cause(lines)}\n" + "\n".join(lines)
+            )
         return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}
