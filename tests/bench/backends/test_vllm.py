@@ -413,6 +413,7 @@ def test_on_the_avx2_path_gptq_falls_back_to_hf_and_fp16_still_runs_on_vllm(tiny
         "eval=none",
         "bench.backend=vllm",
         "bench.repeats=1",
+        "bench.vllm.enforce_eager=true",  # the kernels are chosen at load; the compiled engine: `ours` above
         mlruns=tmp_path / "mlruns",
         workdir=tmp_path,
     )
@@ -442,6 +443,7 @@ def test_where_the_cpu_has_the_w4a16_kernel_gptq_is_served_by_vllm_and_a_kernel_
         "eval=none",
         "bench.backend=vllm",
         "bench.repeats=1",
+        "bench.vllm.enforce_eager=true",  # the kernels are chosen at load; the compiled engine: `ours` above
         "bench.vllm.disabled_kernels=[MacheteLinearKernel]",
         "bench.vllm.linear_backend=auto,triton",
         mlruns=tmp_path / "mlruns",
