@@ -63,6 +63,11 @@ def test_a_kernel_family_that_cannot_serve_the_artifact_is_refused_before_any_mo
     assert "stores a zero point per group" in str(err.value)
 
 
+def test_a_cuda_only_gptq_kernel_on_a_cpu_is_refused_before_any_model_is_loaded(tiny_root):
+    with pytest.raises(ConfigError, match="method.backend='marlin'"):
+        pipeline.prepare(cfg_with("method=gptq", "method.backend=marlin", "hardware=cpu"))
+
+
 def test_missing_model_folder_is_named():
     cfg = cfg_with("model.pretrained=/no/such/model")
     with pytest.raises(ConfigError) as err:

@@ -91,7 +91,18 @@ def test_supported_bit_widths(source, name, bits, ok):
 def test_gptq_names_its_kernel_backends_when_given_one_it_lacks(source):
     with pytest.raises(ConfigError, match="method.backend='machette'.*'marlin'"):
         method_from_yaml("gptq", "method.backend=machette").validate(source.config(), CPU)
-    method_from_yaml("gptq", "method.backend=marlin").validate(source.config(), CPU)
+    method_from_yaml("gptq", "method.backend=marlin").validate(
+        source.config(), OmegaConf.merge(CPU, {"device": "cuda"})
+    )
+
+
+def test_gptq_refuses_a_cuda_only_kernel_backend_on_a_cpu_before_any_work(source):
+    """As `method.backend=marlin hardware=cpu` did after a minute of quantizing: GPTQModel's 'Marlin kernel requires
+    CUDA'. Its own kernels say where they run."""
+    with pytest.raises(ConfigError, match=r"method.backend='marlin'.*\['cuda'\].*hardware=cpu is cpu"):
+        method_from_yaml("gptq", "method.backend=marlin").validate(source.config(), CPU)
+    for backend in ("auto", "torch", "torch_fused"):
+        method_from_yaml("gptq", f"method.backend={backend}").validate(source.config(), CPU)
 
 
 def test_gptq_refuses_act_order_together_with_group_aware_reordering(source):

@@ -82,6 +82,14 @@ class GPTQ(Method):
                 f"method.backend={self.backend!r} is not a GPTQModel kernel backend; choose one of "
                 f"{choices} (auto: GPTQModel's choice for the device)."
             )
+        device = str(hardware.device).split(":")[0]
+        devices = kernel_devices(self.backend)
+        if devices and "all" not in devices and device not in devices:
+            raise ConfigError(
+                f"method.backend={self.backend!r}: GPTQModel's kernels for it run on {sorted(devices)}, and "
+                f"hardware={hardware.get('name', device)} is {device}; leave method.backend=auto or pick a backend for {device} "
+                f"(torch runs everywhere)."
+            )
 
     def loading_attributes(self) -> dict:
         """The kernel choice holds for the fresh-process reload too (transformers' GPTQConfig `backend`): with auto,
@@ -127,6 +135,23 @@ class GPTQ(Method):
 
     def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
         return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device, self.backend)
+
+
+def kernel_devices(backend: str) -> set[str]:
+    """The device types ("cuda", "cpu", "all", ...) of GPTQModel's GPTQ kernels for `backend` (empty for auto and
+    for backends outside GPTQModel's kernels, e.g. vllm): asked of GPTQModel, so a refusal comes before any work."""
+    with gptqmodel_scope():
+        from gptqmodel import BACKEND
+        from gptqmodel.quantization import METHOD
+        from gptqmodel.utils.importer import get_kernel_backends, iter_quant_linear_kernels, normalize_backend
+
+    wanted = normalize_backend(BACKEND(backend), quant_method=METHOD.GPTQ)
+    return {
+        d.value
+        for cls in iter_quant_linear_kernels()
+        if wanted in get_kernel_backends(cls)
+        for d in cls.SUPPORTS_DEVICES
+    }
 
 
 def reload(
