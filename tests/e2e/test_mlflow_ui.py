@@ -18,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium as root on a machine with no network: no sandbox, and none of its background connections.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-# The README's "Compare runs in the MLflow UI": the columns a user ticks under Columns on the experiment's runs page.
+# docs/compare.md, "Compare runs in the MLflow UI": the columns a user ticks under Columns on the experiment's runs page.
 COLUMNS = ["tiny_facts_acc", "tiny_arith_acc", "disk_gb", "tokens_per_s_1_stream", "method"]
 SHOTS = ROOT / "test-artifacts"
 
@@ -73,7 +73,7 @@ def test_the_runs_page_shows_every_method_with_its_accuracy_disk_and_speed(ui, p
     for name in runs:  # the six jobs and the summary run
         page.get_by_text(name, exact=True).wait_for(timeout=90_000)
     page.get_by_role("button", name="Close", exact=True).click()  # the assistant's side panel, for a wider table
-    for column in COLUMNS:  # metrics and tags are not columns until ticked (README: "Compare runs in the MLflow UI")
+    for column in COLUMNS:  # metrics and tags are not columns until ticked (docs/compare.md)
         page.get_by_role("button", name="Columns", exact=True).click()
         page.get_by_role("dialog").get_by_text(column, exact=True).click()
         page.keyboard.press("Escape")

@@ -7,7 +7,7 @@ As fast as transformers allows (`bench.hf`): a static KV cache, with which trans
 step (torch.compile, mode "reduce-overhead": CUDA graphs) where its own rule allows it: CUDA/XPU, and a quantizer
 it marks compileable (compressed-tensors yes; bitsandbytes, GPTQ, AQLM no). We use that path rather than wrapping
 `model.forward` in torch.compile ourselves, which was reported to fail with transformers 5.17 / torch 2.11 on an
-H100 ("accessing tensor output of CUDAGraphs that has been overwritten"); this path ran there on an H200 (README). The `bench_path` tag says which path really ran, read
+H100 ("accessing tensor output of CUDAGraphs that has been overwritten"); this path ran there on an H200 (docs/throughput.md). The `bench_path` tag says which path really ran, read
 back from the model after the warm-up; a static cache that fails falls back to the dynamic one, with the reason
 in the `bench_hf_fallback_reason` tag.
 """
