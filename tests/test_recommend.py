@@ -91,7 +91,9 @@ def test_tokens_per_s_of_different_backends_are_not_ranked_against_each_other(st
     assert "tokens_per_s_1_stream cannot rank these runs: tokens_per_s_1_stream was measured on different bases" in (
         rec.why
     )
-    assert "vllm (vllm==0.26.0) on NVIDIA H100 80GB HBM3; 100 prompt + 250 tokens: gptq (260.2), fp16 (153.8)" in rec.why
+    assert (
+        "vllm (vllm==0.26.0) on NVIDIA H100 80GB HBM3; 100 prompt + 250 tokens: gptq (260.2), fp16 (153.8)" in rec.why
+    )
     assert "hf (transformers 5.17.0, torch 2.13.0) on NVIDIA H100 80GB HBM3; 100 prompt + 250 tokens: " in rec.why
     assert "aqlm_2bit (30)" in rec.why
     within = recommend.recommend(sel, comps, recommend.Constraints(max_serve_mem_gb=10, backend="vllm"))

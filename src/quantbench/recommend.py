@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from quantbench import stats
 from quantbench.bench import stream_label
+from quantbench.errors import ConfigError
 from quantbench.policy import ALIASES, QLORA_LIBRARY, Constraints, Decision, choose
 from quantbench.runs import RunRow, Selection, Store, add_store_args
 
@@ -265,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     store = Store(args.tracking_uri)
-    sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    try:
+        sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    except ConfigError as exc:  # no such experiment or sweep: the paragraph, exit 1
+        print(exc, file=sys.stderr)
+        return 1
     min_acc = args.min_accuracy / 100 if args.min_accuracy is not None and args.min_accuracy > 1 else args.min_accuracy
     rec = recommend(
         sel,

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from quantbench import evaluation, quality, stats
 from quantbench.bench import stream_label
+from quantbench.errors import ConfigError
 from quantbench.paths import ROOT
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class Store:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             known = [e.name for e in self.client.search_experiments()]
-            raise SystemExit(
+            raise ConfigError(
                 f"No experiment {name!r} in {self.uri}; it has: {known or 'none'}. "
                 f"Run a sweep first (make run) or pass --experiment/--tracking-uri."
             )
@@ -303,7 +304,7 @@ class Store:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
         rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if not rows:
-            raise SystemExit(
+            raise ConfigError(
                 f"No runs for sweep {sweep!r} in experiment {experiment!r}"
                 + (f" matching {filter_string!r}" if filter_string else "")
                 + "."
