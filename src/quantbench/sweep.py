@@ -104,10 +104,10 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
-        from quantbench.runs import LOCATION_KEYS
+        from quantbench.paths import LOCATION_PREFIXES
 
         status, detail = describe(job_return)
-        overrides = [o for o in job_return.overrides or [] if not o.startswith(LOCATION_KEYS)]
+        overrides = [o for o in job_return.overrides or [] if not o.startswith(LOCATION_PREFIXES)]
         self.rows.append(JobRow(int(config.hydra.job.num), " ".join(overrides), status, detail))
 
     def report(self) -> None:
