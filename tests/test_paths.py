@@ -19,3 +19,16 @@ def test_a_long_override_list_is_cut_to_a_valid_file_name_that_still_tells_jobs_
 
 def test_a_path_given_as_a_value_does_not_make_nested_folders():
     assert "/" not in job_dirname("eval.include_path=/data/tasks")
+
+
+def test_the_hydra_config_excludes_the_one_list_of_location_keys_from_job_folder_names():
+    """Hydra reads override_dirname.exclude_keys from YAML; quantbench.paths.LOCATION_KEYS is the list it must be."""
+    from omegaconf import OmegaConf
+
+    from quantbench import identity
+    from quantbench.paths import LOCATION_GROUPS, LOCATION_KEYS, LOCATION_PREFIXES, ROOT
+
+    hydra = OmegaConf.load(ROOT / "conf" / "hydra" / "default.yaml")
+    assert list(hydra.job.config.override_dirname.exclude_keys) == list(LOCATION_KEYS)
+    assert set(LOCATION_GROUPS) <= set(identity.NOT_IN_CONFIG_HASH)  # where things go is not in the job key
+    assert all(key.startswith(LOCATION_PREFIXES) for key in LOCATION_KEYS)  # nor in run labels or the sweep summary

@@ -5,6 +5,7 @@ a policy value out of range is refused before any run is read."""
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
@@ -89,8 +90,8 @@ def test_a_memory_limit_is_not_applied_across_memory_figures_that_measured_diffe
     d = decide(mixed_memory, "max_serve_mem_gb=10", "tie_break=null")
     assert not any(x.won for x in d.values())
     reason = d["aqlm_2bit"].why
-    assert "max_serve_mem_gb cannot be applied: serve_mem_gb was measured on different bases" in reason
-    assert "cuda_device_used: fp16, gptq; cuda_allocator: aqlm_2bit" in reason
+    assert "max_serve_mem_gb cannot be applied: the runs' memory figures measured different things" in reason
+    assert "serve_mem_gb: cuda_device_used: fp16, gptq; serve_mem_gb: cuda_allocator: aqlm_2bit" in reason
     anyway = decide(mixed_memory, "max_serve_mem_gb=10", "tie_break=null", "rank_across_backends=true")
     assert [m for m, x in anyway.items() if x.won] in (["gptq"], ["aqlm_2bit"])
 
@@ -107,3 +108,83 @@ def test_quantbench_register_answers_a_bad_policy_value_with_the_paragraph_and_e
     with caplog.at_level("ERROR"):
         assert registry.main(["--tracking-uri", three, "--dry-run", "tie_tolerance=-1"]) == 2
     assert "tie_tolerance=-1.0 (must be >= 0)" in caplog.text
+
+
+@pytest.fixture
+def four(tmp_path):
+    """fp16 and three 4-bit runs on one CPU: one significantly worse, one with NaN KL, one with NaN tokens/s."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    runs = {
+        "fp16": (correctness(N, 300), {"weight_gb": 16.0, "tokens_per_s_1_stream": 100.0, "quality_kl_mean": 0.0}),
+        "gptq": (correctness(N, 300, 2, 2), {"weight_gb": 5.7, "tokens_per_s_1_stream": 200.0, "quality_kl_mean": 0.01}),
+        "awq": (correctness(N, 300, 2, 1), {"weight_gb": 5.9, "tokens_per_s_1_stream": 250.0, "quality_kl_mean": math.nan}),
+        "aqlm_2bit": (correctness(N, 300, 60), {"weight_gb": 2.6, "tokens_per_s_1_stream": math.nan, "quality_kl_mean": 0.2}),
+    }  # fmt: skip
+    for i, (method, (acc, metrics)) in enumerate(runs.items()):
+        log_run(client, exp, method, job_num=i, samples={"t1": acc}, metrics=metrics)
+    return uri
+
+
+# (recommend's flags, the policy's keys): the same constraints, each set by both commands' names
+SAME_ASK = [
+    ([], []),
+    (["--max-kl-mean", "0.05"], ["max_kl_mean=0.05"]),  # awq's KL is NaN: it passes no limit
+    (["--gpu-memory-gb", "5.8"], ["max_serve_mem_gb=5.8"]),
+    (["--min-tokens-per-s", "150", "--max-kl-mean", "0.05"], ["min_tokens_per_s_1_stream=150", "max_kl_mean=0.05"]),
+    (["--min-accuracy", "0.9"], ["min_accuracy=0.9"]),  # no eligible run
+    (["--gpu-memory-gb", "3"], ["max_serve_mem_gb=3"]),  # aqlm fits, but its tokens/s are NaN: nothing to rank
+]
+
+
+@pytest.mark.parametrize("flags, keys", SAME_ASK)
+def test_register_and_recommend_give_the_same_answer_to_the_same_constraints(four, flags, keys, caplog):
+    """`quantbench recommend` ranks by speed among the runs within noise; the same policy, asked of `register`, must
+    choose the same run (or none), since one engine (policy.choose) answers both."""
+    from quantbench import recommend, registry
+
+    st = Store(four)
+    sel = st.select("quantbench-tiny")
+    as_recommend = ["rank_by=tokens_per_s_1_stream", "tie_tolerance=0", "tie_break=null", "prefer_within_noise=true",
+                    "max_acc_drop_points=null"]  # fmt: skip
+    decided = policy.choose(sel, st.compare(sel), policy.load_policy([*as_recommend, *keys])).winner
+    with caplog.at_level("INFO"):
+        rc = recommend.main(["--tracking-uri", four, *flags])
+        chosen = next((line for line in caplog.messages if line.startswith("Recommendation: ")), "")
+    assert rc == (0 if decided else 1)
+    if decided:
+        assert chosen.startswith(f"Recommendation: {decided.row.label} (run {decided.row.run_id})")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        rc = registry.main(["--tracking-uri", four, "--dry-run", *as_recommend, *keys])
+    assert rc == (0 if decided else 1)
+    assert (f"WON  {decided.row.label}" in caplog.text) if decided else "No run satisfies the policy" in caplog.text
+
+
+def test_the_expected_answers_of_the_same_ask(four):
+    st = Store(four)
+    sel = st.select("quantbench-tiny")
+    comps = st.compare(sel)
+
+    def winner(**asked):
+        from quantbench import recommend
+
+        won = recommend.recommend(sel, comps, policy.Constraints(**asked)).choice
+        return won.row.method if won else None
+
+    assert winner() == "awq"  # the fastest within noise; aqlm is significantly worse and has no tokens/s
+    assert winner(max_kl_mean=0.05) == "gptq"  # awq's KL is NaN
+    assert winner(max_serve_mem_gb=5.8) == "gptq"
+    assert winner(min_accuracy=0.9) is None
+    assert winner(max_serve_mem_gb=3) is None
+
+
+@pytest.mark.parametrize("old, new", list(policy.ALIASES.items()))
+def test_each_old_name_is_its_constraint_s_one_name(old, new):
+    """The aliases documented commands use (README, Makefile, docs) map to the one name, for the policy's keys and
+    recommend's flags alike."""
+    from quantbench import recommend
+
+    assert new in {f.name for f in fields(policy.Constraints)} and policy.canonical(old) == new
+    assert getattr(policy.load_policy([f"{old}=1"] if old != "across_backends" else [f"{old}=true"]), new) in (1, True)
+    flags = recommend._flags(new)
+    assert flags[0] == f"--{new.replace('_', '-')}" and f"--{old.replace('_', '-')}" in flags

@@ -239,9 +239,9 @@ def test_recommend_from_measurements(store, caplog):
     st = Store(uri)
     sel = st.select("quantbench-tiny")
     comps = st.compare(sel)
-    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=8, fine_tune=True))
+    rec = recommend.recommend(sel, comps, recommend.Constraints(max_serve_mem_gb=8, fine_tune=True))
     assert rec.choice.row.run_id == ids["bnb_nf4"]
-    rec = recommend.recommend(sel, comps, recommend.Constraints(gpu_memory_gb=5))
+    rec = recommend.recommend(sel, comps, recommend.Constraints(max_serve_mem_gb=5))
     assert rec.choice.row.method == "aqlm_2bit"  # the only one that fits, said to be worse
     assert "significantly worse" in rec.why
     rec = recommend.recommend(sel, comps, recommend.Constraints(min_tokens_per_s=250))
@@ -282,7 +282,7 @@ def test_random_weight_runs_show_speed_and_size_but_no_accuracy(tmp_path):
     assert float(memory["bnb_nf4"]["serve_mem_gb"]) == 8.7
     st = Store(uri)
     sel = st.select("quantbench-tiny")
-    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(gpu_memory_gb=10))
+    rec = recommend.recommend(sel, st.compare(sel), recommend.Constraints(max_serve_mem_gb=10))
     assert rec.choice.row.method == "bnb_nf4"  # fp16 needs 18.3 GB to serve
     assert "accuracy not compared with fp16 (random weights)" in rec.why and "significantly" not in rec.why
 

@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+import pytest
+
 from helpers.synthetic_store import correctness, log_run, make_store
 
 from quantbench import report
@@ -113,3 +115,23 @@ def test_an_artifact_that_cannot_be_read_is_a_warning_and_a_tag_on_the_report_no
     tag = client.get_run(summary).data.tags[report.ARTIFACT_ERRORS_TAG]
     assert broken in tag and gone in tag
     assert "Artifacts that could not be read" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_no_such_experiment_or_sweep_is_a_config_error_and_the_commands_exit_1_with_it(tmp_path, capsys):
+    """The library raises ConfigError (not SystemExit); each command prints the paragraph and exits 1, as before."""
+    from quantbench import recommend, registry, report
+    from quantbench.errors import ConfigError
+
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    log_run(client, exp, "fp16", sweep="s1", tasks=["t1"])
+    with pytest.raises(ConfigError, match="No experiment 'nope'.*it has: .*'quantbench-tiny'"):
+        Store(uri).select("nope")
+    with pytest.raises(ConfigError, match="No runs for sweep 'other'"):
+        Store(uri).select("quantbench-tiny", sweep="other")
+    for main, extra in (
+        (recommend.main, []),
+        (registry.main, ["--dry-run"]),
+        (report.main, ["--no-log", "--out", str(tmp_path)]),
+    ):
+        assert main(["--tracking-uri", uri, "--experiment", "nope", *extra]) == 1
+        assert "No experiment 'nope'" in capsys.readouterr().err

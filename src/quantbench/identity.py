@@ -32,13 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
 from quantbench.errors import ConfigError
+from quantbench.paths import LOCATION_GROUPS
 from quantbench.tracking import library_version
 
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent
 # Where a job writes and logs, and whether it reruns, do not change what it measures: left out of the job key.
-NOT_IN_CONFIG_HASH = ("hydra", "paths", "tracking", "force", "quantized_cache", "timeouts")
+NOT_IN_CONFIG_HASH = ("hydra", *LOCATION_GROUPS, "force", "timeouts")
 QUANTIZE_LIBRARIES = ("torch", "transformers")
 EVAL_LIBRARIES = ("lm-eval",)
 LATER_STAGES = ("eval", "quality", "bench")

@@ -24,6 +24,14 @@ def unique_suffix() -> str:
     return secrets.token_hex(4)
 
 
+# Config keys that say where a job writes and logs, not what it measures: the one list. Sweep job folders are named
+# without them (conf/hydra/default.yaml's override_dirname.exclude_keys: Hydra reads it there, and a test holds it
+# equal to this); run labels and the sweep summary leave out overrides of any key of their groups and of hydra
+# (LOCATION_PREFIXES); the job key leaves out their groups whole (identity.NOT_IN_CONFIG_HASH).
+LOCATION_KEYS = ("tracking.uri", "paths.root", "paths.mlruns", "paths.cache", "quantized_cache.dir")
+LOCATION_GROUPS = tuple(dict.fromkeys(key.split(".")[0] for key in LOCATION_KEYS))  # tracking, paths, quantized_cache
+LOCATION_PREFIXES = tuple(f"{group}." for group in ("hydra", *LOCATION_GROUPS))
+
 DIRNAME_LIMIT = 120  # characters: a file name may have 255 bytes, and Hydra prefixes the job number
 
 

@@ -42,7 +42,7 @@ def register(
     client, name, row = store.client, policy.registered_name, decision.row
     reference = row.tags.get(MODEL_LOCATION_TAG)  # tracking.log_model=reference: the folder stayed where it was made
     if reference is None and not client.list_artifacts(row.run_id, MODEL_DIR):
-        raise SystemExit(
+        raise ConfigError(
             f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder and no {MODEL_LOCATION_TAG} "
             f"(was tracking.log_model=none?); nothing to register."
         )
@@ -90,7 +90,7 @@ def verify_files(store: Store, row: RunRow, reference: str | None = None) -> Non
                 run_id=row.run_id, artifact_path=measure.MODEL_SHA256, dst_path=tmp, tracking_uri=store.uri
             )
         except (MlflowException, OSError) as exc:
-            raise SystemExit(
+            raise ConfigError(
                 f"Run {row.run_id} ({row.label}) has no {measure.MODEL_SHA256} (runs logged before quantbench "
                 f"recorded file hashes have none), so its model folder cannot be checked; rerun the job "
                 f"with force=true. ({type(exc).__name__})"
@@ -99,7 +99,7 @@ def verify_files(store: Store, row: RunRow, reference: str | None = None) -> Non
         if reference is not None:
             folder = url2pathname(urlparse(reference).path)
             if not Path(folder).is_dir():
-                raise SystemExit(
+                raise ConfigError(
                     f"Run {row.run_id} ({row.label}) logged its model by reference, {reference}, which is not a "
                     f"folder on this machine: register from a machine that shares that storage."
                 )
@@ -109,7 +109,7 @@ def verify_files(store: Store, row: RunRow, reference: str | None = None) -> Non
             )
         wrong = measure.changed_files(folder, expected)
     if wrong:
-        raise SystemExit(
+        raise ConfigError(
             f"Run {row.run_id} ({row.label}): its logged model folder is not what the job measured — "
             f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''} (sha256 against {measure.MODEL_SHA256}). "
             f"Nothing registered; rerun the job with force=true."
@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     baseline = policy.baseline if args.baseline == p.get_default("baseline") else args.baseline
+    try:
+        return _decide_and_register(args, policy, baseline)
+    except ConfigError as exc:  # no such experiment or sweep, a folder that fails its check: the paragraph, exit 1
+        print(exc, file=sys.stderr)
+        return 1
+
+
+def _decide_and_register(args: argparse.Namespace, policy: DictConfig, baseline: str) -> int:
     store = Store(args.tracking_uri)
     sel = store.select(args.experiment, args.sweep, args.filter, baseline)
     decisions = decide(sel, store.compare(sel), policy)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantbench import recommend, redact, stats
+from quantbench.errors import ConfigError
 from quantbench.bench import stream_label
 from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
 
@@ -746,7 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     store = Store(args.tracking_uri)
-    sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    try:
+        sel = store.select(args.experiment, args.sweep, args.filter, args.baseline)
+    except ConfigError as exc:  # no such experiment or sweep: the paragraph, exit 1
+        print(exc, file=sys.stderr)
+        return 1
     out = args.out or ROOT / "reports" / args.experiment
     files = build(store, sel, out)
     sys.stdout.write((out / "report.md").read_text() + "\n")

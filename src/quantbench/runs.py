@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from quantbench import evaluation, quality, stats
 from quantbench.bench import stream_label
-from quantbench.paths import ROOT
+from quantbench.errors import ConfigError
+from quantbench.paths import LOCATION_PREFIXES, ROOT
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ RESUMED_TAG = "resumed_in"  # resumed_in.<sweep_id> = the job number a later swe
 DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
 _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
-# Overrides that say where things go, not what was measured: useless for telling two runs apart.
-LOCATION_KEYS = ("paths.", "tracking.", "hydra.", "quantized_cache.dir")
 MEM_BASIS_TAG = "mem_basis"  # mem_basis.<metric> = what a memory figure measured (quantbench.measure.MEM_BASES)
 QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.quality)
 # What a run misses when one of its JSON artifacts cannot be read
@@ -277,7 +276,7 @@ class Store:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             known = [e.name for e in self.client.search_experiments()]
-            raise SystemExit(
+            raise ConfigError(
                 f"No experiment {name!r} in {self.uri}; it has: {known or 'none'}. "
                 f"Run a sweep first (make run) or pass --experiment/--tracking-uri."
             )
@@ -303,7 +302,7 @@ class Store:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
         rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if not rows:
-            raise SystemExit(
+            raise ConfigError(
                 f"No runs for sweep {sweep!r} in experiment {experiment!r}"
                 + (f" matching {filter_string!r}" if filter_string else "")
                 + "."
@@ -419,7 +418,7 @@ def _label(rows: list[RunRow]) -> None:
             group[0].label = group[0].method
             continue
         own = [
-            [o for o in r.tags.get("overrides", "").split() if not o.startswith(("method=", *LOCATION_KEYS))]
+            [o for o in r.tags.get("overrides", "").split() if not o.startswith(("method=", *LOCATION_PREFIXES))]
             for r in group
         ]
         shared = set.intersection(*(set(o) for o in own))

@@ -162,12 +162,17 @@ class PolicyConfig:
     alias: str = "champion"  # moved to the winning version on every registration
     baseline: str = "fp16"  # the method accuracy drops are measured against
     max_disk_gb: float | None = knob(None, gt=0)
-    max_serve_mem_gb: float | None = knob(None, gt=0)  # what serving took (the vLLM engine's GPU memory, or RSS)
+    max_serve_mem_gb: float | None = knob(None, gt=0)  # GPU memory to serve it (policy.memory_need), else weights
     max_peak_mem_gb: float | None = knob(None, gt=0)  # the maximum over quantize, eval and bench
-    min_tokens_per_s_1_stream: float | None = knob(None, ge=0)
+    min_tokens_per_s: float | None = knob(None, ge=0)  # at `streams` streams (alias: min_tokens_per_s_1_stream)
+    streams: int = knob(1, ge=1)
+    min_accuracy: float | None = knob(None, ge=0)  # mean accuracy over the tasks, a fraction
     max_kl_mean: float | None = knob(None, ge=0)  # quality_kl_mean: nats per token from the baseline's distribution
     max_acc_drop_points: float | None = knob(2.0, ge=0)
     reject_significantly_worse: bool = False
+    prefer_within_noise: bool = False  # rank only runs within noise of the baseline on every task, if any are
+    backend: str | None = None  # only runs benchmarked by this backend (hf, vllm)
+    fine_tune: bool = False  # only QLoRA-ready bases (bitsandbytes)
     rank_by: str = "mean accuracy"  # "mean accuracy" (over the eval tasks, in %) or a run metric name
     tie_tolerance: float = knob(0.5, ge=0)
     tie_break: str | None = "tokens_per_s_1_stream"

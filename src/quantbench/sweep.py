@@ -63,25 +63,18 @@ def slurm_job_queued(job_id: str) -> bool:
 
 def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
     """End FAILED this sweep's runs still RUNNING (see the module docstring); the ids of the runs ended."""
-    from quantbench.tracking import end_failed  # imports MLflow: only when a sweep ends, not when Hydra loads this
+    from quantbench import tracking  # imports MLflow: only when a sweep ends, not when Hydra loads this
 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.sweep_dir = '{sweep_dir}'",
-        max_results=1000,
-    )
-    ended = []
-    for run in runs:
-        tags = run.data.tags
+
+    def lost(tags: dict[str, str]) -> str | None:
         if tags.get("launcher") == "slurm" and slurm_job_queued(tags.get("slurm.job_id", "")):
-            continue
-        end_failed(client, run.info.run_id, "WorkerLost", f"{tags.get('method', 'job')}: {ORPHANED}")
-        log.warning("Run %s (%s) was left RUNNING: marked FAILED (WorkerLost)", run.info.run_id, run.info.run_name)
-        ended.append(run.info.run_id)
-    return ended
+            return None
+        return f"{tags.get('method', 'job')}: {ORPHANED}"
+
+    return tracking.end_orphaned_runs(client, exp.experiment_id, lost, "WorkerLost", f"tags.sweep_dir = '{sweep_dir}'")
 
 
 class SweepSummary(Callback):
@@ -111,10 +104,10 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
-        from quantbench.runs import LOCATION_KEYS
+        from quantbench.paths import LOCATION_PREFIXES
 
         status, detail = describe(job_return)
-        overrides = [o for o in job_return.overrides or [] if not o.startswith(LOCATION_KEYS)]
+        overrides = [o for o in job_return.overrides or [] if not o.startswith(LOCATION_PREFIXES)]
         self.rows.append(JobRow(int(config.hydra.job.num), " ".join(overrides), status, detail))
 
     def report(self) -> None:

@@ -19,7 +19,7 @@ import traceback
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import yaml
@@ -102,6 +102,34 @@ def end_failed(client: MlflowClient, run_id: str, failure_type: str, reason: str
     client.set_tag(run_id, "failure_reason", reason)
     client.set_tag(run_id, "failure_type", failure_type)
     client.set_terminated(run_id, status="FAILED")
+
+
+def end_orphaned_runs(
+    client: MlflowClient,
+    experiment_id: str,
+    orphaned: Callable[[dict[str, str]], str | None],
+    failure_type: str,
+    only: str = "",
+) -> list[str]:
+    """The one reaper: end FAILED every RUNNING run of the experiment (those matching the MLflow filter `only`, if
+    given) for which `orphaned(tags)` gives a reason, that is, whose job can no longer end it (its process or worker is
+    gone). A job on this host (Tracker.fail_interrupted_runs) and a sweep's end (sweep.SweepSummary) each say which
+    runs are orphaned; both end them the same way. The ids of the runs ended."""
+    ended = []
+    for run in client.search_runs(
+        [experiment_id],
+        filter_string="attributes.status = 'RUNNING'" + (f" and {only}" if only else ""),
+        max_results=1000,
+    ):
+        reason = orphaned(dict(run.data.tags))
+        if reason is None:
+            continue
+        end_failed(client, run.info.run_id, failure_type, reason)
+        log.warning(
+            "Run %s (%s) was left RUNNING: marked FAILED (%s)", run.info.run_id, run.info.run_name, failure_type
+        )
+        ended.append(run.info.run_id)
+    return ended
 
 
 LOG_MODEL_MODES = ("copy", "reference", "none")
@@ -187,28 +215,20 @@ class Tracker:
     def fail_interrupted_runs(self) -> list[str]:
         """End FAILED, with reason "interrupted", this experiment's RUNNING runs whose process on this host is gone
         (killed, out of memory, machine restarted). Runs of other hosts cannot be checked from here and are left."""
-        host, ended = platform.node(), []
-        for run in self.client.search_runs(
-            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
-        ):
-            tags = run.data.tags
+        host = platform.node()
+
+        def interrupted(tags: dict[str, str]) -> str | None:
             if tags.get("host.name") != host or "pid" not in tags:
-                continue
+                return None
             started = float(tags["pid_started"]) if "pid_started" in tags else None
             if process_alive(int(tags["pid"]), started):
-                continue
-            reason = (
+                return None
+            return (
                 f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
                 f"killed or crashed before the run could end. Found by the next quantbench job on this store."
             )
-            end_failed(self.client, run.info.run_id, "Interrupted", reason)
-            log.warning(
-                "Run %s (%s) was left RUNNING by a process that is gone: marked FAILED (interrupted)",
-                run.info.run_id,
-                run.info.run_name,
-            )
-            ended.append(run.info.run_id)
-        return ended
+
+        return end_orphaned_runs(self.client, self.experiment_id, interrupted, "Interrupted")
 
     @contextmanager
     def run(self, job_cfg: DictConfig, run_name: str, tags: dict[str, str], key: str) -> Iterator["Tracker"]:
