@@ -89,8 +89,12 @@ def test_a_model_folder_with_a_truncated_safetensors_file_is_refused_before_load
     assert "\n" not in str(err.value)
 
 
-def test_hub_id_while_offline_fails_fast(monkeypatch):
+def test_hub_id_while_offline_fails_fast(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # an empty Hugging Face cache: a snapshot this machine's user cache may hold would (rightly) be used instead
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     cfg = cfg_with("model=llama-3.1-8b-instruct")
     with pytest.raises(ConfigError) as err:
         models.resolve(cfg.model, "/tmp")
