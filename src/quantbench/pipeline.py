@@ -10,7 +10,7 @@ import logging
 import re
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -145,18 +145,86 @@ class Outcome:
 IDENTITY_FILE = "identity.json"  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
 
 
+@dataclass
+class StageResult:
+    """What one stage produced. `run` logs it once: params, metrics, tags, then the JSON artifacts."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, object] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)
+    artifacts: dict[str, object] = field(default_factory=dict)  # artifact file -> JSON content
+
+
+@dataclass
+class Work:
+    """A job in progress: its config, its run, its model folder and what the stages have made so far."""
+
+    cfg: DictConfig
+    tracker: Tracker
+    out_dir: Path  # this job's own: no other job writes or deletes here
+    force: bool
+    job: Job | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    calib: list[str] | None = None
+    cached: quantized_cache.Entry | None = None
+    quantize_key: str = ""
+    quantize_inputs: dict = field(default_factory=dict)
+    probe: list[int] = field(default_factory=list)
+    record: dict = field(default_factory=dict)  # identity.json: each stage's key, inputs and outputs
+    metrics: dict[str, float] = field(default_factory=dict)  # everything logged, for the job's summary
+    mem_bases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hardware(self) -> DictConfig:
+        return self.cfg.hardware
+
+    @property
+    def cache_on(self) -> bool:
+        """Whether the artifact goes through the quantized-model cache: on, and a method that declares its saved
+        folder reloadable as it quantized it (fp16 and bitsandbytes load rather than quantize)."""
+        enabled = bool((self.cfg.get("quantized_cache") or {}).get("enabled", False))
+        return enabled and self.job is not None and self.job.method.cacheable
+
+
 def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
     """Run one job, unless the store already has a FINISHED run of it (the same job key, quantbench.identity); a
     stage whose results a FINISHED run already has is taken from that run. `force=true` reruns everything."""
-    job_dir = Path(job_dir or _job_output_dir())
     tracker = Tracker(cfg.tracking)
     tracker.fail_interrupted_runs()
     key = identity.job_key(cfg)  # once: it hashes the model's files (remembered) and a calibration file
     force = bool(cfg.get("force", False))
-    if not force:
-        done = tracker.finished_run("config_hash", key)
-        if done is not None:
-            return _skip(cfg, tracker, done, key)
+    done = None if force else tracker.finished_run("config_hash", key)
+    if done is not None:
+        return _skip(cfg, tracker, done, key)
+    with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=_run_tags(cfg), key=key):
+        work = Work(cfg, tracker, Path(job_dir or _job_output_dir()) / f"model-{tracker.run_id}", force)
+        try:
+            for stage in (validate, restore_or_quantize, describe, verify):
+                _log(work, stage(work))
+            for name, stage in (("eval", evaluate_stage), ("quality", quality_stage), ("bench", bench_stage)):
+                if name in work.record and not _reuse(work, name):  # else taken from an earlier run
+                    mark = tracker.mark()
+                    _log(work, stage(work))
+                    work.record[name]["outputs"] = tracker.since(mark)
+            _log(work, finish(work))
+        finally:
+            work.model = None
+            _release_memory()
+    log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(work.metrics.items())})
+    return Outcome("FINISHED", tracker.run_id, work.metrics)
+
+
+def _log(work: Work, result: StageResult) -> None:
+    work.tracker.log_params(result.params)
+    work.tracker.log_metrics(result.metrics)
+    work.tracker.set_tags(result.tags)
+    for name, content in result.artifacts.items():
+        work.tracker.log_json(content, name)
+    work.metrics |= result.metrics
+
+
+def _run_tags(cfg: DictConfig) -> dict[str, str]:
     tags = {
         "model": cfg.model.name,
         "hardware": cfg.hardware.name,
@@ -167,168 +235,169 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
     }
     if models.has_random_weights(str(cfg.model.pretrained)):
         tags["weights"] = "random"  # speed, size and memory are the architecture's; accuracy is chance
-    metrics: dict[str, float] = {}
-    with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=tags, key=key):
-        out_dir = job_dir / f"model-{tracker.run_id}"  # this job's own: no other job writes or deletes here
-        try:
-            job = prepare(cfg)
-        except ConfigError as exc:
-            log.error("Bad input: %s", exc)
-            raise
-        tracker.set_tags(job.method.tags() | job.source.tags())  # a hub model's repo and resolved commit
-        model = None
-        try:
-            loaded = _calibration(cfg, job, seed=int(cfg.calibration.seed))
-            calib = loaded.texts if loaded else None
-            if loaded:
-                tracker.log_params(loaded.identity)  # what the texts were read from: file sha256, hub commit
-            quantize_inputs = identity.quantize_inputs(
-                cfg,
-                type(job.method),
-                identity.model(job.source, Path(cfg.paths.cache)),
-                identity.loaded_calibration(loaded.identity) if loaded else None,
+    return tags
+
+
+# -- the stages, in order: each takes the job in progress and returns what it made --------------------------------
+
+
+def validate(work: Work) -> StageResult:
+    """Every input checked before any weights load (`prepare`); a hub model's repo and resolved commit tagged."""
+    try:
+        work.job = prepare(work.cfg)
+    except ConfigError as exc:
+        log.error("Bad input: %s", exc)
+        raise
+    return StageResult(tags=work.job.method.tags() | work.job.source.tags())
+
+
+def restore_or_quantize(work: Work) -> StageResult:
+    """The quantized model in memory and its folder on disk: from the quantized-model cache when an earlier job
+    stored the same quantization (its key: quantbench.identity), else quantized now."""
+    cfg, job = work.cfg, work.job
+    loaded = _calibration(cfg, job, seed=int(cfg.calibration.seed))
+    work.calib = loaded.texts if loaded else None
+    work.quantize_inputs = identity.quantize_inputs(
+        cfg,
+        type(job.method),
+        identity.model(job.source, Path(cfg.paths.cache)),
+        identity.loaded_calibration(loaded.identity) if loaded else None,
+    )
+    work.quantize_key = identity.key_of(work.quantize_inputs)
+    work.record["quantize"] = {"key": work.quantize_key, "inputs": work.quantize_inputs}
+    tags: dict[str, object] = {"identity.quantize": work.quantize_key}
+    cache_dir = Path(cfg.quantized_cache.dir) if work.cache_on else None
+    work.cached = quantized_cache.lookup(cache_dir, work.quantize_key) if cache_dir else None
+    with measure.PeakMemory() as mem, measure.Stopwatch() as took:
+        if work.cached is not None:
+            log.info(
+                "Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
+                work.cached.folder.parent,
+                work.cached.manifest.get("run_id"),
             )
-            quantize_key = identity.key_of(quantize_inputs)
-            record = {"quantize": {"key": quantize_key, "inputs": quantize_inputs}}
-            tracker.set_tags({"identity.quantize": quantize_key})
-            cache_on = _cacheable(cfg, job)
-            cached = quantized_cache.lookup(Path(cfg.quantized_cache.dir), quantize_key) if cache_on else None
-            with measure.PeakMemory() as mem, measure.Stopwatch() as quantize_time:
-                if cached is not None:
-                    log.info(
-                        "Reusing the quantized model from the cache (%s, stored by run %s): no quantization",
-                        cached.folder.parent,
-                        cached.manifest.get("run_id"),
-                    )
-                    _tag_copied(tracker, quantized_cache.restore(cached, out_dir))
-                    model = job.method.load_saved(out_dir, job.source, cfg.hardware)
-                else:
-                    log.info("Quantizing %s with %s", job.source.reference, job.method.name)
-                    model = job.method.quantize(job.source, quantized_cache.discard(out_dir), cfg.hardware, calib)
-            tokenizer = job.source.tokenizer()
-            tokenizer.save_pretrained(out_dir)
-            # from a cache hit, the quantization's own time and peak as measured when it ran (the report compares
-            # methods' costs); what the reuse took beside them
-            quantized = (
-                cached.manifest["metrics"]
-                if cached is not None
-                else {"quantize_s": quantize_time.seconds, "quantize_peak_mem_gb": mem.gb}
-            )
-            mem_bases = {"quantize_peak_mem_gb": mem.basis}  # a cache hit's: quantized on this device type
-            metrics |= quantized | {
-                "disk_gb": measure.disk_bytes(out_dir) / measure.GB,
-                "weight_gb": measure.weight_bytes(out_dir) / measure.GB,
-                "bits_per_weight": measure.bits_per_weight(out_dir, job.linear_shapes),
-            }
-            if cached is not None:
-                metrics["cache_restore_s"] = quantize_time.seconds
-            # some methods name their format only once they know the dtype (fp16: safetensors-bfloat16)
-            tracker.set_tags({"quant_format": job.method.quant_format})
-            tracker.set_tags(
-                {
-                    "cache": "off" if not cache_on else "hit" if cached is not None else "miss",
-                    "cache_key": quantize_key if cache_on else None,
-                }
-            )
-            tracker.log_metrics(metrics)
-            tracker.set_tags(_mem_tags(mem_bases))
-            tracker.set_tags({"eval_kernel": linear_kernel(model, list(job.linear_shapes))})
-
-            probe = fingerprint.input_ids(tokenizer, calib[0] if calib else _probe_text(cfg))
-            metrics |= fingerprint.verify(
-                model,
-                out_dir,
-                probe,
-                cfg.hardware.device,
-                loading_attributes=job.method.loading_attributes(),
-                timeout_s=(cfg.get("timeouts") or {}).get("artifact_check_s"),
-            )
-            tracker.log_metrics(metrics)
-            tracker.set_tags({"artifact_verified": "true"})
-            # the files' sha256s are logged whether or not the files are: registration and users check against them
-            artifact = measure.file_sha256(out_dir)
-            tracker.log_json(artifact, measure.MODEL_SHA256)
-            if cache_on and cached is None:  # only a verified artifact is stored
-                _store(cfg, tracker, quantize_key, quantize_inputs, out_dir, quantized)
-
-            stages = identity.later_stage_inputs(cfg, quantize_key, artifact)
-            for stage, inputs in stages.items():
-                record[stage] = {"key": identity.key_of(inputs), "inputs": inputs}
-            tracker.set_tags({f"identity.{stage}": record[stage]["key"] for stage in stages})
-
-            for stage in stages:  # eval, quality, bench, in order; each taken from an earlier run that has its key
-                reused = _reused(tracker, record, stage, force)
-                if reused is not None:
-                    metrics |= reused
-                    continue
-                if (
-                    stage == "bench"
-                    and bench.loads_from_disk(job.bench_plan)
-                    and cfg.hardware.device.startswith("cuda")
-                ):
-                    # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy.
-                    model = None
-                    _release_memory()
-                mark = tracker.mark()
-                if stage == "eval":
-                    metrics |= _evaluate(cfg, job, tracker, model, tokenizer, probe, metrics["fingerprint_nll"])
-                elif stage == "quality":
-                    metrics |= _measure_quality(cfg, job, tracker, model, tokenizer)
-                else:
-                    metrics |= _benchmark(cfg, job, tracker, model, tokenizer, out_dir)
-                record[stage]["outputs"] = tracker.since(mark)
-
-            peaks = [k for k in metrics if k.endswith("_peak_mem_gb")]
-            metrics["peak_mem_gb"] = max(metrics[k] for k in peaks)
-            # each stage tagged what its figures measured (a reused stage: the run that measured it)
-            tags = tracker.client.get_run(tracker.run_id).data.tags
-            mem_bases |= {k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith(f"{MEM_BASIS_TAG}.")}
-            mem_bases["peak_mem_gb"] = " + ".join(sorted({mem_bases.get(k, "unknown") for k in peaks}))
-            tracker.log_metrics({"peak_mem_gb": metrics["peak_mem_gb"]})
-            tracker.set_tags(_mem_tags(mem_bases))
-            tracker.log_json(record, IDENTITY_FILE)
-            tracker.log_model(out_dir, str(cfg.tracking.log_model))
-        finally:
-            del model
-            _release_memory()
-    log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(metrics.items())})
-    return Outcome("FINISHED", tracker.run_id, metrics)
+            tags |= _copied_tags(quantized_cache.restore(work.cached, work.out_dir))
+            work.model = job.method.load_saved(work.out_dir, job.source, cfg.hardware)
+        else:
+            log.info("Quantizing %s with %s", job.source.reference, job.method.name)
+            target = quantized_cache.discard(work.out_dir)
+            work.model = job.method.quantize(job.source, target, cfg.hardware, work.calib)
+    work.tokenizer = job.source.tokenizer()
+    work.tokenizer.save_pretrained(work.out_dir)
+    # from a cache hit, the quantization's own time and peak as measured when it ran (the report compares methods'
+    # costs), and what the reuse took beside them
+    if work.cached is not None:
+        metrics = work.cached.manifest["metrics"] | {"cache_restore_s": took.seconds}
+    else:
+        metrics = {"quantize_s": took.seconds, "quantize_peak_mem_gb": mem.gb}
+    work.mem_bases["quantize_peak_mem_gb"] = mem.basis  # a cache hit's: quantized on this device type
+    tags |= {
+        "cache": "off" if not work.cache_on else "hit" if work.cached is not None else "miss",
+        "cache_key": work.quantize_key if work.cache_on else None,
+    }
+    return StageResult(metrics, tags, params=loaded.identity if loaded else {})
 
 
-def _evaluate(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, probe: list[int], nll: float) -> dict:
-    """lm-eval on the in-memory model, then the calibration repeats; logged, and returned."""
-    with measure.PeakMemory() as mem, measure.Stopwatch() as eval_time:
-        result = evaluation.evaluate(model, tokenizer, job.eval_plan, seed=int(cfg.seed))
-    metrics = result.metrics | {"eval_s": eval_time.seconds, "eval_peak_mem_gb": mem.gb}
-    tracker.log_metrics(metrics)
-    tracker.set_tags(_mem_tags({"eval_peak_mem_gb": mem.basis}))
-    tracker.log_json(result.results, evaluation.RESULTS)
-    tracker.log_json(result.samples, evaluation.SAMPLES)
-    tracker.log_json(result.per_task, evaluation.PER_TASK)
-    return metrics | _repeat_accuracy(cfg, job, tokenizer, result.metrics, tracker, probe, nll)
+def describe(work: Work) -> StageResult:
+    """The artifact's size and format, and the kernels that run its layers in memory."""
+    job = work.job
+    metrics = {
+        "disk_gb": measure.disk_bytes(work.out_dir) / measure.GB,
+        "weight_gb": measure.weight_bytes(work.out_dir) / measure.GB,
+        "bits_per_weight": measure.bits_per_weight(work.out_dir, job.linear_shapes),
+    }
+    tags = {
+        # some methods name their format only once they know the dtype (fp16: safetensors-bfloat16)
+        "quant_format": job.method.quant_format,
+        "eval_kernel": linear_kernel(work.model, list(job.linear_shapes)),
+    } | _mem_tags(work.mem_bases)
+    return StageResult(metrics, tags)
 
 
-def _measure_quality(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer) -> dict:
-    with measure.Stopwatch() as quality_time:
-        compared = _quality(cfg, job, model, tokenizer)
-    metrics = compared.metrics | {"quality_s": quality_time.seconds}
-    tracker.log_metrics(metrics)
-    tracker.set_tags({QUALITY_WINDOWS_TAG: quality.windows_id(job.quality_ids)})
-    tracker.log_json(compared.per_window, quality.PER_WINDOW)
-    return metrics
+def verify(work: Work) -> StageResult:
+    """The saved folder reloaded in a fresh process must give the in-memory model's outputs; only then is it
+    stored in the cache, and the later stages' keys (which include the files' sha256s) are known."""
+    cfg, job = work.cfg, work.job
+    work.probe = fingerprint.input_ids(work.tokenizer, work.calib[0] if work.calib else _probe_text(cfg))
+    metrics = fingerprint.verify(
+        work.model,
+        work.out_dir,
+        work.probe,
+        cfg.hardware.device,
+        loading_attributes=job.method.loading_attributes(),
+        timeout_s=(cfg.get("timeouts") or {}).get("artifact_check_s"),
+    )
+    # the files' sha256s are logged whether or not the files are: registration and users check against them
+    artifact = measure.file_sha256(work.out_dir)
+    tags: dict[str, object] = {"artifact_verified": "true"}
+    if work.cache_on and work.cached is None:  # only a verified artifact is stored
+        quantized = {k: work.metrics[k] for k in ("quantize_s", "quantize_peak_mem_gb")}
+        tags |= _store(cfg, work.tracker.run_id, work.quantize_key, work.quantize_inputs, work.out_dir, quantized)
+    stages = identity.later_stage_inputs(cfg, work.quantize_key, artifact)
+    for stage, inputs in stages.items():
+        work.record[stage] = {"key": identity.key_of(inputs), "inputs": inputs}
+    tags |= {f"identity.{stage}": work.record[stage]["key"] for stage in stages}
+    return StageResult(metrics, tags, artifacts={measure.MODEL_SHA256: artifact})
 
 
-def _benchmark(cfg: DictConfig, job: Job, tracker: Tracker, model, tokenizer, out_dir: Path) -> dict:
+def evaluate_stage(work: Work) -> StageResult:
+    """lm-eval on the in-memory model, then the calibration repeats."""
+    cfg, job = work.cfg, work.job
+    with measure.PeakMemory() as mem, measure.Stopwatch() as took:
+        result = evaluation.evaluate(work.model, work.tokenizer, job.eval_plan, seed=int(cfg.seed))
+    first = StageResult(
+        result.metrics | {"eval_s": took.seconds, "eval_peak_mem_gb": mem.gb},
+        _mem_tags({"eval_peak_mem_gb": mem.basis}),
+        artifacts={
+            evaluation.RESULTS: result.results,
+            evaluation.SAMPLES: result.samples,
+            evaluation.PER_TASK: result.per_task,
+        },
+    )
+    _log(work, first)  # before the repeats: a repeat that fails leaves the first seed's results logged
+    nll = work.metrics["fingerprint_nll"]
+    return StageResult(_repeat_accuracy(cfg, job, work.tokenizer, result.metrics, work.tracker, work.probe, nll))
+
+
+def quality_stage(work: Work) -> StageResult:
+    """KL from the baseline, top-1 agreement and perplexity on held-out text."""
+    with measure.Stopwatch() as took:
+        compared = _quality(work.cfg, work.job, work.model, work.tokenizer)
+    return StageResult(
+        compared.metrics | {"quality_s": took.seconds},
+        {QUALITY_WINDOWS_TAG: quality.windows_id(work.job.quality_ids)},
+        artifacts={quality.PER_WINDOW: compared.per_window},
+    )
+
+
+def bench_stage(work: Work) -> StageResult:
+    """Tokens/s beside the bandwidth bound, from the backend the plan names."""
+    if bench.loads_from_disk(work.job.bench_plan) and work.hardware.device.startswith("cuda"):
+        # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy
+        work.model = None
+        _release_memory()
     with measure.PeakMemory() as mem:
-        speed = bench.run(job.bench_plan, model, tokenizer, out_dir, cfg.hardware)
+        speed = bench.run(work.job.bench_plan, work.model, work.tokenizer, work.out_dir, work.hardware)
     metrics = speed.metrics | {"bench_peak_mem_gb": mem.gb}
     # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
     serve_basis = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
     metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
-    tracker.log_metrics(metrics)
-    tracker.set_tags(speed.tags | _mem_tags({"bench_peak_mem_gb": mem.basis, "serve_mem_gb": serve_basis}))
-    tracker.log_json(speed.detail, "bench/benchmark.json")
-    return metrics
+    tags = speed.tags | _mem_tags({"bench_peak_mem_gb": mem.basis, "serve_mem_gb": serve_basis})
+    return StageResult(metrics, tags, artifacts={"bench/benchmark.json": speed.detail})
+
+
+def finish(work: Work) -> StageResult:
+    """The job's peak memory over its stages (each stage's basis, a reused stage's from the run that measured it),
+    the identity record, and the model's files as `tracking.log_model` says."""
+    peaks = [k for k in work.metrics if k.endswith("_peak_mem_gb")]
+    run_tags = work.tracker.client.get_run(work.tracker.run_id).data.tags
+    bases = {k.split(".", 1)[1]: v for k, v in run_tags.items() if k.startswith(f"{MEM_BASIS_TAG}.")}
+    basis = " + ".join(sorted({bases.get(k, "unknown") for k in peaks}))
+    work.tracker.log_model(work.out_dir, str(work.cfg.tracking.log_model))
+    return StageResult(
+        {"peak_mem_gb": max(work.metrics[k] for k in peaks)},
+        _mem_tags({"peak_mem_gb": basis}),
+        artifacts={IDENTITY_FILE: work.record},
+    )
 
 
 def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
@@ -350,16 +419,17 @@ def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
     return Outcome("SKIPPED", run_id, dict(done.data.metrics), resumed_from=run_id)
 
 
-def _reused(tracker: Tracker, record: dict, stage: str, force: bool) -> dict[str, float] | None:
-    """The stage's results copied from the newest FINISHED run of the experiment with the same stage key (tag
-    `<stage>_resumed_from`: the run that measured them), or None where there is none (or force=true): run it."""
+def _reuse(work: Work, stage: str) -> bool:
+    """Copy the stage's results from the newest FINISHED run of the experiment with the same stage key (tag
+    `<stage>_resumed_from`: the run that measured them); False where there is none (or force=true): run it."""
+    tracker, record = work.tracker, work.record
     key = record[stage]["key"]
-    source = None if force else tracker.finished_run(f"identity.{stage}", key)
+    source = None if work.force else tracker.finished_run(f"identity.{stage}", key)
     if source is None:
-        return None
+        return False
     try:
         outputs = tracker.read_json(source.info.run_id, IDENTITY_FILE)[stage]["outputs"]
-        metrics = tracker.copy_outputs(source, outputs)
+        work.metrics |= tracker.copy_outputs(source, outputs)
     except (MlflowException, OSError, KeyError, TypeError, ValueError) as exc:
         log.warning(
             "Cannot take the %s results of run %s (%s: %s): running the stage again",
@@ -368,26 +438,19 @@ def _reused(tracker: Tracker, record: dict, stage: str, force: bool) -> dict[str
             type(exc).__name__,
             exc,
         )
-        return None
+        return False
     origin = source.data.tags.get(f"{stage}_resumed_from", source.info.run_id)
     tracker.set_tags({f"{stage}_resumed_from": origin})
     record[stage] |= {"outputs": outputs, "resumed_from": origin}
     log.info("Reusing the %s results of run %s (the same %s identity %s): not run again", stage, origin, stage, key)
-    return metrics
+    return True
 
 
-def _cacheable(cfg: DictConfig, job: Job) -> bool:
-    """Whether this job's artifact goes through the quantized-model cache: not where it is off or where quantizing is
-    loading (fp16, bitsandbytes: `load_saved` not implemented)."""
-    qc = cfg.get("quantized_cache") or {}
-    return bool(qc.get("enabled", False)) and type(job.method).load_saved is not Method.load_saved
-
-
-def _store(cfg: DictConfig, tracker: Tracker, key: str, inputs: dict, out_dir: Path, quantized: dict) -> None:
-    """Store the verified artifact in the cache. A store that fails (a full disk) leaves no entry and does not fail
-    the run, whose results stand: it is logged, and tagged `cache_store`."""
+def _store(cfg: DictConfig, run_id: str, key: str, inputs: dict, out_dir: Path, quantized: dict) -> dict[str, str]:
+    """Store the verified artifact in the cache; returns the tags that say how it went. A store that fails (a full
+    disk) leaves no entry and does not fail the run, whose results stand: it is logged, and tagged `cache_store`."""
     try:
-        entry = quantized_cache.store(Path(cfg.quantized_cache.dir), key, inputs, out_dir, quantized, tracker.run_id)
+        entry = quantized_cache.store(Path(cfg.quantized_cache.dir), key, inputs, out_dir, quantized, run_id)
     except OSError as exc:
         log.warning(
             "Could not store the quantized model in the cache %s (%s): nothing was stored, the next job with this "
@@ -395,16 +458,13 @@ def _store(cfg: DictConfig, tracker: Tracker, key: str, inputs: dict, out_dir: P
             cfg.quantized_cache.dir,
             exc,
         )
-        tracker.set_tags({"cache_store": f"failed: {exc}"[:500]})
-        return
-    tracker.set_tags({"cache_store": "stored"})
-    _tag_copied(tracker, entry.copied)
+        return {"cache_store": f"failed: {exc}"[:500]}
+    return {"cache_store": "stored"} | _copied_tags(entry.copied)
 
 
-def _tag_copied(tracker: Tracker, copied: list[str]) -> None:
-    """Say on the run where weight shards were copied, not hard-linked, between the job folder and the cache."""
-    if copied:
-        tracker.set_tags({"cache_link": f"copied, not linked: {'; '.join(copied)}"[:500]})
+def _copied_tags(copied: list[str]) -> dict[str, str]:
+    """Where weight shards were copied, not hard-linked, between the job folder and the cache."""
+    return {"cache_link": f"copied, not linked: {'; '.join(copied)}"[:500]} if copied else {}
 
 
 def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibration | None:
@@ -471,7 +531,6 @@ def _repeat_accuracy(
     for k, values in accs.items():
         out[f"{k}_mean"] = statistics.mean(values)
         out[f"{k}_std"] = statistics.stdev(values)
-    tracker.log_metrics(out)
     return out
 
 

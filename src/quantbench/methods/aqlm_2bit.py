@@ -44,6 +44,7 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "m
 
 class AQLM2Bit(Method):
     library = "aqlm"
+    cacheable = True
     quant_format = "aqlm"
     time_limit_min = 2160  # our AQLM quantizer takes most of a day on an 8B; its kernels make evaluation slow too
 

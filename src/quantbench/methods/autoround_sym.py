@@ -44,6 +44,7 @@ MIN_SEQLEN = 8
 
 class AutoRoundSym(Method):
     library = "auto-round"
+    cacheable = True
     needs_calibration = True
     time_limit_min = 360  # 200 SignRound iterations per decoder block
 

@@ -28,6 +28,7 @@ SUPPORTED_BITS = (4, 8)
 
 class AWQ(Method):
     library = "llmcompressor"
+    cacheable = True
     quant_format = "compressed-tensors"
     needs_calibration = True
     time_limit_min = 180

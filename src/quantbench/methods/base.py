@@ -32,6 +32,9 @@ class Method:
     quant_format: str = "safetensors"
     needs_calibration: bool = False
     is_baseline: bool = False  # the unquantized reference that quality metrics compare against
+    # `load_saved` gives back the saved folder as `quantize` did, so the quantized-model cache may keep it; not where
+    # quantizing is loading (fp16, bitsandbytes)
+    cacheable: bool = False
     # Integer weights stored with a zero point per group (asymmetric): not every serving kernel takes them.
     zero_points: bool = False
     # SLURM's time limit for one job of this method (hardware.job_time_min=null: schema.slurm_time_min): minutes for

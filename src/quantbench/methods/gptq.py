@@ -28,6 +28,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 class GPTQ(Method):
     library = "gptqmodel"
+    cacheable = True
     quant_format = "gptq"
     needs_calibration = True
     time_limit_min = 180

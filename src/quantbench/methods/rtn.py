@@ -23,6 +23,7 @@ from quantbench.models import SourceModel
 
 class RTN(Method):
     library = "llmcompressor"
+    cacheable = True
     quant_format = "compressed-tensors"
     needs_calibration = False
 
