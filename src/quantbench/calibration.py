@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
 from quantbench.errors import ConfigError
-from quantbench.models import EMBEDDED_PREFIX, OFFLINE_MODE, hub_access_problem, hub_endpoint, hub_unreachable
+from quantbench.hub import OFFLINE_MODE, hub_access_problem, hub_endpoint, hub_unreachable
+from quantbench.paths import EMBEDDED_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from quantbench.names import PER_TASK, RESULTS, SAMPLES  # noqa: F401  (evaluation.SAMPLES etc.)
 from quantbench.errors import ConfigError
 from quantbench.models import EMBEDDED_PREFIX, embedded_root
 
@@ -25,9 +26,6 @@ log = logging.getLogger(__name__)
 
 ACCURACY = "acc"  # the metric every requested task or group must report
 PER_DOC = ("acc", "acc_norm")  # per-document scores kept in eval/samples.json for the paired tests
-SAMPLES = "eval/samples.json"  # requested name -> [{doc_id, acc, ...}]; a group's rows also name their `task`
-PER_TASK = "eval/per_task.json"  # every task and group lm-eval scored, subtasks and subgroups included
-RESULTS = "eval/results.json"  # lm-eval's whole results JSON, samples removed
 
 
 @dataclass

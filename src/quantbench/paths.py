@@ -10,6 +10,8 @@ from pathlib import Path
 
 # The project root: conf/ lives here, and mlruns/, multirun/ and .cache/ by default.
 ROOT = Path(os.environ.get("QUANTBENCH_ROOT") or Path(__file__).resolve().parents[2])
+# `model.pretrained=embedded:<name>`: a model the project builds (quantbench.embedded), not a folder or hub id
+EMBEDDED_PREFIX = "embedded:"
 
 
 def cache_root() -> Path:

@@ -33,7 +33,7 @@ from quantbench import (
 )
 from quantbench.errors import ConfigError
 from quantbench.methods.base import Method, linear_kernel, torch_dtype
-from quantbench.runs import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
+from quantbench.names import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
 from quantbench.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from omegaconf import DictConfig
 
 from quantbench import schema, stats
-from quantbench.bench import stream_label
+from quantbench.names import stream_label
 from quantbench.errors import ConfigError
 from quantbench.paths import ROOT
 from quantbench.runs import RunRow, Selection, mem_groups, speed_groups

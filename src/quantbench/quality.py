@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from quantbench.names import PER_WINDOW  # noqa: F401  (quality.PER_WINDOW)
 from quantbench.errors import ConfigError
 from quantbench.models import EMBEDDED_PREFIX, SourceModel
 
@@ -114,7 +115,6 @@ def baseline_path(cache_dir: str | Path, source: SourceModel, dtype: str, device
     return Path(cache_dir) / "quantbench" / "baselines" / f"{source.name}-{key}.pt"
 
 
-PER_WINDOW = "quality/per_window.json"  # the run artifact the report's paired intervals resample
 FLOAT32_LIMIT = 2**30  # bytes: below this the baseline is kept exactly (float32), above it as float16
 
 

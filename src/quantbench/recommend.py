@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from quantbench import stats
-from quantbench.bench import stream_label
+from quantbench.names import stream_label
 from quantbench.errors import ConfigError
 from quantbench.policy import ALIASES, QLORA_LIBRARY, Constraints, Decision, choose
 from quantbench.runs import RunRow, Selection, Store, add_store_args

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantbench import recommend, redact, stats
 from quantbench.errors import ConfigError
-from quantbench.bench import stream_label
+from quantbench.names import stream_label
 from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)

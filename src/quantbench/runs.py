@@ -23,25 +23,22 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from quantbench import evaluation, quality, stats
-from quantbench.bench import stream_label
+from quantbench import stats
 from quantbench.errors import ConfigError
+from quantbench.names import MEM_BASIS_TAG, PER_WINDOW, QUALITY_WINDOWS_TAG, RESUMED_TAG, SAMPLES, stream_label  # noqa: F401  (read from runs too)
 from quantbench.paths import LOCATION_PREFIXES, ROOT
 
 log = logging.getLogger(__name__)
 
 SUMMARY_TAG = "quantbench.summary"
 ALL_SWEEPS = "all"
-RESUMED_TAG = "resumed_in"  # resumed_in.<sweep_id> = the job number a later sweep gave a run it skipped
 DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
 _ACC = re.compile(r"^(?P<task>.+)_acc$")
 _TPS = re.compile(r"^tokens_per_s_(?P<n>\d+)_streams?$")
-MEM_BASIS_TAG = "mem_basis"  # mem_basis.<metric> = what a memory figure measured (quantbench.measure.MEM_BASES)
-QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.quality)
 # What a run misses when one of its JSON artifacts cannot be read
 ARTIFACT_CONSEQUENCE = {
-    evaluation.SAMPLES: "its accuracy differences fall back to unpaired intervals from the two standard errors",
-    quality.PER_WINDOW: "its KL interval and its place in the KL separation table are left out",
+    SAMPLES: "its accuracy differences fall back to unpaired intervals from the two standard errors",
+    PER_WINDOW: "its KL interval and its place in the KL separation table are left out",
 }
 
 
@@ -318,11 +315,11 @@ class Store:
 
     def samples(self, row: RunRow) -> dict | None:
         """eval/samples.json of a run ({task: [{doc_id, acc}]}; a group's rows also name their `task`), or None."""
-        return self._json_artifact(row, evaluation.SAMPLES)
+        return self._json_artifact(row, SAMPLES)
 
     def quality_windows(self, row: RunRow) -> dict | None:
         """quality/per_window.json of a run ({kl_mean: [...], ...} per held-out window), or None."""
-        return self._json_artifact(row, quality.PER_WINDOW)
+        return self._json_artifact(row, PER_WINDOW)
 
     def _json_artifact(self, row: RunRow, path: str) -> dict | None:
         """The artifact's JSON; None when the run did not log it (no evaluation, an older quantbench), or when it

@@ -142,7 +142,7 @@ def check_serving(plan: BenchPlan | None, hardware, zero_points: bool) -> None:
     a zero point per group), checked before any model is loaded."""
     if plan is None or plan.backend != "vllm":
         return
-    from quantbench.methods.base import torch_dtype  # here: loads torch, which a plan's check may not have yet
+    from quantbench.dtypes import torch_dtype  # here: loads torch, which a plan's check may not have yet
 
     knobs = plan.vllm
     dtype = str(torch_dtype(knobs.serving_dtype(str(hardware.dtype)))).removeprefix("torch.")  # half: float16

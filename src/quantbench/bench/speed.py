@@ -7,6 +7,8 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 
+from quantbench.names import stream_label
+
 log = logging.getLogger(__name__)
 
 
@@ -86,10 +88,6 @@ class BenchResult:
     # The tensors the backend held in memory while it decoded (name -> (dtype, shape, bytes)), where it ran an
     # in-memory model: the roofline counts these rather than the stored ones (a decompressed format reads more).
     loaded: dict[str, tuple[str, list[int], int]] | None = None
-
-
-def stream_label(n: int) -> str:
-    return f"{n}_stream" if n == 1 else f"{n}_streams"
 
 
 def summarize(prefix: str, n_streams: int, values: list[float]) -> dict[str, float]:

@@ -8,16 +8,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from quantbench.errors import ConfigError
+from quantbench.dtypes import torch_dtype  # noqa: F401  (methods import it from here)
 from quantbench.models import SourceModel
 from quantbench.tracking import library_version
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"dtype {name!r} is not a torch dtype; use float16, bfloat16 or float32.")
-    return dtype
 
 
 class Method:

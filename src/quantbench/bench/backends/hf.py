@@ -76,7 +76,7 @@ def reload_dtype(hardware) -> str | torch.dtype:
     from disk fell back to us): the hardware's on an accelerator, as the evaluated model ran (an AQLM folder declares
     float32, for aqlm's CPU kernel, and aqlm's CUDA kernels refuse float32: seen on an H200, 2026-12-01); the saved
     one on CPU, where that float32 is what aqlm needs."""
-    from quantbench.methods.base import torch_dtype
+    from quantbench.dtypes import torch_dtype
 
     return "auto" if str(hardware.device) == "cpu" else torch_dtype(hardware.dtype)
 
