@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING as NO_DEFAULT
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quantbench.bench import HfKnobs, VllmKnobs
+from quantbench import bench
 from quantbench.errors import ConfigError
 
 
@@ -117,16 +117,26 @@ class HardwareConfig:
 
 
 @dataclass
-class BenchConfig:
+class BenchCommon:
+    """The bench group's keys that every backend reads; BenchConfig adds `bench.<name>` for each backend's knobs."""
+
     name: str = MISSING
-    backend: str = "hf"  # a module of quantbench.bench.backends, or none
+    backend: str = "hf"  # a backend's name (quantbench.bench.backend_names()), or none
     prompt_tokens: int = 32
     output_tokens: int = 32
     streams: list[int] = field(default_factory=lambda: [1, 8])
     warmup: int = 1
     repeats: int = 3
-    vllm: VllmKnobs = field(default_factory=VllmKnobs)
-    hf: HfKnobs = field(default_factory=HfKnobs)
+
+
+# Each backend's knobs (its Knobs dataclass: bench.vllm, bench.hf, ...) come from the backend, so a new backend
+# touches no schema; named BenchConfig, the name Hydra's errors show ("Key 'x' not in 'BenchConfig'").
+BenchConfig = make_dataclass(
+    "BenchConfig",
+    [(name, b.Knobs, field(default_factory=b.Knobs)) for name, b in bench.registry().items()],
+    bases=(BenchCommon,),
+)
+BenchConfig.__module__ = __name__
 
 
 @dataclass

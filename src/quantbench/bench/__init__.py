@@ -1,27 +1,37 @@
 """Throughput benchmarks. One module per backend in `bench/backends/` (`hf`, `vllm`), chosen by
-`bench.backend`; what they share (plan, result, speed formula) is in `bench/speed.py`.
+`bench.backend`; what they share (plan, result, speed formula) is in `bench/speed.py`, the interface they implement
+in `bench/backends/base.py`.
 
-A backend module exposes `run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`, turning its timings into
-metrics with `speed_metrics` (end-to-end and decode-only tokens/s, TTFT: one formula for every backend). `run()`
-here adds the memory-bandwidth roofline (bench/roofline.py) to whatever the backend measured, so every backend
-reports it.
+A backend module defines a `Backend` subclass and `BACKEND`, an instance of it: its knobs (a dataclass, the typed
+sub-config `bench.<name>`), their ranges, its refusals before any work (`check`) and
+`run(plan, model, tokenizer, model_dir, hardware) -> BenchResult`, which turns its timings into metrics with
+`speed_metrics` (end-to-end and decode-only tokens/s, TTFT: one formula for every backend). `run()` here adds the
+memory-bandwidth roofline (bench/roofline.py) to whatever the backend measured, so every backend reports it.
+
+Adding a backend: one module in bench/backends/ (found by its module name, helpers there start with an underscore)
+and a conf/bench/<name>.yaml with `backend: <name>`. A backend outside quantbench (a module of your own package, or
+a file on PYTHONPATH) is registered by naming its import path in the environment variable QUANTBENCH_BACKENDS
+(comma-separated, e.g. `QUANTBENCH_BACKENDS=mypackage.echo_backend`), set wherever `run.py` and its jobs run: it is
+read when the config schema is built, before Hydra composes the config, so that its knobs are typed like the others.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
+from dataclasses import fields
+from functools import cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench.bench import roofline
+from quantbench.bench.backends.base import Backend
 from quantbench.bench.speed import (
     BenchPlan,
     BenchResult,
-    HfKnobs,
-    VllmKnobs,
     decode_tokens_per_s,
     speed_metrics,
     stream_label,
@@ -32,9 +42,8 @@ from quantbench.errors import ConfigError
 __all__ = [
     "BenchPlan",
     "BenchResult",
-    "HfKnobs",
-    "VllmKnobs",
     "backend_names",
+    "registry",
     "check_serving",
     "decode_tokens_per_s",
     "load_backend",
@@ -48,10 +57,34 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PLUGINS_ENV = "QUANTBENCH_BACKENDS"  # import paths of backend modules outside quantbench, comma-separated
+
+
+@cache
+def registry() -> dict[str, Backend]:
+    """Every backend by name (`bench.backend=<name>`): each module of bench/backends/ (helpers there start with an
+    underscore) and each module named in QUANTBENCH_BACKENDS; the `BACKEND` each defines."""
+    here = Path(__file__).parent / "backends"
+    modules = [f"quantbench.bench.backends.{m.name}" for m in pkgutil.iter_modules([str(here)])]
+    modules = [m for m in modules if m.rsplit(".", 1)[1][0] != "_" and not m.endswith(".base")]
+    modules += [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    found: dict[str, Backend] = {}
+    for module in modules:
+        backend = getattr(importlib.import_module(module), "BACKEND", None)
+        if backend is None or not backend.name:
+            raise ConfigError(f"{module} defines no BACKEND with a name (see quantbench/bench/backends/base.py).")
+        if backend.name in found or backend.name == "none":
+            raise ConfigError(f"{module}: the backend name {backend.name!r} is taken (by another backend, or none).")
+        found[backend.name] = backend
+    return found
+
 
 def backend_names() -> list[str]:
-    """Every module of bench/backends/ (helpers there start with an underscore)."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")]) if m.name[0] != "_")
+    return sorted(registry())
+
+
+def load_backend(name: str) -> Backend:
+    return registry()[name]
 
 
 def plan(cfg: DictConfig) -> BenchPlan | None:
@@ -75,99 +108,47 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
         problems.append(f"bench.repeats={cfg.repeats} (must be >= 1)")
     if int(cfg.warmup) < 0:
         problems.append(f"bench.warmup={cfg.warmup} (must be >= 0)")
-    knobs = _vllm_knobs(cfg.get("vllm") or {}, problems)
-    hf_knobs = _hf_knobs(cfg.get("hf") or {}, problems)
-    if knobs.max_model_len is not None and knobs.max_model_len < int(cfg.prompt_tokens) + int(cfg.output_tokens):
-        problems.append(
-            f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = "
-            f"{int(cfg.prompt_tokens) + int(cfg.output_tokens)})"
-        )
-    if problems:
-        raise ConfigError("Nonsensical benchmark settings: " + "; ".join(problems) + ".")
-    return BenchPlan(
+    result = BenchPlan(
         backend=backend,
         prompt_tokens=int(cfg.prompt_tokens),
         output_tokens=int(cfg.output_tokens),
         streams=[int(s) for s in streams],
         warmup=int(cfg.warmup),
         repeats=int(cfg.repeats),
-        vllm=knobs,
-        hf=hf_knobs,
     )
+    # every backend's knobs, not only the chosen one's: vLLM falls back to hf's, and a sweep over bench.backend
+    # should fail before its first job
+    for name, each in registry().items():
+        knobs = _read_knobs(each.Knobs, cfg.get(name) or {}, name, problems)
+        if knobs is not None:
+            result.knobs[name] = knobs
+            problems += each.knob_problems(knobs, result)
+    if problems:
+        raise ConfigError("Nonsensical benchmark settings: " + "; ".join(problems) + ".")
+    return result
 
 
-def _read_knobs(knob_type, cfg, group: str, problems: list[str]):
-    """`bench.<group>` as a `knob_type` dataclass; unknown keys are a problem (and leave the defaults)."""
-    known = set(knob_type.__dataclass_fields__)
+def _read_knobs(knob_type: type, cfg, name: str, problems: list[str]):
+    """`bench.<name>` as a `knob_type` dataclass; None, with the problem added, where it has unknown keys (Hydra's
+    schema refuses those first; this catches a config made by hand)."""
+    known = {f.name for f in fields(knob_type)}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        problems.append(f"bench.{group} has unknown keys {unknown} (known: {sorted(known)})")
-        return knob_type()
+        problems.append(f"bench.{name} has unknown keys {unknown} (known: {sorted(known)})")
+        return None
     return knob_type(**{k: list(v) if OmegaConf.is_list(v) else v for k, v in cfg.items()})
 
 
-def _vllm_knobs(cfg, problems: list[str]) -> VllmKnobs:
-    knobs = _read_knobs(VllmKnobs, cfg, "vllm", problems)
-    if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
-        problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
-    if not isinstance(knobs.disabled_kernels, list) or not all(isinstance(k, str) for k in knobs.disabled_kernels):
-        problems.append(f"bench.vllm.disabled_kernels={knobs.disabled_kernels!r} (a list of kernel class names)")
-    if knobs.linear_backend not in VllmKnobs.LINEAR_BACKENDS:
-        problems.append(
-            f"bench.vllm.linear_backend={knobs.linear_backend!r} (one of {list(VllmKnobs.LINEAR_BACKENDS)})"
-        )
-    if knobs.dtype not in VllmKnobs.DTYPES:
-        problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
-    if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
-        problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
-    share = knobs.gpu_memory_utilization
-    if share is not None and not 0 < float(share) <= 1:
-        problems.append(f"bench.vllm.gpu_memory_utilization={share} (a share of the GPU's memory in (0, 1], or null)")
-    if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
-        problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
-    return knobs
-
-
-def _hf_knobs(cfg, problems: list[str]) -> HfKnobs:
-    knobs = _read_knobs(HfKnobs, cfg, "hf", problems)
-    if knobs.cache not in HfKnobs.CACHES:
-        problems.append(f"bench.hf.cache={knobs.cache!r} (one of {list(HfKnobs.CACHES)})")
-    if knobs.compile not in HfKnobs.COMPILES:
-        problems.append(f"bench.hf.compile={knobs.compile!r} (one of {list(HfKnobs.COMPILES)})")
-    return knobs
-
-
 def check_serving(plan: BenchPlan | None, hardware, zero_points: bool) -> None:
-    """What the asked-for kernels need of the serving dtype and of the method's weights (`zero_points`: stored with
-    a zero point per group), checked before any model is loaded."""
-    if plan is None or plan.backend != "vllm":
-        return
-    from quantbench.dtypes import torch_dtype  # here: loads torch, which a plan's check may not have yet
-
-    knobs = plan.vllm
-    dtype = str(torch_dtype(knobs.serving_dtype(str(hardware.dtype)))).removeprefix("torch.")  # half: float16
-    allowed = VllmKnobs.BACKEND_DTYPES.get(knobs.linear_backend)
-    if allowed and dtype not in allowed:
-        raise ConfigError(
-            f"bench.vllm.linear_backend={knobs.linear_backend} computes in {' or '.join(allowed)} only, but vLLM "
-            f"would serve in {dtype} (bench.vllm.dtype={knobs.dtype}, hardware.dtype={hardware.dtype}); add "
-            f"bench.vllm.dtype={allowed[0]} to serve the artifact in {allowed[0]} whatever it was quantized in."
-        )
-    if zero_points and knobs.linear_backend in VllmKnobs.SYMMETRIC_ONLY:
-        raise ConfigError(
-            f"bench.vllm.linear_backend={knobs.linear_backend} serves symmetric integer weights only, but this method "
-            f"stores a zero point per group; quantize symmetrically (awq: method.zero_point=false; gptq: "
-            f"method.sym=true; rtn: method.symmetric=true) or ask for another kernel family."
-        )
-
-
-def load_backend(name: str):
-    return importlib.import_module(f"quantbench.bench.backends.{name}")
+    """The planned backend's refusals before any model is loaded (`Backend.check`), for a method whose weights have
+    a zero point per group (`zero_points`)."""
+    if plan is not None:
+        load_backend(plan.backend).check(plan, hardware, zero_points)
 
 
 def loads_from_disk(plan: BenchPlan) -> bool:
     """True for backends that serve the saved folder themselves (vLLM), so the in-memory model may be freed."""
-    return bool(getattr(load_backend(plan.backend), "LOADS_FROM_DISK", False))
+    return bool(load_backend(plan.backend).loads_from_disk)
 
 
 def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig) -> BenchResult:

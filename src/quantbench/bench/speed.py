@@ -1,71 +1,17 @@
 """What every benchmark backend shares: the plan it runs, the result it returns, and one formula that turns timed
-repeats into end-to-end and decode-only tokens/s and time to first token."""
+repeats into end-to-end and decode-only tokens/s and time to first token. Each backend's own knobs live in its
+module (bench/backends/)."""
 
 from __future__ import annotations
 
 import logging
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from quantbench.names import stream_label
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VllmKnobs:
-    """`bench.vllm` (all optional): how the vLLM backend sizes its engine."""
-
-    kv_cache_gb: float | None = 1.0  # explicit KV cache (GiB); null: vLLM's memory-utilisation default
-    enforce_eager: bool = False  # skip torch.compile (faster start, slower decode)
-    max_model_len: int | None = None  # null: prompt_tokens + output_tokens, all the benchmark needs
-    cpu_threads: int | None = None  # OpenMP threads of the CPU engine; null: usable cores - 1 (at least 1)
-    # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
-    # Marlin on Hopper; a run fails if a disabled kernel still ran.
-    disabled_kernels: list[str] = field(default_factory=list)
-    # vLLM's --linear-backend: the one family of quantized-linear kernels vLLM may choose from (marlin, machete,
-    # triton, conch, exllama, humming, ...); "auto": vLLM's own choice. Where the family cannot serve a layer, vLLM
-    # 0.26 refuses to start and 0.32 serves it with its own choice: either way the run fails and says why. A sweep
-    # over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
-    linear_backend: str = "auto"
-    # The dtype vLLM computes in; "auto": hardware.dtype, the one the model was quantized and evaluated in. float16
-    # serves a bfloat16-quantized artifact to kernels that take float16 activations only (Exllama), without
-    # quantizing in float16 (which overflows on some models, e.g. llama-3.1-8b-shape's random weights under AWQ).
-    dtype: str = "auto"
-    # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
-    timeout_s: float | None = 1800.0
-    # The share of the GPU's memory the engine may take (vLLM's gpu_memory_utilization; with kv_cache_gb set it bounds
-    # only vLLM's start-up check that this much is free). null: what is free when the engine starts, less 1 GiB, at
-    # most 0.9. Set it when other jobs share the card: what is free moves while they load and free models.
-    gpu_memory_utilization: float | None = None
-
-    # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
-    LINEAR_BACKENDS = (
-        "auto", "cutlass", "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_trtllm", "flashinfer_cudnn",
-        "flashinfer_b12x", "b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter", "machete", "fbgemm",
-        "conch", "exllama", "emulation", "xpu", "xpu_woq",
-    )  # fmt: skip
-    DTYPES = ("auto", "float16", "bfloat16", "float32")
-    # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
-    # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
-    BACKEND_DTYPES = {"exllama": ("float16",)}
-    SYMMETRIC_ONLY = ("exllama",)
-
-    def serving_dtype(self, hardware_dtype: str) -> str:
-        """The dtype vLLM computes in: `dtype`, or the hardware's where that is "auto"."""
-        return hardware_dtype if self.dtype == "auto" else self.dtype
-
-
-@dataclass
-class HfKnobs:
-    """`bench.hf` (all optional): how the transformers backend decodes. The first warm-up run decides the path (and
-    compiles); the bench_path tag says which path ran."""
-
-    cache: str = "static"  # "static": KV cache allocated once (what transformers compiles); "dynamic": grown per token
-    compile: str = "auto"  # "auto": transformers' own rule (CUDA/XPU, static cache, compileable quantizer); "never"
-
-    CACHES = ("static", "dynamic")
-    COMPILES = ("auto", "never")
 
 
 @dataclass
@@ -76,8 +22,8 @@ class BenchPlan:
     streams: list[int]
     warmup: int
     repeats: int
-    vllm: VllmKnobs = field(default_factory=VllmKnobs)
-    hf: HfKnobs = field(default_factory=HfKnobs)
+    # each backend's knobs by its name (bench.<name>: plan.knobs["vllm"]); bench.plan reads every backend's
+    knobs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

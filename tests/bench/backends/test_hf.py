@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from quantbench import bench
-from quantbench.bench import HfKnobs
+from quantbench.bench.backends.hf import HfKnobs
 from quantbench.bench.backends import hf as hf_backend
 from quantbench.errors import ConfigError
 
@@ -29,8 +29,8 @@ def tiny(tiny_root):
 
 
 def test_hf_knobs_default_to_a_static_cache_and_reject_unknown_values():
-    assert bench.plan(OmegaConf.create(BASE)).hf == HfKnobs(cache="static", compile="auto")
-    assert bench.plan(OmegaConf.create({**BASE, "hf": {"cache": "dynamic"}})).hf.cache == "dynamic"
+    assert bench.plan(OmegaConf.create(BASE)).knobs["hf"] == HfKnobs(cache="static", compile="auto")
+    assert bench.plan(OmegaConf.create({**BASE, "hf": {"cache": "dynamic"}})).knobs["hf"].cache == "dynamic"
     for bad in ({"cache": "paged"}, {"compile": "yes"}, {"kv_cache": "static"}):
         with pytest.raises(ConfigError, match="bench.hf"):
             bench.plan(OmegaConf.create({**BASE, "hf": bad}))
@@ -40,7 +40,7 @@ def test_hf_knobs_default_to_a_static_cache_and_reject_unknown_values():
 def test_each_cache_generates_exactly_the_planned_tokens_and_names_its_path(tiny, cache):
     model, tokenizer = tiny
     plan = bench.plan(OmegaConf.create({**BASE, "hf": {"cache": cache}}))
-    result = hf_backend.run(plan, model, tokenizer, None, CPU)
+    result = hf_backend.BACKEND.run(plan, model, tokenizer, None, CPU)
     assert result.tags["bench_backend"] == "hf" and "bench_hf_fallback_reason" not in result.tags
     # on a CPU transformers does not compile: the tag says so, and why
     assert result.tags["bench_path"].startswith(f"transformers.generate, {cache} KV cache, eager decode (")
@@ -74,7 +74,7 @@ def test_a_static_cache_that_fails_falls_back_to_the_dynamic_one_and_says_why(ti
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", generate_without_static_cache)
-    result = hf_backend.run(bench.plan(OmegaConf.create(BASE)), model, tokenizer, None, CPU)
+    result = hf_backend.BACKEND.run(bench.plan(OmegaConf.create(BASE)), model, tokenizer, None, CPU)
     assert "does not support a static cache" in result.tags["bench_hf_fallback_reason"]
     assert result.tags["bench_path"].startswith("transformers.generate, dynamic KV cache")
     assert result.metrics["tokens_per_s_2_streams"] > 0

@@ -89,10 +89,10 @@ def test_fallback_runs_the_hf_backend_and_says_why(tmp_path, monkeypatch):
     md = small_model_folder(tmp_path, quantization={"quant_method": "bitsandbytes"})
     monkeypatch.setattr(vllm_backend, "capabilities", lambda: CAPS_AVX512)
     monkeypatch.setattr(
-        vllm_backend.hf, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"})
+        vllm_backend.hf.BACKEND, "run", lambda *a: BenchResult({"tokens_per_s_1_stream": 5.0}, {"bench_backend": "hf"})
     )
     plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1)
-    result = vllm_backend.run(plan, None, None, md, CPU)
+    result = vllm_backend.BACKEND.run(plan, None, None, md, CPU)
     assert result.tags["bench_backend"] == "hf"
     assert "bitsandbytes" in result.tags["bench_fallback_reason"]
     assert result.metrics == {"tokens_per_s_1_stream": 5.0}
@@ -151,10 +151,10 @@ SEED_BENCH = {
 
 
 def test_vllm_knobs_have_defaults_and_are_checked():
-    assert bench.plan(OmegaConf.create(SEED_BENCH)).vllm == bench.VllmKnobs()
-    knobs = bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).vllm
+    assert bench.plan(OmegaConf.create(SEED_BENCH)).knobs["vllm"] == vllm_backend.VllmKnobs()
+    knobs = bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"kv_cache_gb": 2, "max_model_len": 400}})).knobs["vllm"]
     assert (knobs.kv_cache_gb, knobs.max_model_len, knobs.enforce_eager) == (2, 400, False)
-    assert vllm_backend.gpu_share(bench.VllmKnobs(gpu_memory_utilization=0.3), "cuda:0") == 0.3  # no CUDA asked
+    assert vllm_backend.gpu_share(vllm_backend.VllmKnobs(gpu_memory_utilization=0.3), "cuda:0") == 0.3  # no CUDA asked
     bad_values = ({"kv_cache_gib": 1}, {"max_model_len": 300}, {"kv_cache_gb": 0}, {"gpu_memory_utilization": 0})
     for bad in (*bad_values, {"gpu_memory_utilization": 1.5}):
         with pytest.raises(ConfigError, match="bench.vllm"):
@@ -176,7 +176,7 @@ def test_every_bench_config_composes_a_valid_vllm_plan():
     for name in ("smoke", "seed"):
         cfg = OmegaConf.load(ROOT / "conf" / "bench" / f"{name}.yaml")
         cfg.backend = "vllm"
-        assert bench.plan(cfg).vllm == bench.VllmKnobs()
+        assert bench.plan(cfg).knobs["vllm"] == vllm_backend.VllmKnobs()
 
 
 def test_version_shim_answers_for_the_cpu_wheel_like_vllm_itself(monkeypatch):
@@ -288,7 +288,9 @@ def test_the_vllm_backend_reports_end_to_end_and_decode_only_speed_from_the_engi
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"UnquantizedLinearMethod: cpu:onednn_mm": 4}, {}))
     # the fake engine: 1 stream, one repeat of 1.0 s for all 8 tokens, 0.1 s to the first one
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU)
+    result = vllm_backend.BACKEND.run(
+        bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU
+    )
     assert result.metrics["tokens_per_s_1_stream"] == pytest.approx(8.0)  # 8 tokens / 1.0 s
     assert result.metrics["decode_tokens_per_s_1_stream"] == pytest.approx(7.777778)  # 7 tokens / 0.9 s
     assert result.detail["runs"][0]["decode_tokens_per_s"] == [pytest.approx(7.777778)]
@@ -298,11 +300,13 @@ def test_disabled_kernels_reach_vllm_and_a_kernel_that_still_ran_fails_the_run(t
     md = small_model_folder(tmp_path)
     seen: dict = {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
-    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(disabled_kernels=["MacheteLinearKernel"]))
+    plan = bench.BenchPlan(
+        "vllm", 8, 8, [1], 0, 1, knobs={"vllm": vllm_backend.VllmKnobs(disabled_kernels=["MacheteLinearKernel"])}
+    )
     monkeypatch.setattr(
         vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MarlinLinearKernel": 4}, seen)
     )
-    result = vllm_backend.run(plan, None, None, md, CPU)
+    result = vllm_backend.BACKEND.run(plan, None, None, md, CPU)
     assert seen["env"]["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
     assert result.tags["vllm_disabled_kernels"] == "MacheteLinearKernel"
     assert result.tags["vllm_linear_kernel"] == "GPTQMarlinLinearMethod: MarlinLinearKernel x4"
@@ -310,14 +314,16 @@ def test_disabled_kernels_reach_vllm_and_a_kernel_that_still_ran_fails_the_run(t
         vllm_backend, "_run_engine", _fake_engine({"GPTQMarlinLinearMethod: MacheteLinearKernel": 4}, seen)
     )
     with pytest.raises(RuntimeError, match="still ran"):
-        vllm_backend.run(plan, None, None, md, CPU)
+        vllm_backend.BACKEND.run(plan, None, None, md, CPU)
 
 
 def test_serving_memory_on_cpu_is_the_engine_process_peak(tmp_path, monkeypatch):
     seen: dict = {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({}, seen))
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU)
+    result = vllm_backend.BACKEND.run(
+        bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, small_model_folder(tmp_path), CPU
+    )
     assert result.metrics["serve_mem_gb"] == 1.5 and "vllm_gpu_mem_gb" not in result.metrics
     assert "VLLM_DISABLED_KERNELS" not in seen["env"]
 
@@ -327,14 +333,14 @@ def test_a_linear_backend_reaches_vllms_engine_and_a_kernel_outside_that_family_
     md, seen = small_model_folder(tmp_path), {}
     marlin = ["MarlinFP8ScaledMMLinearKernel", "MarlinLinearKernel"]  # what the engine child reads from vLLM's map
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
-    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(linear_backend="marlin"))
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, knobs={"vllm": vllm_backend.VllmKnobs(linear_backend="marlin")})
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: MarlinLinearKernel": 4}, seen, marlin))
-    result = vllm_backend.run(plan, None, None, md, CPU)
+    result = vllm_backend.BACKEND.run(plan, None, None, md, CPU)
     assert seen["engine"]["linear_backend"] == "marlin" and result.tags["vllm_linear_backend"] == "marlin"
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: CPUWNA16LinearKernel": 4}, seen, marlin))
     with pytest.raises(RuntimeError, match=r"linear_backend=marlin but vLLM ran \['CPUWNA16LinearKernel'\]"):
-        vllm_backend.run(plan, None, None, md, CPU)
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
+        vllm_backend.BACKEND.run(plan, None, None, md, CPU)
+    result = vllm_backend.BACKEND.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
     assert "linear_backend" not in seen["engine"] and "vllm_linear_backend" not in result.tags  # auto: vLLM's choice
 
 
@@ -350,10 +356,10 @@ def test_vllm_serves_in_the_hardware_dtype_unless_bench_vllm_dtype_names_another
     md, seen = small_model_folder(tmp_path), {}
     monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
     monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"GPTQ: ExllamaLinearKernel": 4}, seen))
-    result = vllm_backend.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
+    result = vllm_backend.BACKEND.run(bench.BenchPlan("vllm", 8, 8, [1], 0, 1), None, None, md, CPU)
     assert seen["engine"]["dtype"] == "bfloat16" and "vllm_dtype" not in result.tags
-    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, vllm=bench.VllmKnobs(dtype="float16"))
-    result = vllm_backend.run(plan, None, None, md, CPU)
+    plan = bench.BenchPlan("vllm", 8, 8, [1], 0, 1, knobs={"vllm": vllm_backend.VllmKnobs(dtype="float16")})
+    result = vllm_backend.BACKEND.run(plan, None, None, md, CPU)
     assert seen["engine"]["dtype"] == "float16" and result.tags["vllm_dtype"] == "float16"
 
 
@@ -379,7 +385,9 @@ def test_our_list_of_linear_backends_holds_every_one_the_installed_vllm_accepts(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     accepted = set(next(line for line in out.stdout.splitlines() if line.startswith("=> ")).split()[1:])
     assert {"auto", "marlin", "machete"} <= accepted
-    assert accepted <= set(bench.VllmKnobs.LINEAR_BACKENDS), accepted - set(bench.VllmKnobs.LINEAR_BACKENDS)
+    assert accepted <= set(vllm_backend.VllmKnobs.LINEAR_BACKENDS), accepted - set(
+        vllm_backend.VllmKnobs.LINEAR_BACKENDS
+    )
 
 
 def test_disabled_kernels_must_be_a_list_of_names():

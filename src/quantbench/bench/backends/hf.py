@@ -16,13 +16,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from quantbench.bench import roofline
-from quantbench.bench.speed import BenchPlan, BenchResult, HfKnobs, speed_metrics, stream_label
+from quantbench.bench.backends.base import Backend
+from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics, stream_label
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class HfKnobs:
+    """`bench.hf` (all optional): how the transformers backend decodes. The first warm-up run decides the path (and
+    compiles); the bench_path tag says which path ran."""
+
+    cache: str = "static"  # "static": KV cache allocated once (what transformers compiles); "dynamic": grown per token
+    compile: str = "auto"  # "auto": transformers' own rule (CUDA/XPU, static cache, compileable quantizer); "never"
+
+    CACHES = ("static", "dynamic")
+    COMPILES = ("auto", "never")
 
 
 def _sync(device: torch.device) -> None:
@@ -81,76 +95,93 @@ def reload_dtype(hardware) -> str | torch.dtype:
     return "auto" if str(hardware.device) == "cpu" else torch_dtype(hardware.dtype)
 
 
-def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
-    if model is None:  # the pipeline freed it for a backend that serves from disk, which then fell back to us
-        from transformers import AutoModelForCausalLM
+class Hf(Backend):
+    name = "hf"
+    Knobs = HfKnobs
 
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=reload_dtype(hardware), device_map=hardware.device
-        )
-    device = model.device
-    detail: dict = {"backend": "hf", "runs": []}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def knob_problems(self, knobs: HfKnobs, plan: BenchPlan) -> list[str]:
+        problems = []
+        if knobs.cache not in HfKnobs.CACHES:
+            problems.append(f"bench.hf.cache={knobs.cache!r} (one of {list(HfKnobs.CACHES)})")
+        if knobs.compile not in HfKnobs.COMPILES:
+            problems.append(f"bench.hf.compile={knobs.compile!r} (one of {list(HfKnobs.COMPILES)})")
+        return problems
 
-    knobs = plan.hf
-    options = generate_options(knobs)
-    # the threads torch computed on: on a CPU they decide the speed as much as the model (runs.RunRow.speed_basis)
-    tags: dict[str, str] = {"bench_backend": "hf", "bench_threads": str(torch.get_num_threads())}
+    def run(self, plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
+        knobs = self.knobs(plan)
+        if model is None:  # the pipeline freed it for a backend that serves from disk, which then fell back to us
+            from transformers import AutoModelForCausalLM
 
-    def generate(ids: torch.Tensor, new_tokens: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=pad,
-                **options,
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=reload_dtype(hardware), device_map=hardware.device
             )
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        produced = out.shape[1] - ids.shape[1]
-        if produced != new_tokens:
-            raise RuntimeError(f"generate() produced {produced} tokens, expected exactly {new_tokens}")
-        return elapsed
+        device = model.device
+        detail: dict = {"backend": "hf", "runs": []}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # transformers keeps its compiled decode step on the model; a fresh one tells whether this benchmark compiled
-    vars(model).pop("_compiled_call", None)
-    for n in plan.streams:
-        ids = random_prompts(tokenizer, n, plan.prompt_tokens).to(device)
-        try:
-            generate(ids, plan.output_tokens)  # the first warm-up (always one here): it compiles, or fails over
-        except Exception as exc:  # noqa: BLE001 - not silent: the reason becomes a tag and a warning
-            if knobs.cache != "static":
-                raise
-            reason = f"static KV cache failed ({type(exc).__name__}: {str(exc)[:200]}); fell back to the dynamic cache"
-            log.warning("hf backend: %s", reason)
-            tags["bench_hf_fallback_reason"] = reason
-            knobs = HfKnobs(cache="dynamic", compile=knobs.compile)
-            options = generate_options(knobs)
-            generate(ids, plan.output_tokens)
-        for _ in range(plan.warmup - 1):  # the rest of the planned warm-ups
-            generate(ids, plan.output_tokens)
-        seconds = [generate(ids, plan.output_tokens) for _ in range(plan.repeats)]
-        ttft = [generate(ids, 1) for _ in range(plan.repeats)]
-        detail["runs"].append({"streams": n, "seconds": seconds, "ttft_s": ttft})
-    metrics, speed_tags = speed_metrics(detail["runs"], plan.output_tokens)
-    tags.update(speed_tags)
-    for n in plan.streams:
-        label = stream_label(n)
-        decode = metrics.get(f"decode_tokens_per_s_{label}")
-        log.info(
-            "hf backend, %s: %.1f output tokens/s end to end, %s decode-only (medians of %d)",
-            label,
-            metrics[f"tokens_per_s_{label}"],
-            "no" if decode is None else f"{decode:.1f}",
-            plan.repeats,
-        )
-    tags["bench_path"] = describe_path(model, knobs, compiled=getattr(model, "_compiled_call", None) is not None)
-    detail["path"] = tags["bench_path"]
-    log.info("hf backend path: %s", tags["bench_path"])
-    # what the model holds now, after decoding: transformers may have decompressed a format at load or first use
-    return BenchResult(metrics=metrics, tags=tags, detail=detail, loaded=roofline.tensor_index(model))
+        options = generate_options(knobs)
+        # the threads torch computed on: on a CPU they decide the speed as much as the model (runs.RunRow.speed_basis)
+        tags: dict[str, str] = {"bench_backend": "hf", "bench_threads": str(torch.get_num_threads())}
+
+        def generate(ids: torch.Tensor, new_tokens: int) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=pad,
+                    **options,
+                )
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            produced = out.shape[1] - ids.shape[1]
+            if produced != new_tokens:
+                raise RuntimeError(f"generate() produced {produced} tokens, expected exactly {new_tokens}")
+            return elapsed
+
+        # transformers keeps its compiled decode step on the model; a fresh one tells whether this benchmark compiled
+        vars(model).pop("_compiled_call", None)
+        for n in plan.streams:
+            ids = random_prompts(tokenizer, n, plan.prompt_tokens).to(device)
+            try:
+                generate(ids, plan.output_tokens)  # the first warm-up (always one here): it compiles, or fails over
+            except Exception as exc:  # noqa: BLE001 - not silent: the reason becomes a tag and a warning
+                if knobs.cache != "static":
+                    raise
+                reason = (
+                    f"static KV cache failed ({type(exc).__name__}: {str(exc)[:200]}); fell back to the dynamic cache"
+                )
+                log.warning("hf backend: %s", reason)
+                tags["bench_hf_fallback_reason"] = reason
+                knobs = HfKnobs(cache="dynamic", compile=knobs.compile)
+                options = generate_options(knobs)
+                generate(ids, plan.output_tokens)
+            for _ in range(plan.warmup - 1):  # the rest of the planned warm-ups
+                generate(ids, plan.output_tokens)
+            seconds = [generate(ids, plan.output_tokens) for _ in range(plan.repeats)]
+            ttft = [generate(ids, 1) for _ in range(plan.repeats)]
+            detail["runs"].append({"streams": n, "seconds": seconds, "ttft_s": ttft})
+        metrics, speed_tags = speed_metrics(detail["runs"], plan.output_tokens)
+        tags.update(speed_tags)
+        for n in plan.streams:
+            label = stream_label(n)
+            decode = metrics.get(f"decode_tokens_per_s_{label}")
+            log.info(
+                "hf backend, %s: %.1f output tokens/s end to end, %s decode-only (medians of %d)",
+                label,
+                metrics[f"tokens_per_s_{label}"],
+                "no" if decode is None else f"{decode:.1f}",
+                plan.repeats,
+            )
+        tags["bench_path"] = describe_path(model, knobs, compiled=getattr(model, "_compiled_call", None) is not None)
+        detail["path"] = tags["bench_path"]
+        log.info("hf backend path: %s", tags["bench_path"])
+        # what the model holds now, after decoding: transformers may have decompressed a format at load or first use
+        return BenchResult(metrics=metrics, tags=tags, detail=detail, loaded=roofline.tensor_index(model))
+
+
+BACKEND = Hf()

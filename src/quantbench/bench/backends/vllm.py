@@ -22,20 +22,66 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantbench import atomic, children
 from quantbench.bench.backends import hf
-from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
-from quantbench.bench.speed import BenchPlan, BenchResult, VllmKnobs, speed_metrics
+from quantbench.bench.backends.base import Backend
+from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
+from quantbench.errors import ConfigError
 from quantbench.measure import cpu_info, quant_method
+from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class VllmKnobs:
+    """`bench.vllm` (all optional): how the vLLM backend sizes its engine."""
+
+    kv_cache_gb: float | None = 1.0  # explicit KV cache (GiB); null: vLLM's memory-utilisation default
+    enforce_eager: bool = False  # skip torch.compile (faster start, slower decode)
+    max_model_len: int | None = None  # null: prompt_tokens + output_tokens, all the benchmark needs
+    cpu_threads: int | None = None  # OpenMP threads of the CPU engine; null: usable cores - 1 (at least 1)
+    # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
+    # Marlin on Hopper; a run fails if a disabled kernel still ran.
+    disabled_kernels: list[str] = field(default_factory=list)
+    # vLLM's --linear-backend: the one family of quantized-linear kernels vLLM may choose from (marlin, machete,
+    # triton, conch, exllama, humming, ...); "auto": vLLM's own choice. Where the family cannot serve a layer, vLLM
+    # 0.26 refuses to start and 0.32 serves it with its own choice: either way the run fails and says why. A sweep
+    # over it compares kernels for one artifact: bench.vllm.linear_backend=marlin,machete
+    linear_backend: str = "auto"
+    # The dtype vLLM computes in; "auto": hardware.dtype, the one the model was quantized and evaluated in. float16
+    # serves a bfloat16-quantized artifact to kernels that take float16 activations only (Exllama), without
+    # quantizing in float16 (which overflows on some models, e.g. llama-3.1-8b-shape's random weights under AWQ).
+    dtype: str = "auto"
+    # The engine process (start, warm-up, every timed run) is killed with its children after this long; null: no limit.
+    timeout_s: float | None = 1800.0
+    # The share of the GPU's memory the engine may take (vLLM's gpu_memory_utilization; with kv_cache_gb set it bounds
+    # only vLLM's start-up check that this much is free). null: what is free when the engine starts, less 1 GiB, at
+    # most 0.9. Set it when other jobs share the card: what is free moves while they load and free models.
+    gpu_memory_utilization: float | None = None
+
+    # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
+    LINEAR_BACKENDS = (
+        "auto", "cutlass", "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_trtllm", "flashinfer_cudnn",
+        "flashinfer_b12x", "b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter", "machete", "fbgemm",
+        "conch", "exllama", "emulation", "xpu", "xpu_woq",
+    )  # fmt: skip
+    DTYPES = ("auto", "float16", "bfloat16", "float32")
+    # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
+    # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
+    BACKEND_DTYPES = {"exllama": ("float16",)}
+    SYMMETRIC_ONLY = ("exllama",)
+
+    def serving_dtype(self, hardware_dtype: str) -> str:
+        """The dtype vLLM computes in: `dtype`, or the hardware's where that is "auto"."""
+        return hardware_dtype if self.dtype == "auto" else self.dtype
+
+
 GiB = 2**30
 ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench.backends._vllm_engine"]  # + request.json result.json
-# The engine loads the saved folder in its own process: the pipeline may free the in-memory model first.
-LOADS_FROM_DISK = True
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
@@ -177,110 +223,173 @@ def gpu_share(knobs: VllmKnobs, device: str) -> float:
     return round(min(0.9, (free - GiB) / total), 3)
 
 
-def run(plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
-    reason = unsupported_reason(model_dir, hardware)
-    if reason is not None:
-        log.warning("bench.backend=vllm: %s; benchmarking with the HF backend instead", reason)
-        result = hf.run(plan, model, tokenizer, model_dir, hardware)
-        result.tags.update({"bench_backend": "hf", "bench_requested_backend": "vllm", "bench_fallback_reason": reason})
-        result.detail["fallback_reason"] = reason
-        return result
+class Vllm(Backend):
+    name = "vllm"
+    Knobs = VllmKnobs
+    loads_from_disk = True  # the engine loads the saved folder in its own process
 
-    device = str(hardware.device)
-    knobs = plan.vllm
-    engine = {
-        "dtype": knobs.serving_dtype(str(hardware.dtype)),
-        "max_model_len": knobs.max_model_len or plan.prompt_tokens + plan.output_tokens,
-        "max_num_seqs": max(plan.streams),
-        "enable_prefix_caching": False,
-        "enforce_eager": bool(knobs.enforce_eager),
-        "seed": 0,
-    }
-    if knobs.linear_backend != "auto":
-        engine["linear_backend"] = knobs.linear_backend
-    if knobs.kv_cache_gb is not None:
-        engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
-    if device.startswith("cuda"):
-        engine["gpu_memory_utilization"] = gpu_share(knobs, device)
-    env = engine_env(device, knobs.cpu_threads)
-    if knobs.disabled_kernels:
-        env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
-    request = {
-        "model_dir": str(model_dir),
-        "engine": engine,
-        "streams": plan.streams,
-        "warmup": plan.warmup,
-        "repeats": plan.repeats,
-        "prompt_tokens": plan.prompt_tokens,
-        "output_tokens": plan.output_tokens,
-        "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
-    }
-    out = _run_engine(request, env, device, knobs.timeout_s)
+    def knob_problems(self, knobs: VllmKnobs, plan: BenchPlan) -> list[str]:
+        problems = []
+        if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
+            problems.append(f"bench.vllm.kv_cache_gb={knobs.kv_cache_gb} (must be > 0, or null)")
+        if not isinstance(knobs.disabled_kernels, list) or not all(isinstance(k, str) for k in knobs.disabled_kernels):
+            problems.append(f"bench.vllm.disabled_kernels={knobs.disabled_kernels!r} (a list of kernel class names)")
+        if knobs.linear_backend not in VllmKnobs.LINEAR_BACKENDS:
+            problems.append(
+                f"bench.vllm.linear_backend={knobs.linear_backend!r} (one of {list(VllmKnobs.LINEAR_BACKENDS)})"
+            )
+        if knobs.dtype not in VllmKnobs.DTYPES:
+            problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
+        if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
+            problems.append(f"bench.vllm.timeout_s={knobs.timeout_s} (must be > 0, or null)")
+        share = knobs.gpu_memory_utilization
+        if share is not None and not 0 < float(share) <= 1:
+            problems.append(
+                f"bench.vllm.gpu_memory_utilization={share} (a share of the GPU's memory in (0, 1], or null)"
+            )
+        if knobs.cpu_threads is not None and int(knobs.cpu_threads) < 1:
+            problems.append(f"bench.vllm.cpu_threads={knobs.cpu_threads} (must be >= 1, or null)")
+        needed = plan.prompt_tokens + plan.output_tokens
+        if knobs.max_model_len is not None and knobs.max_model_len < needed:
+            problems.append(
+                f"bench.vllm.max_model_len={knobs.max_model_len} (must hold prompt_tokens + output_tokens = {needed})"
+            )
+        return problems
 
-    metrics: dict[str, float] = {"vllm_engine_start_s": out["engine_start_s"], "vllm_peak_rss_gb": out["peak_rss_gb"]}
-    # What serving this model at the benchmark's shape took: on CUDA the device memory the engine held (weights,
-    # KV cache, CUDA graphs, workspace), read device-wide while it ran; on CPU the engine process's peak RSS.
-    metrics["serve_mem_gb"] = out["gpu_mem_gb"] if device.startswith("cuda") else out["peak_rss_gb"]
-    if device.startswith("cuda"):
-        metrics["vllm_gpu_mem_gb"] = out["gpu_mem_gb"]
-    speed, speed_tags = speed_metrics(out["runs"], plan.output_tokens)
-    metrics.update(speed)
-    kernels = out["linear_kernels"]
-    if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
-        kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
-    slow = slow_kernel(device, kernels)
-    ran = kernel_names(kernels)
-    still_used = [k for k in knobs.disabled_kernels if k in ran]
-    if still_used:
-        raise RuntimeError(
-            f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
-            f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
-        )
-    outside = outside_family(knobs.linear_backend, out.get("linear_backend_family"), kernels)
-    if outside:
-        raise RuntimeError(
-            f"bench.vllm.linear_backend={knobs.linear_backend} but vLLM ran {outside}, not one of its "
-            f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
-            f"where the family has no kernel for the model's layers (here: {device})"
-        )
-    path = "vllm.LLM offline engine"
-    if device.startswith("cpu"):
-        path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
-    tags = {
-        "bench_backend": "vllm",
-        "bench_path": path,
-        "vllm_version": f"{out['vllm_distribution']}=={out['vllm_version']}",
-        "vllm_quant_method": out["quant_method"],
-        "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
-        or out["kernel_source"],
-        "slow_kernel_fallback": "true" if slow else "false",
-        "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
-        # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
-        "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
-    }
-    tags.update(speed_tags)
-    if knobs.disabled_kernels:
-        tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
-    if knobs.linear_backend != "auto":
-        tags["vllm_linear_backend"] = knobs.linear_backend
-    if knobs.dtype != "auto":
-        tags["vllm_dtype"] = knobs.dtype
-    if slow:
-        tags["slow_kernel_reason"] = slow
-        log.warning("vLLM runs a known slow fallback: %s", slow)
-    detail = {
-        "backend": "vllm",
-        "engine_args": engine,
-        "runs": out["runs"],
-        "linear_kernels": kernels,
-        "env": {
-            k: env[k]
-            for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CACHE_ROOT", "VLLM_DISABLED_KERNELS")
-            if k in env
-        },
-        **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
-    }
-    return BenchResult(metrics=metrics, tags=tags, detail=detail)
+    def check(self, plan: BenchPlan, hardware, zero_points: bool) -> None:
+        """What the asked-for kernels need of the serving dtype and of the method's weights."""
+        from quantbench.dtypes import torch_dtype  # here: loads torch, which a plan's check may not have yet
+
+        knobs = self.knobs(plan)
+        dtype = str(torch_dtype(knobs.serving_dtype(str(hardware.dtype)))).removeprefix("torch.")  # half: float16
+        allowed = VllmKnobs.BACKEND_DTYPES.get(knobs.linear_backend)
+        if allowed and dtype not in allowed:
+            raise ConfigError(
+                f"bench.vllm.linear_backend={knobs.linear_backend} computes in {' or '.join(allowed)} only, but vLLM "
+                f"would serve in {dtype} (bench.vllm.dtype={knobs.dtype}, hardware.dtype={hardware.dtype}); add "
+                f"bench.vllm.dtype={allowed[0]} to serve the artifact in {allowed[0]} whatever it was quantized in."
+            )
+        if zero_points and knobs.linear_backend in VllmKnobs.SYMMETRIC_ONLY:
+            raise ConfigError(
+                f"bench.vllm.linear_backend={knobs.linear_backend} serves symmetric integer weights only, but this "
+                f"method stores a zero point per group; quantize symmetrically (awq: method.zero_point=false; gptq: "
+                f"method.sym=true; rtn: method.symmetric=true) or ask for another kernel family."
+            )
+
+    def run(self, plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
+        reason = unsupported_reason(model_dir, hardware)
+        if reason is not None:
+            log.warning("bench.backend=vllm: %s; benchmarking with the HF backend instead", reason)
+            result = hf.BACKEND.run(plan, model, tokenizer, model_dir, hardware)
+            result.tags.update(
+                {"bench_backend": "hf", "bench_requested_backend": "vllm", "bench_fallback_reason": reason}
+            )
+            result.detail["fallback_reason"] = reason
+            return result
+
+        device = str(hardware.device)
+        knobs = self.knobs(plan)
+        engine = {
+            "dtype": knobs.serving_dtype(str(hardware.dtype)),
+            "max_model_len": knobs.max_model_len or plan.prompt_tokens + plan.output_tokens,
+            "max_num_seqs": max(plan.streams),
+            "enable_prefix_caching": False,
+            "enforce_eager": bool(knobs.enforce_eager),
+            "seed": 0,
+        }
+        if knobs.linear_backend != "auto":
+            engine["linear_backend"] = knobs.linear_backend
+        if knobs.kv_cache_gb is not None:
+            engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
+        if device.startswith("cuda"):
+            engine["gpu_memory_utilization"] = gpu_share(knobs, device)
+        env = engine_env(device, knobs.cpu_threads)
+        if knobs.disabled_kernels:
+            env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
+        request = {
+            "model_dir": str(model_dir),
+            "engine": engine,
+            "streams": plan.streams,
+            "warmup": plan.warmup,
+            "repeats": plan.repeats,
+            "prompt_tokens": plan.prompt_tokens,
+            "output_tokens": plan.output_tokens,
+            "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
+        }
+        out = _run_engine(request, env, device, knobs.timeout_s)
+
+        metrics: dict[str, float] = {
+            "vllm_engine_start_s": out["engine_start_s"],
+            "vllm_peak_rss_gb": out["peak_rss_gb"],
+        }
+        # What serving this model at the benchmark's shape took: on CUDA the device memory the engine held (weights,
+        # KV cache, CUDA graphs, workspace), read device-wide while it ran; on CPU the engine process's peak RSS.
+        metrics["serve_mem_gb"] = out["gpu_mem_gb"] if device.startswith("cuda") else out["peak_rss_gb"]
+        if device.startswith("cuda"):
+            metrics["vllm_gpu_mem_gb"] = out["gpu_mem_gb"]
+        speed, speed_tags = speed_metrics(out["runs"], plan.output_tokens)
+        metrics.update(speed)
+        kernels = out["linear_kernels"]
+        if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
+            kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
+        slow = slow_kernel(device, kernels)
+        ran = kernel_names(kernels)
+        still_used = [k for k in knobs.disabled_kernels if k in ran]
+        if still_used:
+            raise RuntimeError(
+                f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
+                f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
+            )
+        outside = outside_family(knobs.linear_backend, out.get("linear_backend_family"), kernels)
+        if outside:
+            raise RuntimeError(
+                f"bench.vllm.linear_backend={knobs.linear_backend} but vLLM ran {outside}, not one of its "
+                f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
+                f"where the family has no kernel for the model's layers (here: {device})"
+            )
+        path = "vllm.LLM offline engine"
+        if device.startswith("cpu"):
+            path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
+        tags = {
+            "bench_backend": "vllm",
+            "bench_path": path,
+            "vllm_version": f"{out['vllm_distribution']}=={out['vllm_version']}",
+            "vllm_quant_method": out["quant_method"],
+            "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
+            or out["kernel_source"],
+            "slow_kernel_fallback": "true" if slow else "false",
+            "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
+            # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
+            "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
+        }
+        tags.update(speed_tags)
+        if knobs.disabled_kernels:
+            tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
+        if knobs.linear_backend != "auto":
+            tags["vllm_linear_backend"] = knobs.linear_backend
+        if knobs.dtype != "auto":
+            tags["vllm_dtype"] = knobs.dtype
+        if slow:
+            tags["slow_kernel_reason"] = slow
+            log.warning("vLLM runs a known slow fallback: %s", slow)
+        detail = {
+            "backend": "vllm",
+            "engine_args": engine,
+            "runs": out["runs"],
+            "linear_kernels": kernels,
+            "env": {
+                k: env[k]
+                for k in (
+                    "VLLM_ENABLE_V1_MULTIPROCESSING",
+                    "OMP_NUM_THREADS",
+                    "VLLM_CACHE_ROOT",
+                    "VLLM_DISABLED_KERNELS",
+                )
+                if k in env
+            },
+            **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
+        }
+        return BenchResult(metrics=metrics, tags=tags, detail=detail)
 
 
 def outside_family(backend: str, family: list[str] | None, kernels: dict[str, int]) -> list[str]:
@@ -384,3 +493,6 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
                 f"the vLLM engine process {children.describe_exit(code)}: {root_cause(lines)}\n" + "\n".join(lines)
             )
         return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}
+
+
+BACKEND = Vllm()
