@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.paths import LOCATION_GROUPS
-from quantbench.tracking import library_version
+from quantbench.versions import library_version
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,6 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench.versions import library_version  # noqa: F401  (tracking.library_version for its callers)
 from quantbench import atomic, redact
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
@@ -57,13 +57,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
     return out
-
-
-def library_version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def git_commit() -> str:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from quantbench.dtypes import torch_dtype  # noqa: F401  (methods import it from here)
 from quantbench.models import SourceModel
-from quantbench.tracking import library_version
+from quantbench.versions import library_version
 
 
 class Method:
