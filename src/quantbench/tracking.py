@@ -119,7 +119,7 @@ def end_orphaned_runs(
             continue
         end_failed(client, run.info.run_id, failure_type, reason)
         log.warning(
-            "Run %s (%s) was left RUNNING: marked FAILED (%s)", run.info.run_id, run.info.run_name, failure_type
+            "Run %s (%s) was left RUNNING: marked FAILED (%s)", run.info.run_id, run.info.run_name, failure_type.lower()
         )
         ended.append(run.info.run_id)
     return ended

