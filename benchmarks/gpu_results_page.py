@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from quantbench.names import stream_label
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "gpu-figures.md"
@@ -88,7 +90,7 @@ def figures(store: Path) -> list[Figure]:
         backend = tags.get("bench_backend", "?")
         kernel = tags.get("vllm_linear_kernel") if backend == "vllm" else tags.get("bench_path", "")
         for n in STREAMS:
-            label = "1_stream" if n == 1 else f"{n}_streams"
+            label = stream_label(n)
             decode, roofline = (
                 metrics.get(f"decode_tokens_per_s_{label}"),
                 metrics.get(f"roofline_tokens_per_s_{label}"),
