@@ -288,7 +288,7 @@ def test_random_weight_runs_show_speed_and_size_but_no_accuracy(tmp_path):
 
 
 def _shape_sweep(root, backends=("vllm", "vllm", "vllm")):
-    """Three random-weight runs in 8B shape (figures of the 2026-11-28 H100 stretch), no accuracy."""
+    """Three random-weight runs in 8B shape (figures from benchmarks/results/2026-11-28-h100), no accuracy."""
     uri, client, exp = make_store(root)
     gpu = {"weights": "random", "model": "llama-3.1-8b-shape", "host.gpu": "NVIDIA H100 80GB HBM3"}
     for (method, disk, tps, bound, kernel), backend in zip(
@@ -325,7 +325,7 @@ def test_a_sweep_without_accuracy_plots_speed_against_size_beside_the_bound(tmp_
 
 
 def test_runs_of_one_method_are_labelled_by_the_overrides_that_tell_them_apart(tmp_path):
-    """One artifact served with three kernels (the 2026-12-05 H100 sweep): the overrides all three share name none."""
+    """One artifact served with three kernels (as in benchmarks/results/2026-12-05-h100): the overrides all three share name none."""
     uri, client, exp = make_store(tmp_path / "mlruns")
     common = "experiment=seed_shape hardware=h100 calibration.num_samples=32 method=awq"
     for kernels in ("[MacheteLinearKernel]", "[]", "[MacheteLinearKernel,MarlinLinearKernel]"):

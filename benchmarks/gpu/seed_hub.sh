@@ -45,7 +45,7 @@ case "${1:?start|pipeline|poll}" in
     note "step hub up"
     export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=hf_local
     # The Hugging Face cache in memory (128 GB): on the 64 GB disk, the 8B shape (16 GB), the cache's copy of it
-    # (16 GB) and three lanes' artifacts filled it on 2026-12-06 (AutoRound's save failed: no space left).
+    # (16 GB) and three lanes' artifacts fill it (benchmarks/results/2026-12-06-h100: AutoRound's save failed).
     export HF_HOME=${QB_HF_HOME:-/dev/shm/qb-hf}
     sizes=(repeats=1 eval.limit=10 calibration.num_samples=32 quality.num_tokens=1024 bench.repeats=1
            bench.vllm.enforce_eager=true bench.vllm.gpu_memory_utilization=0.3 tracking.log_model=none

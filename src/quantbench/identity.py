@@ -62,16 +62,10 @@ def libraries(*dists: str) -> dict[str, str]:
 
 
 def serving_libraries(bench_cfg: DictConfig) -> dict[str, str]:
-    """What serves the benchmark beyond torch and transformers: vLLM's wheel and the CPU ISA it may be forced to."""
-    if str(bench_cfg.backend) != "vllm":
-        return {}
-    from quantbench.upstream.vllm_cpu import installed_vllm
+    """What serves the benchmark beyond torch and transformers, as its backend names it (`Backend.libraries`)."""
+    from quantbench.bench import load_backend
 
-    dist = installed_vllm()
-    return {
-        "vllm": "==".join(dist) if dist else "not installed",
-        "QUANTBENCH_VLLM_CPU_ISA": os.environ.get("QUANTBENCH_VLLM_CPU_ISA", ""),
-    }
+    return load_backend(str(bench_cfg.backend)).libraries()
 
 
 def machine(device: str) -> dict:

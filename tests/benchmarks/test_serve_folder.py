@@ -15,8 +15,7 @@ from conftest import CACHE, ROOT
 
 @pytest.mark.e2e
 def test_serve_folder_composes_the_typed_config_and_benchmarks_a_saved_model(tiny_root):
-    """In a process of its own nothing has registered the groups' schemas: the script must, or Hydra cannot compose
-    (it failed so on the H200, 2026-12-01)."""
+    """In a process of its own nothing has registered the groups' schemas: the script must, or Hydra cannot compose."""
     cmd = [sys.executable, str(ROOT / "benchmarks/gpu/serve_folder.py"), str(tiny_root / "model"), "bench=smoke"]
     cmd += ["bench.repeats=1", "bench.streams=[1]", "bench.output_tokens=8"]
     env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE)}

@@ -120,7 +120,7 @@ def test_distribution_quality_ranks_the_baseline_4_bit_and_2_bit_apart(runs):
     """On the same held-out text: fp16 is the baseline (KL 0, every top-1 kept); every 4-bit method moves the
     next-token distribution measurably but less than AQLM's 2 bits do. Top-1 agreement does not rank them on the
     recipe-v3 model: its held-out sentences have flat next-token distributions (perplexity ~142), whose near-ties
-    flip under any rounding (4-bit 90.6-92.6 %, AQLM 90.0 % on 2026-12-06), so only "below 100 %" is asserted."""
+    flip under any rounding (4-bit 90.6-92.6 %, AQLM 90.0 %: docs/quality.md), so only "below 100 %" is asserted."""
     fp16 = runs["fp16"].data.metrics
     assert fp16["quality_kl_mean"] == 0 and fp16["quality_top1_agreement"] == 1
     two_bit = runs["aqlm_2bit"].data.metrics

@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 # Per-method overrides for the GPU test machine: it has no network, and GPTQModel's default kernel on Hopper (Machete)
-# is built on first use against a CUTLASS release it downloads (seen failing there, 2026-11-28); auto-round's 200
+# is built on first use against a CUTLASS release it downloads, which fails offline; auto-round's 200
 # iterations do not separate anything on the embedded model (conf/method/autoround_sym.yaml), 20 keep the test short.
 METHODS = {
     "fp16": [],

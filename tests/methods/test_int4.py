@@ -304,7 +304,7 @@ def test_the_libraries_leave_the_process_as_they_found_it(artifacts, environ_bef
 @pytest.mark.e2e
 def test_the_artifact_check_reloads_gptq_with_the_kernel_the_job_chose(artifacts):
     """method.backend reaches the fresh-process reload: on an offline H100, GPTQModel's default kernel there (Machete)
-    downloads CUTLASS, so a check that ignored the choice failed a good artifact (2026-11-28)."""
+    downloads CUTLASS, so a check that ignored the choice would fail a good artifact."""
     from quantbench import fingerprint
 
     method = method_from_yaml("gptq", "method.backend=torch")

@@ -84,6 +84,10 @@ def backend_names() -> list[str]:
 
 
 def load_backend(name: str) -> Backend:
+    if name not in registry():
+        raise ConfigError(
+            f"bench.backend={name!r} is not a benchmark backend; choose one of {backend_names() + ['none']}."
+        )
     return registry()[name]
 
 
@@ -92,10 +96,7 @@ def plan(cfg: DictConfig) -> BenchPlan | None:
     backend = str(cfg.backend)
     if backend == "none":
         return None
-    if backend not in backend_names():
-        raise ConfigError(
-            f"bench.backend={backend!r} is not a benchmark backend; choose one of {backend_names() + ['none']}."
-        )
+    load_backend(backend)  # a ConfigError for an unknown name
     streams = list(cfg.streams)
     problems = []
     if int(cfg.prompt_tokens) < 1:

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2**24  # largest temporary (rows x candidates) a step materialises, to bound memory
 # On a GPU a chunk of 2**24 distances to 65,536 codewords is 256 rows: an 8B-shaped layer then takes ~100k chunks
-# of a few small kernels each, which took 13 s a layer on an H200 (2026-12-01) for ~0.6 s of arithmetic: launches,
-# we expect, more than work. 2**27 (512 MiB) makes 8x fewer chunks (its effect on a GPU is still to be measured).
+# of a few small kernels each, and kernel launches, not arithmetic, set the time (13.5 s a layer on an H200,
+# benchmarks/results/2026-12-01-h200x2). 2**27 (512 MiB) makes 8x fewer chunks.
 CHUNK_ELEMENTS_CUDA = 2**27
 
 

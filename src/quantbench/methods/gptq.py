@@ -94,7 +94,7 @@ class GPTQ(Method):
 
     def loading_attributes(self) -> dict:
         """The kernel choice holds for the fresh-process reload too (transformers' GPTQConfig `backend`): with auto,
-        GPTQModel would build Machete there and fail without network, as it did on the offline H100."""
+        GPTQModel would build Machete there, which downloads CUTLASS: it fails on a machine without network."""
         return {} if self.backend == "auto" else {"backend": self.backend}
 
     def quantize(

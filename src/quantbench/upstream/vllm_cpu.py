@@ -22,8 +22,8 @@
 
 3. Reading the kernel choice on CUDA: there vLLM runs its engine core in a second process, and `LLM.apply_model`
    (how bench/backends/_vllm_engine.py walks the loaded layers for their kernels) ships the function to it, which vLLM 0.26
-   refuses without VLLM_ALLOW_INSECURE_SERIALIZATION=1 ("Object of type <class 'function'> is not serializable";
-   seen on an H100, 2026-11-28). Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
+   refuses without VLLM_ALLOW_INSECURE_SERIALIZATION=1 ("Object of type <class 'function'> is not serializable").
+   Both processes are ours, on one machine, so `engine_env` sets it for CUDA.
 
 4. FlashInfer on CUDA: vLLM 0.26 requires flashinfer-python, but the CUDA lock (requirements-cuda-lock.txt) does not
    install it: no GPU run has had it (benchmarks/gpu/cuda_lock.py, VLLM_NOT_INSTALLED). Where it is not importable,

@@ -14,7 +14,7 @@ from quantbench.errors import ConfigError
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
 # 24 output tokens: enough decode time that a full generation outlasts its paired one-token (TTFT) run on a busy
-# 2-core machine (with 6, one repeat came out shorter than its TTFT run and had no decode figure: seen 2026-11-28)
+# 2-core machine (with 6, a repeat can come out shorter than its TTFT run and have no decode figure)
 BASE = {"backend": "hf", "prompt_tokens": 8, "output_tokens": 24, "streams": [1, 2], "warmup": 1, "repeats": 2}
 
 
@@ -97,8 +97,8 @@ def test_the_reason_for_eager_decoding_follows_transformers_rule():
 
 
 def test_a_freed_model_is_reloaded_in_the_hardware_dtype_on_a_gpu_and_as_saved_on_cpu():
-    """An AQLM folder declares float32 (for aqlm's CPU kernel); reloaded so on CUDA, aqlm's kernels refuse it (seen on
-    an H200, 2026-12-01: the 8B-shape AQLM run failed in its HF fallback benchmark)."""
+    """An AQLM folder declares float32 (for aqlm's CPU kernel); reloaded so on CUDA, aqlm's kernels refuse it and the
+    HF fallback benchmark of an AQLM run fails."""
     gpu = OmegaConf.create({"name": "h200", "device": "cuda", "dtype": "bfloat16", "memory_bandwidth_gbs": 4800})
     assert hf_backend.reload_dtype(gpu) == torch.bfloat16
     assert hf_backend.reload_dtype(CPU) == "auto"

