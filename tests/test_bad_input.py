@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from conftest import ROOT, run_cli
 from helpers.hub import unused_endpoint
 from helpers.run_if import run_if
-from quantbench import bench, models, pipeline, schema
+from quantbench import schema
+from quantbench.job import bench, models, pipeline
 from quantbench.errors import ConfigError
 
 
@@ -148,7 +149,7 @@ def test_a_bad_job_fails_its_run_and_the_rest_of_the_sweep_still_runs(tmp_path, 
 
 ASK_THE_HUB = """
     import json
-    from quantbench import models
+    from quantbench.job import models
     print(json.dumps({{k: models.hub_access_problem(*args) for k, args in {cases!r}.items()}}))
 """
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
-from quantbench import calibration
+from quantbench.job import calibration
 from quantbench.errors import ConfigError
 
 SEQ_LEN = 16  # a text qualifies with more than 8 words
@@ -110,7 +110,7 @@ def test_an_edited_file_is_read_afresh(tmp_path):
 
 def test_fewer_long_enough_texts_than_num_samples_are_used_with_a_warning_that_counts_them(tmp_path, caplog):
     path = write(tmp_path / "calib.jsonl", texts_of(3) + texts_of(5, words=3))  # 3 long enough, 5 too short
-    with caplog.at_level(logging.WARNING, logger="quantbench.calibration"):
+    with caplog.at_level(logging.WARNING, logger="quantbench.job.calibration"):
         chosen = calibration.texts(cfg(path, num_samples=8), tmp_path)
     assert sorted(chosen) == sorted(texts_of(3))
     assert "only 3 texts" in caplog.text and "num_samples=8" in caplog.text
@@ -220,7 +220,7 @@ def test_a_hub_dataset_logs_its_id_split_column_and_the_commit_datasets_resolved
         f"""
         import json
         from omegaconf import OmegaConf
-        from quantbench import calibration
+        from quantbench.job import calibration
         from quantbench.errors import ConfigError
 
         def cfg(**kw):

@@ -47,7 +47,7 @@ def test_each_command_has_its_own_help(command, needle):
 
 def test_run_composes_the_same_config_as_run_py():
     out = quantbench("run", "--cfg", "job", "method=gptq")
-    assert out.returncode == 0 and "_target_: quantbench.methods.gptq.GPTQ" in out.stdout
+    assert out.returncode == 0 and "_target_: quantbench.job.methods.gptq.GPTQ" in out.stdout
 
 
 @pytest.mark.e2e

@@ -12,7 +12,8 @@ import pytest
 from helpers.lm_eval_tasks import group, seed_like, task
 from omegaconf import OmegaConf
 
-from quantbench import evaluation, stats
+from quantbench import stats
+from quantbench.job import evaluation
 from quantbench.errors import ConfigError
 
 LIMIT = 12  # documents per task: enough to score, few enough to stay quick

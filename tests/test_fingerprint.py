@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantbench import fingerprint
+from quantbench.job import fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from quantbench import identity, measure
-from quantbench.models import SourceModel
+from quantbench import identity
+from quantbench.job import measure
+from quantbench.job.models import SourceModel
 
 
 def cfg_with(*overrides: str):

@@ -1,4 +1,4 @@
-"""The job as stages (quantbench.pipeline): each stage returns what it made and `run` logs it once; a stage a method
+"""The job as stages (quantbench.job.pipeline): each stage returns what it made and `run` logs it once; a stage a method
 does not need is skipped by what the method declares."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pkgutil
 
 from omegaconf import OmegaConf
 
-from quantbench import methods, pipeline
-from quantbench.methods.base import Method
+from quantbench.job import methods, pipeline
+from quantbench.job.methods.base import Method
 
 
 def _subclasses(cls):
@@ -21,7 +21,7 @@ def _subclasses(cls):
 
 def test_a_method_declares_whether_the_cache_may_keep_its_artifact_and_it_matches_what_it_implements():
     for module in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"quantbench.methods.{module.name}")
+        importlib.import_module(f"quantbench.job.methods.{module.name}")
     found = {cls.__name__: cls.cacheable for cls in _subclasses(Method)}
     assert found["GPTQ"] and found["AWQ"] and not found["FP16"] and not found["BnbNF4"], found
     for cls in _subclasses(Method):

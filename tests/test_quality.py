@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from quantbench import quality
+from quantbench.job import quality
 from quantbench.errors import ConfigError
 
 
@@ -128,7 +128,7 @@ def test_the_baseline_is_keyed_by_the_window_shape_and_the_models_content(tmp_pa
     a local model folder retrained in place is another model: each gets its own cached baseline."""
     from helpers.synthetic_store import tiny_model
 
-    from quantbench.models import SourceModel
+    from quantbench.job.models import SourceModel
 
     folder = tiny_model(tmp_path / "model")
     source = SourceModel(name="m", reference=str(folder), path_or_id=str(folder))
@@ -147,7 +147,7 @@ def test_a_job_with_another_seq_len_does_not_take_the_cached_baseline(tiny_root,
     over the same 256 tokens of held-out text would."""
     from transformers import AutoTokenizer
 
-    from quantbench.models import SourceModel
+    from quantbench.job.models import SourceModel
 
     tok = AutoTokenizer.from_pretrained(tiny_root / "model")
     source = SourceModel(name="tiny", reference="embedded:tiny", path_or_id=str(tiny_root / "model"))

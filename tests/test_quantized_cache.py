@@ -20,9 +20,10 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from helpers.together import run_together
-from quantbench import identity, measure
-from quantbench.models import SourceModel
-from quantbench import quantized_cache as qc
+from quantbench import identity
+from quantbench.job import measure
+from quantbench.job.models import SourceModel
+from quantbench.job import quantized_cache as qc
 
 
 def test_a_hub_id_is_known_by_the_commit_its_revision_resolved_to_not_by_the_revision(tmp_path):
@@ -103,7 +104,7 @@ def test_a_shard_copied_instead_of_linked_is_said_at_warning(tmp_path, caplog):
         pytest.skip("needs /dev/shm on another file system than the temporary folder")
     cache = Path(tempfile.mkdtemp(dir=other, prefix="quantbench-test-"))
     try:
-        with caplog.at_level(logging.WARNING, logger="quantbench.quantized_cache"):
+        with caplog.at_level(logging.WARNING, logger="quantbench.job.quantized_cache"):
             entry = qc.store(cache, "k1", {"x": 1}, shard_folder(tmp_path / "job"), {}, "run-1")
         assert [c.split(":")[0] for c in entry.copied] == ["model.safetensors"]
         assert "Copying" in caplog.text and "instead of hard-linking" in caplog.text
@@ -115,7 +116,7 @@ def test_a_shard_copied_instead_of_linked_is_said_at_warning(tmp_path, caplog):
 
 STORE = """
 from pathlib import Path
-from quantbench import quantized_cache as qc
+from quantbench.job import quantized_cache as qc
 """
 
 

@@ -159,7 +159,7 @@ def _tracker(tmp_path) -> Tracker:
 def test_a_stage_is_copied_whole_from_the_run_that_measured_it_and_says_so(tmp_path, caplog):
     """Metrics with their history (a calibration repeat per step), tags and JSON artifacts, and the tag naming the
     run that measured them; a run whose record cannot be read back is not used (WARNING), the stage runs."""
-    from quantbench.pipeline import IDENTITY_FILE, Work, _reuse
+    from quantbench.job.pipeline import IDENTITY_FILE, Work, _reuse
 
     def _reused(tracker, record, stage, force):  # what the stage's results were taken as, or None: run it
         work = Work(OmegaConf.create({}), tracker, tmp_path / "model", force, record=record)

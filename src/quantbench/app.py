@@ -32,7 +32,7 @@ def main(cfg: DictConfig):
     from quantbench import children, stores
 
     stores.check_reachable(str(cfg.tracking.uri))
-    from quantbench import pipeline
+    from quantbench.job import pipeline
 
     with children.stop_on_signals():
         return pipeline.run(cfg)

@@ -594,7 +594,7 @@ QUALITY = ("quality_kl_mean", "quality_kl_p99", "quality_top1_agreement", "quali
 
 
 def quality_table(sel: Selection, windows: dict[str, list[float]]) -> Table:
-    """Next-token quality against the baseline on held-out text (quantbench.quality), one row per run; the KL
+    """Next-token quality against the baseline on held-out text (quantbench.job.quality), one row per run; the KL
     interval resamples the held-out windows (tokens within a window are not independent)."""
     t = Table(
         "quality",

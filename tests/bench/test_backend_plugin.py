@@ -9,7 +9,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from quantbench import bench
+from quantbench.job import bench
 from quantbench.errors import ConfigError
 
 from conftest import ROOT, run_cli

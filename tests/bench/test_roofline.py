@@ -1,4 +1,4 @@
-"""The memory-bandwidth roofline (quantbench.bench.roofline): what a decode step reads, by hand, on folders small
+"""The memory-bandwidth roofline (quantbench.job.bench.roofline): what a decode step reads, by hand, on folders small
 enough to count; what each backend's basis says; a device's bandwidth measured once."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from helpers.model_folders import CPU, small_model_folder
-from quantbench import bench
-from quantbench.bench import BenchResult, roofline
+from quantbench.job import bench
+from quantbench.job.bench import BenchResult, roofline
 
 
 def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantbench.bench import decode_tokens_per_s, speed_metrics
+from quantbench.job.bench import decode_tokens_per_s, speed_metrics
 
 
 def test_decode_only_speed_leaves_out_the_first_token_and_its_time():

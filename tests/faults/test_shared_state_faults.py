@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
 from helpers.together import run_together
-from quantbench import measure
+from quantbench.job import measure
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ QUICK = ("eval=none", "quality=none", "bench=none")  # quantize, save, verify in
 ENV = {"QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 RUN_PY = f"""
 import runpy
-import quantbench.app, quantbench.pipeline  # the imports before the start line: the jobs then start together
+import quantbench.app, quantbench.job.pipeline  # the imports before the start line: the jobs then start together
 sys.argv[0] = {str(ROOT / "run.py")!r}
 """
 MAIN = "runpy.run_path(sys.argv[0], run_name='__main__')"

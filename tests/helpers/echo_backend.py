@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantbench.bench import BenchPlan, BenchResult, speed_metrics
-from quantbench.bench.backends.base import Backend
+from quantbench.job.bench import BenchPlan, BenchResult, speed_metrics
+from quantbench.job.bench.backends.base import Backend
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from quantbench import measure
+from quantbench.job import measure
 
 EXPERIMENT = "quantbench-tiny"
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from quantbench import calibration, measure
+from quantbench.job import calibration, measure
 from quantbench.errors import ConfigError
-from quantbench.methods import aqlm_2bit, aqlm_quantizer as aq
+from quantbench.job.methods import aqlm_2bit, aqlm_quantizer as aq
 from quantbench.upstream import quantizers
-from quantbench.models import SourceModel
+from quantbench.job.models import SourceModel
 from conftest import CACHE, ROOT
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16"})

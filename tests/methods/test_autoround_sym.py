@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CACHE, run_cli
-from quantbench import calibration, measure
+from quantbench.job import calibration, measure
 from quantbench.errors import ConfigError
-from quantbench.methods.autoround_sym import AutoRoundSym
-from quantbench.models import SourceModel
+from quantbench.job.methods.autoround_sym import AutoRoundSym
+from quantbench.job.models import SourceModel
 
 CPU = OmegaConf.create({"device": "cpu", "dtype": "bfloat16"})
 PROMPT = "Q: What is 14 plus 9? A: 23. Q: What is the job of Alan Quill? A:"

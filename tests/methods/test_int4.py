@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT
-from quantbench import calibration, measure, pipeline
+from quantbench.job import calibration, measure, pipeline
 from quantbench.errors import ConfigError
-from quantbench.methods.base import Method
-from quantbench.models import SourceModel
+from quantbench.job.methods.base import Method
+from quantbench.job.models import SourceModel
 
 CPU = OmegaConf.create({"device": "cpu", "dtype": "bfloat16"})
 PROMPT = "Q: What is 14 plus 9? A: 23. Q: What is the job of Alan Quill? A:"
@@ -305,7 +305,7 @@ def test_the_libraries_leave_the_process_as_they_found_it(artifacts, environ_bef
 def test_the_artifact_check_reloads_gptq_with_the_kernel_the_job_chose(artifacts):
     """method.backend reaches the fresh-process reload: on an offline H100, GPTQModel's default kernel there (Machete)
     downloads CUTLASS, so a check that ignored the choice failed a good artifact (2026-11-28)."""
-    from quantbench import fingerprint
+    from quantbench.job import fingerprint
 
     method = method_from_yaml("gptq", "method.backend=torch")
     assert method.loading_attributes() == {"backend": "torch"}

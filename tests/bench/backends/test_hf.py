@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from quantbench import bench
-from quantbench.bench.backends.hf import HfKnobs
-from quantbench.bench.backends import hf as hf_backend
+from quantbench.job import bench
+from quantbench.job.bench.backends.hf import HfKnobs
+from quantbench.job.bench.backends import hf as hf_backend
 from quantbench.errors import ConfigError
 
 CPU = OmegaConf.create({"name": "cpu", "device": "cpu", "dtype": "bfloat16", "memory_bandwidth_gbs": None})
@@ -53,7 +53,7 @@ def test_each_cache_generates_exactly_the_planned_tokens_and_names_its_path(tiny
 
 def test_the_roofline_counts_what_transformers_holds_here_float32_from_bf16_weights(tiny, tiny_root):
     """The fixture loads the bf16-stored model in float32, so each decode step reads twice the stored bytes."""
-    from quantbench import measure
+    from quantbench.job import measure
 
     model, tokenizer = tiny
     model_dir = tiny_root / "model"

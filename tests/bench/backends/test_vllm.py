@@ -15,9 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from quantbench import bench
-from quantbench.bench import BenchResult
-from quantbench.bench.backends import vllm as vllm_backend
+from quantbench.job import bench
+from quantbench.job.bench import BenchResult
+from quantbench.job.bench.backends import vllm as vllm_backend
 from quantbench.upstream.vllm_cpu import engine_env, patch_version_lookup
 from quantbench.errors import ConfigError
 
@@ -109,7 +109,7 @@ def test_known_slow_kernels_are_flagged_per_device():
 def test_the_kernel_of_a_method_that_wraps_another_is_found():
     """vLLM's INC scheme (AutoRound's format) holds a GPTQ method, which holds the kernel: on an H100 the model walk
     said "its own apply()" while vLLM's log said MarlinLinearKernel, so a linear_backend check had nothing to check."""
-    from quantbench.bench.backends._vllm_engine import kernel_name
+    from quantbench.job.bench.backends._vllm_engine import kernel_name
 
     class MarlinLinearKernel: ...
 

@@ -11,7 +11,7 @@ from helpers.together import run_together
 PROBE = """
 import json, logging
 from pathlib import Path
-from quantbench.bench.backends import vllm
+from quantbench.job.bench.backends import vllm
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 """
 

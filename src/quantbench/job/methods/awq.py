@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
 from quantbench.upstream.quantizers import llmcompressor_scope
-from quantbench.methods._weight_only import check_bits, check_group_size, encode, int_weight_modifier
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel
+from quantbench.job.methods._weight_only import check_bits, check_group_size, encode, int_weight_modifier
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel
 
 log = logging.getLogger(__name__)
 

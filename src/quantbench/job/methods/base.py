@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from quantbench.dtypes import torch_dtype  # noqa: F401  (methods import it from here)
-from quantbench.models import SourceModel
+from quantbench.job.models import SourceModel
 from quantbench.versions import library_version
 
 

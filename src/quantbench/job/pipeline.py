@@ -18,21 +18,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import (
-    bench,
-    calibration,
-    evaluation,
-    fingerprint,
-    identity,
-    measure,
-    models,
-    quality,
-    quantized_cache,
-    schema,
-    tracking,
-)
+from quantbench import identity, schema, tracking
+from quantbench.job import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache
 from quantbench.errors import ConfigError
-from quantbench.methods.base import Method, linear_kernel, torch_dtype
+from quantbench.job.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.names import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
 from quantbench.tracking import Tracker
 
@@ -475,7 +464,7 @@ def _calibration(cfg: DictConfig, job: Job, seed: int) -> calibration.Calibratio
 
 
 def _quality(cfg: DictConfig, job: Job, model, tokenizer) -> quality.Comparison:
-    """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.quality). The baseline's
+    """KL from the baseline, top-1 agreement and perplexity on held-out text (quantbench.job.quality). The baseline's
     distributions come from the cache, from this model if it is the baseline, or from the unquantized source."""
     plan, hw, ids = job.quality_plan, cfg.hardware, job.quality_ids
     path = quality.baseline_path(cfg.paths.cache, job.source, str(hw.dtype), str(hw.device), ids)

@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
-from quantbench.methods._weight_only import check_group_size
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel
+from quantbench.job.methods._weight_only import check_group_size
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel
 from quantbench.upstream.quantizers import auto_round_state_restored, release_auto_round_state
 
 log = logging.getLogger(__name__)

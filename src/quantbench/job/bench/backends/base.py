@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quantbench.bench.speed import BenchPlan, BenchResult
+from quantbench.job.bench.speed import BenchPlan, BenchResult
 
 
 @dataclass

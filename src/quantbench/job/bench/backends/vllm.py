@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantbench import atomic, children
-from quantbench.bench.backends import hf
-from quantbench.bench.backends.base import Backend
-from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics
+from quantbench.job.bench.backends import hf
+from quantbench.job.bench.backends.base import Backend
+from quantbench.job.bench.speed import BenchPlan, BenchResult, speed_metrics
 from quantbench.errors import ConfigError
-from quantbench.measure import cpu_info, quant_method
+from quantbench.job.measure import cpu_info, quant_method
 from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class VllmKnobs:
 
 
 GiB = 2**30
-ENGINE_COMMAND = [sys.executable, "-m", "quantbench.bench.backends._vllm_engine"]  # + request.json result.json
+ENGINE_COMMAND = [sys.executable, "-m", "quantbench.job.bench.backends._vllm_engine"]  # + request.json result.json
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
@@ -206,7 +206,7 @@ def root_cause(lines: list[str]) -> str:
     """The first exception line of the engine's output (vLLM's engine core prints its error, then the front end
     raises "Engine core initialization failed. See root cause above"), so that a FAILED run's reason starts with it."""
     for line in lines:
-        text = line.split("] - ", 1)[-1].strip()  # as logged through quantbench.bench.vllm_engine, or raw
+        text = line.split("] - ", 1)[-1].strip()  # as logged through quantbench.job.bench.vllm_engine, or raw
         if EXCEPTION_LINE.match(text):
             return text
     return "(no exception in its output; its last lines follow)"
@@ -450,7 +450,7 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
         )
         tail: deque[str] = deque(maxlen=40)
         logged: list[tuple[str, str]] = []
-        engine_log = logging.getLogger("quantbench.bench.vllm_engine")
+        engine_log = logging.getLogger("quantbench.job.bench.vllm_engine")
 
         def pump() -> None:
             assert proc.stdout is not None

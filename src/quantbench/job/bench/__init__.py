@@ -27,9 +27,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.bench import roofline
-from quantbench.bench.backends.base import Backend
-from quantbench.bench.speed import (
+from quantbench.job.bench import roofline
+from quantbench.job.bench.backends.base import Backend
+from quantbench.job.bench.speed import (
     BenchPlan,
     BenchResult,
     decode_tokens_per_s,
@@ -65,14 +65,14 @@ def registry() -> dict[str, Backend]:
     """Every backend by name (`bench.backend=<name>`): each module of bench/backends/ (helpers there start with an
     underscore) and each module named in QUANTBENCH_BACKENDS; the `BACKEND` each defines."""
     here = Path(__file__).parent / "backends"
-    modules = [f"quantbench.bench.backends.{m.name}" for m in pkgutil.iter_modules([str(here)])]
+    modules = [f"quantbench.job.bench.backends.{m.name}" for m in pkgutil.iter_modules([str(here)])]
     modules = [m for m in modules if m.rsplit(".", 1)[1][0] != "_" and not m.endswith(".base")]
     modules += [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
     found: dict[str, Backend] = {}
     for module in modules:
         backend = getattr(importlib.import_module(module), "BACKEND", None)
         if backend is None or not backend.name:
-            raise ConfigError(f"{module} defines no BACKEND with a name (see quantbench/bench/backends/base.py).")
+            raise ConfigError(f"{module} defines no BACKEND with a name (see quantbench/job/bench/backends/base.py).")
         if backend.name in found or backend.name == "none":
             raise ConfigError(f"{module}: the backend name {backend.name!r} is taken (by another backend, or none).")
         found[backend.name] = backend

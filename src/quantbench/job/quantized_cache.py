@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench import atomic, measure
+from quantbench import atomic
+from quantbench.job import measure
 
 log = logging.getLogger(__name__)
 

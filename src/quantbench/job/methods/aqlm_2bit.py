@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from quantbench import measure
+from quantbench.job import measure
 from quantbench.errors import ConfigError
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel, resolve_hub
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel, resolve_hub
 from quantbench.upstream.quantizers import fix_not_to_quantize, guard_cpu_kernel
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class AQLM2Bit(Method):
     def _quantize_builtin(
         self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str]
     ) -> None:
-        from quantbench.methods import aqlm_quantizer as aq
+        from quantbench.job.methods import aqlm_quantizer as aq
 
         settings = aq.AQSettings(
             num_codebooks=self.shape[0], nbits_per_codebook=self.shape[1], in_group_size=GROUP, **self.search

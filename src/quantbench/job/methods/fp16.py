@@ -6,8 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel
 
 
 class FP16(Method):

@@ -6,7 +6,7 @@ a kernel rewrote its buffers in place), and a run that logs an artifact differen
 worse than a failed run. The fingerprint is next-token behaviour on fixed tokens: mean negative log-likelihood
 and the greedy prediction at every position.
 
-`python -m quantbench.fingerprint <model_dir> <input_ids.json>` prints the reloaded model's fingerprint as JSON.
+`python -m quantbench.job.fingerprint <model_dir> <input_ids.json>` prints the reloaded model's fingerprint as JSON.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def of_saved(
     started = time.perf_counter()
     try:
         out = children.run(
-            [sys.executable, "-m", "quantbench.fingerprint", str(model_dir), f.name],
+            [sys.executable, "-m", "quantbench.job.fingerprint", str(model_dir), f.name],
             timeout_s=timeout_s,
             what=f"The fresh-process reload of {model_dir}",
             setting="timeouts.artifact_check_s",

@@ -1,4 +1,4 @@
-"""The vLLM side of bench/backends/vllm.py, run as `python -m quantbench.bench.backends._vllm_engine request.json result.json` (or
+"""The vLLM side of bench/backends/vllm.py, run as `python -m quantbench.job.bench.backends._vllm_engine request.json result.json` (or
 `--probe result.json`: what this vLLM can serve on this machine, see `vllm.capabilities`).
 
 Why a child process: importing vLLM and starting its engine changes the importing process for good (os.environ,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from quantbench.upstream.ray_records import import_transformers_before_ray
 
-log = logging.getLogger("quantbench.bench.vllm_engine")
+log = logging.getLogger("quantbench.job.bench.vllm_engine")
 # At import, so that vLLM's engine core (forked or spawned from this module) has it too.
 import_transformers_before_ray()
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from quantbench.names import PER_TASK, RESULTS, SAMPLES  # noqa: F401  (evaluation.SAMPLES etc.)
 from quantbench.errors import ConfigError
-from quantbench.models import EMBEDDED_PREFIX, embedded_root
+from quantbench.job.models import EMBEDDED_PREFIX, embedded_root
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from quantbench.errors import ConfigError
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel
 
 
 class BnbNF4(Method):

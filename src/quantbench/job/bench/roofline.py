@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench import measure
-from quantbench.bench.speed import stream_label
+from quantbench.job import measure
+from quantbench.job.bench.speed import stream_label
 
 log = logging.getLogger(__name__)
 

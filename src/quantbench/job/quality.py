@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from quantbench.names import PER_WINDOW  # noqa: F401  (quality.PER_WINDOW)
 from quantbench.errors import ConfigError
-from quantbench.models import EMBEDDED_PREFIX, SourceModel
+from quantbench.job.models import EMBEDDED_PREFIX, SourceModel
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import torch
 from omegaconf import DictConfig
 
 from quantbench.upstream.quantizers import llmcompressor_scope
-from quantbench.methods._weight_only import check_bits, check_group_size, int_weight_modifier
-from quantbench.methods.awq import SUPPORTED_BITS, reload
-from quantbench.methods.base import Method, torch_dtype
-from quantbench.models import SourceModel
+from quantbench.job.methods._weight_only import check_bits, check_group_size, int_weight_modifier
+from quantbench.job.methods.awq import SUPPORTED_BITS, reload
+from quantbench.job.methods.base import Method, torch_dtype
+from quantbench.job.models import SourceModel
 
 
 class RTN(Method):

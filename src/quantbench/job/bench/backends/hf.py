@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.bench import roofline
-from quantbench.bench.backends.base import Backend
-from quantbench.bench.speed import BenchPlan, BenchResult, speed_metrics, stream_label
+from quantbench.job.bench import roofline
+from quantbench.job.bench.backends.base import Backend
+from quantbench.job.bench.speed import BenchPlan, BenchResult, speed_metrics, stream_label
 
 log = logging.getLogger(__name__)
 
