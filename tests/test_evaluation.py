@@ -12,7 +12,7 @@ import pytest
 from helpers.lm_eval_tasks import group, seed_like, task
 from omegaconf import OmegaConf
 
-from quantbench import stats
+from quantbench.study import stats
 from quantbench.job import evaluation
 from quantbench.errors import ConfigError
 

@@ -10,9 +10,9 @@ from dataclasses import fields
 import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
 
-from quantbench import policy
+from quantbench.study import policy
 from quantbench.errors import ConfigError
-from quantbench.runs import Store
+from quantbench.study.runs import Store
 
 N = 400
 GPU = {"host.gpu": "NVIDIA H100 80GB HBM3"}
@@ -103,7 +103,7 @@ def test_a_memory_metric_ranks_only_runs_whose_figures_measured_the_same_thing(m
 
 
 def test_quantbench_register_answers_a_bad_policy_value_with_the_paragraph_and_exit_2(three, caplog):
-    from quantbench import registry
+    from quantbench.study import registry
 
     with caplog.at_level("ERROR"):
         assert registry.main(["--tracking-uri", three, "--dry-run", "tie_tolerance=-1"]) == 2
@@ -140,7 +140,7 @@ SAME_ASK = [
 def test_register_and_recommend_give_the_same_answer_to_the_same_constraints(four, flags, keys, caplog):
     """`quantbench recommend` ranks by speed among the runs within noise; the same policy, asked of `register`, must
     choose the same run (or none), since one engine (policy.choose) answers both."""
-    from quantbench import recommend, registry
+    from quantbench.study import recommend, registry
 
     st = Store(four)
     sel = st.select("quantbench-tiny")
@@ -166,7 +166,7 @@ def test_the_expected_answers_of_the_same_ask(four):
     comps = st.compare(sel)
 
     def winner(**asked):
-        from quantbench import recommend
+        from quantbench.study import recommend
 
         won = recommend.recommend(sel, comps, policy.Constraints(**asked)).choice
         return won.row.method if won else None
@@ -182,7 +182,7 @@ def test_the_expected_answers_of_the_same_ask(four):
 def test_each_old_name_is_its_constraint_s_one_name(old, new):
     """The aliases documented commands use (README, Makefile, docs) map to the one name, for the policy's keys and
     recommend's flags alike."""
-    from quantbench import recommend
+    from quantbench.study import recommend
 
     assert new in {f.name for f in fields(policy.Constraints)} and policy.canonical(old) == new
     assert getattr(policy.load_policy([f"{old}=1"] if old != "across_backends" else [f"{old}=true"]), new) in (1, True)

@@ -9,8 +9,8 @@ import math
 import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
 
-from quantbench import recommend
-from quantbench.runs import Store
+from quantbench.study import recommend
+from quantbench.study.runs import Store
 
 N = 400
 H100 = {"hardware": "h100", "host.gpu": "NVIDIA H100 80GB HBM3", "vllm_version": "vllm==0.26.0"}
@@ -141,7 +141,7 @@ def test_a_kl_ceiling_keeps_only_runs_that_stay_close_to_the_baseline(tmp_path):
 def test_the_memory_table_shows_what_quantizing_took_beside_what_serving_takes(store, tmp_path):
     import csv
 
-    from quantbench import report
+    from quantbench.study import report
 
     uri, _ = store
     assert report.main(["--tracking-uri", uri, "--out", str(tmp_path), "--no-log"]) == 0

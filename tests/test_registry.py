@@ -11,9 +11,9 @@ from mlflow.exceptions import MlflowException
 
 from helpers.synthetic_store import correctness, log_run, make_store, tiny_model
 
-from quantbench import policy, registry
+from quantbench.study import policy, registry
 from quantbench.errors import ConfigError
-from quantbench.runs import Store
+from quantbench.study.runs import Store
 
 N = 400
 

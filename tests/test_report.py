@@ -12,8 +12,8 @@ import logging
 import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
 
-from quantbench import recommend, report
-from quantbench.runs import SUMMARY_TAG, Store
+from quantbench.study import recommend, report
+from quantbench.study.runs import SUMMARY_TAG, Store
 
 N1, N2 = 400, 300
 

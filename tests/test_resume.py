@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
-from quantbench import runs as runs_module
+from quantbench.study import runs as runs_module
 from quantbench.tracking import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log

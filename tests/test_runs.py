@@ -12,8 +12,8 @@ import pytest
 
 from helpers.synthetic_store import correctness, log_run, make_store
 
-from quantbench import report
-from quantbench.runs import RunRow, Store, mem_groups, speed_groups
+from quantbench.study import report
+from quantbench.study.runs import RunRow, Store, mem_groups, speed_groups
 
 CPU = {"host.gpu": "none", "host.cpu": "AMD EPYC 7B13", "version.transformers": "5.17.0", "version.torch": "2.13.0"}
 SHAPE = {"bench.prompt_tokens": "32", "bench.output_tokens": "32"}
@@ -103,7 +103,7 @@ def test_an_artifact_that_cannot_be_read_is_a_warning_and_a_tag_on_the_report_no
     os.symlink(tmp_path / "nowhere.json", target)
     st = Store(uri)
     sel = st.select("quantbench-tiny")
-    with caplog.at_level(logging.WARNING, logger="quantbench.runs"):
+    with caplog.at_level(logging.WARNING, logger="quantbench.study.runs"):
         files = report.build(st, sel, tmp_path / "out")
         summary = report.log_summary(st, sel, files)
     unpaired = {r.label: d["t1"].method for r in sel.rows if (d := st.compare(sel).get(r.run_id or ""))}
@@ -119,7 +119,7 @@ def test_an_artifact_that_cannot_be_read_is_a_warning_and_a_tag_on_the_report_no
 
 def test_no_such_experiment_or_sweep_is_a_config_error_and_the_commands_exit_1_with_it(tmp_path, capsys):
     """The library raises ConfigError (not SystemExit); each command prints the paragraph and exits 1, as before."""
-    from quantbench import recommend, registry, report
+    from quantbench.study import recommend, registry, report
     from quantbench.errors import ConfigError
 
     uri, client, exp = make_store(tmp_path / "mlruns")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantbench import stats
+from quantbench.study import stats
 
 
 def vectors(n: int, n_correct: int, down: int, up: int) -> tuple[np.ndarray, np.ndarray]:

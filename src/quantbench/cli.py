@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         app.main()
         return 0
     if command == "report":
-        from quantbench import report
+        from quantbench.study import report
 
         return report.main(rest)
     if command == "register":
-        from quantbench import registry
+        from quantbench.study import registry
 
         return registry.main(rest)
     if command == "recommend":
-        from quantbench import recommend
+        from quantbench.study import recommend
 
         return recommend.main(rest)
     if command == "ui":

@@ -166,7 +166,7 @@ class TrackingConfig:
 
 @dataclass
 class PolicyConfig:
-    """`quantbench register`'s selection policy (quantbench.policy says how each key is applied)."""
+    """`quantbench register`'s selection policy (quantbench.study.policy says how each key is applied)."""
 
     registered_name: str | None = None  # the Model Registry entry; null: quantbench-<the winning run's model>
     alias: str = "champion"  # moved to the winning version on every registration

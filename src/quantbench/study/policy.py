@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig
 
-from quantbench import schema, stats
+from quantbench import schema
+from quantbench.study import stats
 from quantbench.names import stream_label
 from quantbench.errors import ConfigError
 from quantbench.paths import ROOT
-from quantbench.runs import RunRow, Selection, mem_groups, speed_groups
+from quantbench.study.runs import RunRow, Selection, mem_groups, speed_groups
 
 MEAN_ACCURACY = "mean accuracy"
 QLORA_LIBRARY = "bitsandbytes"

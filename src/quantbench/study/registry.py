@@ -1,4 +1,4 @@
-"""`quantbench register` (`make register`): apply the selection policy (the `policy` config group, quantbench.policy)
+"""`quantbench register` (`make register`): apply the selection policy (the `policy` config group, quantbench.study.policy)
 to a sweep's runs and register the winner's saved model folder in the MLflow Model Registry under the alias
 `champion`.
 
@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench.job import measure
 from quantbench.errors import ConfigError
-from quantbench.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
-from quantbench.runs import RunRow, Selection, Store, add_store_args
+from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
+from quantbench.study.runs import RunRow, Selection, Store, add_store_args
 from quantbench.tracking import MODEL_LOCATION_TAG
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ filters the sweep's finished runs by the constraints, prefers those whose accura
 indistinguishable from the baseline (paired bootstrap per task), and among them picks the fastest — saying
 why, and on which run ids that rests. A run whose accuracy could not be compared with the baseline is not
 "within noise"; tokens/s and memory figures are compared only where they measured the same thing. The constraints
-are quantbench.policy.Constraints and policy.choose decides, as for `quantbench register`: the same names and rules
+are quantbench.study.policy.Constraints and policy.choose decides, as for `quantbench register`: the same names and rules
 (`--gpu-memory-gb` is the policy's max_serve_mem_gb, `--across-backends` its rank_across_backends).
 """
 
@@ -18,11 +18,11 @@ import math
 import sys
 from dataclasses import dataclass
 
-from quantbench import stats
+from quantbench.study import stats
 from quantbench.names import stream_label
 from quantbench.errors import ConfigError
-from quantbench.policy import ALIASES, QLORA_LIBRARY, Constraints, Decision, choose
-from quantbench.runs import RunRow, Selection, Store, add_store_args
+from quantbench.study.policy import ALIASES, QLORA_LIBRARY, Constraints, Decision, choose
+from quantbench.study.runs import RunRow, Selection, Store, add_store_args
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from quantbench import stats
+from quantbench.study import stats
 from quantbench.errors import ConfigError
 from quantbench.names import MEM_BASIS_TAG, PER_WINDOW, QUALITY_WINDOWS_TAG, RESUMED_TAG, SAMPLES, stream_label  # noqa: F401  (read from runs too)
 from quantbench.paths import LOCATION_PREFIXES, ROOT

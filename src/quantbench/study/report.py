@@ -16,10 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench import recommend, redact, stats
+from quantbench import redact
+from quantbench.study import recommend, stats
 from quantbench.errors import ConfigError
 from quantbench.names import stream_label
-from quantbench.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
+from quantbench.study.runs import ROOT, SUMMARY_TAG, RunRow, Selection, Store, add_store_args, speed_groups
 
 log = logging.getLogger(__name__)
 
