@@ -15,7 +15,7 @@ from conftest import ROOT
 
 
 def test_every_library_imports():
-    out = subprocess.run([sys.executable, "-m", "quantbench.envcheck"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "quantbench.ops.envcheck"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

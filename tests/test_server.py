@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import world_enterable_folder
-from quantbench import server
+from quantbench.ops import server
 
 WRITER = """
 import sys, tempfile, pathlib

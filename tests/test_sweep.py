@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers.synthetic_store import make_store
 
-from quantbench import sweep
+from quantbench.ops import sweep
 
 
 def start(client, exp, method, sweep_dir, **tags):

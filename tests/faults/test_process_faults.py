@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
-from quantbench import server
+from quantbench.ops import server
 
 pytestmark = pytest.mark.e2e
 

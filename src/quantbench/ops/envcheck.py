@@ -1,4 +1,4 @@
-"""`python -m quantbench.envcheck`: import every library quantbench drives and print its version.
+"""`python -m quantbench.ops.envcheck`: import every library quantbench drives and print its version.
 
 pip cannot prove that vLLM (installed with --no-deps beside newer transformers and compressed-tensors than
 it pins) imports; this does, at install time, and the tests exercise each library for real.

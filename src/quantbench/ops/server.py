@@ -49,7 +49,7 @@ DATABASE = "mlflow"
 LOOPBACK = "127.0.0.1"
 WORKER_HEALTHCHECK_S = 120
 # Every connection needs the password; TCP on loopback only (listen_addresses); no Unix socket is opened.
-PG_HBA = f"""# Written by quantbench at every start (quantbench/server.py): password (scram-sha-256) for every connection.
+PG_HBA = f"""# Written by quantbench at every start (quantbench/ops/server.py): password (scram-sha-256) for every connection.
 host all all {LOOPBACK}/32 scram-sha-256
 host all all ::1/128 scram-sha-256
 """

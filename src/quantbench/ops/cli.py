@@ -38,7 +38,8 @@ def mlflow_ui(argv: list[str]) -> int:
     import argparse
     import logging
 
-    from quantbench import children, server
+    from quantbench import children
+    from quantbench.ops import server
     from quantbench.paths import ROOT
 
     p = argparse.ArgumentParser(prog="quantbench ui", description=COMMANDS["ui"])
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":
-        from quantbench import app
+        from quantbench.ops import app
 
         sys.argv = ["quantbench run", *rest]  # Hydra reads its overrides from sys.argv
         app.main()
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "ui":
         return mlflow_ui(rest)
     if command == "server":
-        from quantbench import server
+        from quantbench.ops import server
 
         return server.main(rest)
     print(f"quantbench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
