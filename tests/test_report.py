@@ -13,6 +13,7 @@ import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
 
 from quantbench.study import recommend, report
+from quantbench.study.report import plot
 from quantbench.study.runs import SUMMARY_TAG, Store
 
 N1, N2 = 400, 300
@@ -311,7 +312,7 @@ def test_a_sweep_without_accuracy_plots_speed_against_size_beside_the_bound(tmp_
     """Random-weight shapes have no accuracy to plot: the plot is tokens/s at one stream against disk size, each run
     beside its bandwidth bound, with the smaller-and-faster frontier; the report says so."""
     uri = _shape_sweep(tmp_path / "mlruns")
-    pts = report.plot_points(Store(uri).select("quantbench-tiny"))
+    pts = plot.plot_points(Store(uri).select("quantbench-tiny"))
     assert pts.kind == "speed"
     by_method = {r.method: (x, y, b) for r, x, y, b in zip(pts.rows, pts.xs, pts.ys, pts.bounds)}
     assert by_method == {"fp16": (16.06, 153.8, 201.7), "bnb_nf4": (5.71, 170.3, None), "gptq": (5.74, 260.2, 647.0)}
@@ -343,13 +344,13 @@ def test_runs_of_one_method_are_labelled_by_the_overrides_that_tell_them_apart(t
 
 def test_speed_measured_with_two_backends_gets_no_frontier(tmp_path):
     """Tokens/s of vLLM and of transformers' generate measure the backends, not the methods: no frontier across them."""
-    pts = report.plot_points(Store(_shape_sweep(tmp_path / "mlruns", ("vllm", "hf", "vllm"))).select("quantbench-tiny"))
+    pts = plot.plot_points(Store(_shape_sweep(tmp_path / "mlruns", ("vllm", "hf", "vllm"))).select("quantbench-tiny"))
     assert pts.kind == "speed" and len(pts.rows) == 3
     assert pts.frontier == [] and pts.note == "no frontier: tokens/s measured with 2 backends or machines"
 
 
 def test_a_sweep_with_accuracy_plots_accuracy_against_size(built, store):
-    pts = report.plot_points(Store(store[0]).select("quantbench-tiny"))
+    pts = plot.plot_points(Store(store[0]).select("quantbench-tiny"))
     assert pts.kind == "accuracy" and pts.rows and all(0 < y <= 100 for y in pts.ys)
     assert "## Accuracy vs size" in (built / "report.md").read_text()
 

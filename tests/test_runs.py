@@ -13,6 +13,7 @@ import pytest
 from helpers.synthetic_store import correctness, log_run, make_store
 
 from quantbench.study import report
+from quantbench.study.report.summary import ARTIFACT_ERRORS_TAG
 from quantbench.study.runs import RunRow, Store, mem_groups, speed_groups
 
 CPU = {"host.gpu": "none", "host.cpu": "AMD EPYC 7B13", "version.transformers": "5.17.0", "version.torch": "2.13.0"}
@@ -112,7 +113,7 @@ def test_an_artifact_that_cannot_be_read_is_a_warning_and_a_tag_on_the_report_no
     assert len(warned) == 2 and all("fall back to unpaired intervals" in w for w in warned)
     assert any(broken in w and "JSONDecodeError" in w for w in warned)
     assert any(gone in w for w in warned)
-    tag = client.get_run(summary).data.tags[report.ARTIFACT_ERRORS_TAG]
+    tag = client.get_run(summary).data.tags[ARTIFACT_ERRORS_TAG]
     assert broken in tag and gone in tag
     assert "Artifacts that could not be read" in (tmp_path / "out" / "report.md").read_text()
 
