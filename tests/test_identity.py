@@ -112,7 +112,7 @@ def test_an_edit_to_quantbench_source_changes_its_hash(tmp_path):
     (copy / "__pycache__").mkdir()
     (copy / "__pycache__" / "x.pyc").write_bytes(b"bytecode")  # caches are not source
     assert source_code(copy) == identity.source_code()
-    quantizer = copy / "methods" / "aqlm_quantizer.py"
+    quantizer = copy / "job" / "methods" / "aqlm_quantizer.py"
     quantizer.write_text(quantizer.read_text() + "\n# an uncommitted edit\n")
     assert source_code(copy) != identity.source_code()
 

@@ -137,7 +137,7 @@ def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tin
 
     edited = tmp_path / "edited-src"
     shutil.copytree(ROOT / "src" / "quantbench", edited / "quantbench", ignore=shutil.ignore_patterns("__pycache__"))
-    pipeline = edited / "quantbench" / "pipeline.py"
+    pipeline = edited / "quantbench" / "job" / "pipeline.py"
     pipeline.write_text(pipeline.read_text() + "\n# an uncommitted edit\n")
     env = {"PYTHONPATH": f"{edited}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "QUANTBENCH_ROOT": str(ROOT)}
     code = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path, env=env)

@@ -1,5 +1,5 @@
 """The vLLM backend: the fallback decision and kernel flags by hand, the engine faked at its seam, and throughput
-against vLLM's own `vllm bench throughput` on the embedded model (the roofline: tests/bench/test_roofline.py)."""
+against vLLM's own `vllm bench throughput` on the embedded model (the roofline: tests/job/bench/test_roofline.py)."""
 
 from __future__ import annotations
 
