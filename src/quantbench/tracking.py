@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantbench.versions import library_version  # noqa: F401  (tracking.library_version for its callers)
 from quantbench import atomic, redact
-from quantbench.job.measure import CPU_ISA_FLAGS, cpu_info
+from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
 
 log = logging.getLogger(__name__)

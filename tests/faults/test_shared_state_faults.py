@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
 from helpers.together import run_together
-from quantbench.job import measure
+from quantbench import measure
 
 pytestmark = pytest.mark.e2e
 

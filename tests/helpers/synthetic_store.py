@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from quantbench.job import measure
+from quantbench import measure
 
 EXPERIMENT = "quantbench-tiny"
 

@@ -1,4 +1,4 @@
-"""The quantized-model cache: a use checks the stored files, a job that finds its key (quantbench.identity's quantize
+"""The quantized-model cache: a use checks the stored files, a job that finds its key (quantbench.job.identity's quantize
 key: test_identity.py) reuses the folder, says so, and still verifies it in a fresh process; nothing a job writes
 reaches the entry or another job's folder; jobs storing at once, or on a full disk, leave one whole entry or none."""
 
@@ -20,8 +20,8 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from helpers.together import run_together
-from quantbench import identity
-from quantbench.job import measure
+from quantbench.job import identity
+from quantbench import measure
 from quantbench.job.models import SourceModel
 from quantbench.job import quantized_cache as qc
 

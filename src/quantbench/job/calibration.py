@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.job import measure
+from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.hub import OFFLINE_MODE, hub_access_problem, hub_endpoint, hub_unreachable
 from quantbench.paths import EMBEDDED_PREFIX

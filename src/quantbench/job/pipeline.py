@@ -18,8 +18,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import identity, schema, tracking
-from quantbench.job import bench, calibration, evaluation, fingerprint, measure, models, quality, quantized_cache
+from quantbench import measure, schema, tracking
+from quantbench.job import bench, calibration, evaluation, fingerprint, identity, models, quality, quantized_cache
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.names import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
@@ -177,7 +177,7 @@ class Work:
 
 
 def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
-    """Run one job, unless the store already has a FINISHED run of it (the same job key, quantbench.identity); a
+    """Run one job, unless the store already has a FINISHED run of it (the same job key, quantbench.job.identity); a
     stage whose results a FINISHED run already has is taken from that run. `force=true` reruns everything."""
     tracker = Tracker(cfg.tracking)
     tracker.fail_interrupted_runs()
@@ -242,7 +242,7 @@ def validate(work: Work) -> StageResult:
 
 def restore_or_quantize(work: Work) -> StageResult:
     """The quantized model in memory and its folder on disk: from the quantized-model cache when an earlier job
-    stored the same quantization (its key: quantbench.identity), else quantized now."""
+    stored the same quantization (its key: quantbench.job.identity), else quantized now."""
     cfg, job = work.cfg, work.job
     loaded = _calibration(cfg, job, seed=int(cfg.calibration.seed))
     work.calib = loaded.texts if loaded else None

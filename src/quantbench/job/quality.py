@@ -108,7 +108,7 @@ def baseline_path(cache_dir: str | Path, source: SourceModel, dtype: str, device
     """Where the baseline's distributions on these windows are cached: keyed by the source model's content (file
     hashes or hub commit, so a folder retrained in place is another baseline), dtype, device type and the windows
     (shape included)."""
-    from quantbench import identity as identities
+    from quantbench.job import identity as identities
 
     identity = json.dumps(identities.model(source, Path(cache_dir)), sort_keys=True)
     key = hashlib.sha256(f"{identity}|{dtype}|{device.split(':')[0]}|{windows_id(ids)}".encode()).hexdigest()[:16]

@@ -2,7 +2,7 @@
 calibration, library versions and quantbench source, is quantized once.
 
 Why: GPTQ on an 8B model takes an hour and AQLM most of a day; a sweep that adds an evaluation task or a benchmark
-setting must not pay that again. The key is the quantize stage's identity (quantbench.identity: the source model's
+setting must not pay that again. The key is the quantize stage's identity (quantbench.job.identity: the source model's
 file hashes or hub commit, the method and calibration configs and data, dtype, device type, library versions,
 quantbench's source), never where or when. An entry is the saved folder plus a manifest with the sha256 of each
 file; a use checks every file against it, and an entry that changed is dropped, never used. Only artifacts that
@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench import atomic
-from quantbench.job import measure
+from quantbench import atomic, measure
 
 log = logging.getLogger(__name__)
 

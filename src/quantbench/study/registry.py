@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.job import measure
+from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.study.runs import RunRow, Selection, Store, add_store_args

@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from quantbench.job import calibration, measure
+from quantbench import measure
+from quantbench.job import calibration
 from quantbench.errors import ConfigError
 from quantbench.job.methods import aqlm_2bit, aqlm_quantizer as aq
 from quantbench.upstream import quantizers

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CACHE, run_cli
-from quantbench.job import calibration, measure
+from quantbench import measure
+from quantbench.job import calibration
 from quantbench.errors import ConfigError
 from quantbench.job.methods.autoround_sym import AutoRoundSym
 from quantbench.job.models import SourceModel

@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT
-from quantbench.job import calibration, measure, pipeline
+from quantbench import measure
+from quantbench.job import calibration, pipeline
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method
 from quantbench.job.models import SourceModel

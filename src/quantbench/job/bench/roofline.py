@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench.job import measure
+from quantbench import measure
 from quantbench.job.bench.speed import stream_label
 
 log = logging.getLogger(__name__)

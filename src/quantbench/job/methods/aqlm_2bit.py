@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from quantbench.job import measure
+from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method, torch_dtype
 from quantbench.job.models import SourceModel, resolve_hub

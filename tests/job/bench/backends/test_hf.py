@@ -53,7 +53,7 @@ def test_each_cache_generates_exactly_the_planned_tokens_and_names_its_path(tiny
 
 def test_the_roofline_counts_what_transformers_holds_here_float32_from_bf16_weights(tiny, tiny_root):
     """The fixture loads the bf16-stored model in float32, so each decode step reads twice the stored bytes."""
-    from quantbench.job import measure
+    from quantbench import measure
 
     model, tokenizer = tiny
     model_dir = tiny_root / "model"

@@ -30,7 +30,7 @@ from quantbench.job.bench.backends import hf
 from quantbench.job.bench.backends.base import Backend
 from quantbench.job.bench.speed import BenchPlan, BenchResult, speed_metrics
 from quantbench.errors import ConfigError
-from quantbench.job.measure import cpu_info, quant_method
+from quantbench.measure import cpu_info, quant_method
 from quantbench.upstream.vllm_cpu import cache_root, engine_env, installed_vllm
 
 log = logging.getLogger(__name__)

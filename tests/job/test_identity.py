@@ -1,4 +1,4 @@
-"""What a result depends on (quantbench.identity): each dependency moves the job key and exactly the stages it feeds,
+"""What a result depends on (quantbench.job.identity): each dependency moves the job key and exactly the stages it feeds,
 and nothing about where a job writes moves any of them."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from quantbench import identity
-from quantbench.job import measure
+from quantbench.job import identity
+from quantbench import measure
 from quantbench.job.models import SourceModel
 
 

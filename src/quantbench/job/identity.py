@@ -30,14 +30,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.job import measure
+from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.paths import LOCATION_GROUPS
 from quantbench.versions import library_version
 
 log = logging.getLogger(__name__)
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # the whole quantbench package
 # Where a job writes and logs, and whether it reruns, do not change what it measures: left out of the job key.
 NOT_IN_CONFIG_HASH = ("hydra", *LOCATION_GROUPS, "force", "timeouts")
 QUANTIZE_LIBRARIES = ("torch", "transformers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from quantbench.job import measure
+from quantbench import measure
 
 
 def test_bits_per_weight_counts_every_tensor_of_a_quantized_layer(tmp_path):
@@ -43,7 +43,7 @@ def test_peak_memory_sees_a_transient_allocation():
 
     script = (
         "import time, torch\n"
-        "from quantbench.job.measure import PeakMemory\n"
+        "from quantbench.measure import PeakMemory\n"
         "with PeakMemory() as mem:\n"
         "    base = mem.peak_rss\n"
         "    block = torch.ones(256 * 2**20, dtype=torch.uint8)\n"
