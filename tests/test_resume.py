@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
 from quantbench.study import runs as runs_module
-from quantbench.tracking import Tracker
+from quantbench.tracking.writer import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
 

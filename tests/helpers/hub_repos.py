@@ -152,7 +152,7 @@ def aqlm_checkpoint(
 
     from quantbench import schema
     from quantbench.job import calibration
-    from quantbench.tracking import library_version
+    from quantbench.versions import library_version
     from quantbench.job.models import SourceModel
     from quantbench.paths import ROOT
 

@@ -24,7 +24,7 @@ from quantbench.ops import server
 WRITER = """
 import sys, tempfile, pathlib
 from omegaconf import OmegaConf
-from quantbench.tracking import Tracker
+from quantbench.tracking.writer import Tracker
 n = int(sys.argv[2])
 tracker = Tracker(OmegaConf.create({"uri": sys.argv[1], "experiment": "concurrent-writers", "artifact_root": None}))
 with tracker.run(OmegaConf.create({"writer": n}), f"writer-{n}", {"writer": str(n)}, key=f"k{n}"):

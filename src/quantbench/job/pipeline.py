@@ -18,12 +18,13 @@ import torch
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure, schema, tracking
+from quantbench import measure, schema
 from quantbench.job import bench, calibration, evaluation, fingerprint, identity, models, quality, quantized_cache
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method, linear_kernel, torch_dtype
 from quantbench.names import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
-from quantbench.tracking import Tracker
+from quantbench.tracking import writer
+from quantbench.tracking.writer import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Job:
 def prepare(cfg: DictConfig) -> Job:
     """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
     schema.check(cfg)
-    tracking.check(cfg.tracking)
+    writer.check(cfg.tracking)
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
     hw = cfg.hardware
     torch_dtype(hw.dtype)

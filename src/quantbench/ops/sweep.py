@@ -63,7 +63,7 @@ def slurm_job_queued(job_id: str) -> bool:
 
 def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
     """End FAILED this sweep's runs still RUNNING (see the module docstring); the ids of the runs ended."""
-    from quantbench import tracking  # imports MLflow: only when a sweep ends, not when Hydra loads this
+    from quantbench.tracking import writer  # imports MLflow: only when a sweep ends, not when Hydra loads this
 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -74,7 +74,7 @@ def end_orphaned_runs(client, experiment: str, sweep_dir: str) -> list[str]:
             return None
         return f"{tags.get('method', 'job')}: {ORPHANED}"
 
-    return tracking.end_orphaned_runs(client, exp.experiment_id, lost, "WorkerLost", f"tags.sweep_dir = '{sweep_dir}'")
+    return writer.end_orphaned_runs(client, exp.experiment_id, lost, "WorkerLost", f"tags.sweep_dir = '{sweep_dir}'")
 
 
 class SweepSummary(Callback):

@@ -25,7 +25,7 @@ from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.study.runs import RunRow, Selection, Store, add_store_args
-from quantbench.tracking import MODEL_LOCATION_TAG
+from quantbench.tracking.writer import MODEL_LOCATION_TAG
 
 log = logging.getLogger(__name__)
 

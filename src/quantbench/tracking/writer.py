@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -25,26 +23,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench.versions import library_version  # noqa: F401  (tracking.library_version for its callers)
 from quantbench import atomic, redact
-from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
+from quantbench.tracking.host import environment_tags, process_alive
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
-TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """Whether process `pid` still runs and is the one that started at `started` (a reused pid is not)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -57,37 +42,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
     return out
-
-
-def git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def launcher_tags() -> dict[str, str]:
-    """Where a parallel launcher ran this job: the Ray node and worker, or the SLURM job and node."""
-    tags = {}
-    if "ray" in sys.modules:  # imported by the Ray worker that runs this job, never by us
-        import ray
-
-        if ray.is_initialized():
-            context = ray.get_runtime_context()
-            tags |= {"launcher": "ray", "ray.node_id": context.get_node_id(), "ray.worker_id": context.get_worker_id()}
-            tags["ray.gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
-    if "SLURM_JOB_ID" in os.environ:
-        job = os.environ["SLURM_JOB_ID"]
-        if "SLURM_ARRAY_JOB_ID" in os.environ:  # a sweep is one job array: <array>_<task>, as squeue shows it
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-        tags |= {"launcher": "slurm", "slurm.job_id": job}
-        tags["slurm.node"] = os.environ.get("SLURMD_NODENAME", os.environ.get("SLURM_NODELIST", ""))
-    return tags
 
 
 def end_failed(client: MlflowClient, run_id: str, failure_type: str, reason: str) -> None:
@@ -260,31 +214,7 @@ class Tracker:
                     )
                 raise
 
-    @staticmethod
-    def environment_tags() -> dict[str, str]:
-        import torch
-
-        cpu_model, cpu_flags = cpu_info()
-        tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
-        import psutil
-
-        tags.update(
-            {
-                "git_commit": git_commit(),
-                "host.name": platform.node(),
-                "pid": str(os.getpid()),  # with pid_started: lets a later job tell a killed run from a running one
-                "pid_started": repr(psutil.Process().create_time()),
-                "host.platform": platform.platform(),
-                "host.cpu_count": str(os.cpu_count()),
-                "host.cpu": cpu_model,
-                "host.cpu_isa": " ".join(f for f in CPU_ISA_FLAGS if f in cpu_flags)
-                or "none of " + ",".join(CPU_ISA_FLAGS),
-                "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-                # which GPUs this job was given (a launcher sets it per job); "all" where nothing restricted it
-                "host.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
-            }
-        )
-        return tags | launcher_tags()
+    environment_tags = staticmethod(environment_tags)  # where and what ran (host.py)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [(k, redact.text(str(v))[:MAX_PARAM_CHARS]) for k, v in params.items()]

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from helpers.together import run_together
 from quantbench.errors import ConfigError
-from quantbench.tracking import MODEL_LOCATION_TAG, Tracker, check
+from quantbench.tracking.writer import MODEL_LOCATION_TAG, Tracker, check
 
 
 @pytest.mark.parametrize("mode", ["copy", "reference", "none"])
@@ -239,7 +239,7 @@ def test_a_job_given_an_unreachable_tracking_server_exits_at_once_with_one_parag
 
 TRACKER = """
 from omegaconf import OmegaConf
-from quantbench.tracking import Tracker
+from quantbench.tracking.writer import Tracker
 cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "e", "artifact_root": sys.argv[2]})
 """
 
