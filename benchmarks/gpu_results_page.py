@@ -5,7 +5,7 @@ datasheet's bound beside it, with the dtype, the artifact and the kernel of each
     python benchmarks/gpu_results_page.py            # writes docs/gpu-figures.md
     python benchmarks/gpu_results_page.py --check    # exit 1 if docs/gpu-figures.md is not what the stores give
 
-A run's roofline (quantbench.bench.roofline) is the bytes one decode step reads at a bandwidth: the bandwidth it was
+A run's roofline (quantbench.job.bench.roofline) is the bytes one decode step reads at a bandwidth: the bandwidth it was
 computed with is its `memory_bandwidth_gbs` metric, so the bound at any other bandwidth is the same bytes at that one.
 The stores are read with sqlite3, read-only: the committed files are never opened by MLflow, which may migrate them.
 """
@@ -132,7 +132,7 @@ def page(all_figures: list[Figure]) -> str:
         "per FINISHED run on CUDA and stream count. **Decode-only** tokens/s (the generation after the first token) over",
         "the bound of the **bandwidth measured on that machine** (`benchmarks/gpu/bandwidth.py`'s read bandwidth, in the",
         "run or in `bandwidth.json` of the same results folder; — where none was measured), and the datasheet's bound",
-        "(`conf/hardware/`) beside it. A bound is the bytes one decode step reads (quantbench.bench.roofline) at that",
+        "(`conf/hardware/`) beside it. A bound is the bytes one decode step reads (quantbench.job.bench.roofline) at that",
         "bandwidth. Runs of a results folder may share a GPU with other jobs: its README says where a figure is not a",
         "clean measurement (e.g. `2026-12-06-h100`: three jobs on one card, vLLM eager).",
         "",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from quantbench import bench
+from quantbench.job import bench
 from quantbench.embedded import random_shape
 
 log = logging.getLogger("benchmarks.hf_paths")

@@ -33,8 +33,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quantbench import server  # noqa: E402
-from quantbench.models import EMBEDDED_PREFIX, embedded_root  # noqa: E402
+from quantbench.ops import server  # noqa: E402
+from quantbench.job.models import EMBEDDED_PREFIX, embedded_root  # noqa: E402
 from quantbench.paths import cache_root  # noqa: E402
 
 log = logging.getLogger("parallel_sweep")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from quantbench import bench
+from quantbench.job import bench
 from quantbench.upstream.vllm_cpu import engine_env
 from quantbench.embedded import tiny
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from quantbench import schema, server
+from quantbench import schema
+from quantbench.ops import server
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
 
 pytest_plugins = ["helpers.sigterm", "helpers.hub"]  # hub: the local hub fixtures (local_hub, stopped_hub)

@@ -35,7 +35,7 @@ def test_every_option_composes_and_resolves(group, option):
 
 @pytest.mark.parametrize("option", options("method"))
 def test_every_method_config_builds_its_method(option):
-    from quantbench.methods.base import Method
+    from quantbench.job.methods.base import Method
 
     method = instantiate(compose_with(f"method={option}").method)
     assert isinstance(method, Method) and method.name == option

@@ -72,7 +72,7 @@ def make_targets() -> frozenset[str]:
 
 @functools.cache
 def cli_commands() -> frozenset[str]:
-    from quantbench.cli import COMMANDS
+    from quantbench.ops.cli import COMMANDS
 
     return frozenset(COMMANDS)
 
@@ -120,7 +120,7 @@ def problems(text: str) -> list[str]:
             found.append(f"make {target}: no such target in the Makefile")
     for command in re.findall(r"(?<![\w./-])quantbench ([a-z][a-z-]*)", code):
         if command not in cli_commands():
-            found.append(f"quantbench {command}: no such command (quantbench/cli.py COMMANDS)")
+            found.append(f"quantbench {command}: no such command (quantbench/ops/cli.py COMMANDS)")
     # a command's overrides: its group choices compose together, and every dotted key is in that composition
     for overrides in commands(text):
         choices, keys = [], []
@@ -210,7 +210,7 @@ Then `experiment=seeed`, `bench.nosuch=3` and `method.no_such_knob=2`; but `make
 """
     assert problems(fake) == [
         "make nosuchtarget: no such target in the Makefile",
-        "quantbench nosuchcommand: no such command (quantbench/cli.py COMMANDS)",
+        "quantbench nosuchcommand: no such command (quantbench/ops/cli.py COMMANDS)",
         "method=awq,gptqq: no conf/method/gptqq.yaml",
         "bench.vllm.no_such_knob=: no such key in the config composed with ['method=awq']",
         "experiment=seeed: no conf/experiment/seeed.yaml",

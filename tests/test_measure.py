@@ -73,7 +73,7 @@ def test_cpu_model_and_flags_come_from_the_first_cpu_listed(tmp_path):
 
 
 def test_runs_are_tagged_with_the_cpu_and_the_features_that_decide_kernel_paths():
-    from quantbench.tracking import Tracker
+    from quantbench.tracking.writer import Tracker
 
     tags = Tracker.environment_tags()
     model, flags = measure.cpu_info()

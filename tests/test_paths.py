@@ -25,7 +25,7 @@ def test_the_hydra_config_excludes_the_one_list_of_location_keys_from_job_folder
     """Hydra reads override_dirname.exclude_keys from YAML; quantbench.paths.LOCATION_KEYS is the list it must be."""
     from omegaconf import OmegaConf
 
-    from quantbench import identity
+    from quantbench.job import identity
     from quantbench.paths import LOCATION_GROUPS, LOCATION_KEYS, LOCATION_PREFIXES, ROOT
 
     hydra = OmegaConf.load(ROOT / "conf" / "hydra" / "default.yaml")

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
-from quantbench import runs as runs_module
-from quantbench.tracking import Tracker
+from quantbench.study import runs as runs_module
+from quantbench.tracking.writer import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
 
@@ -137,7 +137,7 @@ def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tin
 
     edited = tmp_path / "edited-src"
     shutil.copytree(ROOT / "src" / "quantbench", edited / "quantbench", ignore=shutil.ignore_patterns("__pycache__"))
-    pipeline = edited / "quantbench" / "pipeline.py"
+    pipeline = edited / "quantbench" / "job" / "pipeline.py"
     pipeline.write_text(pipeline.read_text() + "\n# an uncommitted edit\n")
     env = {"PYTHONPATH": f"{edited}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "QUANTBENCH_ROOT": str(ROOT)}
     code = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path, env=env)
@@ -159,7 +159,7 @@ def _tracker(tmp_path) -> Tracker:
 def test_a_stage_is_copied_whole_from_the_run_that_measured_it_and_says_so(tmp_path, caplog):
     """Metrics with their history (a calibration repeat per step), tags and JSON artifacts, and the tag naming the
     run that measured them; a run whose record cannot be read back is not used (WARNING), the stage runs."""
-    from quantbench.pipeline import IDENTITY_FILE, Work, _reuse
+    from quantbench.job.pipeline import IDENTITY_FILE, Work, _reuse
 
     def _reused(tracker, record, stage, force):  # what the stage's results were taken as, or None: run it
         work = Work(OmegaConf.create({}), tracker, tmp_path / "model", force, record=record)

@@ -14,7 +14,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from quantbench import bench, schema
+from quantbench import schema
+from quantbench.job import bench
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from quantbench.cli import main
+from quantbench.ops.cli import main
 
 sys.exit(main())

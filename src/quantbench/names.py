@@ -12,7 +12,7 @@ PER_WINDOW = "quality/per_window.json"  # the run artifact the report's paired i
 # tags of a run
 RESUMED_TAG = "resumed_in"  # resumed_in.<sweep_id> = the job number a later sweep gave a run it skipped
 MEM_BASIS_TAG = "mem_basis"  # mem_basis.<metric> = what a memory figure measured (quantbench.measure.MEM_BASES)
-QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.quality)
+QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.job.quality)
 
 
 def stream_label(n: int) -> str:

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quantbench import bench
+from quantbench.job import bench
 from quantbench.errors import ConfigError
 
 
@@ -121,7 +121,7 @@ class BenchCommon:
     """The bench group's keys that every backend reads; BenchConfig adds `bench.<name>` for each backend's knobs."""
 
     name: str = MISSING
-    backend: str = "hf"  # a backend's name (quantbench.bench.backend_names()), or none
+    backend: str = "hf"  # a backend's name (quantbench.job.bench.backend_names()), or none
     prompt_tokens: int = 32
     output_tokens: int = 32
     streams: list[int] = field(default_factory=lambda: [1, 8])
@@ -166,7 +166,7 @@ class TrackingConfig:
 
 @dataclass
 class PolicyConfig:
-    """`quantbench register`'s selection policy (quantbench.policy says how each key is applied)."""
+    """`quantbench register`'s selection policy (quantbench.study.policy says how each key is applied)."""
 
     registered_name: str | None = None  # the Model Registry entry; null: quantbench-<the winning run's model>
     alias: str = "champion"  # moved to the winning version on every registration

@@ -135,7 +135,7 @@ def test_distribution_quality_ranks_the_baseline_4_bit_and_2_bit_apart(runs):
 
 def test_every_finished_run_went_through_the_fresh_process_artifact_check(runs):
     """The tag and the reload's loss are set only once the check passed, so this shows that no job skipped it;
-    whether the check catches a bad artifact is tests/test_fingerprint.py's to show."""
+    whether the check catches a bad artifact is tests/job/test_fingerprint.py's to show."""
     for method, run in runs.items():
         assert run.data.tags["artifact_verified"] == "true", method
         assert "fingerprint_reload_nll" in run.data.metrics, method

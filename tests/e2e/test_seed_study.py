@@ -38,7 +38,7 @@ SIZES = (
     "bench.repeats=1",
     "bench.warmup=0",
     # vLLM without torch.compile: its engine starts in ~12 s instead of ~55 on a 2-core CPU (five engines here);
-    # the compiled engine is covered by tests/bench/backends/test_vllm.py
+    # the compiled engine is covered by tests/job/bench/backends/test_vllm.py
     "bench.vllm.enforce_eager=true",
 )
 

@@ -78,11 +78,11 @@ def test_ai2_arc_has_both_configs_in_the_real_schema(repos, world):
 
 
 def test_calibration_texts_are_long_enough_and_never_evaluated(repos, world):
-    """As quantbench.calibration reads them (c4's one shard, wikitext's train split): at the seed's seq_len 512,
+    """As quantbench.job.calibration reads them (c4's one shard, wikitext's train split): at the seed's seq_len 512,
     more than 128 texts of more than 256 words, and shorter ones; no evaluated person or question in any."""
     import datasets
 
-    from quantbench.calibration import HUB_DATASETS
+    from quantbench.job.calibration import HUB_DATASETS
 
     c4 = HUB_DATASETS["allenai/c4"]
     texts = {

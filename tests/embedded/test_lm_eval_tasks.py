@@ -43,7 +43,7 @@ def accuracy(tiny_root, tmp_path_factory) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantbench import evaluation
+    from quantbench.job import evaluation
 
     root = tmp_path_factory.mktemp("hub")
     include = lm_eval_tasks_over(write_dataset_repos(root), root / "tasks")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from quantbench import models
+from quantbench.job import models
 from quantbench.errors import ConfigError
 from quantbench.embedded import random_shape
 

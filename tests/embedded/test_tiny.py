@@ -73,7 +73,7 @@ def test_no_evaluated_question_or_person_appears_in_the_calibration_text():
     no person the tasks ask about, occurs in any calibration text; the model learned everything calibration says."""
     from omegaconf import OmegaConf
 
-    from quantbench import calibration
+    from quantbench.job import calibration
 
     world = tiny.World.generate(tiny.TinyRecipe())
     texts = calibration.texts(

@@ -21,14 +21,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
-from quantbench import server
+from quantbench.ops import server
 
 pytestmark = pytest.mark.e2e
 
 QUICK = ("method=fp16", "eval=none", "quality=none", "bench=none")  # load, save, check the artifact, log: ~1 min
 VLLM = ("method=fp16", "eval=none", "quality=none", "bench=smoke", "bench.backend=vllm")
-ENGINE = "quantbench.bench.backends._vllm_engine"
-ARTIFACT_CHECK = "quantbench.fingerprint"
+ENGINE = "quantbench.job.bench.backends._vllm_engine"
+ARTIFACT_CHECK = "quantbench.job.fingerprint"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ QUICK = ("eval=none", "quality=none", "bench=none")  # quantize, save, verify in
 ENV = {"QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 RUN_PY = f"""
 import runpy
-import quantbench.app, quantbench.pipeline  # the imports before the start line: the jobs then start together
+import quantbench.ops.app, quantbench.job.pipeline  # the imports before the start line: the jobs then start together
 sys.argv[0] = {str(ROOT / "run.py")!r}
 """
 MAIN = "runpy.run_path(sys.argv[0], run_name='__main__')"

@@ -128,7 +128,7 @@ def test_the_bandwidth_measured_on_the_gpu_is_the_cards_own_and_below_its_datash
     datasheet figure (a copy timed without waiting for the GPU would read far above it)."""
     from omegaconf import OmegaConf
 
-    from quantbench.bench import roofline
+    from quantbench.job.bench import roofline
 
     datasheet = OmegaConf.load(Path(__file__).parents[2] / "conf" / "hardware" / f"{gpu_hardware()}.yaml")
     measured = roofline.measure_bandwidth_gbs(device="cuda")

@@ -1,4 +1,4 @@
-"""A benchmark backend from outside quantbench, with one knob (tests/bench/test_backend_plugin.py): it times
+"""A benchmark backend from outside quantbench, with one knob (tests/job/bench/test_backend_plugin.py): it times
 nothing and reports `bench.echo.tokens_per_s` for every stream count, so a test can see its knob reach `run`.
 
 Registered as every backend outside quantbench is: its import path in QUANTBENCH_BACKENDS
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantbench.bench import BenchPlan, BenchResult, speed_metrics
-from quantbench.bench.backends.base import Backend
+from quantbench.job.bench import BenchPlan, BenchResult, speed_metrics
+from quantbench.job.bench.backends.base import Backend
 
 
 @dataclass

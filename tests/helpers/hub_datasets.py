@@ -3,7 +3,7 @@
 The seed study reads four hub datasets: lm-eval's `mmlu` group (cais/mmlu, one config per subject) and
 `arc_challenge` (allenai/ai2_arc), and calibration and held-out text (allenai/c4, Salesforce/wikitext). Each repo
 is laid out as the real one is: its data files (Parquet; c4's JSON lines, gzipped, under the shard name that
-quantbench.calibration.HUB_DATASETS reads) and a README.md whose front matter holds `configs` (data files per split)
+quantbench.job.calibration.HUB_DATASETS reads) and a README.md whose front matter holds `configs` (data files per split)
 and `dataset_info` (features, splits), written by `datasets`' and huggingface_hub's own card code, so that
 `datasets.load_dataset` resolves configs, splits and features as it does for the hub repo.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from quantbench.embedded import tiny
 
 WRITER_VERSION = 1  # bump when what is written changes: a folder written by another version is replaced
-C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"  # quantbench.calibration.HUB_DATASETS["allenai/c4"]
+C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"  # quantbench.job.calibration.HUB_DATASETS["allenai/c4"]
 WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 LONG_TEXT_SENTENCES = (45, 90)  # > 256 words (seq_len 512 / 2) at 5 to 8 words a sentence
 SHORT_TEXT_SENTENCES = (2, 20)

@@ -150,9 +150,10 @@ def aqlm_checkpoint(
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from quantbench import calibration, schema
-    from quantbench.tracking import library_version
-    from quantbench.models import SourceModel
+    from quantbench import schema
+    from quantbench.job import calibration
+    from quantbench.versions import library_version
+    from quantbench.job.models import SourceModel
     from quantbench.paths import ROOT
 
     schema.register()
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from quantbench import models
+    from quantbench.job import models
     from quantbench.paths import cache_root
 
     folder = (

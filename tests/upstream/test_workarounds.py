@@ -158,5 +158,5 @@ def test_importlib_metadata_still_fails_on_a_blank_record_row():
 def test_transformers_imported_first_survives_what_ray_does_to_the_path():
     broken = _python(AFTER_RAY + "import transformers")  # vLLM's CUDA engine core, before the workaround
     assert broken.returncode != 0 and "make_file()" in broken.stderr
-    fixed = _python("import quantbench.bench.backends._vllm_engine\n" + AFTER_RAY + "import transformers.utils")
+    fixed = _python("import quantbench.job.bench.backends._vllm_engine\n" + AFTER_RAY + "import transformers.utils")
     assert fixed.returncode == 0, fixed.stderr[-2000:]

