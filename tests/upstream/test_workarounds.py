@@ -136,9 +136,9 @@ def test_gptqmodel_still_logs_into_the_working_directory_and_the_scope_redirects
 # 2.60.0 carries there on the GPU machine: a RECORD with a blank row.
 AFTER_RAY = """
 import sys, pathlib, tempfile
-root = pathlib.Path(tempfile.mkdtemp())
+root = pathlib.Path(tempfile.mkdtemp()) / "ray" / "thirdparty_files"
 info = root / "psutil-7.2.2.dist-info"
-info.mkdir()
+info.mkdir(parents=True)
 (info / "METADATA").write_text("Metadata-Version: 2.1\\nName: psutil\\nVersion: 7.2.2\\n")
 (info / "RECORD").write_text("psutil/__init__.py,,\\n\\npsutil-7.2.2.dist-info/RECORD,,\\n")
 sys.path.insert(0, str(root))
@@ -160,3 +160,11 @@ def test_transformers_imported_first_survives_what_ray_does_to_the_path():
     assert broken.returncode != 0 and "make_file()" in broken.stderr
     fixed = _python("import quantbench.job.bench.backends._vllm_engine\n" + AFTER_RAY + "import transformers.utils")
     assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_an_engine_core_spawned_after_ray_imports_transformers_without_rays_folder():
+    """vLLM's spawned engine core inherits the path `import ray` left in the parent, then imports our module (its
+    __mp_main__) first: transformers must build its map without ray's folder, and the path must stay as it was."""
+    check = "assert any(p.endswith('ray/thirdparty_files') for p in sys.path)\n"
+    spawned = _python(AFTER_RAY + "import quantbench.job.bench.backends._vllm_engine, transformers.utils\n" + check)
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
