@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
 from helpers.together import run_together
-from quantbench import measure
+from quantbench import logged_model, measure
 
 pytestmark = pytest.mark.e2e
 
@@ -182,7 +182,8 @@ def test_a_full_disk_during_a_cache_store_leaves_no_entry_and_the_run_finishes(t
             )
             assert "Could not store the quantized model in the cache" in result.result.stdout
             assert "instead of hard-linking" in result.result.stdout  # another file system: copied, and said so
-            assert {a.path for a in again.client.list_artifacts(run.info.run_id, "model")}  # the model is logged
+            model = logged_model.of_run(again.client, run.info.run_id)  # the model is logged
+            assert again.client.list_logged_model_artifacts(model.model_id)
         assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == []
     finally:
         subprocess.run(["umount", str(cache)], check=False)
