@@ -49,9 +49,10 @@ def assert_ended_well(runs: list) -> None:
 
 
 def logged_format(client: MlflowClient, run, tmp_path: Path) -> str:
-    """quantization_config.quant_method of the run's logged model/ artifact."""
-    local = client.download_artifacts(run.info.run_id, "model/config.json", str(tmp_path / run.info.run_id))
-    return json.loads(Path(local).read_text())["quantization_config"]["quant_method"]
+    """quantization_config.quant_method of the run's logged model."""
+    model = logged_model.of_run(client, run.info.run_id)
+    local = logged_model.download(model, tmp_path / run.info.run_id, client.tracking_uri) / "config.json"
+    return json.loads(local.read_text())["quantization_config"]["quant_method"]
 
 
 def timestamp_of(folder: str) -> str:
@@ -60,7 +61,7 @@ def timestamp_of(folder: str) -> str:
 
 def test_two_jobs_started_in_the_same_second_keep_their_own_folders_and_models(tiny_root, tmp_path):
     """Two users, a CI matrix or a script start `run.py method=gptq` and `run.py method=awq` in the same second:
-    each job writes its own folder, and each run's logged model/ is the checkpoint its method made."""
+    each job writes its own folder, and each run's logged model is the checkpoint its method made."""
     mlruns = tmp_path / "mlruns"
     mlruns.mkdir()
     MlflowClient(f"sqlite:///{mlruns}/mlflow.db").search_experiments()  # an existing store (a new one: test_tracking)
