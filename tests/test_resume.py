@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
 from quantbench.study import runs as runs_module
+from quantbench.tracking import logged_model
 from quantbench.tracking.writer import Tracker
 
 QUICK = ("method=fp16", "eval=none", "bench=none")  # a whole job in seconds: load, save, verify, log
@@ -122,12 +123,14 @@ def test_a_rerun_is_skipped_only_while_nothing_its_results_depend_on_changed(tin
     run_cli(*job, "tracking.log_model=none", mlruns=mlruns, workdir=tmp_path)
     copy = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
     assert "Skipping" not in copy.result.stdout and len(finished(copy)) == 2
-    logged = copy.client.list_artifacts(finished(copy)[-1].info.run_id, "model")
-    assert any(a.path.endswith(".safetensors") for a in logged)  # the model is there, as log_model=copy asks
+    logged = logged_model.of_run(copy.client, finished(copy)[-1].info.run_id)  # as log_model=copy asks
+    assert any(a.path.endswith(".safetensors") for a in copy.client.list_logged_model_artifacts(logged.model_id))
+    assert logged_model.of_run(copy.client, finished(copy)[0].info.run_id) is None  # log_model=none: no model
 
     again = run_cli(*job, "tracking.log_model=copy", mlruns=mlruns, workdir=tmp_path)
     assert f"Skipping fp16: run {finished(copy)[-1].info.run_id}" in again.result.stdout
     assert len(again.runs()) == 2
+    assert len(again.client.search_logged_models([logged.experiment_id])) == 1  # the skipped job logged no second
 
     weights = load_file(model / "model.safetensors")  # retrained in place: new weights under the same name
     weights = {k: v * 1.01 if k.endswith("mlp.up_proj.weight") else v for k, v in weights.items()}

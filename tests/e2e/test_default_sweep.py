@@ -143,15 +143,17 @@ def test_every_finished_run_went_through_the_fresh_process_artifact_check(runs):
 
 
 def test_artifacts_hold_config_results_and_a_model_that_reloads_and_generates(runs, default_sweep, tmp_path):
-    import mlflow
+    """The run's artifacts hold its config and results; its model is the run's MLflow logged model (stored there,
+    once), with the run's metrics linked to it."""
+    from quantbench.tracking import logged_model
 
-    mlflow.set_tracking_uri(default_sweep.uri)
     for method, run in runs.items():
         names = {a.path for a in default_sweep.client.list_artifacts(run.info.run_id)}
-        assert {"config", "eval", "bench", "model"} <= names
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="model", dst_path=str(tmp_path / method)
-        )
+        assert {"config", "eval", "bench"} <= names and "model" not in names
+        model = logged_model.of_run(default_sweep.client, run.info.run_id)
+        assert model.source_run_id == run.info.run_id and model.tags["method"] == method
+        assert {m.key for m in model.metrics} == set(run.data.metrics), method
+        local = str(logged_model.download(model, tmp_path / method, default_sweep.uri))
         script = (
             "import sys, torch\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"

@@ -64,14 +64,26 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=SHOTS / name, full_page=True)
 
 
+def row_parts(page) -> dict[str, tuple[str, set[str]]]:
+    """Each row of the runs grid: its text and the hrefs of its links (the grid draws a row in parts, pinned name
+    and scrolled values, that share its row-index)."""
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for part in page.locator("[role=row][row-index]").all():
+        index = part.get_attribute("row-index")
+        text, links = rows.get(index, ("", set()))
+        hrefs = {a.get_attribute("href") for a in part.locator("a[href]").all()}
+        rows[index] = (text + "\n" + part.inner_text(), links | hrefs)
+    return rows
+
+
 @pytest.mark.e2e
 def test_the_runs_page_shows_every_method_with_its_accuracy_disk_and_speed(ui, page):
     url, exp_id, runs = ui
     sweep_runs = {name: r for name, r in runs.items() if "method" in r.data.tags}
     assert len(sweep_runs) == 6
     page.goto(f"{url}/#/experiments/{exp_id}/runs")
-    for name in runs:  # the six jobs and the summary run
-        page.get_by_text(name, exact=True).wait_for(timeout=90_000)
+    for name in runs:  # the six jobs and the summary run (a job's name is also its model's, in the Models column)
+        page.get_by_text(name, exact=True).first.wait_for(timeout=90_000)
     page.get_by_role("button", name="Close", exact=True).click()  # the assistant's side panel, for a wider table
     for column in COLUMNS:  # metrics and tags are not columns until ticked (docs/compare.md)
         page.get_by_role("button", name="Columns", exact=True).click()
@@ -81,17 +93,55 @@ def test_the_runs_page_shows_every_method_with_its_accuracy_disk_and_speed(ui, p
     assert set(COLUMNS) <= headers, headers
     screenshot(page, "mlflow-ui-runs.png")
 
-    # the grid draws a row in parts (pinned name, scrolled values) that share its row-index
-    rows: dict[str, str] = {}
-    for part in page.locator("[role=row][row-index]").all():
-        index = part.get_attribute("row-index")
-        rows[index] = rows.get(index, "") + "\n" + part.inner_text()
-    by_name = {next(n for n in runs if n in text.split("\n")): text.split("\n") for text in rows.values()}
+    rows = [text.split("\n") for text, _ in row_parts(page).values()]
+    by_name = {next(n for n in runs if n in lines): lines for lines in rows}
     for name, run in sweep_runs.items():
         cells = by_name[name]
         assert run.data.tags["method"] in cells, (name, cells)
         for metric in COLUMNS[:-1]:
             assert shown(run.data.metrics[metric]) in cells, (name, metric, run.data.metrics[metric], cells)
+
+
+@pytest.mark.e2e
+def test_the_runs_page_models_column_and_the_models_tab_list_each_runs_quantized_model(ui, page):
+    """MLflow 3's own model view: each job's quantized model is its run's logged model, so the runs page's Models
+    column links every job's row to it (the summary run, which made no model, lists none), and the experiment's
+    Models tab lists every one with the run's metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from quantbench.tracking import logged_model
+
+    url, exp_id, runs = ui
+    client = MlflowClient(url)  # the UI's own server
+    models = {name: logged_model.of_run(client, r.info.run_id) for name, r in runs.items()}
+    sweep_runs = [name for name, r in runs.items() if "method" in r.data.tags]
+    assert all(models[name] is not None for name in sweep_runs) and len(sweep_runs) == 6
+    link = {name: f"#/experiments/{exp_id}/models/{models[name].model_id}" for name in sweep_runs}
+    page.goto(f"{url}/#/experiments/{exp_id}/runs")
+    for name in sweep_runs:
+        page.locator(f"a[href='{link[name]}']").wait_for(timeout=90_000)
+    headers = {h.inner_text() for h in page.get_by_role("columnheader").all()}
+    assert "Models" in headers, headers
+    screenshot(page, "mlflow-ui-models-column.png")
+    rows = [(text.split("\n"), hrefs) for text, hrefs in row_parts(page).values()]
+    by_name = {next(n for n in runs if n in lines): (lines, hrefs) for lines, hrefs in rows}
+    for name, model in models.items():
+        lines, hrefs = by_name[name]
+        model_links = {h for h in hrefs if "/models/" in h}
+        if name in link:  # its own model, by name, in its own row
+            assert model_links == {link[name]}, (name, lines, hrefs)
+            assert page.locator(f"a[href='{link[name]}']").inner_text() == model.name
+        else:
+            assert model is None and not model_links, (name, hrefs)  # the report's run made no model
+
+    page.goto(f"{url}/#/experiments/{exp_id}/models")
+    for name in sweep_runs:
+        page.locator(f"a[href='{link[name]}']").wait_for(timeout=90_000)
+    screenshot(page, "mlflow-ui-models-tab.png")
+    tab = {h: text.split("\n") for text, hrefs in row_parts(page).values() for h in hrefs if "/models/" in h}
+    for name in sweep_runs:  # each model's row: its name, and the run's metrics linked to it (disk size)
+        assert models[name].name in tab[link[name]], (name, tab[link[name]])
+        assert shown(runs[name].data.metrics["disk_gb"]) in tab[link[name]], (name, tab[link[name]])
 
 
 @pytest.mark.e2e

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CACHE, ROOT, run_cli
 from helpers.together import run_together
 from quantbench import measure
+from quantbench.tracking import logged_model
 
 pytestmark = pytest.mark.e2e
 
@@ -49,9 +50,10 @@ def assert_ended_well(runs: list) -> None:
 
 
 def logged_format(client: MlflowClient, run, tmp_path: Path) -> str:
-    """quantization_config.quant_method of the run's logged model/ artifact."""
-    local = client.download_artifacts(run.info.run_id, "model/config.json", str(tmp_path / run.info.run_id))
-    return json.loads(Path(local).read_text())["quantization_config"]["quant_method"]
+    """quantization_config.quant_method of the run's logged model."""
+    model = logged_model.of_run(client, run.info.run_id)
+    local = logged_model.download(model, tmp_path / run.info.run_id, client.tracking_uri) / "config.json"
+    return json.loads(local.read_text())["quantization_config"]["quant_method"]
 
 
 def timestamp_of(folder: str) -> str:
@@ -60,7 +62,7 @@ def timestamp_of(folder: str) -> str:
 
 def test_two_jobs_started_in_the_same_second_keep_their_own_folders_and_models(tiny_root, tmp_path):
     """Two users, a CI matrix or a script start `run.py method=gptq` and `run.py method=awq` in the same second:
-    each job writes its own folder, and each run's logged model/ is the checkpoint its method made."""
+    each job writes its own folder, and each run's logged model is the checkpoint its method made."""
     mlruns = tmp_path / "mlruns"
     mlruns.mkdir()
     MlflowClient(f"sqlite:///{mlruns}/mlflow.db").search_experiments()  # an existing store (a new one: test_tracking)
@@ -182,7 +184,8 @@ def test_a_full_disk_during_a_cache_store_leaves_no_entry_and_the_run_finishes(t
             )
             assert "Could not store the quantized model in the cache" in result.result.stdout
             assert "instead of hard-linking" in result.result.stdout  # another file system: copied, and said so
-            assert {a.path for a in again.client.list_artifacts(run.info.run_id, "model")}  # the model is logged
+            model = logged_model.of_run(again.client, run.info.run_id)  # the model is logged
+            assert again.client.list_logged_model_artifacts(model.model_id)
         assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == []
     finally:
         subprocess.run(["umount", str(cache)], check=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from quantbench import measure
+from quantbench.tracking import logged_model
 
 EXPERIMENT = "quantbench-tiny"
 
@@ -48,6 +49,7 @@ def log_run(
     failure_reason: str | None = None,
     model_dir: Path | None = None,
     model_by_reference: bool = False,
+    legacy_model_folder: bool = False,
     job_num: int = 0,
     sweep_dir: Path | None = None,
     tasks: list[str] | None = None,
@@ -94,13 +96,16 @@ def log_run(
     if quality_windows:
         client.log_dict(rid, quality_windows, "quality/per_window.json")
     if model_dir is not None:
-        if model_by_reference:  # tracking.log_model=reference: the folder's location, not its files
-            client.set_tag(rid, "model_location", model_dir.resolve().as_uri())
-        else:
-            client.log_artifacts(rid, str(model_dir), "model")
-        with tempfile.TemporaryDirectory() as tmp:  # as the pipeline does: the folder's sha256s beside it
-            (Path(tmp) / "model_sha256.json").write_text(json.dumps(measure.file_sha256(model_dir)))
+        sha256 = measure.file_sha256(model_dir)
+        with tempfile.TemporaryDirectory() as tmp:  # as the pipeline does: the folder's sha256s in the run
+            (Path(tmp) / "model_sha256.json").write_text(json.dumps(sha256))
             client.log_artifact(rid, str(Path(tmp) / "model_sha256.json"))
+        if legacy_model_folder:  # as quantbench logged it before MLflow 3 logged models: a plain artifact folder
+            client.log_artifacts(rid, str(model_dir), "model")
+        else:  # as Tracker.log_model does: the run's logged model, its files or (reference) their location
+            if model_by_reference:
+                client.set_tag(rid, "model_location", model_dir.resolve().as_uri())
+            logged_model.create(client, rid, model_dir, "reference" if model_by_reference else "copy", sha256)
     client.set_terminated(rid, status)
     return rid
 

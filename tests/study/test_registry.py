@@ -3,6 +3,7 @@ and models:/<name>@champion loading back into transformers."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -12,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from helpers.synthetic_store import correctness, log_run, make_store, tiny_model
 
 from quantbench.study import policy, registry
+from quantbench.tracking import logged_model
 from quantbench.errors import ConfigError
 from quantbench.study.runs import Store
 
@@ -107,7 +109,10 @@ def test_register_is_idempotent_and_moves_the_alias(store, caplog):
     assert "WON  fp16" in caplog.text and "LOST aqlm_2bit" in caplog.text
     versions = st.client.search_model_versions("name = 'quantbench-tiny'")
     assert len(versions) == 1 and versions[0].run_id == ids["fp16"]
-    assert versions[0].source.endswith(f"{ids['fp16']}/artifacts/model")
+    model = logged_model.of_run(st.client, ids["fp16"])  # the version is the run's logged model, files and all
+    assert versions[0].source == f"models:/{model.model_id}"
+    # and the logged model lists its versions, as mlflow.register_model leaves it (the Models tab's link)
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "quantbench-tiny", "version": "1"}]
     assert registry.main(["--tracking-uri", uri]) == 0  # same winner: no new version
     assert len(st.client.search_model_versions("name = 'quantbench-tiny'")) == 1
 
@@ -154,8 +159,8 @@ def test_a_model_folder_changed_after_its_run_is_not_registered(tmp_path, capsys
         metrics={"disk_gb": 0.007},
         model_dir=tiny_model(tmp_path / "m", seed=0),
     )
-    logged = Store(uri).client.get_run(run_id).info.artifact_uri.removeprefix("file://")
-    with open(f"{logged}/model/config.json", "a") as f:
+    logged = logged_model.of_run(client, run_id).artifact_location.removeprefix("file://")
+    with open(f"{logged}/config.json", "a") as f:
         f.write(" ")  # one byte more than the job measured
     assert registry.main(["--tracking-uri", uri, "registered_name=edited"]) == 1
     assert re.search(r"config\.json \(changed\).*Nothing registered", capsys.readouterr().err)
@@ -179,6 +184,8 @@ def test_a_model_logged_by_reference_is_registered_where_it_is_once_its_files_ch
     registry.main(["--tracking-uri", uri, "registered_name=by-reference"])
     version = client.get_model_version_by_alias("by-reference", "champion")
     assert version.run_id == run_id and version.source == folder.resolve().as_uri()
+    model = logged_model.of_run(client, run_id)  # linked to the logged model, which carries location and sha256s
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "by-reference", "version": "1"}]
 
     with open(folder / "config.json", "a") as f:
         f.write(" ")
@@ -188,6 +195,19 @@ def test_a_model_logged_by_reference_is_registered_where_it_is_once_its_files_ch
     folder.rename(folder.with_name("gone"))
     assert registry.main(["--tracking-uri", uri, "registered_name=by-reference-moved"]) == 1
     assert "not a folder on this machine" in capsys.readouterr().err
+
+
+def test_a_run_logged_before_logged_models_is_registered_from_its_model_folder(tmp_path):
+    """A store of older sweeps: the winner's model is a plain `model/` artifact folder, no logged model; it is still
+    checked and registered there, and loads back."""
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    run_id = log_run(client, exp, "fp16", samples={"t1": correctness(N, 360)}, metrics={"disk_gb": 0.007},
+                     model_dir=tiny_model(tmp_path / "m", seed=0), legacy_model_folder=True)  # fmt: skip
+    assert logged_model.of_run(client, run_id) is None
+    assert registry.main(["--tracking-uri", uri, "registered_name=legacy"]) == 0
+    version = client.get_model_version_by_alias("legacy", "champion")
+    assert version.source.endswith(f"{run_id}/artifacts/model")
+    assert (registry.load_champion(Store(uri), "legacy", dst=tmp_path / "champion") / "config.json").exists()
 
 
 def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,19 +15,77 @@ from quantbench.tracking.writer import MODEL_LOCATION_TAG, Tracker, check
 
 
 @pytest.mark.parametrize("mode", ["copy", "reference", "none"])
-def test_the_model_folder_is_copied_referenced_or_left_out(tmp_path, mode):
+def test_the_model_folder_is_the_runs_logged_model_copied_or_referenced(tmp_path, mode):
+    """MLflow 3's own model view: the run lists its logged model as an output (the runs page's Models column), with
+    every metric the run had (the Models tab), the method's params and the run's tags; copy stores the folder's
+    files in the model and nowhere else, reference stores only their location and sha256s; none logs no model."""
+    from mlflow.entities import LoggedModelStatus
+
+    from quantbench import measure
+    from quantbench.tracking import logged_model
+
     folder = tmp_path / "job" / "model"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     cfg = OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": None,
                             "log_model": mode})  # fmt: skip
     tracker = Tracker(cfg)
-    with tracker.run(OmegaConf.create({"method": "fp16"}), "r", {}, key="k"):
-        tracker.log_model(folder, mode)
-    run = tracker.client.get_run(tracker.run_id)
-    copied = [a.path for a in tracker.client.list_artifacts(tracker.run_id, "model")]
-    assert copied == (["model/config.json"] if mode == "copy" else [])
+    job = OmegaConf.create({"method": {"name": "fp16", "bits": 16}, "eval": {"limit": 8}})
+    with tracker.run(job, "fp16-qwen2.5", {"method": "fp16"}, key="k"):
+        tracker.log_metrics({"disk_gb": 0.5})
+        tracker.log_metrics({"t1_acc": 0.25}, step=0)
+        tracker.log_metrics({"t1_acc": 0.5}, step=1)  # a repeat: the whole history goes with the model
+        tracker.log_json(measure.file_sha256(folder), measure.MODEL_SHA256)  # as the verify stage does
+        model_id = tracker.log_model(folder, mode)
+    client = tracker.client
+    run = client.get_run(tracker.run_id)
+    assert not client.list_artifacts(tracker.run_id, "model")  # never a second copy under the run's artifacts
     assert run.data.tags.get(MODEL_LOCATION_TAG) == (folder.resolve().as_uri() if mode == "reference" else None)
+    assert len(client.get_metric_history(tracker.run_id, "t1_acc")) == 2  # linking logged no value twice
+    if mode == "none":
+        assert model_id is None and not run.outputs.model_outputs
+        assert not client.search_logged_models([run.info.experiment_id])
+        return
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    model = logged_model.of_run(client, tracker.run_id)
+    assert model.model_id == model_id and model.status == LoggedModelStatus.READY
+    assert model.source_run_id == tracker.run_id and model.name == "fp16-qwen2_5"
+    assert model.params == {"method.name": "fp16", "method.bits": "16"}  # not the eval's
+    assert model.tags["method"] == "fp16" and model.tags["config_hash"] == "k" and model.tags["log_model"] == mode
+    linked = sorted((m.key, m.value, m.step) for m in model.metrics)
+    assert linked == [("disk_gb", 0.5, 0), ("t1_acc", 0.25, 0), ("t1_acc", 0.5, 1)]
+    files = logged_model.download(model, tmp_path / "download", cfg.uri)
+    if mode == "copy":
+        assert sorted(p.name for p in files.iterdir()) == ["config.json"]
+    else:
+        assert model.tags[MODEL_LOCATION_TAG] == folder.resolve().as_uri()
+        assert json.loads((files / measure.MODEL_SHA256).read_text()) == measure.file_sha256(folder)
+        assert sorted(p.name for p in files.iterdir()) == [measure.MODEL_SHA256]
+
+
+def test_a_logged_model_whose_files_fail_to_upload_is_failed_and_the_error_raised(tmp_path):
+    """A model is READY only once its files are stored: a file that vanished mid-upload leaves a FAILED model, which
+    `make register` does not take for the run's model; a folder that is not there logs no model at all."""
+    from mlflow.entities import LoggedModelStatus
+
+    from quantbench.tracking import logged_model
+
+    cfg = OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_root": None,
+                            "log_model": "copy"})  # fmt: skip
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(tmp_path / "deleted")  # listed, then not there to read
+    tracker = Tracker(cfg)
+    with pytest.raises(FileNotFoundError, match="is not there"):
+        with tracker.run(OmegaConf.create({"method": "fp16"}), "r", {}, key="k"):
+            tracker.log_model(tmp_path / "gone", "copy")
+    assert not tracker.client.search_logged_models([tracker.experiment_id])
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        with tracker.run(OmegaConf.create({"method": "fp16"}), "r", {}, key="k"):
+            tracker.log_model(folder, "copy")
+    (model,) = tracker.client.search_logged_models([tracker.experiment_id])
+    assert model.status == LoggedModelStatus.FAILED
+    assert logged_model.of_run(tracker.client, tracker.run_id) is None
 
 
 def test_an_unknown_log_model_mode_names_the_three():

@@ -377,17 +377,21 @@ def bench_stage(work: Work) -> StageResult:
 
 def finish(work: Work) -> StageResult:
     """The job's peak memory over its stages (each stage's basis, a reused stage's from the run that measured it),
-    the identity record, and the model's files as `tracking.log_model` says."""
+    the identity record, then the model as `tracking.log_model` says: last, so that every metric is linked to it."""
     peaks = [k for k in work.metrics if k.endswith("_peak_mem_gb")]
     run_tags = work.tracker.client.get_run(work.tracker.run_id).data.tags
     bases = {k.split(".", 1)[1]: v for k, v in run_tags.items() if k.startswith(f"{MEM_BASIS_TAG}.")}
     basis = " + ".join(sorted({bases.get(k, "unknown") for k in peaks}))
-    work.tracker.log_model(work.out_dir, str(work.cfg.tracking.log_model))
-    return StageResult(
-        {"peak_mem_gb": max(work.metrics[k] for k in peaks)},
-        _mem_tags({"peak_mem_gb": basis}),
-        artifacts={IDENTITY_FILE: work.record},
+    _log(
+        work,
+        StageResult(
+            {"peak_mem_gb": max(work.metrics[k] for k in peaks)},
+            _mem_tags({"peak_mem_gb": basis}),
+            artifacts={IDENTITY_FILE: work.record},
+        ),
     )
+    work.tracker.log_model(work.out_dir, str(work.cfg.tracking.log_model))
+    return StageResult()
 
 
 def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:

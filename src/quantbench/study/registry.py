@@ -2,9 +2,11 @@
 to a sweep's runs and register the winner's saved model folder in the MLflow Model Registry under the alias
 `champion`.
 
-The folder is registered by its artifact URI, exactly as the quantizer saved it: re-saving through an MLflow
-flavor corrupts some formats (GPTQModel) and fails for others (bitsandbytes 4-bit). Registering the same run
-again adds no version; it only moves the alias back to it and refreshes the tags.
+The folder is registered as the run's MLflow logged model (`models:/<model_id>`, quantbench.logged_model), whose
+files are exactly what the quantizer saved: re-saving through an MLflow flavor corrupts some formats (GPTQModel) and
+fails for others (bitsandbytes 4-bit). A model logged by reference is registered at its folder's location, linked to
+its logged model. Registering the same run again adds no version; it only moves the alias back to it and refreshes
+the tags.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import argparse
 import logging
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from mlflow.entities import LoggedModel
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
+from quantbench.tracking import logged_model
 from quantbench.errors import ConfigError
 from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.study.runs import RunRow, Selection, Store, add_store_args
@@ -29,7 +35,7 @@ from quantbench.tracking.writer import MODEL_LOCATION_TAG
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model"
+MODEL_DIR = "model"  # where runs logged before quantbench logged models have their model folder
 
 
 def register(
@@ -40,13 +46,7 @@ def register(
     Returns the version, whether it was created now, and the version the alias pointed to before.
     """
     client, name, row = store.client, policy.registered_name, decision.row
-    reference = row.tags.get(MODEL_LOCATION_TAG)  # tracking.log_model=reference: the folder stayed where it was made
-    if reference is None and not client.list_artifacts(row.run_id, MODEL_DIR):
-        raise ConfigError(
-            f"Run {row.run_id} ({row.label}) won but logged no '{MODEL_DIR}/' folder and no {MODEL_LOCATION_TAG} "
-            f"(was tracking.log_model=none?); nothing to register."
-        )
-    verify_files(store, row, reference)
+    model, reference = verify_files(store, row)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -55,7 +55,10 @@ def register(
             description="Quantized models chosen by quantbench's selection policy "
             "(conf/policy). Load with models:/<name>@champion.",
         )
-    source = reference or f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+    # the logged model's own URI; a referenced folder's location (a tracking server takes a model_id only with
+    # a source inside that model); a run logged before logged models, its artifact folder
+    model_id = model.model_id if model and not reference else None
+    source = reference or (f"models:/{model_id}" if model_id else f"{row.artifact_uri.rstrip('/')}/{MODEL_DIR}")
     same = [
         v for v in client.search_model_versions(f"name = '{name}' and run_id = '{row.run_id}'") if v.source == source
     ]
@@ -63,9 +66,16 @@ def register(
     if same:
         version = min(same, key=lambda v: int(v.version))
     else:
-        version = client.create_model_version(
-            name, source=source, run_id=row.run_id, description=f"{row.label} from sweep {sel.sweep}: {decision.why}"
-        )
+        with _global_uris(store.uri):  # MLflow 3.17 looks a models:/<model_id> source up in the *global* store
+            version = client.create_model_version(
+                name,
+                source=source,
+                run_id=row.run_id,
+                description=f"{row.label} from sweep {sel.sweep}: {decision.why}",
+                model_id=model_id,
+            )
+        if model is not None:
+            logged_model.note_version(client, model.model_id, name, version.version)
     try:
         previous: str | None = client.get_model_version_by_alias(name, policy.alias).version
     except MlflowException:
@@ -76,14 +86,23 @@ def register(
     return version, created, previous
 
 
-def verify_files(store: Store, row: RunRow, reference: str | None = None) -> None:
+def verify_files(store: Store, row: RunRow) -> tuple[LoggedModel | None, str | None]:
     """Refuse to register a model folder whose files are not the ones the job measured (their sha256s, logged by the
     job beside the folder): a folder edited or truncated after the run would be registered under its numbers. A
-    referenced folder (tracking.log_model=reference) is checked where it is: it must be reachable from here."""
+    referenced folder (tracking.log_model=reference) is checked where it is: it must be reachable from here.
+    Returns the run's logged model (None for a run logged before quantbench logged models) and the referenced
+    folder's location (None unless tracking.log_model=reference)."""
     import json
 
     import mlflow
 
+    model = logged_model.of_run(store.client, row.run_id)
+    reference = row.tags.get(MODEL_LOCATION_TAG)  # tracking.log_model=reference: the folder stayed where it was made
+    if model is None and reference is None and not store.client.list_artifacts(row.run_id, MODEL_DIR):
+        raise ConfigError(
+            f"Run {row.run_id} ({row.label}) logged no model (no logged model, no {MODEL_LOCATION_TAG}: "
+            f"was tracking.log_model=none?); nothing to register."
+        )
     with tempfile.TemporaryDirectory(prefix="quantbench-verify-") as tmp:
         try:
             record = mlflow.artifacts.download_artifacts(
@@ -103,6 +122,8 @@ def verify_files(store: Store, row: RunRow, reference: str | None = None) -> Non
                     f"Run {row.run_id} ({row.label}) logged its model by reference, {reference}, which is not a "
                     f"folder on this machine: register from a machine that shares that storage."
                 )
+        elif model is not None:
+            folder = logged_model.download(model, Path(tmp) / "files", store.uri)
         else:
             folder = mlflow.artifacts.download_artifacts(
                 run_id=row.run_id, artifact_path=MODEL_DIR, dst_path=str(Path(tmp) / "files"), tracking_uri=store.uri
@@ -114,6 +135,7 @@ def verify_files(store: Store, row: RunRow, reference: str | None = None) -> Non
             f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''} (sha256 against {measure.MODEL_SHA256}). "
             f"Nothing registered; rerun the job with force=true."
         )
+    return model, reference
 
 
 def _version_tags(sel: Selection, decision: Decision, policy: DictConfig) -> dict[str, str]:
@@ -149,11 +171,21 @@ def load_champion(store: Store, name: str, alias: str = "champion", dst: str | P
 
     dst = Path(dst or tempfile.mkdtemp(prefix="quantbench-champion-"))
     # MLflow 3.17 resolves the alias with the *global* registry URI, whatever download_artifacts is passed.
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(store.uri)
-    mlflow.set_registry_uri(store.uri)
-    try:
+    with _global_uris(store.uri):
         return Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(dst)))
+
+
+@contextmanager
+def _global_uris(uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URIs set to `uri` for the block: some of its registry calls ignore
+    the client's own."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])

@@ -23,7 +23,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import atomic, redact
+from quantbench import atomic, measure, redact
+from quantbench.tracking import logged_model
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
 from quantbench.tracking.host import environment_tags, process_alive
 
@@ -80,7 +81,7 @@ def end_orphaned_runs(
 
 
 LOG_MODEL_MODES = ("copy", "reference", "none")
-MODEL_LOCATION_TAG = "model_location"  # tracking.log_model=reference: where the model folder is (a file:// URI)
+MODEL_LOCATION_TAG = logged_model.LOCATION_TAG  # tracking.log_model=reference: where the model folder is
 
 
 def check(cfg: DictConfig) -> None:
@@ -277,10 +278,16 @@ class Tracker:
     def log_folder(self, folder: str | Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(folder), artifact_path)
 
-    def log_model(self, folder: Path, mode: str) -> None:
-        """The model folder per tracking.log_model: copied into the run, or referenced by location (the job has
-        logged its files' sha256s either way, so whoever loads it can check it is what was measured)."""
-        if mode == "copy":
-            self.log_folder(folder, "model")
-        elif mode == "reference":
+    def log_model(self, folder: Path, mode: str) -> str | None:
+        """The model folder per tracking.log_model, as the run's MLflow logged model (quantbench.logged_model): its
+        files copied into it, or referenced by location beside their sha256s (logged by the job either way, so
+        whoever loads it can check it is what was measured). Call it last: the run's metrics are linked to the
+        model as they are then. The logged model's id, or None for `none`."""
+        if mode == "none":
+            return None
+        if mode == "reference":
             self.set_tags({MODEL_LOCATION_TAG: folder.resolve().as_uri()})
+        sha256 = self.read_json(self.run_id, measure.MODEL_SHA256) if mode == "reference" else {}
+        model = logged_model.create(self.client, self.run_id, folder, mode, sha256)
+        log.info("Logged the model as %s (%s, tracking.log_model=%s)", model.name, model.model_id, mode)
+        return model.model_id

@@ -477,13 +477,11 @@ def test_the_aqlm_job_finishes_with_sizes_accuracy_and_speed(aqlm_job):
 
 @pytest.mark.e2e
 def test_the_aqlm_artifact_reloads_and_generates_with_plain_transformers(aqlm_job, tmp_path):
-    import mlflow
+    from quantbench.tracking import logged_model
 
     runs, store = aqlm_job
-    mlflow.set_tracking_uri(store.uri)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=runs["aqlm_2bit"].info.run_id, artifact_path="model", dst_path=str(tmp_path)
-    )
+    model = logged_model.of_run(store.client, runs["aqlm_2bit"].info.run_id)  # the run's logged model
+    local = str(logged_model.download(model, tmp_path, store.uri))
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
