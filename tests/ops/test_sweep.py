@@ -29,6 +29,19 @@ def test_runs_a_dead_worker_left_running_end_failed_with_the_reason(tmp_path, mo
     assert [client.get_run(r).info.status for r in (done, elsewhere, queued)] == ["FINISHED", "RUNNING", "RUNNING"]
 
 
+def test_a_logged_model_a_dead_worker_was_storing_ends_failed_with_its_run(tmp_path):
+    from mlflow.entities import LoggedModelStatus
+
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    this = str(tmp_path / "multirun" / "a")
+    lost, alive = start(client, exp, "awq", this, launcher="ray"), start(client, exp, "gptq", this + "-other")
+    storing = client.create_logged_model(exp, name="awq-tiny", source_run_id=lost)  # PENDING: killed mid-upload
+    other = client.create_logged_model(exp, name="gptq-tiny", source_run_id=alive)
+    assert sweep.end_orphaned_runs(client, "quantbench-tiny", this) == [lost]
+    assert client.get_logged_model(storing.model_id).status == LoggedModelStatus.FAILED
+    assert client.get_logged_model(other.model_id).status == LoggedModelStatus.PENDING
+
+
 def test_a_slurm_job_the_queue_no_longer_holds_is_ended_too(tmp_path, monkeypatch):
     uri, client, exp = make_store(tmp_path / "mlruns")
     this = str(tmp_path / "multirun" / "a")

@@ -86,6 +86,16 @@ def of_run(client: MlflowClient, run_id: str) -> LoggedModel | None:
     return max(ready, key=lambda m: m.creation_timestamp) if ready else None
 
 
+def fail_pending(client: MlflowClient, experiment_id: str, run_id: str) -> list[str]:
+    """Mark FAILED the run's logged models still PENDING: its job was killed while storing them (`create` marks its
+    own failures), and a PENDING model would sit in the Models tab as if it were on its way. The ids marked."""
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    pending = [m for m in found if m.status == LoggedModelStatus.PENDING]  # MLflow 3.17's status filter matches none
+    for model in pending:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    return [m.model_id for m in pending]
+
+
 def note_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
     """Tell the logged model it is registered as `name` version `version`, as mlflow.register_model does (the tag
     mlflow.modelVersions): the Models tab then links the model to its registry versions. (MLflow 3.17's own

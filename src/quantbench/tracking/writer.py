@@ -46,7 +46,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def end_failed(client: MlflowClient, run_id: str, failure_type: str, reason: str) -> None:
-    """End a run that its own job can no longer end (its process or worker is gone) FAILED, saying why."""
+    """End a run that its own job can no longer end (its process or worker is gone) FAILED, saying why; a logged
+    model it was storing when it died ends FAILED too."""
+    logged_model.fail_pending(client, client.get_run(run_id).info.experiment_id, run_id)
     client.set_tag(run_id, "failure_reason", reason)
     client.set_tag(run_id, "failure_type", failure_type)
     client.set_terminated(run_id, status="FAILED")
