@@ -30,9 +30,6 @@ class PresetScheme(Method):
     cacheable = True
     quant_format = "compressed-tensors"
     scheme: str = ""  # compressed_tensors.quantization.PRESET_SCHEMES key
-    # What the vLLM backend checks the device for (bench/backends/vllm.py FORMAT_NEEDS): the compressed-tensors
-    # scheme vLLM picks for this format.
-    serving_format: str | None = None
 
     def __init__(self, name: str, quantize_lm_head: bool = False):
         super().__init__(name)
@@ -93,4 +90,4 @@ class PresetScheme(Method):
         return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device)
 
     def tags(self) -> dict[str, str]:
-        return super().tags() | {"quant_scheme": self.scheme, "quantize_lm_head": str(self.quantize_lm_head).lower()}
+        return super().tags() | {"quant_scheme": self.scheme}
