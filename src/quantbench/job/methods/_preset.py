@@ -39,6 +39,13 @@ class PresetScheme(Method):
     def ignore(self) -> list[str]:
         return [] if self.quantize_lm_head else ["lm_head"]
 
+    @property
+    def targets(self) -> list[str]:
+        """Every Linear, and the head by name where it is quantized: vLLM's compressed-tensors loader matches its
+        ParallelLMHead (no Linear class) by layer name only, so a head matched as "Linear" alone is loaded as an
+        unquantized embedding and its scales are refused ("no parameter named 'lm_head.weight_scale'")."""
+        return ["Linear", "lm_head"] if self.quantize_lm_head else ["Linear"]
+
     def validate(self, model_config, hardware: DictConfig) -> None:
         cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         if self.quantize_lm_head and getattr(cfg, "tie_word_embeddings", False):
@@ -52,7 +59,7 @@ class PresetScheme(Method):
     def recipe(self) -> list:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        return [QuantizationModifier(targets=["Linear"], scheme=self.scheme, ignore=self.ignore)]
+        return [QuantizationModifier(targets=self.targets, scheme=self.scheme, ignore=self.ignore)]
 
     def quantize(
         self, source: SourceModel, out_dir: Path, hardware: DictConfig, calibration: list[str] | None = None

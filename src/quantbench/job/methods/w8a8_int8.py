@@ -55,6 +55,6 @@ class W8A8Int8(PresetScheme):
         return [
             SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
             GPTQModifier(
-                targets=["Linear"], scheme=self.scheme, ignore=self.ignore, dampening_frac=self.dampening_frac
+                targets=self.targets, scheme=self.scheme, ignore=self.ignore, dampening_frac=self.dampening_frac
             ),
         ]

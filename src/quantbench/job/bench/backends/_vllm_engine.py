@@ -267,8 +267,9 @@ def fp8_kv_cache_on_cpu() -> bool:
 
 
 def quantized_lm_head() -> bool:
-    """Whether vLLM's compressed-tensors loader gives a quantized ParallelLMHead its scheme (else it would load the
-    head as an unquantized embedding and fail on the quantized tensors)."""
+    """Whether vLLM's compressed-tensors loader gives a quantized ParallelLMHead its scheme (else it loads the head
+    as an unquantized embedding and fails on the quantized tensors). It matches the head by layer name, which the
+    methods therefore list in their targets (methods/_preset.py `targets`)."""
     import inspect
 
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
