@@ -1,5 +1,6 @@
-"""What the methods built on one of llm-compressor's preset schemes share (fp8, w8a8_int8, nvfp4): the recipe's
-targets and ignore list (the LM head in or out), the optional calibration, the compressed save, the reload.
+"""What the methods built on one of llm-compressor's preset schemes share (fp8, w8a8_int8, nvfp4; rtn too, with its
+own INT weight scheme): the recipe's targets and ignore list (the LM head in or out), the optional calibration, the
+compressed save, the reload.
 
 A preset scheme is compressed-tensors' own name for a format (FP8_DYNAMIC, W8A8, NVFP4A16): the saved config then
 says exactly what vLLM's compressed-tensors loader matches against its kernels. Transformers runs the saved folder
@@ -97,4 +98,4 @@ class PresetScheme(Method):
         return reload(out_dir, source, torch_dtype(hardware.dtype), hardware.device)
 
     def tags(self) -> dict[str, str]:
-        return super().tags() | {"quant_scheme": self.scheme}
+        return super().tags() | ({"quant_scheme": self.scheme} if self.scheme else {})
