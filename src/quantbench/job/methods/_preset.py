@@ -51,10 +51,11 @@ class PresetScheme(Method):
         cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         if self.quantize_lm_head and getattr(cfg, "tie_word_embeddings", False):
             raise ConfigError(
-                f"method.quantize_lm_head=true: this model ties its LM head to the input embeddings "
-                f"(tie_word_embeddings=true), so quantizing the head would quantize the embedding table too, which "
-                f"vLLM's compressed-tensors loader serves only for INT weight-only schemes, not {self.scheme}; use "
-                f"method.quantize_lm_head=false for this model."
+                "method.quantize_lm_head=true: this model ties its LM head to the input embeddings "
+                "(tie_word_embeddings=true), so quantizing the head would quantize the embedding table too: one "
+                "tensor read as a lookup table and as a matmul, which vLLM ties back to the 16-bit embeddings (or, "
+                "for INT weight-only schemes, serves as a quantized embedding) and quantbench does not measure; use "
+                "method.quantize_lm_head=false for this model."
             )
 
     def recipe(self) -> list:

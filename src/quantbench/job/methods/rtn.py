@@ -17,12 +17,14 @@ from quantbench.job.methods.awq import SUPPORTED_BITS
 
 class RTN(PresetScheme):
     """Quantized, saved and reloaded as the preset-scheme methods are (oneshot without a dataset: nothing is
-    calibrated), with its own INT weight scheme instead of a preset; the LM head stays 16-bit."""
+    calibrated), with its own INT weight scheme instead of a preset; the LM head too with `quantize_lm_head`."""
 
     needs_calibration = False
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, symmetric: bool = True):
-        super().__init__(name)
+    def __init__(
+        self, name: str, bits: int = 4, group_size: int = 128, symmetric: bool = True, quantize_lm_head: bool = False
+    ):
+        super().__init__(name, quantize_lm_head)
         self.bits, self.group_size, self.symmetric = int(bits), int(group_size), bool(symmetric)
 
     @property
@@ -30,8 +32,9 @@ class RTN(PresetScheme):
         return not self.symmetric
 
     def validate(self, model_config, hardware: DictConfig) -> None:
+        super().validate(model_config, hardware)
         check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)
 
     def recipe(self) -> list:
-        return [int_weight_modifier(self.bits, self.group_size, self.symmetric)]
+        return [int_weight_modifier(self.bits, self.group_size, self.symmetric, self.targets, self.ignore)]
