@@ -81,6 +81,15 @@ def bits_per_weight(folder: str | Path, linear_shapes: dict[str, tuple[int, int]
     return 8 * stored / n_weights
 
 
+def lm_head_bits_per_weight(folder: str | Path, model_config) -> float | None:
+    """Average stored bits per weight of the LM head (its scales included), or None where the folder stores no
+    `lm_head.*` tensor (a head tied to the input embeddings)."""
+    if not any(name.startswith("lm_head.") for name in safetensors_index(folder)):
+        return None
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return bits_per_weight(folder, {"lm_head": (int(cfg.vocab_size), int(cfg.hidden_size))})
+
+
 def linear_shapes(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, tuple[int, int]]:
     """The (out, in) shape of every nn.Linear of an unquantized model, except the output head."""
     return {

@@ -451,3 +451,33 @@ def test_the_accuracy_table_shows_acc_norm_where_a_task_scores_it(tmp_path):
     assert (rows["gptq"]["task"], float(rows["gptq"]["acc_norm"]), float(rows["gptq"]["acc"])) == (
         "arc_challenge", 0.61, 0.525)  # fmt: skip
     assert "| Normalized acc ± stderr |" in (out / "report.md").read_text()
+
+
+def test_the_report_shows_a_quantized_lm_head_and_the_kv_cache_dtype_of_each_run(tmp_path):
+    """Two knobs that change what a step reads (method.quantize_lm_head, bench.vllm.kv_cache_dtype) are in the tables:
+    the LM head's bits with "(quantized)" where the method quantized it, and vLLM's KV cache dtype."""
+    from quantbench.study.report import tables
+
+    uri, client, exp = make_store(tmp_path / "mlruns")
+    runs = [
+        ("fp16", "false", 16.0, "auto"),
+        ("fp8", "false", 16.0, "auto"),
+        ("fp8", "true", 8.0625, "fp8"),
+    ]
+    for method, head, head_bits, kv in runs:
+        tags = {
+            "quantize_lm_head": head,
+            "bench_backend": "vllm",
+            "vllm_kv_cache_dtype": kv,
+            "overrides": f"method={method} method.quantize_lm_head={head} bench.vllm.kv_cache_dtype={kv}",
+        }
+        metrics = {"lm_head_bits_per_weight": head_bits, "bits_per_weight": 8.05, "tokens_per_s_1_stream": 10.0}
+        log_run(client, exp, method, tags=tags, metrics=metrics, tasks=[])
+    sel = Store(uri).select("quantbench-tiny")
+    memory = tables.memory_table(sel)
+    column = memory.headers.index("LM head bits")
+    heads = sorted(row[column] for row in memory.cells)
+    assert heads == ["16.00", "16.00", "8.06 (quantized)"]
+    assert {rec["quantize_lm_head"] for rec in memory.records} == {"true", "false"}
+    speed = tables.throughput_table(sel)
+    assert sorted(row[speed.headers.index("KV cache")] for row in speed.cells) == ["auto", "auto", "fp8"]

@@ -62,7 +62,7 @@ def prepare(cfg: DictConfig) -> Job:
     except Exception as exc:
         raise ConfigError(f"method={cfg.method.get('name')}: cannot build it from its config: {exc}") from exc
     bench_plan = bench.plan(cfg.bench)
-    bench.check_serving(bench_plan, hw, method.zero_points)
+    bench.check_serving(bench_plan, hw, method.zero_points, method.serving_format, method.quantize_lm_head)
     if method.needs_calibration:
         calibration.check(cfg.calibration)
     if cfg.model.get("trust_remote_code", False):
@@ -295,6 +295,11 @@ def describe(work: Work) -> StageResult:
         "weight_gb": measure.weight_bytes(work.out_dir) / measure.GB,
         "bits_per_weight": measure.bits_per_weight(work.out_dir, job.linear_shapes),
     }
+    # bits_per_weight covers the decoder's linear layers only, as for every method; the head's own figure shows
+    # what method.quantize_lm_head changed (none where the head is tied to the embeddings and not stored)
+    head = measure.lm_head_bits_per_weight(work.out_dir, job.model_config)
+    if head is not None:
+        metrics["lm_head_bits_per_weight"] = head
     tags = {
         # some methods name their format only once they know the dtype (fp16: safetensors-bfloat16)
         "quant_format": job.method.quant_format,

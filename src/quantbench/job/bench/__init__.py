@@ -140,11 +140,18 @@ def _read_knobs(knob_type: type, cfg, name: str, problems: list[str]):
     return knob_type(**{k: list(v) if OmegaConf.is_list(v) else v for k, v in cfg.items()})
 
 
-def check_serving(plan: BenchPlan | None, hardware, zero_points: bool) -> None:
+def check_serving(
+    plan: BenchPlan | None,
+    hardware,
+    zero_points: bool,
+    serving_format: str | None = None,
+    quantized_lm_head: bool = False,
+) -> None:
     """The planned backend's refusals before any model is loaded (`Backend.check`), for a method whose weights have
-    a zero point per group (`zero_points`)."""
+    a zero point per group (`zero_points`), in a format with device needs (`serving_format`), with its LM head
+    quantized or not."""
     if plan is not None:
-        load_backend(plan.backend).check(plan, hardware, zero_points)
+        load_backend(plan.backend).check(plan, hardware, zero_points, serving_format, quantized_lm_head)
 
 
 def loads_from_disk(plan: BenchPlan) -> bool:

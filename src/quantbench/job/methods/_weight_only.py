@@ -52,9 +52,16 @@ def encode(tokenizer, texts: list[str], max_len: int) -> list[dict[str, list[int
     ]
 
 
-def int_weight_modifier(bits: int, group_size: int, symmetric: bool):
-    """llm-compressor's modifier that rounds the INT weights of every Linear layer but the LM head: per group of
-    `group_size` input columns, or per output channel for -1; activations untouched (W4A16 / W8A16)."""
+def int_weight_modifier(
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+):
+    """llm-compressor's modifier that rounds the INT weights of every Linear layer but the LM head (or of `targets`
+    but `ignore`): per group of `group_size` input columns, or per output channel for -1; activations untouched
+    (W4A16 / W8A16)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -67,5 +74,5 @@ def int_weight_modifier(bits: int, group_size: int, symmetric: bool):
         strategy="group" if grouped else "channel",
         group_size=group_size if grouped else None,
     )
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    scheme = QuantizationScheme(targets=targets or ["Linear"], weights=weights)
+    return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"] if ignore is None else ignore)

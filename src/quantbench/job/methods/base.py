@@ -30,6 +30,10 @@ class Method:
     cacheable: bool = False
     # Integer weights stored with a zero point per group (asymmetric): not every serving kernel takes them.
     zero_points: bool = False
+    # A format whose serving kernels need something of the device (bench/backends/vllm.py FORMAT_NEEDS); None: none.
+    serving_format: str | None = None
+    # The LM head is quantized too (method.quantize_lm_head where a method offers it).
+    quantize_lm_head: bool = False
     # SLURM's time limit for one job of this method (hardware.job_time_min=null: schema.slurm_time_min): minutes for
     # one calibration seed of Llama 3.1 8B on one GPU, evaluation (MMLU, ARC) and benchmark included. Estimates with
     # a margin, not measurements: a job that outgrows them says so in SLURM's TIMEOUT; set hardware.job_time_min.
@@ -70,6 +74,7 @@ class Method:
             "quant_library": self.library,
             "quant_library_version": library_version(self.library),
             "quant_format": self.quant_format,
+            "quantize_lm_head": str(bool(self.quantize_lm_head)).lower(),
         }
 
 

@@ -52,6 +52,7 @@ def memory_table(sel: Selection) -> Table:
             "Method",
             "Status",
             "Bits/weight",
+            "LM head bits",
             "Disk (GB)",
             f"Δ vs {sel.baseline_method}",
             "Weights (GB)",
@@ -77,6 +78,7 @@ def memory_table(sel: Selection) -> Table:
                 r.label,
                 _status(r),
                 _fmt(r.metrics.get("bits_per_weight"), ".2f"),
+                _lm_head(r),
                 _fmt(disk, ".4g"),
                 delta_cell,
                 _fmt(r.metrics.get("weight_gb"), ".4g"),
@@ -95,6 +97,8 @@ def memory_table(sel: Selection) -> Table:
                 "status": r.status,
                 "failure_reason": r.failure_reason,
                 "bits_per_weight": r.metrics.get("bits_per_weight"),
+                "lm_head_bits_per_weight": r.metrics.get("lm_head_bits_per_weight"),
+                "quantize_lm_head": r.tags.get("quantize_lm_head"),
                 "disk_gb": disk,
                 "delta_disk_gb": delta,
                 "weight_gb": r.metrics.get("weight_gb"),
@@ -121,6 +125,14 @@ def _mem(r: RunRow, name: str) -> str:
         return MISSING
     basis = r.mem_basis(name)
     return f"{value:.3g} ({' + '.join(MEM_SHORT.get(b, b) for b in basis.split(' + '))})"
+
+
+def _lm_head(r) -> str:
+    """The LM head's stored bits per weight, and whether the method quantized it (method.quantize_lm_head)."""
+    bits = r.metrics.get("lm_head_bits_per_weight")
+    quantized = r.tags.get("quantize_lm_head")
+    cell = _fmt(bits, ".2f")
+    return f"{cell} (quantized)" if quantized == "true" else cell
 
 
 def accuracy_table(sel: Selection, comparisons: stats.Comparisons) -> Table:
@@ -224,7 +236,7 @@ def throughput_table(sel: Selection) -> Table:
             f" — measured with {len(groups)} backends or machines; compare tokens/s within a group only: "
             + "; ".join(f"{basis}: {', '.join(r.label for r in rows)}" for basis, rows in groups.items())
         )
-    tail = ["TTFT @ 1 (ms)", "Backend", "Kernel", "Engine start (s)"]
+    tail = ["TTFT @ 1 (ms)", "Backend", "Kernel", "KV cache", "Engine start (s)"]
     tail += ["Bandwidth (GB/s)"] if roofline else []  # what each bound assumes: a datasheet's or the card's measured
     t = Table("throughput", title, headers + tail + ["Measured with"])
     order = [r for rows in groups.values() for r in rows] + [r for r in sel.rows if not r.ok]
@@ -257,6 +269,7 @@ def throughput_table(sel: Selection) -> Table:
             _fmt(ttft * 1000 if ttft is not None else None, ".1f"),
             backend,
             kernel or MISSING,
+            r.tags.get("vllm_kv_cache_dtype", MISSING),  # vLLM's kv_cache_dtype; hf keeps the model's dtype
             _fmt(start, ".0f"),
         ]
         bandwidth = r.metrics.get("memory_bandwidth_gbs")
@@ -269,6 +282,7 @@ def throughput_table(sel: Selection) -> Table:
             "bench_backend": r.tags.get("bench_backend"),
             "bench_fallback_reason": r.tags.get("bench_fallback_reason"),
             "kernel": kernel,
+            "vllm_kv_cache_dtype": r.tags.get("vllm_kv_cache_dtype"),
             "vllm_engine_start_s": start,
             "memory_bandwidth_gbs": bandwidth,
             "memory_bandwidth_source": r.tags.get("memory_bandwidth_source"),

@@ -191,8 +191,9 @@ def force_cpu_isa() -> None:
 
 
 def probe() -> dict:
-    """What this vLLM can serve here: its quantization methods and, on CPU, the kernel library it loaded and
-    whether that library has the W4A16 GEMM (`cpu_gemm_wna16`) that 4-bit integer formats need."""
+    """What this vLLM can serve here: its quantization methods, whether it serves a quantized LM head, and, on CPU,
+    the kernel library it loaded, whether that library has the W4A16 GEMM (`cpu_gemm_wna16`) that 4-bit integer
+    formats need, the GEMMs it has for the FP8, INT8 and NVFP4 formats, and whether it stores an FP8 KV cache."""
     import torch
 
     from quantbench.upstream.vllm_cpu import installed_vllm
@@ -215,8 +216,67 @@ def probe() -> dict:
             "avx512": bool(torch.cpu._is_avx512_supported()),
             "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
             "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "format_kernels": format_kernels(),
+            "fp8_kv_cache": fp8_kv_cache_on_cpu(),
         }
+    out["quantized_lm_head"] = quantized_lm_head()
     return out
+
+
+# The kernel tables vLLM picks the GEMM of each activation / float format from (vllm.model_executor.kernels.linear),
+# by the format names that methods declare (Method.serving_format).
+FORMAT_KERNEL_TABLES = {
+    "fp8_w8a8": "_POSSIBLE_FP8_KERNELS",
+    "int8_w8a8": "_POSSIBLE_INT8_KERNELS",
+    "nvfp4_a16": "_POSSIBLE_NVFP4_KERNELS",
+}
+
+
+def format_kernels() -> dict[str, list[str]]:
+    """For each format, the kernels of vLLM's table for this platform that say they run on this machine
+    (`is_supported()`): an empty list means vLLM has no GEMM for that format here and refuses to load it."""
+    from vllm.model_executor.kernels import linear
+    from vllm.platforms import current_platform
+
+    found = {}
+    for fmt, table in FORMAT_KERNEL_TABLES.items():
+        kernels = getattr(linear, table, {}).get(current_platform._enum, [])
+        found[fmt] = [k.__name__ for k in kernels if _supported(k)]
+    return found
+
+
+def _supported(kernel) -> bool:
+    try:
+        return bool(kernel.is_supported()[0])
+    except Exception as exc:  # noqa: BLE001 - a kernel whose check fails here does not run here
+        log.info("%s.is_supported() failed: %s", kernel.__name__, exc)
+        return False
+
+
+def fp8_kv_cache_on_cpu() -> bool:
+    """vLLM's CPU attention stores an FP8 KV cache where its backend lists fp8 and the CPU has AVX-512 or AMX (the
+    backend's own condition; it also needs a head size divisible by 32, which the engine checks per model)."""
+    import torch
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return False
+    listed = "fp8" in getattr(CPUAttentionBackend, "supported_kv_cache_dtypes", [])
+    return listed and bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def quantized_lm_head() -> bool:
+    """Whether vLLM's compressed-tensors loader gives a quantized ParallelLMHead its scheme (else it loads the head
+    as an unquantized embedding and fails on the quantized tensors). It matches the head by layer name, which the
+    methods therefore list in their targets (methods/_preset.py `targets`)."""
+    import inspect
+
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    return "ParallelLMHead" in inspect.getsource(CompressedTensorsConfig.get_quant_method)
 
 
 def _loaded_kernel_library() -> str | None:

@@ -39,10 +39,18 @@ class Backend:
         or not (vLLM falls back to hf's knobs), so that a sweep over bench.backend fails before its first job."""
         return []
 
-    def check(self, plan: BenchPlan, hardware: Any, zero_points: bool) -> None:
+    def check(
+        self,
+        plan: BenchPlan,
+        hardware: Any,
+        zero_points: bool,
+        serving_format: str | None = None,
+        quantized_lm_head: bool = False,
+    ) -> None:
         """Raise ConfigError for what this backend cannot serve with these knobs on this hardware, for a method whose
-        weights have a zero point per group (`zero_points`, Method.zero_points): asked of the chosen backend before
-        any model is loaded, so that a refusal costs nothing."""
+        weights have a zero point per group (`zero_points`, Method.zero_points), in a format with device needs
+        (`serving_format`, Method.serving_format), with its LM head quantized or not: asked of the chosen backend
+        before any model is loaded, so that a refusal costs nothing."""
 
     def libraries(self) -> dict[str, str]:
         """What serves the benchmark beyond torch and transformers (a wheel, a setting that picks its kernels): part

