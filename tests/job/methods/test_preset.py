@@ -180,11 +180,14 @@ def jobs(tiny_root, tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", METHODS)
-def test_each_job_saves_the_scheme_it_names_and_passes_its_quality_gate(jobs, name):
+def test_each_job_saves_the_scheme_it_names_and_passes_its_quality_gate(jobs, name, tmp_path):
+    from quantbench.tracking import logged_model
+
     store, runs = jobs
     run = runs[name]
     assert run.info.status == "FINISHED" and run.data.tags["artifact_verified"] == "true"
-    qcfg = json.loads((store.artifacts / run.info.run_id / "artifacts/model/config.json").read_text())
+    model = logged_model.of_run(store.client, run.info.run_id)  # the run's logged model, as a user downloads it
+    qcfg = json.loads((logged_model.download(model, tmp_path, store.uri) / "config.json").read_text())
     qcfg = qcfg["quantization_config"]
     fmt, weights, inputs = SCHEMES[name]
     group = qcfg["config_groups"]["group_0"]
