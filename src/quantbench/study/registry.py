@@ -1,12 +1,12 @@
-"""`quantbench register` (`make register`): apply the selection policy (the `policy` config group, quantbench.study.policy)
-to a sweep's runs and register the winner's saved model folder in the MLflow Model Registry under the alias
-`champion`.
+"""`quantbench register` (`make register`): apply the selection policy (the `policy` config group,
+quantbench.study.policy) to a sweep's runs and register the winner's saved model folder in the MLflow Model Registry
+under the alias `champion`.
 
-The folder is registered as the run's MLflow logged model (`models:/<model_id>`, quantbench.logged_model), whose
-files are exactly what the quantizer saved: re-saving through an MLflow flavor corrupts some formats (GPTQModel) and
-fails for others (bitsandbytes 4-bit). A model logged by reference is registered at its folder's location, linked to
-its logged model. Registering the same run again adds no version; it only moves the alias back to it and refreshes
-the tags.
+The folder is registered as the run's MLflow logged model (`models:/<model_id>`, quantbench.tracking.logged_model),
+whose files are exactly what the quantizer saved: re-saving through an MLflow flavor corrupts some formats
+(GPTQModel) and fails for others (bitsandbytes 4-bit). A model logged by reference is registered at its folder's
+location, linked to its logged model. Registering the same run again adds no version; it only moves the alias back
+to it and refreshes the tags.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from quantbench import measure
-from quantbench.tracking import logged_model
 from quantbench.errors import ConfigError
 from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy, metric
 from quantbench.study.runs import RunRow, Selection, Store, add_store_args
+from quantbench.tracking import logged_model
 from quantbench.tracking.writer import MODEL_LOCATION_TAG
 
 log = logging.getLogger(__name__)

@@ -281,8 +281,8 @@ class Tracker:
         mlflow.log_artifacts(str(folder), artifact_path)
 
     def log_model(self, folder: Path, mode: str) -> str | None:
-        """The model folder per tracking.log_model, as the run's MLflow logged model (quantbench.logged_model): its
-        files copied into it, or referenced by location beside their sha256s (logged by the job either way, so
+        """The model folder per tracking.log_model, as the run's MLflow logged model (tracking/logged_model.py):
+        its files copied into it, or referenced by location beside their sha256s (logged by the job either way, so
         whoever loads it can check it is what was measured). Call it last: the run's metrics are linked to the
         model as they are then. The logged model's id, or None for `none`."""
         if mode == "none":
