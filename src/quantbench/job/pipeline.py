@@ -10,6 +10,7 @@ import logging
 import re
 import statistics
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def prepare(cfg: DictConfig) -> Job:
 
 
 # Launchers that run a sweep's jobs at the same time, in other processes or on other machines.
+SEARCH_TRIAL_ENV = "QUANTBENCH_TRIAL"  # set per trial by the Optuna sweeper (hydra.job.env_set)
 PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_ray_launcher", "hydra_plugins.hydra_submitit_launcher",
                       "hydra_plugins.hydra_joblib_launcher")  # fmt: skip
 
@@ -132,7 +134,8 @@ class Outcome:
     resumed_from: str | None = None
 
 
-IDENTITY_FILE = "identity.json"  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
+IDENTITY_FILE = "identity.json"
+LAYOUT_FILE = "layout.json"  # a mixed-precision method's format per linear layer  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
 
 
 @dataclass
@@ -305,7 +308,12 @@ def describe(work: Work) -> StageResult:
         "quant_format": job.method.quant_format,
         "eval_kernel": linear_kernel(work.model, list(job.linear_shapes)),
     } | _mem_tags(work.mem_bases)
-    return StageResult(metrics, tags)
+    layout = job.method.layout(list(job.linear_shapes))
+    if layout is None:
+        return StageResult(metrics, tags)
+    # mixed precision (method.keep): what each layer was stored as, which bits_per_weight and disk_gb measure
+    tags["layout"] = ", ".join(f"{fmt} x{n}" for fmt, n in Counter(layout.values()).most_common())
+    return StageResult(metrics, tags, artifacts={LAYOUT_FILE: layout})
 
 
 def verify(work: Work) -> StageResult:
@@ -415,6 +423,8 @@ def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
     sweep = _sweep_tags()
     if "sweep_id" in sweep:
         tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
+    if "search_trial" in sweep:  # the trial reuses this run: the study's trial number is on it
+        tracker.client.set_tag(run_id, f"search_trial.{sweep['search_study']}", sweep["search_trial"])
     return Outcome("SKIPPED", run_id, dict(done.data.metrics), resumed_from=run_id)
 
 
@@ -568,4 +578,8 @@ def _sweep_tags() -> dict[str, str]:
             "job_num": str(hc.job.num),
             "overrides": " ".join(hc.overrides.task),
         }
+        trial = hc.job.env_set.get(SEARCH_TRIAL_ENV)
+        if trial is not None:  # a trial of an Optuna search (hydra_plugins/quantbench_optuna_sweeper)
+            sampler = str(OmegaConf.select(hc.sweeper, "sampler._target_", default="?")).rsplit(".", 1)[-1]
+            tags |= {"search_study": str(hc.sweeper.study_name), "search_trial": str(trial), "search_sampler": sampler}
     return tags

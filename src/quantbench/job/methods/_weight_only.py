@@ -3,6 +3,8 @@ compressed-tensors weight scheme, and calibration texts turned into token ids of
 
 from __future__ import annotations
 
+import re
+
 from quantbench.errors import ConfigError
 
 # Group sizes offered when a configured one does not fit; -1 means one scale per output channel (no groups).
@@ -58,21 +60,73 @@ def int_weight_modifier(
     symmetric: bool,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
+    keep: list[str] | None = None,
+    keep_bits: int = 16,
 ):
     """llm-compressor's modifier that rounds the INT weights of every Linear layer but the LM head (or of `targets`
     but `ignore`): per group of `group_size` input columns, or per output channel for -1; activations untouched
-    (W4A16 / W8A16)."""
+    (W4A16 / W8A16). Layers matching the `keep` patterns ("re:..." names) get a second config group at `keep_bits`
+    (compressed-tensors ranks a name pattern above the "Linear" class), or for 16 join the ignore list."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    grouped = group_size > 0
-    weights = QuantizationArgs(
-        num_bits=bits,
-        type="int",
-        symmetric=symmetric,
-        dynamic=False,
-        strategy="group" if grouped else "channel",
-        group_size=group_size if grouped else None,
-    )
-    scheme = QuantizationScheme(targets=targets or ["Linear"], weights=weights)
-    return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"] if ignore is None else ignore)
+    def scheme(num_bits: int, scheme_targets: list[str]) -> QuantizationScheme:
+        grouped = group_size > 0
+        weights = QuantizationArgs(
+            num_bits=num_bits,
+            type="int",
+            symmetric=symmetric,
+            dynamic=False,
+            strategy="group" if grouped else "channel",
+            group_size=group_size if grouped else None,
+        )
+        return QuantizationScheme(targets=scheme_targets, weights=weights)
+
+    groups = {"group_0": scheme(bits, targets or ["Linear"])}
+    ignore = ["lm_head"] if ignore is None else list(ignore)
+    if keep and keep_bits == 16:
+        ignore += keep
+    elif keep:
+        groups["group_1"] = scheme(keep_bits, keep)
+    return QuantizationModifier(config_groups=groups, ignore=ignore)
+
+
+# Named layer groups of a decoder (Llama, Qwen, Mistral module names) that `method.keep` holds at another precision;
+# firstN / lastN / endsN: the first, last, or first and last N blocks.
+KEEP_GROUPS = {
+    "attn": r".*self_attn\.[^.]+$",
+    "mlp": r".*mlp\.[^.]+$",
+    "down_proj": r".*mlp\.down_proj$",
+}
+KEEP_BLOCKS = re.compile(r"^(first|last|ends)(\d+)$")
+
+
+def keep_patterns(keep: str, num_layers: int) -> list[str]:
+    """llm-compressor target patterns ("re:...") of `method.keep`: "none", or group names joined by "+"."""
+    patterns = []
+    for part in [p for p in str(keep).split("+") if p and p != "none"]:
+        blocks = KEEP_BLOCKS.match(part)
+        if part in KEEP_GROUPS:
+            patterns.append("re:" + KEEP_GROUPS[part])
+        elif blocks and 0 < int(blocks[2]) <= num_layers:
+            n = int(blocks[2])
+            first, last = list(range(n)), list(range(num_layers - n, num_layers))
+            index = {"first": first, "last": last, "ends": sorted({*first, *last})}[blocks[1]]
+            patterns.append(r"re:.*layers\.(" + "|".join(map(str, index)) + r")\.(self_attn|mlp)\.[^.]+$")
+        else:
+            raise ConfigError(
+                f"method.keep={keep!r}: {part!r} is not a layer group; use none, or any of "
+                f"{', '.join(KEEP_GROUPS)}, firstN, lastN, endsN (N blocks, 1..{num_layers}) joined by '+'."
+            )
+    return patterns
+
+
+def keep_layout(names: list[str], patterns: list[str], bits: int, keep_bits: int, group_size: int) -> dict[str, str]:
+    """Each layer's stored format, as compressed-tensors matches the patterns (re.match on the module name)."""
+    kept = f"int{keep_bits}" if keep_bits < 16 else "unquantized"
+    base = f"int{bits}"
+    suffix = f"-g{group_size}" if group_size > 0 else "-channel"
+    return {
+        n: (kept + (suffix if keep_bits < 16 else "")) if any(re.match(p[3:], n) for p in patterns) else base + suffix
+        for n in names
+    }

@@ -68,6 +68,10 @@ class Method:
         the fresh-process artifact check loads with them."""
         return {}
 
+    def layout(self, linear_names: list[str]) -> dict[str, str] | None:
+        """Each decoder linear layer's stored format where a method mixes precisions (method.keep); None: uniform."""
+        return None
+
     def tags(self) -> dict[str, str]:
         return {
             "method": self.name,

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from quantbench.errors import ConfigError
 from quantbench.job.methods._preset import PresetScheme
-from quantbench.job.methods._weight_only import check_bits, check_group_size, int_weight_modifier
+from quantbench.job.methods._weight_only import (
+    check_bits,
+    check_group_size,
+    int_weight_modifier,
+    keep_layout,
+    keep_patterns,
+)
 from quantbench.job.methods.awq import SUPPORTED_BITS
 
 
@@ -22,10 +29,19 @@ class RTN(PresetScheme):
     needs_calibration = False
 
     def __init__(
-        self, name: str, bits: int = 4, group_size: int = 128, symmetric: bool = True, quantize_lm_head: bool = False
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        symmetric: bool = True,
+        quantize_lm_head: bool = False,
+        keep: str = "none",
+        keep_bits: int = 16,
     ):
         super().__init__(name, quantize_lm_head)
         self.bits, self.group_size, self.symmetric = int(bits), int(group_size), bool(symmetric)
+        self.keep, self.keep_bits = str(keep), int(keep_bits)
+        self.keep_targets: list[str] = []  # the patterns of `keep`, once validate knows the number of blocks
 
     @property
     def zero_points(self) -> bool:
@@ -35,6 +51,23 @@ class RTN(PresetScheme):
         super().validate(model_config, hardware)
         check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)
+        if self.keep_bits not in (*SUPPORTED_BITS, 16) or self.keep_bits <= self.bits:
+            raise ConfigError(
+                f"method.keep_bits={self.keep_bits}: kept layers are stored at more bits than the rest "
+                f"(method.bits={self.bits}): one of {[b for b in (*SUPPORTED_BITS, 16) if b > self.bits]} "
+                f"(16: unquantized)."
+            )
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        self.keep_targets = keep_patterns(self.keep, int(text.num_hidden_layers))
 
     def recipe(self) -> list:
-        return [int_weight_modifier(self.bits, self.group_size, self.symmetric, self.targets, self.ignore)]
+        return [
+            int_weight_modifier(
+                self.bits, self.group_size, self.symmetric, self.targets, self.ignore, self.keep_targets, self.keep_bits
+            )
+        ]
+
+    def layout(self, linear_names: list[str]) -> dict[str, str] | None:
+        if not self.keep_targets:
+            return None
+        return keep_layout(linear_names, self.keep_targets, self.bits, self.keep_bits, self.group_size)
