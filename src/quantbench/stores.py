@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from quantbench import redact
@@ -72,3 +73,13 @@ def mlflow_uri(uri: str) -> str:
     if parts.password:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def optuna_storage(tracking_uri: str) -> str | None:
+    """The Optuna study database of a search that logs to `tracking_uri`: optuna.db beside a SQLite MLflow store (its
+    own file: Optuna and MLflow would both keep an alembic_version table in one database); None for any other store,
+    where the search must name one (hydra.sweeper.storage, `quantbench search --storage`)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    return f"sqlite:///{folder / 'optuna.db'}"

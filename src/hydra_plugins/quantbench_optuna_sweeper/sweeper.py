@@ -38,6 +38,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from quantbench.stores import optuna_storage
+
 log = logging.getLogger(__name__)
 # Heartbeats and stale-trial retries are what make a killed search resumable; Optuna marks them experimental and
 # warns that heartbeats are meant for Study.optimize, which an ask/tell loop over Hydra's launcher cannot use.
@@ -124,15 +126,15 @@ def constraint_values(constraints: list[tuple[str, str, float]], metrics: dict[s
 
 def default_storage(tracking_uri: str) -> str:
     """optuna.db beside the MLflow SQLite file; a tracking server's study needs a storage named explicitly."""
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-        folder.mkdir(parents=True, exist_ok=True)  # before the first job creates the MLflow store there
-        return f"sqlite:///{folder / 'optuna.db'}"
-    raise ValueError(
-        f"hydra.sweeper.storage is not set and the runs go to {tracking_uri}, not a SQLite file: name the database "
-        f"the sweepers of this study share, e.g. hydra.sweeper.storage=postgresql://user:pass@host/optuna (a "
-        f"database of its own: Optuna and MLflow would both keep an alembic_version table in one)"
-    )
+    storage = optuna_storage(tracking_uri)
+    if storage is None:
+        raise ValueError(
+            f"hydra.sweeper.storage is not set and the runs go to {tracking_uri}, not a SQLite file: name the "
+            f"database the sweepers of this study share, e.g. hydra.sweeper.storage=postgresql://user:pass@host/optuna "
+            f"(a database of its own: Optuna and MLflow would both keep an alembic_version table in one)"
+        )
+    Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)  # before the MLflow store is
+    return storage
 
 
 class OptunaSweeper(Sweeper):
@@ -160,13 +162,21 @@ class OptunaSweeper(Sweeper):
             grace_period=int(conf.grace_period_s),
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=conf.study_name,
             storage=storage,
             sampler=hydra.utils.instantiate(conf.sampler),
             directions=list(conf.objectives.values()),
             load_if_exists=True,
         )
+        names = list(conf.objectives)
+        if study.user_attrs.get("objectives", names) != names:
+            raise ValueError(
+                f"study {conf.study_name!r} optimizes {study.user_attrs['objectives']}, not {names}: name a new "
+                f"study (hydra.sweeper.study_name) for other objectives"
+            )
+        study.set_user_attr("objectives", names)  # `quantbench search` names the values with them
+        return study
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna

@@ -4,6 +4,7 @@
     quantbench report [flags]         the seed's tables, quality groups and Pareto plot of a sweep
     quantbench register [overrides]   the policy's winner into the MLflow Model Registry (conf/policy/)
     quantbench recommend [flags]      which method, from measured data
+    quantbench search --study NAME    an Optuna search's Pareto front, importances, and what it beat
     quantbench ui [--port N]          the MLflow UI over mlruns/ on 127.0.0.1
     quantbench server [--store S]     an MLflow tracking server on 127.0.0.1, SQLite or PostgreSQL (jobs: tracking=server)
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "report": "the seed's tables, the quality groups and the Pareto plot of a sweep, logged as a summary run",
     "register": "register the sweep's best run per the policy group (policy=<name>, key=value overrides)",
     "recommend": "which method fits your constraints, from measured data",
+    "search": "an Optuna search's Pareto front, parameter importances and the grid runs it beats (--study NAME)",
     "ui": "the MLflow UI over the local store (mlruns/) on http://127.0.0.1:5000",
     "server": "an MLflow tracking server on 127.0.0.1 serving artifacts, on SQLite or PostgreSQL (jobs: tracking=server)",
 }
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantbench.study import recommend
 
         return recommend.main(rest)
+    if command == "search":
+        from quantbench.study import search
+
+        return search.main(rest)
     if command == "ui":
         return mlflow_ui(rest)
     if command == "server":

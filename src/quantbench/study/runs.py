@@ -298,6 +298,8 @@ class Store:
         if sweep is None:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
         rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
+        if sweep.startswith(STUDY_PREFIX):  # the trials of an Optuna search, over every sweep that ran them
+            rows = [r for r in every if in_study(r.tags, sweep.removeprefix(STUDY_PREFIX))]
         if not rows:
             raise ConfigError(
                 f"No runs for sweep {sweep!r} in experiment {experiment!r}"
@@ -377,7 +379,8 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     """The flags every reader of a sweep shares."""
     p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--experiment", default="quantbench-tiny", help="experiment name (default: %(default)s)")
-    p.add_argument("--sweep", help=f"sweep_id to read, or '{ALL_SWEEPS}' (default: the latest sweep)")
+    p.add_argument("--sweep", help=f"sweep_id to read, '{STUDY_PREFIX}<name>' for the trials of an Optuna search, or "
+                                   f"'{ALL_SWEEPS}' (default: the latest sweep)")  # fmt: skip
     p.add_argument("--filter", help="extra MLflow search filter, e.g. \"tags.hardware = 'cpu'\"")
     p.add_argument("--baseline", default="fp16", help="baseline method (default: %(default)s)")
 
@@ -425,6 +428,14 @@ def _label(rows: list[RunRow]) -> None:
         if len({r.label for r in group}) < len(group):
             for r in group:
                 r.label = f"{r.label} [{r.short_id}]"
+
+
+STUDY_PREFIX = "study:"  # --sweep study:<name>: the runs of an Optuna search's trials (hydra/sweeper=optuna)
+
+
+def in_study(tags: dict[str, str], study: str) -> bool:
+    """A trial's own run, or a FINISHED run that a trial of the study reused by its config hash."""
+    return tags.get("search_study") == study or f"search_trial.{study}" in tags
 
 
 def in_sweep(tags: dict[str, str], sweep: str) -> bool:

@@ -1,0 +1,37 @@
+"""The Optuna sweeper's pieces without jobs: Hydra's sweep syntax to Optuna distributions, constraints in Optuna's
+sign convention, and where the study is stored. The sweeper itself runs end to end in tests/e2e/test_search.py."""
+
+from __future__ import annotations
+
+import pytest
+from hydra_plugins.quantbench_optuna_sweeper import sweeper
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions():
+    space, fixed = sweeper.search_space(
+        ["method=rtn", "method.group_size=choice(64,128)", "method.damp=interval(0.01,0.1)",
+         "method.n=range(1,5)", "method.lr=tag(log,interval(0.0001,0.1))", "method.keep=choice(none,ends1)"]
+    )  # fmt: skip
+    assert fixed == {"method": "rtn"}
+    assert space["method.group_size"] == CategoricalDistribution([64, 128])
+    assert space["method.damp"] == FloatDistribution(0.01, 0.1)
+    assert space["method.n"] == IntDistribution(1, 4)  # range() stops before its end, as Hydra's does
+    assert space["method.lr"] == FloatDistribution(0.0001, 0.1, log=True)
+    assert space["method.keep"] == CategoricalDistribution(["none", "ends1"])
+
+
+def test_constraints_are_optunas_sign_and_a_missing_metric_violates():
+    parsed = sweeper.parse_constraints(["quality_kl_mean <= 0.02", "tiny_facts_acc >= 0.5"])
+    assert parsed == [("quality_kl_mean", "<=", 0.02), ("tiny_facts_acc", ">=", 0.5)]
+    values = sweeper.constraint_values(parsed, {"quality_kl_mean": 0.03})
+    assert values[0] == pytest.approx(0.01) and values[1] == float("inf")
+    with pytest.raises(ValueError, match="not 'metric <= bound'"):
+        sweeper.parse_constraints(["kl < 1"])
+
+
+def test_the_study_sits_beside_a_sqlite_store_and_a_server_needs_one_named(tmp_path):
+    assert sweeper.default_storage(f"sqlite:///{tmp_path}/m/mlflow.db") == f"sqlite:///{tmp_path}/m/optuna.db"
+    assert (tmp_path / "m").is_dir()
+    with pytest.raises(ValueError, match="hydra.sweeper.storage is not set"):
+        sweeper.default_storage("http://127.0.0.1:5000")
