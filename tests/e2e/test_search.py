@@ -13,6 +13,7 @@ import sys
 import time
 
 import optuna
+from mlflow.tracking import MlflowClient
 import pytest
 from conftest import CACHE, ROOT, run_cli
 
@@ -154,3 +155,35 @@ def wait_for(storage: str, name: str, done, proc, timeout_s: float = 600):
             pass
         time.sleep(0.5)
     raise AssertionError(f"no such state of study {name} within {timeout_s} s")
+
+
+def test_two_sweepers_share_one_study_and_every_trial_reaches_the_server_once(postgres_server, tiny_root, tmp_path):
+    """Two sweeper processes at once on one study (its database shared), both logging to the tracking server: each
+    asks the study for its next trial, and every trial is one run on the server, none run twice."""
+    url, _ = postgres_server
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["-m", "search=mixed_precision", "tracking=server", "tracking.experiment=search-parallel",
+            "hydra.sweeper.study_name=parallel", "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.heartbeat_interval_s=2", f"paths.mlruns={tmp_path}/unused"]  # fmt: skip
+    env = {**os.environ, "QUANTBENCH_CACHE": str(CACHE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": url}  # fmt: skip
+    procs = []
+    for worker in ("a", "b"):
+        (tmp_path / worker).mkdir()
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"hydra.sweep.dir={tmp_path}/{worker}/multirun",
+               f"quantized_cache.dir={tmp_path}/quantized", *args[1:]]  # fmt: skip
+        out = open(tmp_path / worker / "log", "w")
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path / worker))
+    for proc, worker in zip(procs, "ab"):
+        assert proc.wait(timeout=1200) == 0, (tmp_path / worker / "log").read_text()[-4000:]
+    trials = optuna.load_study(study_name="parallel", storage=storage).get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    # each worker stops once the study holds n_trials; two that ask at the same moment may add one more
+    assert 4 <= len(complete) <= 5 and len(complete) == len(trials)
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("search-parallel").experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["sweep_id"] for r in runs}) == 2  # both workers ran trials
+    own = [r for r in runs if r.data.tags.get("search_study") == "parallel"]
+    assert len({r.data.tags["search_trial"] for r in own}) == len(own) == len(runs)  # one run per trial it ran
+    assert {t.user_attrs["run_id"] for t in complete} == {r.info.run_id for r in runs}  # reused runs included
