@@ -38,7 +38,8 @@ def test_front_states_and_reasons(tmp_path):
     imp = search.importances(study)
     assert set(imp) == {"quality_kl_mean", "disk_gb"}
     text = search.page(study, list(rows.values()), imp, [], "sweep grid")
-    assert "none found" in text and "**front**" in text and "violates" in text
+    assert "none found" in text and "violates" in text
+    assert "| 2 | **front**, best quality_kl_mean |" in text and "| 1 | **front**, best disk_gb |" in text
 
 
 def test_beaten_needs_every_objective_strictly_better(tmp_path):

@@ -20,6 +20,7 @@ Each trial's job gets `hydra.job.env_set.QUANTBENCH_TRIAL=<number>`; the pipelin
 the study and the sampler (the config hash ignores hydra.*, so resume by config hash applies to trials).
 """
 
+import contextlib
 import logging
 import re
 import threading
@@ -218,20 +219,18 @@ class OptunaSweeper(Sweeper):
         write_results(study, objectives, Path(str(self.config.hydra.sweep.dir)))
 
 
-class heartbeats:
+@contextlib.contextmanager
+def heartbeats(study, trials):
     """Optuna's heartbeat thread for each trial in flight, so that a killed sweeper's trials go stale."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
-    def __init__(self, study, trials) -> None:
-        from optuna.storages._heartbeat import get_heartbeat_thread
-
-        self.threads = [get_heartbeat_thread(t._trial_id, study._storage) for t in trials]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-
-    def __exit__(self, *exc) -> None:
-        for thread in self.threads:
+    threads = [get_heartbeat_thread(t._trial_id, study._storage) for t in trials]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in threads:
             thread.join()
 
 

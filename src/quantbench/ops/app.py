@@ -21,7 +21,9 @@ OmegaConf.register_new_resolver("quantbench.dirname", job_dirname, replace=True)
 # each job's resources from the hardware group), as conf/hydra/sweeper/optuna.yaml shows our sweeper's defaults;
 # Hydra 1.3 types them with the plugins' schemas, matched by name, and warns that it will stop doing so in 1.2, a release long past. (Naming a plugin's schema in the file's defaults
 # instead fails for submitit: Hydra's plugin scan reloads its config module, so the two classes differ.)
-warnings.filterwarnings("ignore", message="\n'hydra/(launcher/(ray|submitit_slurm)|sweeper/optuna)' is validated against ConfigStore")
+warnings.filterwarnings(
+    "ignore", message="\n'hydra/(launcher/(ray|submitit_slurm)|sweeper/optuna)' is validated against ConfigStore"
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")

@@ -128,10 +128,17 @@ def page(study, rows: list[Trial], imp: dict[str, dict[str, float]], beats: list
              "## Trials (front: the Pareto front of the feasible trials)", "",
              "| trial | front | state | " + " | ".join(names) + " | params | run | note |",
              "|---|---|---|" + "---|" * len(names) + "---|---|---|"]  # fmt: skip
+    best = {}  # the front's extreme on each objective, labelled as the pick of a user who cares for that one only
+    for n, d in directions.items():
+        on_front = [r for r in rows if r.on_front and n in r.values]
+        if on_front:
+            pick = (min if d == "minimize" else max)(on_front, key=lambda r: r.values[n])
+            best.setdefault(pick.number, []).append(f"best {n}")
     for r in rows:
         vals = " | ".join(f"{r.values[n]:.4g}" if n in r.values else "—" for n in names)
         params = ", ".join(f"{k}={v}" for k, v in r.params.items())
-        lines.append(f"| {r.number} | {'**front**' if r.on_front else ''} | {r.state} | {vals} | {params} | "
+        front = ("**front**" + "".join(f", {label}" for label in best.get(r.number, []))) if r.on_front else ""
+        lines.append(f"| {r.number} | {front} | {r.state} | {vals} | {params} | "
                      f"{(r.run_id or '—')[:8]} | {r.why} |")  # fmt: skip
     lines += ["", "## Parameter importance (Optuna, PED-ANOVA)", ""]
     for name, by_param in imp.items():
