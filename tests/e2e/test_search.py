@@ -183,7 +183,7 @@ def test_two_sweepers_share_one_study_and_every_trial_reaches_the_server_once(po
     client = MlflowClient(url)
     runs = client.search_runs([client.get_experiment_by_name("search-parallel").experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert len({r.data.tags["sweep_id"] for r in runs}) == 2  # both workers ran trials
+    assert len({r.data.tags["sweep_dir"] for r in runs}) == 2  # both workers ran trials
     own = [r for r in runs if r.data.tags.get("search_study") == "parallel"]
     assert len({r.data.tags["search_trial"] for r in own}) == len(own) == len(runs)  # one run per trial it ran
     assert {t.user_attrs["run_id"] for t in complete} == {r.info.run_id for r in runs}  # reused runs included

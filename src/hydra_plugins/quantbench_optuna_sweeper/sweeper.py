@@ -38,6 +38,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.exc import SQLAlchemyError
 
 from quantbench.stores import optuna_storage
 
@@ -157,12 +158,22 @@ class OptunaSweeper(Sweeper):
         conf = self.conf
         if not conf.objectives:
             raise ValueError("hydra.sweeper.objectives is empty: name the metrics to optimize, e.g. disk_gb: minimize")
-        storage = optuna.storages.RDBStorage(
-            conf.storage or default_storage(str(self.config.tracking.uri)),
-            heartbeat_interval=int(conf.heartbeat_interval_s),
-            grace_period=int(conf.grace_period_s),
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        url = conf.storage or default_storage(str(self.config.tracking.uri))
+        storage = None
+        for attempt in range(5):  # workers that start together race to create the schema: the losers retry
+            try:
+                storage = optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=int(conf.heartbeat_interval_s),
+                    grace_period=int(conf.grace_period_s),
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                )
+                break
+            except SQLAlchemyError as exc:
+                if attempt == 4:
+                    raise
+                log.info("The study's database is being created by another worker (%s): retrying", type(exc).__name__)
+                time.sleep(1 + attempt)
         study = optuna.create_study(
             study_name=conf.study_name,
             storage=storage,
