@@ -26,3 +26,20 @@ def test_groups_and_blocks_select_the_layers_they_name():
 def test_an_unknown_group_is_refused_naming_the_choices(keep):
     with pytest.raises(ConfigError, match="down_proj, firstN, lastN, endsN"):
         keep_patterns(keep, 4)
+
+
+def test_rtn_refuses_kept_layers_at_no_more_bits_and_resolves_blocks_from_the_model():
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig
+
+    from quantbench.job.methods.rtn import RTN
+
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4)
+    hardware = OmegaConf.create({"device": "cpu", "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="method.keep_bits=4: kept layers are stored at more bits"):
+        RTN("rtn", keep="down_proj", keep_bits=4).validate(config, hardware)
+    method = RTN("rtn", keep="last2", keep_bits=8)
+    method.validate(config, hardware)
+    layout = method.layout(NAMES)
+    assert {n.split(".")[2] for n, f in layout.items() if f == "int8-g128"} == {"2", "3"}
+    assert RTN("rtn").layout(NAMES) is None  # uniform: no layout logged
