@@ -541,12 +541,14 @@ CUDA_START = [
     (10.0, "(EngineCore pid=7) INFO 12-06 10:00:00 [gpu_model_runner.py:5348] Model loading took 5.31 GiB memory and 3.250000 seconds"),
     (11.0, "(EngineCore pid=7) INFO [backends.py:394] Compiling a graph for compile range (1, 8192) takes 20.10 s"),
     (31.0, "(EngineCore pid=7) INFO [monitor.py:53] torch.compile took 21.37 s in total"),
+    (35.0, "(EngineCore pid=7) INFO [monitor.py:81] Initial profiling/warmup run took 3.50 s"),
     (36.0, "(EngineCore pid=7) INFO [gpu_model_runner.py:6845] Graph capturing finished in 4 secs, took 0.12 GiB"),
 ]  # fmt: skip
 CPU_START = [
     (1.0, "INFO [default_loader.py:501] Loading weights took 0.04 seconds"),
     (3.0, "INFO [cpu_model_runner.py:87] Warming up model for the compilation..."),
     (6.0, "WARNING [decorators.py:333] [backbone] Compiling model again due to a load failure from /c, reason: x"),
+    (15.0, "INFO [monitor.py:91] [backbone] Initial profiling/warmup run took 0.50 s"),
     (15.5, "INFO [cpu_model_runner.py:91] Warming up done."),
 ]
 
@@ -555,13 +557,13 @@ def test_the_engine_start_is_split_from_vllms_own_log_lines_and_the_rest_is_othe
     assert all(vllm_backend.is_start_line(line) for _, line in CUDA_START + CPU_START)
     assert not vllm_backend.is_start_line("INFO [core.py:133] Initializing a V1 LLM engine (v0.32.0)")
     split, cache = vllm_backend.engine_start_split(CUDA_START, 40.0)
-    assert split == pytest.approx({"load": 3.25, "compile": 21.37, "graph_capture": 4.0, "other": 11.38})
+    assert split == pytest.approx({"load": 3.25, "compile": 21.37, "profile": 3.5, "graph_capture": 4.0, "other": 7.88})
     assert cache == "miss"
     hit = [(1.0, "INFO [backends.py:293] Directly load the compiled graph(s) for compile range (1, 8192) from /c")]
     assert vllm_backend.engine_start_split(hit, 9.0) == ({}, "hit")
     # the CPU runner logs no compile time: the span of its compile warm-up, as the lines reached us
     split, cache = vllm_backend.engine_start_split(CPU_START, 20.0)
-    assert split == pytest.approx({"load": 0.04, "compile": 12.5, "other": 7.46})
+    assert split == pytest.approx({"load": 0.04, "compile": 12.0, "profile": 0.5, "other": 7.46})
     assert cache == "load failed"
     assert vllm_backend.engine_start_split([], 5.0) == ({}, "none")  # eager, or a vLLM that logs none of it
 

@@ -98,7 +98,8 @@ PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version 
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
 # The parts of the engine start that vLLM 0.26 and 0.32 time themselves and log (seconds): loading the model (the
 # GPU runner's whole load, else the weights alone as the CPU runner logs them), torch.compile (once per compiled
-# model: summed), CUDA graph capture. The CPU runner logs no compile time: there `compile` is the span between its
+# model: summed), the first profiling run (where Triton JIT-compiles the compiled graph's kernels unless its cache has
+# them), CUDA graph capture. The CPU runner logs no compile time: there `compile` is the span between its
 # "Warming up model for the compilation" and "Warming up done." lines, as they reach us (the warm-up run that
 # compiles). What is left of the start (imports, processes, profiling, the KV cache) is `other`.
 START_PARTS = {
@@ -107,6 +108,7 @@ START_PARTS = {
         re.compile(r"Loading weights took ([\d.]+) seconds"),
     ),
     "compile": (re.compile(r"torch\.compile took ([\d.]+) s in total"),),
+    "profile": (re.compile(r"Initial profiling/warmup run took ([\d.]+) s"),),
     "graph_capture": (re.compile(r"Graph capturing finished in ([\d.]+) secs"),),
 }
 START_SPANS = {"compile": ("Warming up model for the compilation", "Warming up done.")}
@@ -558,7 +560,15 @@ def engine_start_split(lines: list[tuple[float, str]], total_s: float) -> tuple[
         began = [t for t, line in lines if first in line]
         ended = [t for t, line in lines if last in line]
         if part not in split and began and ended and ended[-1] >= began[0]:
-            split[part] = ended[-1] - began[0]
+            inside = [  # parts vLLM timed within the span (the CPU's profiling run): counted once, as themselves
+                float(m.group(1))
+                for t, line in lines
+                if began[0] <= t <= ended[-1]
+                for patterns in START_PARTS.values()
+                for p in patterns
+                if (m := p.search(line))
+            ]
+            split[part] = max(0.0, ended[-1] - began[0] - sum(inside))
     if split:
         split["other"] = max(0.0, total_s - sum(split.values()))
     texts = [line for _, line in lines]
