@@ -386,6 +386,16 @@ class Vllm(Backend):
                     f"{needs.cuda_capability[0]}.{needs.cuda_capability[1]}; {needs.cuda_why}. Use a newer GPU, "
                     f"another method, or bench.backend=hf."
                 )
+        if knobs.kv_cache_dtype == "fp8" and device.startswith("cuda") and cuda_capability(device)[0] == 9:
+            dtype = knobs.serving_dtype(str(hardware.dtype))
+            if dtype in ("float16", "half"):
+                raise ConfigError(
+                    f"bench.vllm.kv_cache_dtype=fp8 with float16 activations (bench.vllm.dtype={knobs.dtype}, "
+                    f"hardware.dtype={hardware.dtype}) cannot start on a Hopper GPU: vLLM serves an FP8 KV cache there "
+                    f"with FlashAttention 3, whose FP8 attention writes bfloat16 only (vLLM 0.26 on an H100: 'For FP8 "
+                    f"input, output must have dtype BF16'). Serve in bfloat16 (bench.vllm.dtype=bfloat16) or keep "
+                    f"bench.vllm.kv_cache_dtype=auto."
+                )
         wants_cpu = device == "cpu" and (needs or knobs.kv_cache_dtype != "auto")
         if installed_vllm() is None or not (wants_cpu or quantized_lm_head):
             return
