@@ -44,10 +44,11 @@ class Recommendation:
 
 
 def fastest(c: Constraints) -> Constraints:
-    """The constraints as recommend ranks: the fastest at `streams`, among the runs within noise if any are."""
+    """The constraints as recommend ranks: the fastest at `streams` (or a serving figure they name, `serve_*`: the
+    least cost per million tokens, the most tokens/s at `users`), among the runs within noise if any are."""
     return dataclasses.replace(
         c,
-        rank_by=f"tokens_per_s_{stream_label(c.streams)}",
+        rank_by=c.rank_by if c.rank_by.startswith("serve_") else f"tokens_per_s_{stream_label(c.streams)}",
         tie_tolerance=0.0,
         tie_break=None,
         prefer_within_noise=True,
@@ -241,6 +242,14 @@ def _flags(name: str) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in (name, *(old for old, new in ALIASES.items() if new == name))]
 
 
+def serving_objective(users: int | None, least_cost: bool) -> str:
+    """What recommend ranks by under bench=serving flags: the least cost per million output tokens (at `users`, else
+    at each run's goodput point), the most output tokens/s at `users`; else the default (tokens/s at --streams)."""
+    if least_cost:
+        return f"serve_cost_per_million_tokens_c{users}" if users else "serve_goodput_cost_per_million_tokens"
+    return f"serve_output_tokens_per_s_c{users}" if users else Constraints.rank_by
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantbench recommend", description=__doc__.split("\n\n")[0])
     p.add_argument(*_flags("max_serve_mem_gb"), type=_number(gt=0), help="GPU memory budget (GB)")
@@ -256,7 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         type=_number(ge=0),
         help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)",
     )
-    p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")
+    p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm, serving)")
+    p.add_argument(
+        "--max-p99-ttft-ms", type=_number(gt=0), help="bench=serving: p99 time to first token limit at --users"
+    )
+    p.add_argument(
+        "--max-p99-itl-ms", type=_number(gt=0), help="bench=serving: p99 inter-token latency limit at --users"
+    )
+    p.add_argument("--users", type=int, default=None, choices=range(1, 100001), metavar="N",
+                   help="bench=serving: concurrent users the latency limits apply to; ranks by output tokens/s there")  # fmt: skip
+    p.add_argument(
+        "--least-cost",
+        action="store_true",
+        help="bench=serving: rank by cost per million output tokens (at --users, else at each run's goodput at its SLO; "
+        "needs hardware.cost_per_hour)",
+    )
     p.add_argument(
         *_flags("rank_across_backends"),
         action="store_true",
@@ -284,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             max_kl_mean=args.max_kl_mean,
             backend=args.backend,
             rank_across_backends=args.rank_across_backends,
+            max_p99_ttft_ms=args.max_p99_ttft_ms,
+            max_p99_itl_ms=args.max_p99_itl_ms,
+            users=args.users or 1,
+            rank_by=serving_objective(args.users, args.least_cost),
         ),
     )
     log.info(
