@@ -37,6 +37,9 @@ def test_the_serving_sweep_finishes_for_fp16_and_a_4bit_method(runs):
         m: r.data.tags.get("failure_reason") for m, r in runs.items()
     }
     assert "CPUWNA16LinearKernel" in runs["gptq"].data.tags["vllm_linear_kernel"]
+    for run in runs.values():  # the server's processes, not the job's
+        assert run.data.tags["mem_basis.serve_mem_gb"] == "server_process_rss"
+        assert run.data.metrics["serve_mem_gb"] > 0.5  # vLLM's API server and engine core hold far more than this
 
 
 def test_every_point_is_logged_at_its_concurrency_as_the_generator_measured_it(runs, sweep):

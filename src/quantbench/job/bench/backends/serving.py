@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -143,8 +144,10 @@ class Serving(Backend):
             cmd, env = server_command(plan, model_path, hardware, port)
             server_log = out / "server.log"
             log.info("Starting vLLM's server on 127.0.0.1:%d: %s", port, " ".join(cmd))
+            memory = ServerMemory(device)
             with open(server_log, "w") as sink:
                 server = children.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            memory.start(server.pid)
             try:
                 started = time.monotonic()
                 wait_healthy(server, port, knobs.start_timeout_s, server_log)
@@ -178,9 +181,13 @@ class Serving(Backend):
                     )
             finally:
                 children.kill_group(server)
+                memory.stop()
             lines = server_log.read_text(errors="replace").splitlines()
             results = [json.loads((out / p["file"]).read_text()) for p in points]
-        return self.result(plan, knobs, hardware, points, results, sampler, no_energy, start_s, lines, env)
+        result = self.result(plan, knobs, hardware, points, results, sampler, no_energy, start_s, lines, env)
+        result.metrics["serve_mem_gb"] = memory.peak / 1e9
+        result.tags["mem_basis.serve_mem_gb"] = memory.basis
+        return result
 
     def result(self, plan, knobs, hardware, points, results, sampler, no_energy, start_s, lines, env) -> BenchResult:
         """Metrics per point (steps), goodput, energy and cost, tags, and the generator's JSON per point."""
@@ -243,6 +250,46 @@ class Serving(Backend):
         }
         steps = [(step, {f"{prefix}{k}": v for k, v in m.items()}) for prefix, step, m in series]
         return BenchResult(metrics=summary, tags=tags, detail=detail, steps=steps, artifacts=artifacts)
+
+
+class ServerMemory:
+    """What serving took while the server ran, sampled in a thread: on CUDA the device's used memory (every process:
+    vLLM's engine core holds it, not the job) less what was used before the server started; on CPU the summed RSS of
+    the server and every process it started."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.basis = "cuda_device_used" if self.cuda else "server_process_rss"
+        self.before = vllm._device_used_bytes(device) if self.cuda else 0
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, group_leader: int) -> None:
+        self._thread = threading.Thread(target=self._loop, args=(group_leader,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, group_leader: int) -> None:
+        import psutil
+
+        while not self._done.wait(0.1 if self.cuda else 0.5):
+            if self.cuda:
+                used = vllm._device_used_bytes(self.device) - self.before
+            else:
+                used = 0
+                try:
+                    leader = psutil.Process(group_leader)
+                    for proc in [leader, *leader.children(recursive=True)]:
+                        used += proc.memory_info().rss
+                except psutil.Error:  # a process ended between the listing and the reading
+                    continue
+            self.peak = max(self.peak, used)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def free_port() -> int:
