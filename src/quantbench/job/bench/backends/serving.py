@@ -19,6 +19,7 @@ p99 ITL meet it with no failed request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -86,6 +87,60 @@ class ServingKnobs:
             self.slo = Slo(**dict(self.slo))
 
 
+class ServerMemory:
+    """What serving took while the server ran, sampled in a thread: on CUDA the device's used memory (every process:
+    vLLM's engine core holds it, not the job) less what was used before the server started; on CPU the summed RSS of
+    the server and every process it started."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.basis = "cuda_device_used" if self.cuda else "server_process_rss"
+        self.before = vllm._device_used_bytes(device) if self.cuda else 0
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, group_leader: int) -> None:
+        self._thread = threading.Thread(target=self._loop, args=(group_leader,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, group_leader: int) -> None:
+        import psutil
+
+        while not self._done.wait(0.1 if self.cuda else 0.5):
+            if self.cuda:
+                used = vllm._device_used_bytes(self.device) - self.before
+            else:
+                used = 0
+                try:
+                    leader = psutil.Process(group_leader)
+                    for proc in [leader, *leader.children(recursive=True)]:
+                        used += proc.memory_info().rss
+                except psutil.Error:  # a process ended between the listing and the reading
+                    continue
+            self.peak = max(self.peak, used)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@dataclass
+class Served:
+    """What one server and one generator run gave: the points, the generator's JSON of each, the energy samples
+    (None: no counter), the server's start time, its log lines, its environment and its memory."""
+
+    points: list[dict]
+    results: list[dict]
+    sampler: energy.Sampler | None
+    start_s: float
+    lines: list[str]
+    env: dict[str, str]
+    memory: ServerMemory
+
+
 class Serving(Backend):
     name = "serving"
     Knobs = ServingKnobs
@@ -137,60 +192,61 @@ class Serving(Backend):
         device = str(hardware.device)
         deadline = None if knobs.timeout_s is None else time.monotonic() + float(knobs.timeout_s)
         counter, no_energy = energy.open_counter(device)
-        with tempfile.TemporaryDirectory(prefix="quantbench-serving-") as tmp:
-            out = Path(tmp)
-            model_path = vllm.glob_safe(Path(model_dir), out / "model")
-            port = free_port()
-            cmd, env = server_command(plan, model_path, hardware, port)
-            server_log = out / "server.log"
-            log.info("Starting vLLM's server on 127.0.0.1:%d: %s", port, " ".join(cmd))
-            memory = ServerMemory(device)
-            with open(server_log, "w") as sink:
-                server = children.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-            memory.start(server.pid)
-            try:
-                started = time.monotonic()
-                wait_healthy(server, port, knobs.start_timeout_s, server_log)
-                start_s = time.monotonic() - started
-                log.info("vLLM's server answered /health after %.1f s", start_s)
-                points = sweep_points(plan, knobs, model_path, port, out)
-                request = out / "client.json"
-                request.write_text(json.dumps({"points": [p["argv"] for p in points]}))
-                client_env = dict(env, HF_HUB_OFFLINE="1")
-                sampler = energy.Sampler(counter) if counter is not None else None
-                try:
-                    if sampler is not None:
-                        sampler.__enter__()
-                    done = children.run(
-                        [*CLIENT, str(request)],
-                        env=client_env,
-                        timeout_s=None if deadline is None else max(1.0, deadline - time.monotonic()),
-                        what="vllm bench serve (the load generator)",
-                        setting="bench.serving.timeout_s",
-                    )
-                finally:
-                    if sampler is not None:
-                        sampler.__exit__(None, None, None)
-                    if counter is not None:
-                        counter.close()
-                log.info("vllm bench serve output (tail):\n%s", done.stdout[-3000:])
-                if done.returncode != 0:
-                    raise RuntimeError(
-                        f"vllm bench serve {children.describe_exit(done.returncode)}:\n"
-                        f"{(done.stdout + done.stderr)[-3000:]}"
-                    )
-            finally:
-                children.kill_group(server)
-                memory.stop()
-            lines = server_log.read_text(errors="replace").splitlines()
-            results = [json.loads((out / p["file"]).read_text()) for p in points]
-        result = self.result(plan, knobs, hardware, points, results, sampler, no_energy, start_s, lines, env)
-        result.metrics["serve_mem_gb"] = memory.peak / 1e9
-        result.tags["mem_basis.serve_mem_gb"] = memory.basis
-        return result
+        try:
+            with tempfile.TemporaryDirectory(prefix="quantbench-serving-") as tmp:
+                out = Path(tmp)
+                served = self.serve_and_load(plan, knobs, Path(model_dir), hardware, out, counter, deadline)
+        finally:
+            if counter is not None:
+                counter.close()
+        return self.result(knobs, hardware, served, no_energy)
 
-    def result(self, plan, knobs, hardware, points, results, sampler, no_energy, start_s, lines, env) -> BenchResult:
+    def serve_and_load(self, plan, knobs: ServingKnobs, model_dir: Path, hardware, out: Path, counter, deadline):
+        """Start the server, wait for /health, run the generator over every point with the energy counter sampled,
+        kill the server's group whatever happens; the generator's JSON per point, the server's log lines and what
+        the server held in memory (`ServerMemory`)."""
+        device = str(hardware.device)
+        model_path = vllm.glob_safe(model_dir, out / "model")
+        port = free_port()
+        cmd, env = server_command(plan, model_path, hardware, port)
+        server_log = out / "server.log"
+        log.info("Starting vLLM's server on 127.0.0.1:%d: %s", port, " ".join(cmd))
+        memory = ServerMemory(device)
+        with open(server_log, "w") as sink:
+            server = children.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        memory.start(server.pid)
+        try:
+            started = time.monotonic()
+            wait_healthy(server, port, knobs.start_timeout_s, server_log)
+            start_s = time.monotonic() - started
+            log.info("vLLM's server answered /health after %.1f s", start_s)
+            points = sweep_points(plan, knobs, model_path, port, out)
+            request = out / "client.json"
+            request.write_text(json.dumps({"points": [p["argv"] for p in points]}))
+            sampler = energy.Sampler(counter) if counter is not None else None
+            with sampler or contextlib.nullcontext():
+                done = children.run(
+                    [*CLIENT, str(request)],
+                    env=env,
+                    timeout_s=None if deadline is None else max(1.0, deadline - time.monotonic()),
+                    what="vllm bench serve (the load generator)",
+                    setting="bench.serving.timeout_s",
+                )
+            log.info("vllm bench serve output (tail):\n%s", done.stdout[-3000:])
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"vllm bench serve {children.describe_exit(done.returncode)}:\n{(done.stdout + done.stderr)[-3000:]}"
+                )
+        finally:
+            children.kill_group(server)
+            memory.stop()
+        lines = server_log.read_text(errors="replace").splitlines()
+        results = [json.loads((out / p["file"]).read_text()) for p in points]
+        return Served(points, results, sampler, start_s, lines, env, memory)
+
+    def result(self, knobs: ServingKnobs, hardware, served: Served, no_energy: str | None) -> BenchResult:
         """Metrics per point (steps), goodput, energy and cost, tags, and the generator's JSON per point."""
+        points, results, sampler, lines, env = served.points, served.results, served.sampler, served.lines, served.env
         cost = hardware.get("cost_per_hour")
         series: list[tuple[str, int, dict[str, float]]] = []
         artifacts = {}
@@ -211,13 +267,18 @@ class Serving(Backend):
             artifacts[f"bench/serving/{point['label']}.json"] = {k: v for k, v in raw.items() if k not in PER_REQUEST}
         concurrency = [(p["concurrency"], m) for p, (_, _, m) in zip(points, series) if p["concurrency"]]
         good = goodput(concurrency, knobs.slo)
-        summary = {"serve_server_start_s": start_s, "serve_goodput_concurrency": float(good[0] if good else 0)}
+        summary = {
+            "serve_server_start_s": served.start_s,
+            "serve_goodput_concurrency": float(good[0] if good else 0),
+            "serve_mem_gb": served.memory.peak / 1e9,
+        }
         for c, m in concurrency:
             summary |= {f"serve_{k}_c{c}": m[k] for k in AT_USERS if k in m}
         tags = {
             "bench_backend": "serving",
             "bench_path": "vllm serve (OpenAI API, 127.0.0.1) + vllm bench serve",
             "vllm_version": "==".join(installed_vllm() or ("vllm", "?")),
+            "mem_basis.serve_mem_gb": served.memory.basis,  # what serve_mem_gb measured (measure.MEM_BASES)
             "bench_threads": env.get("OMP_NUM_THREADS", "?") if str(hardware.device).startswith("cpu") else "gpu",
             "serve_slo": f"p99 TTFT <= {knobs.slo.ttft_ms} ms, p99 ITL <= {knobs.slo.itl_ms} ms",
         }
@@ -250,46 +311,6 @@ class Serving(Backend):
         }
         steps = [(step, {f"{prefix}{k}": v for k, v in m.items()}) for prefix, step, m in series]
         return BenchResult(metrics=summary, tags=tags, detail=detail, steps=steps, artifacts=artifacts)
-
-
-class ServerMemory:
-    """What serving took while the server ran, sampled in a thread: on CUDA the device's used memory (every process:
-    vLLM's engine core holds it, not the job) less what was used before the server started; on CPU the summed RSS of
-    the server and every process it started."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.cuda = device.startswith("cuda")
-        self.basis = "cuda_device_used" if self.cuda else "server_process_rss"
-        self.before = vllm._device_used_bytes(device) if self.cuda else 0
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, group_leader: int) -> None:
-        self._thread = threading.Thread(target=self._loop, args=(group_leader,), daemon=True)
-        self._thread.start()
-
-    def _loop(self, group_leader: int) -> None:
-        import psutil
-
-        while not self._done.wait(0.1 if self.cuda else 0.5):
-            if self.cuda:
-                used = vllm._device_used_bytes(self.device) - self.before
-            else:
-                used = 0
-                try:
-                    leader = psutil.Process(group_leader)
-                    for proc in [leader, *leader.children(recursive=True)]:
-                        used += proc.memory_info().rss
-                except psutil.Error:  # a process ended between the listing and the reading
-                    continue
-            self.peak = max(self.peak, used)
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 def free_port() -> int:
