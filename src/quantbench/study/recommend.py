@@ -119,10 +119,7 @@ def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) ->
         elif a.set_aside:
             others.append(f"{a.row.label} ({a.row.run_id}): {a.why}")
         else:
-            others.append(
-                f"{a.row.label} ({a.row.run_id}): slower — {_tps(a.row, c.streams)} vs "
-                f"{_tps(best.row, c.streams)} tokens/s at {_streams(c.streams)}"
-            )
+            others.append(f"{a.row.label} ({a.row.run_id}): ranked lower — {_speed(a.row, c)} vs {_speed(best.row, c)}")
     return Recommendation(best, why, others, assessments)
 
 
@@ -203,11 +200,19 @@ def _describe(a: Decision, sel: Selection, c: Constraints) -> str:
     parts = [
         f"needs {a.memory_gb:.3g} GB ({a.memory_basis})" if a.memory_gb is not None else "memory not measured",
         f"mean accuracy {acc:.1%}" if acc is not None else "accuracy not measured",
-        f"{_tps(a.row, c.streams)} tokens/s at {_streams(c.streams)}",
+        _speed(a.row, c),
     ]
     if c.fine_tune:
         parts.append(f"{QLORA_LIBRARY}: QLoRA-ready")
     return ", ".join(parts)
+
+
+def _speed(row: RunRow, c: Constraints) -> str:
+    """What recommend ranked the run by: a serving figure it was asked for (`serve_*`), else tokens/s at `streams`."""
+    if c.rank_by.startswith("serve_"):
+        value = row.metrics.get(c.rank_by)
+        return f"{c.rank_by} {'—' if value is None else f'{value:.4g}'}"
+    return f"{_tps(row, c.streams)} tokens/s at {_streams(c.streams)}"
 
 
 def _tps(row: RunRow, n: int) -> str:
@@ -331,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         "yes (QLoRA)" if args.fine_tune else "no",
         f", backend: {args.backend}" if args.backend else "",
     )
+    if args.max_p99_ttft_ms or args.max_p99_itl_ms or args.users or args.least_cost:
+        log.info(
+            "Serving: p99 TTFT <= %s ms, p99 ITL <= %s ms at %s users; ranked by %s",
+            args.max_p99_ttft_ms,
+            args.max_p99_itl_ms,
+            args.users or 1,
+            serving_objective(args.users, args.least_cost),
+        )
     for row in sel.rows:
         if not row.ok:
             log.info("Not considered: %s (%s): %s", row.label, row.run_id or "no run", row.short_status())
