@@ -143,6 +143,7 @@ class StageResult:
     tags: dict[str, object] = field(default_factory=dict)
     params: dict[str, object] = field(default_factory=dict)
     artifacts: dict[str, object] = field(default_factory=dict)  # artifact file -> JSON content
+    steps: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # metrics logged at an MLflow step
 
 
 @dataclass
@@ -209,6 +210,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
 def _log(work: Work, result: StageResult) -> None:
     work.tracker.log_params(result.params)
     work.tracker.log_metrics(result.metrics)
+    for step, metrics in result.steps:
+        work.tracker.log_metrics(metrics, step=step)
     work.tracker.set_tags(result.tags)
     for name, content in result.artifacts.items():
         work.tracker.log_json(content, name)
@@ -381,7 +384,8 @@ def bench_stage(work: Work) -> StageResult:
     serve_basis = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
     metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
     tags = speed.tags | _mem_tags({"bench_peak_mem_gb": mem.basis, "serve_mem_gb": serve_basis})
-    return StageResult(metrics, tags, artifacts={"bench/benchmark.json": speed.detail})
+    artifacts = {"bench/benchmark.json": speed.detail, **speed.artifacts}
+    return StageResult(metrics, tags, artifacts=artifacts, steps=speed.steps)
 
 
 def finish(work: Work) -> StageResult:
