@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantbench.paths import DIRNAME_LIMIT, job_dirname
+from quantbench.paths import DIRNAME_LIMIT, content_view, job_dirname
 
 
 def test_a_short_override_list_names_the_folder_as_hydra_writes_it():
@@ -32,3 +32,15 @@ def test_the_hydra_config_excludes_the_one_list_of_location_keys_from_job_folder
     assert list(hydra.job.config.override_dirname.exclude_keys) == list(LOCATION_KEYS)
     assert set(LOCATION_GROUPS) <= set(identity.NOT_IN_CONFIG_HASH)  # where things go is not in the job key
     assert all(key.startswith(LOCATION_PREFIXES) for key in LOCATION_KEYS)  # nor in run labels or the sweep summary
+
+
+def test_every_copy_of_one_artifact_is_served_from_one_path_that_reads_the_latest_copy(tmp_path):
+    first, second = tmp_path / "job-a" / "model", tmp_path / "job-b" / "model"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(folder.parent.name)
+    view = content_view(first, "abc123", tmp_path / "cache")
+    assert content_view(second, "abc123", tmp_path / "cache") == view  # the same path: vLLM's compile cache key
+    assert (view / "config.json").read_text() == "job-b" and view.resolve() == second.resolve()
+    assert content_view(first, "def456", tmp_path / "cache") != view
+    assert sorted(p.name for p in view.parent.iterdir()) == ["abc123", "def456"]  # no staged links left behind

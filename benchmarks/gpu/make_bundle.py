@@ -1,7 +1,7 @@
 """Build the GPU bundle: every entry of requirements-cuda-lock.txt that the GPU image lacks, as wheels, in chunks that
 fit beside the repository in one device command (the GPU machine has no network).
 
-    python benchmarks/gpu/make_bundle.py .gpu/bundle [--chunk-mb 36]      # here, with network to PyPI
+    python benchmarks/gpu/make_bundle.py .gpu/bundle [--chunk-mb 30]      # here, with network to PyPI
     bash benchmarks/gpu/device.sh stage 1 .. stage N; bash benchmarks/gpu/device.sh install    # there
 
 What is carried is `python benchmarks/gpu/cuda_lock.py carried`: nothing here names a version. Binary wheels for
@@ -136,7 +136,7 @@ def pack(files: list[Path], out: Path, chunk: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="a new folder (git-ignored, e.g. .gpu/bundle); replaced if it exists")
-    parser.add_argument("--chunk-mb", type=int, default=36, help="largest chunk; the repository travels beside it")
+    parser.add_argument("--chunk-mb", type=int, default=30, help="largest chunk; the repository travels beside it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     carried = cuda_lock.carried()

@@ -10,6 +10,7 @@
 # Example:
 #   bash benchmarks/gpu/seed_shape.sh gptq method.backend=marlin
 #   bash benchmarks/gpu/seed_shape.sh autoround_sym method.iters=50 method.nsamples=32   (shortened: logged as params)
+#   QB_LOG=awq-again bash benchmarks/gpu/seed_shape.sh awq force=true   (the log's name: $OUT/awq-again.log)
 set -uo pipefail
 method=${1:?method}; shift
 out=${OUT:-/tmp/qb-out}; store=${QB_MLRUNS:-/tmp/qb-mlruns}; mkdir -p "$out" "$store"
@@ -17,9 +18,9 @@ if [ -n "${QB_STORE_SEED:-}" ] && [ ! -e "$store/mlflow.db" ]; then cp "$QB_STOR
 limit=${QB_JOB_TIMEOUT:-560}
 timeout "$limit" bash "$(dirname "$0")/device.sh" run python3 run.py -m experiment=seed_shape "method=$method" \
   "hardware=${QB_HARDWARE:-h100}" paths.mlruns="$store" "$@" 2>&1 \
-  | grep -v "Warning\|warn(" > "$out/$method.log"
+  | grep -v "Warning\|warn(" > "$out/${QB_LOG:-$method}.log"
 code=$?
 db=mlflow.db; [ -n "${QB_MLRUNS:-}" ] && db=$(basename "$store").db
 cp "$store/mlflow.db" "$out/$db" 2>/dev/null
-grep -E "quantbench\.(pipeline|bench)\]|rror" "$out/$method.log" | tail -12 | cut -c1-600
+grep -E "Finished |engine ready|stream\(s\):|rror" "$out/${QB_LOG:-$method}.log" | tail -12 | cut -c1-600
 exit $code

@@ -130,6 +130,7 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
 MEM_BASES = {
     "job_process_rss": "peak RSS of the job's process (sampled every 20 ms)",
     "engine_process_rss": "peak RSS of the vLLM engine's process",
+    "server_process_rss": "peak RSS of vLLM's server and every process it started, summed (bench=serving)",
     "cuda_allocator": "peak of CUDA's caching allocator in the job's process (torch.cuda.max_memory_allocated)",
     "cuda_device_used": "the GPU's used memory, device-wide, read while the vLLM engine ran",
 }

@@ -114,6 +114,9 @@ class HardwareConfig:
     # SLURM's time limit per job (one job array per sweep, so one limit for all its jobs); null: the longest that
     # any of the sweep's methods needs (quantbench.slurm.time_limit_min)
     job_time_min: int | None = knob(None, ge=1)
+    # What an hour of this hardware costs (any currency; the report names none): cost per million output tokens under
+    # bench=serving. null: no cost figure (tag cost_unavailable)
+    cost_per_hour: float | None = knob(None, ge=0)
 
 
 @dataclass
@@ -176,6 +179,11 @@ class PolicyConfig:
     max_peak_mem_gb: float | None = knob(None, gt=0)  # the maximum over quantize, eval and bench
     min_tokens_per_s: float | None = knob(None, ge=0)  # at `streams` streams (alias: min_tokens_per_s_1_stream)
     streams: int = knob(1, ge=1)
+    # bench=serving: p99 TTFT / ITL limits (ms) at `users` concurrent users, e.g. p99 TTFT <= 200 ms at 16 users;
+    # rank_by=serve_goodput_cost_per_million_tokens (or serve_cost_per_million_tokens_c<users>) for the least cost
+    max_p99_ttft_ms: float | None = knob(None, gt=0)
+    max_p99_itl_ms: float | None = knob(None, gt=0)
+    users: int = knob(1, ge=1)
     min_accuracy: float | None = knob(None, ge=0)  # mean accuracy over the tasks, a fraction
     max_kl_mean: float | None = knob(None, ge=0)  # quality_kl_mean: nats per token from the baseline's distribution
     max_acc_drop_points: float | None = knob(2.0, ge=0)

@@ -133,3 +133,42 @@ def test_the_bandwidth_measured_on_the_gpu_is_the_cards_own_and_below_its_datash
     datasheet = OmegaConf.load(Path(__file__).parents[2] / "conf" / "hardware" / f"{gpu_hardware()}.yaml")
     measured = roofline.measure_bandwidth_gbs(device="cuda")
     assert 0.5 * datasheet.memory_bandwidth_gbs < measured < 1.02 * datasheet.memory_bandwidth_gbs
+
+
+def test_serving_on_cuda_logs_nvml_energy_consistent_with_power_and_time(tiny_root, tmp_path):
+    """bench=serving on the GPU: vLLM's server under `vllm bench serve` at 1 and 4 users, with NVML's energy over each
+    point's window: joules per output token > 0, and energy = average power x the window (the same counter read
+    twice; the window is the generator's, within its own duration)."""
+    store = run_cli(
+        "method=fp16",
+        f"hardware={gpu_hardware()}",
+        "eval=none",
+        "quality=none",
+        "bench=serving",
+        "bench.streams=[1,4]",
+        "bench.serving.prompts_per_user=8",
+        "hardware.cost_per_hour=2.5",
+        mlruns=tmp_path / "mlruns",
+        workdir=tmp_path,
+        timeout=1200,
+        check=False,
+    )
+    keep_log("serving-fp16", store)
+    assert store.result.returncode == 0, store.result.stdout[-4000:]
+    (run,) = store.runs()
+    tags, metrics, client = run.data.tags, run.data.metrics, store.client
+    assert "energy_unavailable" not in tags, tags.get("energy_unavailable")
+    assert tags["energy_source"].startswith("NVML")
+    history = {
+        name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"serve_{name}")}
+        for name in ("energy_j", "avg_power_w", "joules_per_output_token", "duration_s", "output_tokens_per_s")
+    }
+    for c in (1, 4):
+        assert history["joules_per_output_token"][c] > 0
+        assert 30 < history["avg_power_w"][c] < 1500  # a GPU's plausible range, idle to beyond an H200's TDP
+        # energy / (power x window) is 1 by construction; the window is the generator's own duration within 10%
+        window = history["energy_j"][c] / history["avg_power_w"][c]
+        assert window == pytest.approx(history["duration_s"][c], rel=0.1)
+        tokens = history["output_tokens_per_s"][c] * history["duration_s"][c]
+        assert history["joules_per_output_token"][c] == pytest.approx(history["energy_j"][c] / tokens, rel=0.1)
+    assert 0 < metrics["serve_mem_gb"] < 200 and tags["mem_basis.serve_mem_gb"] == "cuda_device_used"

@@ -19,7 +19,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from quantbench import measure, schema
+from quantbench import measure, paths, schema
 from quantbench.job import bench, calibration, evaluation, fingerprint, identity, models, quality, quantized_cache
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method, linear_kernel, torch_dtype
@@ -146,6 +146,7 @@ class StageResult:
     tags: dict[str, object] = field(default_factory=dict)
     params: dict[str, object] = field(default_factory=dict)
     artifacts: dict[str, object] = field(default_factory=dict)  # artifact file -> JSON content
+    steps: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # metrics logged at an MLflow step
 
 
 @dataclass
@@ -165,6 +166,7 @@ class Work:
     quantize_inputs: dict = field(default_factory=dict)
     probe: list[int] = field(default_factory=list)
     record: dict = field(default_factory=dict)  # identity.json: each stage's key, inputs and outputs
+    artifact_key: str = ""  # a hash of the saved files' sha256s (verify): what the folder holds
     metrics: dict[str, float] = field(default_factory=dict)  # everything logged, for the job's summary
     mem_bases: dict[str, str] = field(default_factory=dict)
 
@@ -211,6 +213,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
 def _log(work: Work, result: StageResult) -> None:
     work.tracker.log_params(result.params)
     work.tracker.log_metrics(result.metrics)
+    for step, metrics in result.steps:
+        work.tracker.log_metrics(metrics, step=step)
     work.tracker.set_tags(result.tags)
     for name, content in result.artifacts.items():
         work.tracker.log_json(content, name)
@@ -331,6 +335,7 @@ def verify(work: Work) -> StageResult:
     )
     # the files' sha256s are logged whether or not the files are: registration and users check against them
     artifact = measure.file_sha256(work.out_dir)
+    work.artifact_key = identity.key_of(artifact)
     tags: dict[str, object] = {"artifact_verified": "true"}
     if work.cache_on and work.cached is None:  # only a verified artifact is stored
         quantized = {k: work.metrics[k] for k in ("quantize_s", "quantize_peak_mem_gb")}
@@ -378,14 +383,17 @@ def bench_stage(work: Work) -> StageResult:
         # vLLM serves the saved folder and takes the GPU memory it is given: free the evaluated copy
         work.model = None
         _release_memory()
+    # served from a path named after the files, so that vLLM's compile cache (keyed by the path) serves every copy
+    model_dir = paths.content_view(work.out_dir, work.artifact_key, Path(work.cfg.paths.cache))
     with measure.PeakMemory() as mem:
-        speed = bench.run(work.job.bench_plan, work.model, work.tokenizer, work.out_dir, work.hardware)
+        speed = bench.run(work.job.bench_plan, work.model, work.tokenizer, model_dir, work.hardware)
     metrics = speed.metrics | {"bench_peak_mem_gb": mem.gb}
     # what serving the model took: the backend's own figure (vLLM's engine) or this process's bench peak
     serve_basis = speed.tags.pop(f"{MEM_BASIS_TAG}.serve_mem_gb", mem.basis)
     metrics.setdefault("serve_mem_gb", metrics["bench_peak_mem_gb"])
     tags = speed.tags | _mem_tags({"bench_peak_mem_gb": mem.basis, "serve_mem_gb": serve_basis})
-    return StageResult(metrics, tags, artifacts={"bench/benchmark.json": speed.detail})
+    artifacts = {"bench/benchmark.json": speed.detail, **speed.artifacts}
+    return StageResult(metrics, tags, artifacts=artifacts, steps=speed.steps)
 
 
 def finish(work: Work) -> StageResult:

@@ -2,8 +2,8 @@
 and why each other run is not. `registry` registers what it chooses.
 
 1. Every run that is not FINISHED, or breaks a constraint (max_disk_gb, max_serve_mem_gb, max_peak_mem_gb,
-   min_tokens_per_s_1_stream, max_kl_mean, max_acc_drop_points, reject_significantly_worse), is rejected with the
-   reason.
+   min_tokens_per_s_1_stream, max_kl_mean, max_acc_drop_points, reject_significantly_worse, and under bench=serving
+   max_p99_ttft_ms / max_p99_itl_ms at `users` concurrent users), is rejected with the reason.
 2. The others are ranked by `rank_by`; runs within `tie_tolerance` of the best are tied, and `tie_break` decides.
    A speed metric ranks runs of one speed basis only (backend and version, machine and threads, benchmark shape),
    and a memory metric, limit or rank, runs whose figures measured the same thing (process RSS, CUDA's allocator,
@@ -38,6 +38,10 @@ class Constraints:
     max_peak_mem_gb: float | None = None
     min_tokens_per_s: float | None = None  # at `streams` concurrent streams
     streams: int = 1
+    # bench=serving: the p99 latencies at `users` concurrent users (serve_ttft_p99_ms_c<users>, serve_itl_p99_ms_c<...>)
+    max_p99_ttft_ms: float | None = None
+    max_p99_itl_ms: float | None = None
+    users: int = 1
     min_accuracy: float | None = None  # mean over the tasks, a fraction like lm-eval's
     max_kl_mean: float | None = None  # quality_kl_mean: nats/token from the baseline's next-token distribution
     max_acc_drop_points: float | None = None  # worst task's drop vs the baseline, in percentage points
@@ -168,12 +172,17 @@ def metric(row: RunRow, name: str | None, tasks: list[str]) -> float | None:
 # Which way a metric is better, by its name: what `rank_by` and `tie_break` may name. Anything else (a standard
 # error, a bound, a count, the machine's bandwidth) measures no quality of the model and ranks nothing.
 HIGHER_IS_BETTER = ("mean_accuracy", "tokens_per_s_", "decode_tokens_per_s_", "roofline_fraction_",
-                    "quality_top1_agreement", "fingerprint_agreement")  # fmt: skip
+                    "quality_top1_agreement", "fingerprint_agreement", "serve_output_tokens_per_s",
+                    "serve_tokens_per_s_per_user", "serve_request_throughput", "serve_goodput_concurrency",
+                    "serve_goodput_output_tokens_per_s")  # fmt: skip
 HIGHER_SUFFIXES = ("_acc", "_acc_norm", "_acc_mean", "_acc_norm_mean")
 LOWER_IS_BETTER = ("ttft_s_", "quality_kl_", "quality_ppl", "bits_per_weight", "fingerprint_nll",
-                   "fingerprint_reload_nll")  # fmt: skip
+                   "fingerprint_reload_nll", "serve_cost_per_million_tokens", "serve_goodput_cost_per_million_tokens",
+                   "serve_joules_per_output_token", "serve_goodput_joules_per_output_token", "serve_ttft_",
+                   "serve_itl_", "serve_tpot_", "serve_e2el_", "serve_avg_power_w")  # fmt: skip
 LOWER_SUFFIXES = ("_gb", "_s", "_acc_std")
-NOT_RANKABLE = ("_stderr", "roofline_tokens_per_s_", "memory_bandwidth_gbs", "quality_tokens", "acc_repeats")
+NOT_RANKABLE = ("_stderr", "roofline_tokens_per_s_", "memory_bandwidth_gbs", "quality_tokens", "acc_repeats",
+                "serve_errors", "serve_completed", "serve_duration_s", "serve_energy_j")  # fmt: skip
 
 
 def higher_is_better(name: str) -> bool:
@@ -199,7 +208,7 @@ def higher_is_better(name: str) -> bool:
 def is_speed(name: str | None) -> bool:
     """Metrics that measure the benchmark backend as much as the model."""
     return bool(name) and name.replace(" ", "_").startswith(
-        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start")
+        ("tokens_per_s", "decode_tokens_per_s", "ttft", "roofline", "vllm_engine_start", "serve_")
     )
 
 
@@ -398,6 +407,8 @@ def _judge(d: Decision, sel: Selection, comparisons: stats.Comparisons, c: Const
         ("max_peak_mem_gb", "peak_mem_gb", c.max_peak_mem_gb, "max"),
         ("min_tokens_per_s", f"tokens_per_s_{stream_label(c.streams)}", c.min_tokens_per_s, "min"),
         ("max_kl_mean", "quality_kl_mean", c.max_kl_mean, "max"),
+        ("max_p99_ttft_ms", f"serve_ttft_p99_ms_c{c.users}", c.max_p99_ttft_ms, "max"),
+        ("max_p99_itl_ms", f"serve_itl_p99_ms_c{c.users}", c.max_p99_itl_ms, "max"),
     ):
         if limit is None:
             continue

@@ -44,10 +44,11 @@ class Recommendation:
 
 
 def fastest(c: Constraints) -> Constraints:
-    """The constraints as recommend ranks: the fastest at `streams`, among the runs within noise if any are."""
+    """The constraints as recommend ranks: the fastest at `streams` (or a serving figure they name, `serve_*`: the
+    least cost per million tokens, the most tokens/s at `users`), among the runs within noise if any are."""
     return dataclasses.replace(
         c,
-        rank_by=f"tokens_per_s_{stream_label(c.streams)}",
+        rank_by=c.rank_by if c.rank_by.startswith("serve_") else f"tokens_per_s_{stream_label(c.streams)}",
         tie_tolerance=0.0,
         tie_break=None,
         prefer_within_noise=True,
@@ -118,10 +119,7 @@ def recommend(sel: Selection, comparisons: stats.Comparisons, c: Constraints) ->
         elif a.set_aside:
             others.append(f"{a.row.label} ({a.row.run_id}): {a.why}")
         else:
-            others.append(
-                f"{a.row.label} ({a.row.run_id}): slower — {_tps(a.row, c.streams)} vs "
-                f"{_tps(best.row, c.streams)} tokens/s at {_streams(c.streams)}"
-            )
+            others.append(f"{a.row.label} ({a.row.run_id}): ranked lower — {_speed(a.row, c)} vs {_speed(best.row, c)}")
     return Recommendation(best, why, others, assessments)
 
 
@@ -202,11 +200,19 @@ def _describe(a: Decision, sel: Selection, c: Constraints) -> str:
     parts = [
         f"needs {a.memory_gb:.3g} GB ({a.memory_basis})" if a.memory_gb is not None else "memory not measured",
         f"mean accuracy {acc:.1%}" if acc is not None else "accuracy not measured",
-        f"{_tps(a.row, c.streams)} tokens/s at {_streams(c.streams)}",
+        _speed(a.row, c),
     ]
     if c.fine_tune:
         parts.append(f"{QLORA_LIBRARY}: QLoRA-ready")
     return ", ".join(parts)
+
+
+def _speed(row: RunRow, c: Constraints) -> str:
+    """What recommend ranked the run by: a serving figure it was asked for (`serve_*`), else tokens/s at `streams`."""
+    if c.rank_by.startswith("serve_"):
+        value = row.metrics.get(c.rank_by)
+        return f"{c.rank_by} {'—' if value is None else f'{value:.4g}'}"
+    return f"{_tps(row, c.streams)} tokens/s at {_streams(c.streams)}"
 
 
 def _tps(row: RunRow, n: int) -> str:
@@ -241,6 +247,14 @@ def _flags(name: str) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in (name, *(old for old, new in ALIASES.items() if new == name))]
 
 
+def serving_objective(users: int | None, least_cost: bool) -> str:
+    """What recommend ranks by under bench=serving flags: the least cost per million output tokens (at `users`, else
+    at each run's goodput point), the most output tokens/s at `users`; else the default (tokens/s at --streams)."""
+    if least_cost:
+        return f"serve_cost_per_million_tokens_c{users}" if users else "serve_goodput_cost_per_million_tokens"
+    return f"serve_output_tokens_per_s_c{users}" if users else Constraints.rank_by
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantbench recommend", description=__doc__.split("\n\n")[0])
     p.add_argument(*_flags("max_serve_mem_gb"), type=_number(gt=0), help="GPU memory budget (GB)")
@@ -256,7 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         type=_number(ge=0),
         help="maximum mean KL divergence from the baseline's next-token distribution (nats/token)",
     )
-    p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm)")
+    p.add_argument("--backend", help="only runs benchmarked by this backend (hf, vllm, serving)")
+    p.add_argument(
+        "--max-p99-ttft-ms", type=_number(gt=0), help="bench=serving: p99 time to first token limit at --users"
+    )
+    p.add_argument(
+        "--max-p99-itl-ms", type=_number(gt=0), help="bench=serving: p99 inter-token latency limit at --users"
+    )
+    p.add_argument("--users", type=int, default=None, choices=range(1, 100001), metavar="N",
+                   help="bench=serving: concurrent users the latency limits apply to; ranks by output tokens/s there")  # fmt: skip
+    p.add_argument(
+        "--least-cost",
+        action="store_true",
+        help="bench=serving: rank by cost per million output tokens (at --users, else at each run's goodput at its SLO; "
+        "needs hardware.cost_per_hour)",
+    )
     p.add_argument(
         *_flags("rank_across_backends"),
         action="store_true",
@@ -284,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             max_kl_mean=args.max_kl_mean,
             backend=args.backend,
             rank_across_backends=args.rank_across_backends,
+            max_p99_ttft_ms=args.max_p99_ttft_ms,
+            max_p99_itl_ms=args.max_p99_itl_ms,
+            users=args.users or 1,
+            rank_by=serving_objective(args.users, args.least_cost),
         ),
     )
     log.info(
@@ -304,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         "yes (QLoRA)" if args.fine_tune else "no",
         f", backend: {args.backend}" if args.backend else "",
     )
+    if args.max_p99_ttft_ms or args.max_p99_itl_ms or args.users or args.least_cost:
+        log.info(
+            "Serving: p99 TTFT <= %s ms, p99 ITL <= %s ms at %s users; ranked by %s",
+            args.max_p99_ttft_ms,
+            args.max_p99_itl_ms,
+            args.users or 1,
+            serving_objective(args.users, args.least_cost),
+        )
     for row in sel.rows:
         if not row.ok:
             log.info("Not considered: %s (%s): %s", row.label, row.run_id or "no run", row.short_status())

@@ -163,7 +163,7 @@ class RunRow:
         transformers' generate, one CPU or thread count against another, 32 prompt tokens against 100, measures the
         backend, the box or the benchmark)."""
         backend = self.tags.get("bench_backend", "no backend")
-        if backend == "vllm":
+        if backend in ("vllm", "serving"):
             version = self.tags.get("vllm_version", "vllm version unknown")
         else:
             version = f"transformers {self.tags.get('version.transformers', '?')}, torch {self.tags.get('version.torch', '?')}"

@@ -164,6 +164,24 @@ def test_a_quantized_head_and_an_fp8_kv_cache_are_refused_where_vllm_cannot_serv
         check("fp8", kv_cache_dtype="fp16")
 
 
+@pytest.mark.parametrize(
+    "capability,serving,refused",
+    [((9, 0), {"dtype": "float16"}, True), ((9, 0), {}, False), ((8, 9), {"dtype": "float16"}, False)],
+)
+def test_an_fp8_kv_cache_with_float16_activations_is_refused_on_hopper_where_flashattention_3_serves_it(
+    probed, monkeypatch, capability, serving, refused
+):
+    """Measured on an H100 with vLLM 0.26: the engine failed at start-up ('For FP8 input, output must have dtype
+    BF16'); in bfloat16 (the hardware's dtype here) it is not refused."""
+    monkeypatch.setattr(vllm_backend, "cuda_capability", lambda device: capability)
+    gpu = OmegaConf.create({"name": "h100", "device": "cuda", "dtype": "bfloat16"})
+    if refused:
+        with pytest.raises(ConfigError, match=r"kv_cache_dtype=fp8 with float16.*FlashAttention 3.*bfloat16"):
+            check("rtn", gpu, kv_cache_dtype="fp8", **serving)
+    else:
+        check("rtn", gpu, kv_cache_dtype="fp8", **serving)
+
+
 # --- on the embedded model: one real job per method ---------------------------------------------------------------
 
 

@@ -163,7 +163,10 @@ def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig
     """Benchmark with the planned backend (the in-memory model for hf, the saved folder for vllm), then set each
     stream count's median decode-only speed against the memory-bandwidth roofline of the bytes that backend reads
     per step on this hardware (the end-to-end speed where there is no decode-only figure; tags say which)."""
-    result = load_backend(plan.backend).run(plan, model, tokenizer, model_dir, hardware)
+    backend = load_backend(plan.backend)
+    result = backend.run(plan, model, tokenizer, model_dir, hardware)
+    if not backend.roofline:
+        return result
     try:
         index, bytes_basis = roofline.bytes_read(model_dir, result, hardware)
         decode = roofline.decode_bytes(model_dir, index)

@@ -34,6 +34,9 @@ class BenchResult:
     # The tensors the backend held in memory while it decoded (name -> (dtype, shape, bytes)), where it ran an
     # in-memory model: the roofline counts these rather than the stored ones (a decompressed format reads more).
     loaded: dict[str, tuple[str, list[int], int]] | None = None
+    # metrics per point of a sweep, logged with MLflow's step (bench=serving: step = concurrency)
+    steps: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    artifacts: dict[str, object] = field(default_factory=dict)  # more JSON artifacts: file -> content
 
 
 def summarize(prefix: str, n_streams: int, values: list[float]) -> dict[str, float]:

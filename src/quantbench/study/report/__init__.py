@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quantbench.errors import ConfigError
 from quantbench.study import recommend
+from quantbench.study.report import serving
 from quantbench.study.report.plot import pareto_plot, plot_points
 from quantbench.study.report.summary import log_summary, page
 from quantbench.study.report.tables import (
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def build(store: Store, sel: Selection, out: Path) -> list[Path]:
-    """Write report.md, one CSV per table and pareto.png into `out`; return the files written."""
+    """Write report.md, one CSV per table, pareto.png and (for bench=serving runs) serving.png into `out`; return the
+    files written."""
     out.mkdir(parents=True, exist_ok=True)
     comparisons = store.compare(sel)
     tables = [
@@ -45,10 +47,15 @@ def build(store: Store, sel: Selection, out: Path) -> list[Path]:
         windows = {r.run_id: w["kl_mean"] for r in sel.finished if (w := store.quality_windows(r)) and r.run_id}
         separation = separation_table(sel, windows)
         tables[2:2] = [quality_table(sel, windows)] + ([separation] if separation else [])
+    drawn = serving.curves(store, sel)  # runs of bench=serving: their latency-throughput curves
+    if drawn:
+        tables.append(serving.goodput_table(sel))
     files = [t.write_csv(out / f"{t.name}.csv") for t in tables]
     plotted = plot_points(sel)
     files.append(pareto_plot(sel, plotted, out / "pareto.png"))
-    (out / "report.md").write_text(page(store, sel, tables, plotted.kind))
+    if drawn:
+        files.append(serving.curve_plot(drawn, out / "serving.png"))
+    (out / "report.md").write_text(page(store, sel, tables, plotted.kind, serving_plot=bool(drawn)))
     files.insert(0, out / "report.md")
     return files
 

@@ -6,13 +6,14 @@ import datetime as dt
 from pathlib import Path
 
 from quantbench import redact
+from quantbench.study.report import serving
 from quantbench.study.report.tables import Table
 from quantbench.study.runs import SUMMARY_TAG, Selection, Store
 
 ARTIFACT_ERRORS_TAG = "artifact_errors"  # on the summary run: artifacts the report could not read
 
 
-def page(store: Store, sel: Selection, tables: list[Table], plot_kind: str) -> str:
+def page(store: Store, sel: Selection, tables: list[Table], plot_kind: str, serving_plot: bool = False) -> str:
     """report.md: what the report was built from, each table with what it shows, and the plot."""
     counts = {s: sum(r.status == s for r in sel.rows) for s in ("FINISHED", "FAILED", "MISSING")}
     base = sel.baseline
@@ -53,11 +54,22 @@ def page(store: Store, sel: Selection, tables: list[Table], plot_kind: str) -> s
         "the first over the time after the first token; roofline = decode-only tokens/s over the "
         "memory-bandwidth bound of a decode step (the run's roofline_speed_basis and "
         "roofline_bytes_basis tags say what each side counts).",
+        "serving": serving.NOTE,
         "decision_matrix": 'Baseline excluded: the question is which quantization method. "Within noise" = no task '
         "significantly worse than the baseline.",
     }
     for t in tables:
         md += [f"## {t.title}", ""] + ([notes[t.name], ""] if t.name in notes else []) + [t.markdown(), ""]
+    if serving_plot:
+        md += [
+            "## Serving: latency against throughput",
+            "",
+            "![Serving curves](serving.png)",
+            "",
+            "Each method's points from 1 user to the most (labelled with the concurrency): up is more output tokens/s "
+            "per GPU, right is faster for each user. The table above gives where each curve leaves its SLO.",
+            "",
+        ]
     if plot_kind == "accuracy":
         md += [
             "## Accuracy vs size",

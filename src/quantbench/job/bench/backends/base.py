@@ -29,6 +29,8 @@ class Backend:
     Knobs: ClassVar[type] = NoKnobs  # a dataclass with a default for every field
     # Serves the saved folder itself (vLLM), so the pipeline may free the in-memory model before `run`.
     loads_from_disk: ClassVar[bool] = False
+    # Whether `bench.run` sets its speeds against the memory-bandwidth roofline (per stream count: tokens_per_s_<n>)
+    roofline: ClassVar[bool] = True
 
     def knobs(self, plan: BenchPlan) -> Any:
         """This backend's knobs in `plan`; the defaults where the plan was made by hand without them."""

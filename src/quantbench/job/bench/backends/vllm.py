@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class VllmKnobs:
 
     kv_cache_gb: float | None = 1.0  # explicit KV cache (GiB); null: vLLM's memory-utilisation default
     enforce_eager: bool = False  # skip torch.compile (faster start, slower decode)
+    # Which batch sizes vLLM captures CUDA graphs for: "streams", only the benchmark's stream counts (the decode
+    # batches it runs; prefill runs without a graph); "auto", vLLM's own list (dozens of sizes up to 512, most of
+    # the engine start on CUDA). Either way a decode step at a measured stream count replays a graph of its size.
+    cuda_graph_sizes: str = "streams"
     max_model_len: int | None = None  # null: prompt_tokens + output_tokens, all the benchmark needs
     cpu_threads: int | None = None  # OpenMP threads of the CPU engine; null: usable cores - 1 (at least 1)
     # vLLM linear kernels to rule out (VLLM_DISABLED_KERNELS), e.g. [MacheteLinearKernel] to serve GPTQ/AWQ with
@@ -74,6 +79,7 @@ class VllmKnobs:
     )  # fmt: skip
     DTYPES = ("auto", "float16", "bfloat16", "float32")
     KV_CACHE_DTYPES = ("auto", "fp8")
+    CUDA_GRAPH_SIZES = ("streams", "auto")
     # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
     # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
     BACKEND_DTYPES = {"exllama": ("float16",)}
@@ -90,6 +96,28 @@ PROBE_VERSION = 2  # what the probe answers (_vllm_engine.probe): a new question
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
 # vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
 LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
+# The parts of the engine start that vLLM 0.26 and 0.32 time themselves and log (seconds): loading the model (the
+# GPU runner's whole load, else the weights alone as the CPU runner logs them), torch.compile (once per compiled
+# model: summed), the first profiling run (where Triton JIT-compiles the compiled graph's kernels unless its cache has
+# them), CUDA graph capture. The CPU runner logs no compile time: there `compile` is the span between its
+# "Warming up model for the compilation" and "Warming up done." lines, as they reach us (the warm-up run that
+# compiles). What is left of the start (imports, processes, profiling, the KV cache) is `other`.
+START_PARTS = {
+    "load": (
+        re.compile(r"Model loading took \S+ GiB memory and ([\d.]+) seconds"),
+        re.compile(r"Loading weights took ([\d.]+) seconds"),
+    ),
+    "compile": (re.compile(r"torch\.compile took ([\d.]+) s in total"),),
+    "profile": (re.compile(r"Initial profiling/warmup run took ([\d.]+) s"),),
+    "graph_capture": (re.compile(r"Graph capturing finished in ([\d.]+) secs"),),
+}
+START_SPANS = {"compile": ("Warming up model for the compilation", "Warming up done.")}
+# The compile cache's answer, from the same log: the first answer whose text a line holds.
+COMPILE_CACHE = (
+    ("load failed", ("Compiling model again due to a load failure",)),
+    ("miss", ("Compiling a graph for", "saved AOT compiled function")),
+    ("hit", ("Directly load AOT compilation", "Directly load the compiled graph")),
+)
 
 # quantization_config.quant_method values that some vLLM releases or builds cannot load. Whether the installed one
 # can is read from its own QUANTIZATION_METHODS by `capabilities()` (vLLM 0.32's CPU build has neither).
@@ -292,6 +320,10 @@ class Vllm(Backend):
             problems.append(
                 f"bench.vllm.kv_cache_dtype={knobs.kv_cache_dtype!r} (one of {list(VllmKnobs.KV_CACHE_DTYPES)})"
             )
+        if knobs.cuda_graph_sizes not in VllmKnobs.CUDA_GRAPH_SIZES:
+            problems.append(
+                f"bench.vllm.cuda_graph_sizes={knobs.cuda_graph_sizes!r} (one of {list(VllmKnobs.CUDA_GRAPH_SIZES)})"
+            )
         if knobs.dtype not in VllmKnobs.DTYPES:
             problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
         if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
@@ -354,6 +386,16 @@ class Vllm(Backend):
                     f"{needs.cuda_capability[0]}.{needs.cuda_capability[1]}; {needs.cuda_why}. Use a newer GPU, "
                     f"another method, or bench.backend=hf."
                 )
+        if knobs.kv_cache_dtype == "fp8" and device.startswith("cuda") and cuda_capability(device)[0] == 9:
+            dtype = knobs.serving_dtype(str(hardware.dtype))
+            if dtype in ("float16", "half"):
+                raise ConfigError(
+                    f"bench.vllm.kv_cache_dtype=fp8 with float16 activations (bench.vllm.dtype={knobs.dtype}, "
+                    f"hardware.dtype={hardware.dtype}) cannot start on a Hopper GPU: vLLM serves an FP8 KV cache there "
+                    f"with FlashAttention 3, whose FP8 attention writes bfloat16 only (vLLM 0.26 on an H100: 'For FP8 "
+                    f"input, output must have dtype BF16'). Serve in bfloat16 (bench.vllm.dtype=bfloat16) or keep "
+                    f"bench.vllm.kv_cache_dtype=auto."
+                )
         wants_cpu = device == "cpu" and (needs or knobs.kv_cache_dtype != "auto")
         if installed_vllm() is None or not (wants_cpu or quantized_lm_head):
             return
@@ -406,6 +448,8 @@ class Vllm(Backend):
             engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
         if device.startswith("cuda"):
             engine["gpu_memory_utilization"] = gpu_share(knobs, device)
+            if knobs.cuda_graph_sizes == "streams" and not knobs.enforce_eager:
+                engine["cudagraph_capture_sizes"] = sorted(set(plan.streams))
         env = engine_env(device, knobs.cpu_threads)
         if knobs.disabled_kernels:
             env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
@@ -421,7 +465,9 @@ class Vllm(Backend):
         }
         out = _run_engine(request, env, device, knobs.timeout_s)
 
+        split, compile_cache = engine_start_split(out["start_lines"], out["engine_start_s"])
         metrics: dict[str, float] = {
+            **{f"vllm_engine_{part}_s": seconds for part, seconds in split.items()},
             "vllm_engine_start_s": out["engine_start_s"],
             "vllm_peak_rss_gb": out["peak_rss_gb"],
         }
@@ -463,6 +509,12 @@ class Vllm(Backend):
             "slow_kernel_fallback": "true" if slow else "false",
             "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
             "vllm_kv_cache_dtype": knobs.kv_cache_dtype,
+            "vllm_compile_cache": compile_cache,
+            "vllm_cuda_graph_sizes": (
+                "none"
+                if knobs.enforce_eager or not device.startswith("cuda")
+                else ",".join(map(str, engine.get("cudagraph_capture_sizes", []))) or "vLLM's default list"
+            ),
             # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
             "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
         }
@@ -494,6 +546,44 @@ class Vllm(Backend):
             **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
         }
         return BenchResult(metrics=metrics, tags=tags, detail=detail)
+
+
+def is_start_line(line: str) -> bool:
+    """Whether a line of the engine's log times a part of its start or tells the compile cache's answer."""
+    texts = [t for _, ts in COMPILE_CACHE for t in ts] + [t for span in START_SPANS.values() for t in span]
+    patterns = [p for ps in START_PARTS.values() for p in ps]
+    return any(t in line for t in texts) or any(p.search(line) for p in patterns)
+
+
+def engine_start_split(lines: list[tuple[float, str]], total_s: float) -> tuple[dict[str, float], str]:
+    """The engine start in parts from vLLM's own log lines, each with the time it reached us (START_PARTS, else
+    START_SPANS; a part found in neither is left out), `other` the rest of `total_s`; and the compile cache's answer
+    (COMPILE_CACHE), or "none" where nothing was compiled (eager) or no line said."""
+    split: dict[str, float] = {}
+    for part, patterns in START_PARTS.items():
+        for pattern in patterns:
+            found = [float(m.group(1)) for _, line in lines if (m := pattern.search(line))]
+            if found:
+                split[part] = sum(found)
+                break
+    for part, (first, last) in START_SPANS.items():
+        began = [t for t, line in lines if first in line]
+        ended = [t for t, line in lines if last in line]
+        if part not in split and began and ended and ended[-1] >= began[0]:
+            inside = [  # parts vLLM timed within the span (the CPU's profiling run): counted once, as themselves
+                float(m.group(1))
+                for t, line in lines
+                if began[0] <= t <= ended[-1]
+                for patterns in START_PARTS.values()
+                for p in patterns
+                if (m := p.search(line))
+            ]
+            split[part] = max(0.0, ended[-1] - began[0] - sum(inside))
+    if split:
+        split["other"] = max(0.0, total_s - sum(split.values()))
+    texts = [line for _, line in lines]
+    answer = next((a for a, ts in COMPILE_CACHE if any(t in line for t in ts for line in texts)), "none")
+    return split, answer
 
 
 def outside_family(backend: str, family: list[str] | None, kernels: dict[str, int]) -> list[str]:
@@ -554,6 +644,7 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
         )
         tail: deque[str] = deque(maxlen=40)
         logged: list[tuple[str, str]] = []
+        start_lines: list[tuple[float, str]] = []  # (when it reached us, line)
         engine_log = logging.getLogger("quantbench.job.bench.vllm_engine")
 
         def pump() -> None:
@@ -564,6 +655,8 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
                 engine_log.info("%s", line)
                 if (m := LOGGED_KERNEL.search(line)) and m.groups() not in logged:
                     logged.append(m.groups())
+                if is_start_line(line):
+                    start_lines.append((time.perf_counter(), line))
 
         peak = [before]
         done = threading.Event()
@@ -596,7 +689,12 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
             raise RuntimeError(
                 f"the vLLM engine process {children.describe_exit(code)}: {root_cause(lines)}\n" + "\n".join(lines)
             )
-        return json.loads(res.read_text()) | {"logged_kernels": logged, "gpu_mem_gb": (peak[0] - before) / 1e9}
+        gpu_mem_gb = (peak[0] - before) / 1e9
+        return json.loads(res.read_text()) | {
+            "logged_kernels": logged,
+            "start_lines": start_lines,
+            "gpu_mem_gb": gpu_mem_gb,
+        }
 
 
 BACKEND = Vllm()
