@@ -75,6 +75,22 @@ def mlflow_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def import_optuna():
+    """Optuna, or a ConfigError that says how to get it: the CPU lock has it, the CUDA lock not yet (no GPU run has
+    installed it: benchmarks/gpu/cuda_lock.py NOT_YET_ON_GPU)."""
+    from quantbench.errors import ConfigError
+
+    try:
+        import optuna
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            "A search (hydra/sweeper=optuna, quantbench search) needs Optuna, which this environment lacks: the CUDA "
+            "lock leaves it out until a GPU run has installed it. Install optuna and colorlog at the versions "
+            "requirements-lock.txt pins (pip install --no-deps optuna==<pin> colorlog==<pin>) into this environment."
+        ) from exc
+    return optuna
+
+
 def optuna_storage(tracking_uri: str) -> str | None:
     """The Optuna study database of a search that logs to `tracking_uri`: optuna.db beside a SQLite MLflow store (its
     own file: Optuna and MLflow would both keep an alembic_version table in one database); None for any other store,

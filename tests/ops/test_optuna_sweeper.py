@@ -3,6 +3,8 @@ sign convention, and where the study is stored. The sweeper itself runs end to e
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hydra_plugins.quantbench_optuna_sweeper import sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -35,3 +37,14 @@ def test_the_study_sits_beside_a_sqlite_store_and_a_server_needs_one_named(tmp_p
     assert (tmp_path / "m").is_dir()
     with pytest.raises(ValueError, match="hydra.sweeper.storage is not set"):
         sweeper.default_storage("http://127.0.0.1:5000")
+
+
+def test_a_machine_without_optuna_is_told_how_to_get_it_before_a_search_starts(monkeypatch):
+    """The CUDA lock leaves Optuna out until a GPU run installs it (benchmarks/gpu/cuda_lock.py NOT_YET_ON_GPU)."""
+    from quantbench.errors import ConfigError
+    from quantbench.stores import import_optuna
+
+    assert import_optuna().__version__
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an import of a missing module meets
+    with pytest.raises(ConfigError, match="needs Optuna.*CUDA lock.*requirements-lock.txt"):
+        import_optuna()

@@ -40,7 +40,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
-from quantbench.stores import optuna_storage
+from quantbench.stores import import_optuna, optuna_storage
 
 log = logging.getLogger(__name__)
 # Heartbeats and stale-trial retries are what make a killed search resumable; Optuna marks them experimental and
@@ -153,7 +153,8 @@ class OptunaSweeper(Sweeper):
     def study(self):
         """The study, created or loaded, with heartbeats and the retry of stale trials."""
         import hydra.utils
-        import optuna
+
+        optuna = import_optuna()
 
         conf = self.conf
         if not conf.objectives:
@@ -191,7 +192,7 @@ class OptunaSweeper(Sweeper):
         return study
 
     def sweep(self, arguments: list[str]) -> None:
-        import optuna
+        optuna = import_optuna()
         from optuna.trial import TrialState
 
         warnings.filterwarnings("ignore", message=QUIET)  # here: a job's setup may reset the filters at import

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantbench.errors import ConfigError
-from quantbench.stores import optuna_storage
+from quantbench.stores import import_optuna, optuna_storage
 from quantbench.study.runs import ALL_SWEEPS, ROOT, Store, add_store_args
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Trial:
 def load(storage: str, study_name: str):
     import warnings
 
-    import optuna
+    optuna = import_optuna()
 
     # the stale-trial retry's reader is "experimental" in Optuna 5; it is what the sweeper's resume rests on
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -87,7 +87,7 @@ def trials(study) -> list[Trial]:
 def importances(study) -> dict[str, dict[str, float]]:
     """Optuna's importance of each parameter, per objective (PED-ANOVA: the parameters that set the top quantile
     apart). Empty where there are too few complete trials to say."""
-    import optuna
+    optuna = import_optuna()
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.study import StudyDirection
 
