@@ -83,7 +83,7 @@ def test_the_seed_study_is_one_config():
 def test_the_embedded_model_gets_shorter_searches_and_real_models_the_methods_own():
     """conf/method_model/<method>_<model>.yaml: AWQ's grid and auto-round's iterations are cut on the embedded model
     only; an experiment's model and the command line get the method's own settings."""
-    assert (compose_with("method=awq").method.n_grid, compose_with("method=autoround_sym").method.iters) == (10, 20)
+    assert (compose_with("method=awq").method.n_grid, compose_with("method=autoround_sym").method.iters) == (10, 50)
     assert compose_with("method=autoround_sym", "method.iters=200").method.iters == 200
     assert compose_with("method=awq", "model=llama-3.1-8b-shape").method.n_grid == 20
     assert compose_with("experiment=seed", "method=autoround_sym").method.iters == 200
