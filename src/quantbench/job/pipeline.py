@@ -5,12 +5,16 @@ The pipeline knows steps, not methods: everything method-specific sits behind `m
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
+import resource
 import statistics
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +173,7 @@ class Work:
     artifact_key: str = ""  # a hash of the saved files' sha256s (verify): what the folder holds
     metrics: dict[str, float] = field(default_factory=dict)  # everything logged, for the job's summary
     mem_bases: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # for job_s
 
     @property
     def hardware(self) -> DictConfig:
@@ -185,29 +190,61 @@ class Work:
 def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
     """Run one job, unless the store already has a FINISHED run of it (the same job key, quantbench.job.identity); a
     stage whose results a FINISHED run already has is taken from that run. `force=true` reruns everything."""
-    tracker = Tracker(cfg.tracking)
-    tracker.fail_interrupted_runs()
-    key = identity.job_key(cfg)  # once: it hashes the model's files (remembered) and a calibration file
-    force = bool(cfg.get("force", False))
-    done = None if force else tracker.finished_run("config_hash", key)
+    started = time.perf_counter()
+    with measure.Stopwatch() as setup:
+        tracker = Tracker(cfg.tracking)
+        tracker.fail_interrupted_runs()
+        key = identity.job_key(cfg)  # once: it hashes the model's files (remembered) and a calibration file
+        force = bool(cfg.get("force", False))
+        done = None if force else tracker.finished_run("config_hash", key)
     if done is not None:
         return _skip(cfg, tracker, done, key)
     with tracker.run(cfg, run_name=f"{cfg.method.name}-{cfg.model.name}", tags=_run_tags(cfg), key=key):
-        work = Work(cfg, tracker, Path(job_dir or _job_output_dir()) / f"model-{tracker.run_id}", force)
+        work = Work(
+            cfg, tracker, Path(job_dir or _job_output_dir()) / f"model-{tracker.run_id}", force, started=started
+        )
+        _log(work, StageResult({"stage_setup_s": setup.seconds}))  # the store's checks and the job key, before the run
         try:
-            for stage in (validate, restore_or_quantize, describe, verify):
-                _log(work, stage(work))
-            for name, stage in (("eval", evaluate_stage), ("quality", quality_stage), ("bench", bench_stage)):
-                if name in work.record and not _reuse(work, name):  # else taken from an earlier run
-                    mark = tracker.mark()
+            for name, stage in (
+                ("validate", validate),
+                ("quantize", restore_or_quantize),
+                ("describe", describe),
+                ("verify", verify),
+            ):
+                with _stage_time(work, name):
                     _log(work, stage(work))
-                    work.record[name]["outputs"] = tracker.since(mark)
+            for name, stage in (("eval", evaluate_stage), ("quality", quality_stage), ("bench", bench_stage)):
+                with _stage_time(work, name):
+                    if name in work.record and not _reuse(work, name):  # else taken from an earlier run
+                        mark = tracker.mark()
+                        _log(work, stage(work))
+                        work.record[name]["outputs"] = tracker.since(mark)
             _log(work, finish(work))
         finally:
             work.model = None
             _release_memory()
     log.info("Finished %s: %s", cfg.method.name, {k: round(v, 4) for k, v in sorted(work.metrics.items())})
     return Outcome("FINISHED", tracker.run_id, work.metrics)
+
+
+@contextlib.contextmanager
+def _stage_time(work: Work, name: str) -> Iterator[None]:
+    """Log `stage_<name>_s`, the wall seconds this job spent in the stage (a reused stage's: the copy), after the
+    stage's own outputs, so that a later run reusing them does not take this run's time as its own."""
+    cpu = _cpu_seconds()
+    with measure.Stopwatch() as took:
+        yield
+    work.tracker.log_metrics({f"stage_{name}_s": took.seconds})
+    work.metrics[f"stage_{name}_s"] = took.seconds
+    # CPU seconds beside the wall time: on a shared machine the wall time also counts the other processes
+    log.info(
+        "Stage %s: %.1f s wall, %.1f s CPU (this process and its children)", name, took.seconds, _cpu_seconds() - cpu
+    )
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _log(work: Work, result: StageResult) -> None:
@@ -403,10 +440,12 @@ def finish(work: Work) -> StageResult:
     run_tags = work.tracker.client.get_run(work.tracker.run_id).data.tags
     bases = {k.split(".", 1)[1]: v for k, v in run_tags.items() if k.startswith(f"{MEM_BASIS_TAG}.")}
     basis = " + ".join(sorted({bases.get(k, "unknown") for k in peaks}))
+    # job_s: from the job's start to here; the model's upload below is the one step after it (the run's end time
+    # shows it), as the metrics are linked to the model only once they are all logged
     _log(
         work,
         StageResult(
-            {"peak_mem_gb": max(work.metrics[k] for k in peaks)},
+            {"peak_mem_gb": max(work.metrics[k] for k in peaks), "job_s": time.perf_counter() - work.started},
             _mem_tags({"peak_mem_gb": basis}),
             artifacts={IDENTITY_FILE: work.record},
         ),

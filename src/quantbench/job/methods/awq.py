@@ -40,11 +40,12 @@ class AWQ(Method):
         group_size: int = 128,
         zero_point: bool = True,
         duo_scaling: bool = True,
+        n_grid: int = 20,
         seq_len: int = 128,
     ):
         super().__init__(name)
         self.bits, self.group_size, self.zero_point = int(bits), int(group_size), bool(zero_point)
-        self.duo_scaling, self.seq_len = bool(duo_scaling), int(seq_len)
+        self.duo_scaling, self.n_grid, self.seq_len = bool(duo_scaling), int(n_grid), int(seq_len)
 
     @property
     def zero_points(self) -> bool:
@@ -53,6 +54,8 @@ class AWQ(Method):
     def validate(self, model_config, hardware: DictConfig) -> None:
         check_bits("awq", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("awq", self.group_size, model_config)
+        if self.n_grid < 3:
+            raise ConfigError(f"method.n_grid={self.n_grid}: AWQ's scale search needs at least 3 grid points.")
         if self.seq_len < 8:
             raise ConfigError(f"method.seq_len={self.seq_len}: calibration sequences must be at least 8 tokens.")
 
@@ -98,7 +101,7 @@ class AWQ(Method):
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         return [
-            AWQModifier(duo_scaling=self.duo_scaling),
+            AWQModifier(duo_scaling=self.duo_scaling, n_grid=self.n_grid),
             int_weight_modifier(self.bits, self.group_size, symmetric=not self.zero_point),
         ]
 
