@@ -1,5 +1,5 @@
 """The Optuna sweeper's pieces without jobs: Hydra's sweep syntax to Optuna distributions, constraints in Optuna's
-sign convention, and where the study is stored. The sweeper itself runs end to end in tests/e2e/test_search.py."""
+sign convention, and where the study is stored. The sweeper itself runs end to end in tests/e2e/test_search_study.py."""
 
 from __future__ import annotations
 

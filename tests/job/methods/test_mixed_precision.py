@@ -1,5 +1,5 @@
 """method.keep (RTN's mixed precision): named layer groups to llm-compressor patterns, and the layout they give.
-The quantized layout, its bits_per_weight and its disk size are checked end to end in tests/e2e/test_search.py."""
+The quantized layout, its bits_per_weight and its disk size are checked end to end in tests/e2e/test_search_study.py."""
 
 from __future__ import annotations
 

