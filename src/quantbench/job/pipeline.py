@@ -203,10 +203,13 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
         work = Work(
             cfg, tracker, Path(job_dir or _job_output_dir()) / f"model-{tracker.run_id}", force, started=started
         )
-        _log(work, StageResult({"stage_setup_s": setup.seconds}))  # the store's checks and the job key, before the run
         try:
+            with _stage_time(work, "validate"):
+                _log(work, validate(work))
+            # the store's checks and the job key, before the run: logged once the input is valid (a refused run
+            # logs no metric)
+            _log(work, StageResult({"stage_setup_s": setup.seconds}))
             for name, stage in (
-                ("validate", validate),
                 ("quantize", restore_or_quantize),
                 ("describe", describe),
                 ("verify", verify),
