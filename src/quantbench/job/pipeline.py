@@ -206,9 +206,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Outcome:
         try:
             with _stage_time(work, "validate"):
                 _log(work, validate(work))
-            # the store's checks and the job key, before the run: logged once the input is valid (a refused run
-            # logs no metric)
-            _log(work, StageResult({"stage_setup_s": setup.seconds}))
+            _log(work, StageResult({"stage_setup_s": setup.seconds}))  # after validate: a refused run logs no metric
             for name, stage in (
                 ("quantize", restore_or_quantize),
                 ("describe", describe),
