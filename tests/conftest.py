@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from quantbench.children import free_port
 from quantbench import schema
 from quantbench.ops import server
 from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
@@ -133,8 +134,8 @@ def postgres_server():
     parent = world_enterable_folder("test-server-")
     folder = parent / "mlflow store $(touch INJECTED)"
     cli = [sys.executable, "-m", "quantbench", "server", "--mlruns", str(folder)]
-    port = server.free_port()
-    up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(server.free_port())],
+    port = free_port()
+    up = subprocess.run([*cli, "--store", "postgresql", "--detach", "--port", str(port), "--pg-port", str(free_port())],
                         capture_output=True, text=True, timeout=300, cwd=parent)  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]
     try:
@@ -153,7 +154,7 @@ def postgres_server():
 def mlflow_service(command: str, mlruns: Path):
     """`quantbench ui|server` over the store in `mlruns`, on a free port of 127.0.0.1, up (its /health answers)
     for the duration of the block; yields its URL. Stopped with its worker processes afterwards."""
-    port = server.free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "quantbench", command, "--port", str(port), "--mlruns", str(mlruns)]
     log = mlruns.parent / f"{command}-{port}.log"
     with log.open("w") as out:

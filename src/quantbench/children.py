@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -90,6 +91,14 @@ def run(
         raise
     _live.discard(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now, for a child server (the tracking server and its database,
+    vLLM's server under bench=serving, a test cluster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def describe_exit(code: int) -> str:

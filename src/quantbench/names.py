@@ -12,6 +12,12 @@ PER_WINDOW = "quality/per_window.json"  # the run artifact the report's paired i
 # tags of a run
 RESUMED_TAG = "resumed_in"  # resumed_in.<sweep_id> = the job number a later sweep gave a run it skipped
 MEM_BASIS_TAG = "mem_basis"  # mem_basis.<metric> = what a memory figure measured (quantbench.measure.MEM_BASES)
+# an Optuna search's trial (hydra_plugins/quantbench_optuna_sweeper): the sweeper hands each job its trial number in
+# this environment variable (hydra.job.env_set); the job tags its run with the study and the trial, and a FINISHED run
+# that a trial reuses by its config hash gets search_trial.<study> = the trial number
+SEARCH_TRIAL_ENV = "QUANTBENCH_TRIAL"
+SEARCH_STUDY_TAG = "search_study"
+SEARCH_TRIAL_TAG = "search_trial"
 QUALITY_WINDOWS_TAG = "quality_windows_sha256"  # the held-out windows' token ids and shape (quantbench.job.quality)
 
 

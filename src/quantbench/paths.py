@@ -49,10 +49,11 @@ def job_dirname(override_dirname: str) -> str:
 
 
 def content_view(folder: Path, content_key: str, cache: Path) -> Path:
-    """A path named after what `folder` holds (`<cache>/quantbench/served/<content_key>`, a link to it; `cache`: paths.cache), for tools
-    that key their own caches by the path they are given: vLLM hashes the model path into its torch.compile cache
-    key, so serving every copy of one artifact (a rerun, a cache hit, another job) from one path reuses the compiled
-    graph instead of compiling again. The link is swapped in atomically; copies with one key hold the same bytes."""
+    """A path named after what `folder` holds (`<cache>/quantbench/served/<content_key>`, a link to it; `cache`:
+    paths.cache), for tools that key their own caches by the path they are given: vLLM hashes the model path into its
+    torch.compile cache key, so serving every copy of one artifact (a rerun, a cache hit, another job) from one path
+    reuses the compiled graph instead of compiling again. The link is swapped in atomically; copies with one key hold
+    the same bytes."""
     view = Path(cache) / "quantbench" / "served" / content_key
     view.parent.mkdir(parents=True, exist_ok=True)
     staged = view.with_name(f"{content_key}.{secrets.token_hex(4)}")

@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CACHE, ROOT, run_cli
+from quantbench.children import free_port
 from quantbench.ops import server
 
 pytestmark = pytest.mark.e2e
@@ -210,7 +211,7 @@ def test_a_tracking_server_killed_mid_run_ends_the_job_with_a_clear_error_and_le
     the store's earlier runs are intact; the next local job on the store reaps the run left RUNNING."""
     uri = local_uri(store)
     before, ids = ended_runs(uri), all_run_ids(uri)
-    port = server.free_port()
+    port = free_port()
     up = subprocess.run([sys.executable, "-m", "quantbench", "server", "--mlruns", str(store / "mlruns"), "--port",
                          str(port), "--detach"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from quantbench.ops.server import free_port
+from quantbench.children import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import world_enterable_folder
+from quantbench.children import free_port
 from quantbench.ops import server
 
 WRITER = """
@@ -98,7 +99,7 @@ def test_the_database_wants_its_password_and_listens_on_loopback_only(pg_folder)
     """No `initdb --auth=trust`: a local account that connects without the password is refused."""
     import psycopg
 
-    pg = server.Postgres(pg_folder / "postgres" / "data", server.free_port())
+    pg = server.Postgres(pg_folder / "postgres" / "data", free_port())
     pg.start()
     try:
         with pytest.raises(psycopg.OperationalError, match="password"):
@@ -118,7 +119,7 @@ def test_the_database_wants_its_password_and_listens_on_loopback_only(pg_folder)
 
 @pytest.mark.e2e
 def test_a_data_folder_whose_path_has_a_space_and_shell_syntax_works_and_runs_nothing(pg_folder):
-    pg = server.Postgres(pg_folder / "my store $(touch INJECTED)" / "data", server.free_port())
+    pg = server.Postgres(pg_folder / "my store $(touch INJECTED)" / "data", free_port())
     pg.start()
     try:
         with pg.connect() as conn:
@@ -140,7 +141,7 @@ def test_a_cluster_made_with_trust_auth_by_an_older_quantbench_gets_a_password(p
         shutil.chown(data, "postgres", "postgres")
         initdb = ["runuser", "-u", "postgres", "--", *initdb]
     subprocess.run(initdb, check=True, capture_output=True)
-    pg = server.Postgres(data, server.free_port())
+    pg = server.Postgres(data, free_port())
     pg.start()
     try:
         with pytest.raises(psycopg.OperationalError, match="password"):

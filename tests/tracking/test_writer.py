@@ -131,7 +131,7 @@ def test_an_unreachable_tracking_store_fails_within_15_s_naming_its_uri(kind):
     """MLflow's client retries a refused connection for minutes (a job waited > 90 s); the job must not."""
     import time
 
-    from quantbench.ops.server import free_port
+    from quantbench.children import free_port
 
     listener = _silent_listener() if kind == "listens, never answers" else None
     port = listener.getsockname()[1] if listener else free_port()
@@ -153,7 +153,7 @@ def test_an_unreachable_tracking_store_fails_within_15_s_naming_its_uri(kind):
 
 def test_the_unreachable_store_error_names_the_uri_without_its_password(monkeypatch):
     """The URI's `user:password@` goes to MLflow's own basic-auth settings, never into a message."""
-    from quantbench.ops.server import free_port
+    from quantbench.children import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "")  # restored after the test: the Tracker sets both
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
@@ -282,7 +282,7 @@ def test_a_job_given_an_unreachable_tracking_server_exits_at_once_with_one_parag
     import time
 
     from conftest import ROOT
-    from quantbench.ops.server import free_port
+    from quantbench.children import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}

@@ -40,6 +40,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
+from quantbench.names import SEARCH_TRIAL_ENV
 from quantbench.stores import import_optuna, optuna_storage
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 # warns that heartbeats are meant for Study.optimize, which an ask/tell loop over Hydra's launcher cannot use.
 QUIET = ".*(is experimental|experimental feature|Heartbeat of storage)"
 
-TRIAL_ENV = "QUANTBENCH_TRIAL"  # the job's trial number, through hydra.job.env_set
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(<=|>=)\s*(-?[\d.eE+-]+)\s*$")
 RESULTS_FILE = "optimization_results.yaml"
 
@@ -219,7 +219,7 @@ class OptunaSweeper(Sweeper):
             batch = [study.ask(space) for _ in range(min(slots, int(conf.n_jobs)))]
             overrides = [
                 tuple(f"{k}={v}" for k, v in ({**t.params, **fixed}).items())
-                + (f"+hydra.job.env_set.{TRIAL_ENV}={t.number}",)
+                + (f"+hydra.job.env_set.{SEARCH_TRIAL_ENV}={t.number}",)
                 for t in batch
             ]
             for t in batch:

@@ -27,7 +27,14 @@ from quantbench import measure, paths, schema
 from quantbench.job import bench, calibration, evaluation, fingerprint, identity, models, quality, quantized_cache
 from quantbench.errors import ConfigError
 from quantbench.job.methods.base import Method, linear_kernel, torch_dtype
-from quantbench.names import MEM_BASIS_TAG, QUALITY_WINDOWS_TAG, RESUMED_TAG
+from quantbench.names import (
+    MEM_BASIS_TAG,
+    QUALITY_WINDOWS_TAG,
+    RESUMED_TAG,
+    SEARCH_STUDY_TAG,
+    SEARCH_TRIAL_ENV,
+    SEARCH_TRIAL_TAG,
+)
 from quantbench.tracking import writer
 from quantbench.tracking.writer import Tracker
 
@@ -103,7 +110,6 @@ def prepare(cfg: DictConfig) -> Job:
 
 
 # Launchers that run a sweep's jobs at the same time, in other processes or on other machines.
-SEARCH_TRIAL_ENV = "QUANTBENCH_TRIAL"  # set per trial by the Optuna sweeper (hydra.job.env_set)
 PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_ray_launcher", "hydra_plugins.hydra_submitit_launcher",
                       "hydra_plugins.hydra_joblib_launcher")  # fmt: skip
 
@@ -138,8 +144,8 @@ class Outcome:
     resumed_from: str | None = None
 
 
-IDENTITY_FILE = "identity.json"
-LAYOUT_FILE = "layout.json"  # a mixed-precision method's format per linear layer  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
+IDENTITY_FILE = "identity.json"  # each stage's key, what it hashed and what it logged (metrics, tags, artifacts)
+LAYOUT_FILE = "layout.json"  # a mixed-precision method's format per linear layer
 
 
 @dataclass
@@ -471,8 +477,8 @@ def _skip(cfg: DictConfig, tracker: Tracker, done, key: str) -> Outcome:
     sweep = _sweep_tags()
     if "sweep_id" in sweep:
         tracker.client.set_tag(run_id, f"{RESUMED_TAG}.{sweep['sweep_id']}", sweep["job_num"])
-    if "search_trial" in sweep:  # the trial reuses this run: the study's trial number is on it
-        tracker.client.set_tag(run_id, f"search_trial.{sweep['search_study']}", sweep["search_trial"])
+    if SEARCH_TRIAL_TAG in sweep:  # the trial reuses this run: the study's trial number is on it
+        tracker.client.set_tag(run_id, f"{SEARCH_TRIAL_TAG}.{sweep[SEARCH_STUDY_TAG]}", sweep[SEARCH_TRIAL_TAG])
     return Outcome("SKIPPED", run_id, dict(done.data.metrics), resumed_from=run_id)
 
 
@@ -629,5 +635,9 @@ def _sweep_tags() -> dict[str, str]:
         trial = hc.job.env_set.get(SEARCH_TRIAL_ENV)
         if trial is not None:  # a trial of an Optuna search (hydra_plugins/quantbench_optuna_sweeper)
             sampler = str(OmegaConf.select(hc.sweeper, "sampler._target_", default="?")).rsplit(".", 1)[-1]
-            tags |= {"search_study": str(hc.sweeper.study_name), "search_trial": str(trial), "search_sampler": sampler}
+            tags |= {
+                SEARCH_STUDY_TAG: str(hc.sweeper.study_name),
+                SEARCH_TRIAL_TAG: str(trial),
+                "search_sampler": sampler,
+            }
     return tags

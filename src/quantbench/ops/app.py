@@ -19,8 +19,9 @@ OmegaConf.register_new_resolver("quantbench.unique", unique_suffix, use_cache=Tr
 OmegaConf.register_new_resolver("quantbench.dirname", job_dirname, replace=True)  # a sweep job's folder name
 # conf/hydra/launcher/{ray,submitit_slurm}.yaml shadow the plugins' configs of the same names on purpose (they take
 # each job's resources from the hardware group), as conf/hydra/sweeper/optuna.yaml shows our sweeper's defaults;
-# Hydra 1.3 types them with the plugins' schemas, matched by name, and warns that it will stop doing so in 1.2, a release long past. (Naming a plugin's schema in the file's defaults
-# instead fails for submitit: Hydra's plugin scan reloads its config module, so the two classes differ.)
+# Hydra 1.3 types them with the plugins' schemas, matched by name, and warns that it will stop doing so in 1.2, a
+# release long past. (Naming a plugin's schema in the file's defaults instead fails for submitit: Hydra's plugin
+# scan reloads its config module, so the two classes differ.)
 warnings.filterwarnings(
     "ignore", message="\n'hydra/(launcher/(ray|submitit_slurm)|sweeper/optuna)' is validated against ConfigStore"
 )

@@ -33,7 +33,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -201,13 +200,6 @@ class Postgres:
             log.warning("PostgreSQL did not stop within %.0f s: killed", timeout_s)
         children.kill_group(self.process)
         self.process = None
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on now (for a server, a database, a test cluster)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, process: subprocess.Popen | None, log_file: Path, timeout_s: float = 180) -> None:

@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     min_acc = args.min_accuracy / 100 if args.min_accuracy is not None and args.min_accuracy > 1 else args.min_accuracy
+    objective = serving_objective(args.users, args.least_cost)
     rec = recommend(
         sel,
         store.compare(sel),
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             max_p99_ttft_ms=args.max_p99_ttft_ms,
             max_p99_itl_ms=args.max_p99_itl_ms,
             users=args.users or 1,
-            rank_by=serving_objective(args.users, args.least_cost),
+            rank_by=objective,
         ),
     )
     log.info(
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_p99_ttft_ms,
             args.max_p99_itl_ms,
             args.users or 1,
-            serving_objective(args.users, args.least_cost),
+            objective,
         )
     for row in sel.rows:
         if not row.ok:

@@ -25,7 +25,16 @@ from mlflow.tracking import MlflowClient
 
 from quantbench.study import stats
 from quantbench.errors import ConfigError
-from quantbench.names import MEM_BASIS_TAG, PER_WINDOW, QUALITY_WINDOWS_TAG, RESUMED_TAG, SAMPLES, stream_label  # noqa: F401  (read from runs too)
+from quantbench.names import (
+    MEM_BASIS_TAG,
+    PER_WINDOW,
+    QUALITY_WINDOWS_TAG,
+    RESUMED_TAG,
+    SAMPLES,
+    SEARCH_STUDY_TAG,
+    SEARCH_TRIAL_TAG,
+    stream_label,
+)  # noqa: F401  (read from runs too)
 from quantbench.paths import LOCATION_PREFIXES, ROOT
 
 log = logging.getLogger(__name__)
@@ -297,9 +306,10 @@ class Store:
         every = self.runs(exp_id, filter_string)
         if sweep is None:
             sweep = next((r.tags["sweep_id"] for r in every if r.tags.get("sweep_id")), ALL_SWEEPS)
-        rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if sweep.startswith(STUDY_PREFIX):  # the trials of an Optuna search, over every sweep that ran them
             rows = [r for r in every if in_study(r.tags, sweep.removeprefix(STUDY_PREFIX))]
+        else:
+            rows = every if sweep == ALL_SWEEPS else [r for r in every if in_sweep(r.tags, sweep)]
         if not rows:
             raise ConfigError(
                 f"No runs for sweep {sweep!r} in experiment {experiment!r}"
@@ -435,7 +445,7 @@ STUDY_PREFIX = "study:"  # --sweep study:<name>: the runs of an Optuna search's 
 
 def in_study(tags: dict[str, str], study: str) -> bool:
     """A trial's own run, or a FINISHED run that a trial of the study reused by its config hash."""
-    return tags.get("search_study") == study or f"search_trial.{study}" in tags
+    return tags.get(SEARCH_STUDY_TAG) == study or f"{SEARCH_TRIAL_TAG}.{study}" in tags
 
 
 def in_sweep(tags: dict[str, str], sweep: str) -> bool:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from helpers.model_folders import CPU, small_model_folder
 from quantbench.job import bench
 from quantbench.job.bench import BenchResult, roofline
+from quantbench.job.bench.backends.base import Backend
 
 
 def test_decode_bytes_reads_one_embedding_row_per_stream_and_the_head_in_full(tmp_path):
@@ -78,7 +79,7 @@ def test_without_a_decode_only_figure_the_roofline_falls_back_to_end_to_end_and_
 def test_bench_run_adds_the_roofline_to_any_backend_and_survives_without_one(tmp_path, monkeypatch):
     md = small_model_folder(tmp_path)
     measured = {"tokens_per_s_1_stream": 56_000.0, "decode_tokens_per_s_1_stream": 70_000.0}
-    fake = type("Backend", (), {"run": staticmethod(lambda *a: BenchResult(dict(measured)))})
+    fake = type("Fake", (Backend,), {"run": staticmethod(lambda *a: BenchResult(dict(measured)))})
     monkeypatch.setattr(bench, "load_backend", lambda name: fake)
     plan = bench.BenchPlan("hf", 100, 50, [1], 0, 1)
     result = bench.run(plan, None, None, md, ROUND_BW)
@@ -130,8 +131,8 @@ def test_a_format_transformers_decompresses_is_read_at_its_decompressed_size(tmp
     assert (stored.fixed, stored.per_stream) == (1600 + 32 + 16, 16)
     loaded = roofline.tensor_index(_Decompressed())
     fake = type(
-        "Backend",
-        (),
+        "Fake",
+        (Backend,),
         {
             "run": staticmethod(
                 lambda *a: BenchResult(

@@ -165,7 +165,7 @@ def run(plan: BenchPlan, model, tokenizer, model_dir: Path, hardware: DictConfig
     per step on this hardware (the end-to-end speed where there is no decode-only figure; tags say which)."""
     backend = load_backend(plan.backend)
     result = backend.run(plan, model, tokenizer, model_dir, hardware)
-    if not getattr(backend, "roofline", True):  # a backend outside quantbench may predate the flag
+    if not backend.roofline:
         return result
     try:
         index, bytes_basis = roofline.bytes_read(model_dir, result, hardware)

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import subprocess
 import sys
 import tempfile
@@ -207,7 +206,7 @@ class Serving(Backend):
         the server held in memory (`ServerMemory`)."""
         device = str(hardware.device)
         model_path = vllm.glob_safe(model_dir, out / "model")
-        port = free_port()
+        port = children.free_port()
         cmd, env = server_command(plan, model_path, hardware, port)
         server_log = out / "server.log"
         log.info("Starting vLLM's server on 127.0.0.1:%d: %s", port, " ".join(cmd))
@@ -311,13 +310,6 @@ class Serving(Backend):
         }
         steps = [(step, {f"{prefix}{k}": v for k, v in m.items()}) for prefix, step, m in series]
         return BenchResult(metrics=summary, tags=tags, detail=detail, steps=steps, artifacts=artifacts)
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(plan: BenchPlan, model_dir: Path, hardware, port: int) -> tuple[list[str], dict[str, str]]:

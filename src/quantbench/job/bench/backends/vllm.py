@@ -548,11 +548,13 @@ class Vllm(Backend):
         return BenchResult(metrics=metrics, tags=tags, detail=detail)
 
 
+START_TEXTS = [t for _, ts in COMPILE_CACHE for t in ts] + [t for span in START_SPANS.values() for t in span]
+START_PATTERNS = [p for ps in START_PARTS.values() for p in ps]
+
+
 def is_start_line(line: str) -> bool:
     """Whether a line of the engine's log times a part of its start or tells the compile cache's answer."""
-    texts = [t for _, ts in COMPILE_CACHE for t in ts] + [t for span in START_SPANS.values() for t in span]
-    patterns = [p for ps in START_PARTS.values() for p in ps]
-    return any(t in line for t in texts) or any(p.search(line) for p in patterns)
+    return any(t in line for t in START_TEXTS) or any(p.search(line) for p in START_PATTERNS)
 
 
 def engine_start_split(lines: list[tuple[float, str]], total_s: float) -> tuple[dict[str, float], str]:
@@ -574,8 +576,7 @@ def engine_start_split(lines: list[tuple[float, str]], total_s: float) -> tuple[
                 float(m.group(1))
                 for t, line in lines
                 if began[0] <= t <= ended[-1]
-                for patterns in START_PARTS.values()
-                for p in patterns
+                for p in START_PATTERNS
                 if (m := p.search(line))
             ]
             split[part] = max(0.0, ended[-1] - began[0] - sum(inside))
