@@ -181,7 +181,11 @@ def test_a_second_job_with_the_same_key_reuses_the_quantized_folder_and_still_ve
     assert hit.data.metrics["quantize_s"] == miss.data.metrics["quantize_s"]
     assert hit.data.metrics["cache_restore_s"] > 0
     assert hit.data.tags["artifact_verified"] == "true"
-    assert hit.data.metrics["fingerprint_nll"] == pytest.approx(miss.data.metrics["fingerprint_nll"], rel=1e-6)
+    # the same files reloaded the same way give the same loss; the in-memory models (the quantizer's output, the
+    # cached folder loaded) may round differently on another CPU's kernels, within the artifact check's tolerance
+    reload = "fingerprint_reload_nll"
+    assert hit.data.metrics[reload] == pytest.approx(miss.data.metrics[reload], rel=1e-6)
+    assert hit.data.metrics["fingerprint_nll"] == pytest.approx(miss.data.metrics["fingerprint_nll"], rel=1e-3)
     entry = tmp_path / "quantized" / miss.data.tags["cache_key"] / "manifest.json"
     assert json.loads(entry.read_text())["run_id"] == miss.info.run_id
 

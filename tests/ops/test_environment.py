@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def test_installed_versions_are_the_locked_versions():
         if installed.split("+")[0] != version.split("+")[0]:
             wrong[name] = (version, installed)
     assert not wrong, f"installed versions differ from requirements-lock.txt: {wrong}"
+
+
+@pytest.mark.parametrize("module", ["torch", "transformers", "lm_eval", "mlflow", "vllm"])
+def test_the_installed_libraries_are_compiled_to_bytecode(module):
+    """`make install` compiles what it installs (pip does by default, uv when asked): where PYTHONDONTWRITEBYTECODE=1
+    (our machines and CI), nothing is compiled later, and every job, reload and test process would compile these
+    libraries from source again (about twice the time of each fresh process)."""
+    import importlib.util
+
+    source = importlib.util.find_spec(module).origin
+    assert Path(importlib.util.cache_from_source(source)).exists(), f"{module} is not compiled: {source}"
 
 
 def test_bitsandbytes_nf4_round_trip_on_cpu():

@@ -242,8 +242,18 @@ def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp
         tags=gpu | {"bench_backend": "hf"},
         metrics={"tokens_per_s_1_stream": 30.0},
     )
+    log_run(  # within the accuracy limit but outside the tie: it lost on accuracy, refusal or not, and says so
+        client,
+        exp,
+        "rtn",
+        job_num=3,
+        samples={"t1": correctness(N, 296)},
+        tags=gpu | {"bench_backend": "vllm"},
+        metrics={"tokens_per_s_1_stream": 400.0},
+    )
     _, _, ds = decisions(uri)
     assert not any(d.won for d in ds.values())
+    assert ds["rtn"].why.startswith("mean accuracy 74 is more than 0.5 below the best (75)"), ds["rtn"].why
     assert "tokens_per_s_1_stream cannot rank these runs: tokens_per_s_1_stream was measured on different bases" in (
         ds["gptq"].why
     )

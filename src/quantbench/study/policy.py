@@ -318,7 +318,15 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
     if not pool:
         return _explained(Outcome(decisions))
     best = max(up_rank * d.score for d in pool)
+    best_score = up_rank * best
+    rank, tie = c.rank_by, c.tie_break
     tied = [d for d in pool if best - up_rank * d.score <= c.tie_tolerance]
+    for d in pool:  # explained before a refusal below can return: a run outside the tie lost on rank_by either way
+        if d not in tied:
+            d.why = (
+                f"{rank} {_v(d.score)} is more than {c.tie_tolerance:g} "
+                f"{'below' if up_rank > 0 else 'above'} the best ({_v(best_score)})"
+            )
     for name, compared, value in (
         (c.rank_by, pool, lambda d: d.score),
         (c.tie_break, tied if len(tied) > 1 else [], lambda d: d.tie_value),
@@ -343,8 +351,6 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
     )
     winner = tied[0]
     winner.won = True
-    best_score = up_rank * best
-    rank, tie = c.rank_by, c.tie_break
     if len(tied) == 1:
         winner.why = f"best {rank}: {_v(winner.score)}"
     else:
@@ -352,18 +358,11 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
             f"{rank} {_v(winner.score)} within {c.tie_tolerance:g} of the best ({_v(best_score)}), "
             f"and best {tie} among the {len(tied)} tied: {_v(winner.tie_value)}"
         )
-    for d in pool:
-        if d is winner:
-            continue
-        if d in tied:
+    for d in tied:
+        if d is not winner:
             d.why = (
                 f"tied on {rank} ({_v(d.score)} vs best {_v(best_score)}, within {c.tie_tolerance:g}) "
                 f"but lost the tie-break on {tie}: {_v(d.tie_value)} vs {_v(winner.tie_value)}"
-            )
-        else:
-            d.why = (
-                f"{rank} {_v(d.score)} is more than {c.tie_tolerance:g} "
-                f"{'below' if up_rank > 0 else 'above'} the best ({_v(best_score)})"
             )
     return _explained(Outcome(decisions))
 
