@@ -7,6 +7,7 @@ store in a temporary folder, and assert on what the store holds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -88,6 +89,16 @@ def run_cli(
     return Store(uri=f"sqlite:///{mlruns}/mlflow.db", artifacts=mlruns / "artifacts", result=result)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup` (`make test`), each file is one group, so a worker runs all of a file's
+    tests and its module fixtures run once; the files that read the default sweep are one group together, so it runs
+    once and no worker sits waiting on another's."""
+    sweep_files = {item.path for item in items if "default_sweep" in item.fixturenames}
+    for item in items:
+        group = "default_sweep" if item.path in sweep_files else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_configure(config):
     """Under pytest-xdist on a machine of several GPUs (`pytest -m gpu -n 2`), each worker takes one GPU, round
     robin, before anything initialises CUDA: the GPU tests then run side by side instead of sharing GPU 0."""
@@ -111,11 +122,29 @@ def tiny_root() -> Path:
     return tiny.build(cache_dir=CACHE / "quantbench")
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the workers' common temporary parent), or this
+    session's own where there are no workers."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="session")
 def default_sweep(tiny_root, tmp_path_factory) -> Store:
-    """The README's default sweep (`python run.py -m`): every default method on the embedded model, run once."""
-    work = tmp_path_factory.mktemp("default_sweep")
-    return run_cli("-m", mlruns=work / "mlruns", workdir=work)
+    """The README's default sweep (`python run.py -m`): every default method on the embedded model, run once per
+    session: the first worker to ask runs it, under a file lock, and the others read its store."""
+    from filelock import FileLock
+
+    work = shared_folder(tmp_path_factory, "default_sweep")
+    output = work / "cli-output.json"
+    with FileLock(f"{work}.lock"):
+        if not output.exists():
+            work.mkdir(parents=True, exist_ok=True)
+            store = run_cli("-m", mlruns=work / "mlruns", workdir=work)
+            output.write_text(json.dumps({"args": store.result.args, "stdout": store.result.stdout}))
+    done = json.loads(output.read_text())
+    result = subprocess.CompletedProcess(done["args"], 0, done["stdout"], "")
+    return Store(uri=f"sqlite:///{work}/mlruns/mlflow.db", artifacts=work / "mlruns" / "artifacts", result=result)
 
 
 def world_enterable_folder(prefix: str) -> Path:
