@@ -89,6 +89,7 @@ def run_cli(
     return Store(uri=f"sqlite:///{mlruns}/mlflow.db", artifacts=mlruns / "artifacts", result=result)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's `--dist loadgroup` (`make test`), each file is one group, so a worker runs all of a file's
     tests and its module fixtures run once; the files that read the default sweep are one group together, so it runs
