@@ -3,6 +3,7 @@ libraries pip cannot vouch for (vLLM installed with --no-deps) actually work."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -39,8 +40,6 @@ def test_the_installed_libraries_are_compiled_to_bytecode(module):
     """`make install` compiles what it installs (pip does by default, uv when asked): where PYTHONDONTWRITEBYTECODE=1
     (our machines and CI), nothing is compiled later, and every job, reload and test process would compile these
     libraries from source again (about twice the time of each fresh process)."""
-    import importlib.util
-
     source = importlib.util.find_spec(module).origin
     assert Path(importlib.util.cache_from_source(source)).exists(), f"{module} is not compiled: {source}"
 

@@ -215,42 +215,16 @@ def test_the_policy_refuses_to_rank_tokens_per_s_across_backends_unless_told(tmp
     stream) would compare the backends, not the models."""
     uri, client, exp = make_store(tmp_path / "mlruns")
     gpu = {"host.gpu": "NVIDIA H100 80GB HBM3"}
-    log_run(
-        client,
-        exp,
-        "fp16",
-        job_num=0,
-        samples={"t1": correctness(N, 300)},
-        tags=gpu | {"bench_backend": "vllm"},
-        metrics={"tokens_per_s_1_stream": 150.0},
+    runs = (  # method, correctness, backend, tokens/s at one stream
+        ("fp16", correctness(N, 300), "vllm", 150.0),
+        ("gptq", correctness(N, 300, 1, 1), "vllm", 260.0),
+        ("aqlm_2bit", correctness(N, 300, 1, 1), "hf", 30.0),
+        # within the accuracy limit but outside the tie: it lost on accuracy, refusal or not, and says so
+        ("rtn", correctness(N, 296), "vllm", 400.0),
     )
-    log_run(
-        client,
-        exp,
-        "gptq",
-        job_num=1,
-        samples={"t1": correctness(N, 300, 1, 1)},
-        tags=gpu | {"bench_backend": "vllm"},
-        metrics={"tokens_per_s_1_stream": 260.0},
-    )
-    log_run(
-        client,
-        exp,
-        "aqlm_2bit",
-        job_num=2,
-        samples={"t1": correctness(N, 300, 1, 1)},
-        tags=gpu | {"bench_backend": "hf"},
-        metrics={"tokens_per_s_1_stream": 30.0},
-    )
-    log_run(  # within the accuracy limit but outside the tie: it lost on accuracy, refusal or not, and says so
-        client,
-        exp,
-        "rtn",
-        job_num=3,
-        samples={"t1": correctness(N, 296)},
-        tags=gpu | {"bench_backend": "vllm"},
-        metrics={"tokens_per_s_1_stream": 400.0},
-    )
+    for job_num, (method, correct, backend, speed) in enumerate(runs):
+        log_run(client, exp, method, job_num=job_num, samples={"t1": correct},
+                tags=gpu | {"bench_backend": backend}, metrics={"tokens_per_s_1_stream": speed})  # fmt: skip
     _, _, ds = decisions(uri)
     assert not any(d.won for d in ds.values())
     assert ds["rtn"].why.startswith("mean accuracy 74 is more than 0.5 below the best (75)"), ds["rtn"].why
