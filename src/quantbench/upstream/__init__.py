@@ -12,4 +12,6 @@ defect is fixed upstream (the signal to delete the workaround):
   lookup, cache folder and environment; tests/job/bench/backends/test_vllm.py and tests/ops/test_environment.py).
 - `ray_records.py`, in vLLM's engine processes: transformers imported with ray's bundled folder off sys.path (its dist-info
   folders break `importlib.metadata`; tests/upstream/test_workarounds.py).
+- `humming_ops.py`, in vLLM's engine processes: humming-kernels' torch ops registered before vLLM loads its compile
+  cache, which refers to them (tests/gpu/test_humming_ops.py).
 """

@@ -568,6 +568,28 @@ def test_the_engine_start_is_split_from_vllms_own_log_lines_and_the_rest_is_othe
     assert vllm_backend.engine_start_split([], 5.0) == ({}, "none")  # eager, or a vLLM that logs none of it
 
 
+@pytest.mark.parametrize(
+    ("knob", "device", "mode"),
+    [("auto", "cpu", "in_process"), ("auto", "cuda:0", "separate"), ("in_process", "cuda:0", "in_process"),
+     ("separate", "cpu", "separate")],
+)  # fmt: skip
+def test_the_engine_core_runs_where_asked_and_the_run_says_where(tmp_path, monkeypatch, knob, device, mode):
+    """bench.vllm.engine_core: "auto" keeps vLLM's layout on CUDA (a process of its own) and ours on CPU (in the
+    engine process); either can be asked for, and the tag and the bench path say which ran."""
+    seen: dict = {}
+    monkeypatch.setattr(vllm_backend.hf, "random_prompts", lambda tok, n, k: torch.zeros(n, k, dtype=torch.long))
+    monkeypatch.setattr(vllm_backend, "_run_engine", _fake_engine({"UnquantizedLinearMethod: x": 4}, seen))
+    monkeypatch.setattr(vllm_backend, "unsupported_reason", lambda model_dir, hardware: None)  # the CPU wheel here
+    plan = bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"engine_core": knob, "gpu_memory_utilization": 0.5}}))
+    hardware = OmegaConf.create({"device": device, "dtype": "bfloat16"})
+    result = vllm_backend.BACKEND.run(plan, None, None, small_model_folder(tmp_path), hardware)
+    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == ("0" if mode == "in_process" else "1")
+    assert result.tags["vllm_engine_core"] == mode
+    assert ("in-process engine core" in result.tags["bench_path"]) == (mode == "in_process")
+    with pytest.raises(ConfigError, match="bench.vllm.engine_core='inline'"):
+        bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"engine_core": "inline"}}))
+
+
 @pytest.mark.parametrize(("sizes", "eager", "captured"), [("streams", False, [1, 8]), ("auto", False, None), ("streams", True, None)])  # fmt: skip
 def test_cuda_graphs_are_captured_for_the_benchmarks_stream_counts_unless_asked_otherwise(
     tmp_path, monkeypatch, sizes, eager, captured

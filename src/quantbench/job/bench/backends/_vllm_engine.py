@@ -21,11 +21,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from quantbench.upstream.humming_ops import register_humming_ops
 from quantbench.upstream.ray_records import import_transformers_before_ray
 
 log = logging.getLogger("quantbench.job.bench.vllm_engine")
-# At import, so that vLLM's engine core (forked or spawned from this module) has it too.
+# At import, so that vLLM's engine core (forked or spawned from this module) has them too.
 import_transformers_before_ray()
+register_humming_ops()  # where humming-kernels is installed (the CUDA lock): vLLM's compile cache can then load
 
 
 def describe_linear_layers(model) -> dict[str, int]:

@@ -70,6 +70,10 @@ class VllmKnobs:
     # The KV cache's dtype (vLLM's kv_cache_dtype): "auto" (the serving dtype) or "fp8" (e4m3 on CUDA, half the
     # cache's bytes per token; on CPU where the probe finds vLLM's FP8 CPU attention). A sweep over it compares both.
     kv_cache_dtype: str = "auto"
+    # Where vLLM's engine core runs: "in_process", in the engine process (VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM is
+    # imported once); "separate", a process of its own, as `vllm.LLM` starts it by default (on CUDA it is spawned and
+    # imports vLLM again: ~15 s of an H100 start); "auto": in_process on CPU, separate on CUDA. Tag vllm_engine_core.
+    engine_core: str = "auto"
 
     # KernelConfig.linear_backend's values in vLLM 0.26 and 0.32 (the releases quantbench runs on GPU and CPU)
     LINEAR_BACKENDS = (
@@ -80,6 +84,7 @@ class VllmKnobs:
     DTYPES = ("auto", "float16", "bfloat16", "float32")
     KV_CACHE_DTYPES = ("auto", "fp8")
     CUDA_GRAPH_SIZES = ("streams", "auto")
+    ENGINE_CORES = ("auto", "in_process", "separate")
     # What a linear backend's kernels refuse, checked before any work (vLLM 0.26 and 0.32, ExllamaLinearKernel:
     # "Exllama only supports float16 activations", and SUPPORTED_QUANT_TYPES holds no type with a zero point).
     BACKEND_DTYPES = {"exllama": ("float16",)}
@@ -88,6 +93,12 @@ class VllmKnobs:
     def serving_dtype(self, hardware_dtype: str) -> str:
         """The dtype vLLM computes in: `dtype`, or the hardware's where that is "auto"."""
         return hardware_dtype if self.dtype == "auto" else self.dtype
+
+    def engine_core_mode(self, device: str) -> str:
+        """Where the engine core runs on `device`: `engine_core`, or for "auto" in_process on CPU, separate on CUDA."""
+        if self.engine_core != "auto":
+            return self.engine_core
+        return "in_process" if device.startswith("cpu") else "separate"
 
 
 GiB = 2**30
@@ -324,6 +335,8 @@ class Vllm(Backend):
             problems.append(
                 f"bench.vllm.cuda_graph_sizes={knobs.cuda_graph_sizes!r} (one of {list(VllmKnobs.CUDA_GRAPH_SIZES)})"
             )
+        if knobs.engine_core not in VllmKnobs.ENGINE_CORES:
+            problems.append(f"bench.vllm.engine_core={knobs.engine_core!r} (one of {list(VllmKnobs.ENGINE_CORES)})")
         if knobs.dtype not in VllmKnobs.DTYPES:
             problems.append(f"bench.vllm.dtype={knobs.dtype!r} (one of {list(VllmKnobs.DTYPES)})")
         if knobs.timeout_s is not None and float(knobs.timeout_s) <= 0:
@@ -451,6 +464,7 @@ class Vllm(Backend):
             if knobs.cuda_graph_sizes == "streams" and not knobs.enforce_eager:
                 engine["cudagraph_capture_sizes"] = sorted(set(plan.streams))
         env = engine_env(device, knobs.cpu_threads)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if knobs.engine_core_mode(device) == "in_process" else "1"
         if knobs.disabled_kernels:
             env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
         request = {
@@ -496,9 +510,12 @@ class Vllm(Backend):
                 f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
                 f"where the family has no kernel for the model's layers (here: {device})"
             )
-        path = "vllm.LLM offline engine"
+        core = knobs.engine_core_mode(device)
+        path = "vllm.LLM offline engine, " + (
+            "in-process engine core" if core == "in_process" else "engine-core process"
+        )
         if device.startswith("cpu"):
-            path += f", in-process engine core, {env['OMP_NUM_THREADS']} OpenMP thread(s)"
+            path += f", {env['OMP_NUM_THREADS']} OpenMP thread(s)"
         tags = {
             "bench_backend": "vllm",
             "bench_path": path,
@@ -509,6 +526,7 @@ class Vllm(Backend):
             "slow_kernel_fallback": "true" if slow else "false",
             "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
             "vllm_kv_cache_dtype": knobs.kv_cache_dtype,
+            "vllm_engine_core": core,
             "vllm_compile_cache": compile_cache,
             "vllm_cuda_graph_sizes": (
                 "none"
