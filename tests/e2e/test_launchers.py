@@ -4,14 +4,12 @@ single-node SLURM cluster. Jobs are the cheapest real ones (fp16, rtn, bnb_nf4 w
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import slurm_cluster
+from helpers.ray_local import local_ray, most_at_once
 from helpers.run_if import run_if
 from conftest import run_cli
 
@@ -28,27 +26,16 @@ def model_files(client: MlflowClient, run_id: str) -> set[str]:
     return {a.path for a in client.list_logged_model_artifacts(logged_model.of_run(client, run_id).model_id)}
 
 
-def most_at_once(runs) -> int:
-    spans = [(r.info.start_time, r.info.end_time) for r in runs]
-    return max(sum(s <= t < e for s, e in spans) for t, _ in spans)
-
-
 @pytest.mark.e2e
 def test_a_ray_sweep_runs_two_jobs_at_a_time_and_every_run_reaches_the_server(postgres_server, tiny_root, tmp_path,
                                                                               monkeypatch):  # fmt: skip
     """Three jobs, a local Ray head with two CPUs, one CPU per job (hardware=cpu's job_cpus): two run at once, the
     third when one is done; each run names the Ray node and worker that ran it."""
     url, _ = postgres_server
-    ray_tmp = Path(tempfile.mkdtemp(prefix="qbray", dir="/tmp"))  # Ray's socket paths must stay under 107 characters
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray for a local head
-    try:
-        run_cli("-m", "hydra/launcher=ray", "tracking=server", "method=fp16,bnb_nf4,rtn",
-                "eval=none", "bench=none", "quality=none",
-                "+hydra.launcher.ray.init.num_cpus=2", f"+hydra.launcher.ray.init._temp_dir={ray_tmp}",
+    with local_ray(monkeypatch) as ray:
+        run_cli("-m", *ray, "tracking=server", "method=fp16,bnb_nf4,rtn", "eval=none", "bench=none", "quality=none",
                 "tracking.experiment=ray-sweep", mlruns=tmp_path / "unused", workdir=tmp_path)  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     client, runs = runs_of(url, "ray-sweep")
     assert sorted(r.data.tags["method"] for r in runs) == ["bnb_nf4", "fp16", "rtn"]
     for run in runs:

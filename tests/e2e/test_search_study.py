@@ -16,6 +16,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 import pytest
 from conftest import CACHE, ROOT, run_cli
+from helpers.ray_local import local_ray, most_at_once
 
 from quantbench import measure
 from quantbench.study import search
@@ -187,3 +188,28 @@ def test_two_sweepers_share_one_study_and_every_trial_reaches_the_server_once(po
     own = [r for r in runs if r.data.tags.get("search_study") == "parallel"]
     assert len({r.data.tags["search_trial"] for r in own}) == len(own) == len(runs)  # one run per trial it ran
     assert {t.user_attrs["run_id"] for t in complete} == {r.info.run_id for r in runs}  # reused runs included
+
+
+def test_a_ray_launched_search_runs_two_trials_at_once_and_every_trial_reaches_the_server_once(
+    postgres_server, tiny_root, tmp_path, monkeypatch
+):
+    """One sweeper hands two trials at a time (hydra.sweeper.n_jobs=2) to the Ray launcher on a local head of two
+    CPUs: two Ray workers run trials of one study in parallel, each trial is one run on the tracking server, and the
+    study and the server agree on which run each trial is."""
+    url, _ = postgres_server
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    with local_ray(monkeypatch) as ray:
+        run_cli("-m", "search=mixed_precision", *ray, "tracking=server", "tracking.experiment=search-ray",
+                "hydra.sweeper.study_name=ray", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                f"hydra.sweeper.storage={storage}", mlruns=tmp_path / "unused", workdir=tmp_path)  # fmt: skip
+    trials = optuna.load_study(study_name="ray", storage=storage).get_trials()
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("search-ray").experiment_id])
+    assert all(r.info.status == "FINISHED" and r.data.tags["launcher"] == "ray" for r in runs)
+    assert len({r.data.tags["search_trial"] for r in runs}) == len(runs)  # no trial ran twice
+    assert {t.user_attrs["run_id"] for t in trials} == {r.info.run_id for r in runs}  # reused runs included
+    assert len({r.data.tags["ray.worker_id"] for r in runs}) == len(runs)  # max_calls=1: a fresh worker per trial
+    assert most_at_once(runs) == 2
+    assert not (tmp_path / "unused").exists()  # nothing went to a local store

@@ -121,6 +121,15 @@ def keep_patterns(keep: str, num_layers: int) -> list[str]:
     return patterns
 
 
+def check_keep_bits(bits: int, keep_bits: int, supported: tuple[int, ...]) -> None:
+    """Kept layers are stored at more bits than the rest: one of the method's wider widths, or 16 (unquantized)."""
+    if keep_bits not in (*supported, 16) or keep_bits <= bits:
+        raise ConfigError(
+            f"method.keep_bits={keep_bits}: kept layers are stored at more bits than the rest "
+            f"(method.bits={bits}): one of {[b for b in (*supported, 16) if b > bits]} (16: unquantized)."
+        )
+
+
 def keep_layout(names: list[str], patterns: list[str], bits: int, keep_bits: int, group_size: int) -> dict[str, str]:
     """Each layer's stored format, as compressed-tensors matches the patterns (re.match on the module name)."""
     kept = f"int{keep_bits}" if keep_bits < 16 else "unquantized"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from quantbench.errors import ConfigError
 from quantbench.job.methods._preset import PresetScheme
 from quantbench.job.methods._weight_only import (
     check_bits,
     check_group_size,
+    check_keep_bits,
     int_weight_modifier,
     keep_layout,
     keep_patterns,
@@ -51,12 +51,7 @@ class RTN(PresetScheme):
         super().validate(model_config, hardware)
         check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)
-        if self.keep_bits not in (*SUPPORTED_BITS, 16) or self.keep_bits <= self.bits:
-            raise ConfigError(
-                f"method.keep_bits={self.keep_bits}: kept layers are stored at more bits than the rest "
-                f"(method.bits={self.bits}): one of {[b for b in (*SUPPORTED_BITS, 16) if b > self.bits]} "
-                f"(16: unquantized)."
-            )
+        check_keep_bits(self.bits, self.keep_bits, SUPPORTED_BITS)
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         self.keep_targets = keep_patterns(self.keep, int(text.num_hidden_layers))
 
