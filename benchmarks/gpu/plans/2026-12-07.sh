@@ -11,6 +11,7 @@ step 0-import-again python -c "import time; t = time.perf_counter(); import vllm
 job 1-best-cold "${BEST[@]}" "${S[@]}"
 job 2-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
 job 3-best-warm-in-process "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
+step 3-decode-profile python benchmarks/gpu/decode_profile.py "$(grep -aom1 '/[^ ]*/served/[0-9a-f]*' "$W/logs/1-best-cold.log")" --dtype float16 --linear-backend humming
 job 4-serve-best "${BEST[@]}" "${SERVE[@]}"
 job 5-serve-fp16 fp16 "${SERVE[@]}"
 job 6-serve-fp8 fp8 "${SERVE[@]}"
