@@ -80,15 +80,14 @@ _RECORDED = sorted(RESULTS.glob("*/environment.txt"))
     strict=True,
 )
 def test_what_ran_on_the_gpu_is_the_lock():
-    """The environment each committed GPU store ran in (written by `cuda_lock.py check` on the GPU machine, right after
-    `make install`) holds every lock entry at the locked version."""
-    recorded = _RECORDED
-    if not recorded:
+    """The environment the latest GPU stretch ran in (written by `cuda_lock.py check` on the GPU machine, right after
+    `make install`; the results folders are named by date) holds every lock entry at the locked version. Earlier
+    stretches ran earlier locks: a lock entry joins only once a GPU run has installed it."""
+    if not _RECORDED:
         pytest.fail("no GPU run has recorded its environment (benchmarks/results/*/environment.txt) yet")
-    lock = cuda_lock.read_pins(cuda_lock.LOCK)
-    for path in recorded:
-        ran = cuda_lock.read_pins(path)
-        assert {n: (v, ran.get(n)) for n, v in lock.items() if ran.get(n) != v} == {}, path
+    latest = _RECORDED[-1]
+    lock, ran = cuda_lock.read_pins(cuda_lock.LOCK), cuda_lock.read_pins(latest)
+    assert {n: (v, ran.get(n)) for n, v in lock.items() if ran.get(n) != v} == {}, latest
 
 
 def test_uv_gets_the_indexes_find_links_constraints_and_ca_bundle_that_pip_is_given():
