@@ -8,7 +8,6 @@ BEST=(rtn method.quantize_lm_head=true bench.vllm.dtype=float16 bench.vllm.linea
 SERVE=(bench=serving bench.vllm.kv_cache_gb=4 hardware.cost_per_hour=3.0)
 
 step 0-import python -c "import time; t = time.perf_counter(); import vllm; print(f'import vllm {time.perf_counter() - t:.1f} s')"
-step 0-import-again python -c "import time; t = time.perf_counter(); import vllm; print(f'import vllm {time.perf_counter() - t:.1f} s')"
 job 1-best-cold "${BEST[@]}" "${S[@]}"
 job 2-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
 job 3-best-warm-in-process "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
