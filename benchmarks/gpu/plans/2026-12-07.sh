@@ -9,8 +9,8 @@ SERVE=(bench=serving bench.vllm.kv_cache_gb=4 hardware.cost_per_hour=3.0)
 
 step 0-import python -c "import time; t = time.perf_counter(); import vllm; print(f'import vllm {time.perf_counter() - t:.1f} s')"
 job 1-best-cold "${BEST[@]}" "${S[@]}"
-job 2-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
-job 3-best-warm-in-process "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
+job 2-best-warm-in-process "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
+job 3-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
 QUANTBENCH_HUMMING_OPS_FIRST=0 job 4-best-warm-separate-no-ops-first "${BEST[@]}" "${S[@]}" force=true
 step 5-decode-profile python benchmarks/gpu/decode_profile.py "$(grep -aom1 '/[^ ]*/served/[0-9a-f]*' "$W/logs/1-best-cold.log")" --dtype float16 --linear-backend humming
 step 6-gpu-tests python -m pytest -p no:cacheprovider -m gpu -q tests/gpu/test_humming_ops.py tests/gpu/test_pipeline_cuda.py -k "humming or energy"
