@@ -46,9 +46,10 @@ TARGET = default_environment() | {
     "os_name": "posix",
 }
 # Requirements added after the last GPU install (benchmarks/results/*/environment.txt): left out of the CUDA lock until
-# a GPU run installs and records them, so that the lock stays what ran. Empty: Optuna and colorlog joined the lock for
-# the GPU stretch of 2026-12-07, whose environment.txt records them.
-NOT_YET_ON_GPU: set[str] = set()
+# a GPU run installs and records them, so that the lock stays what ran. Optuna (hydra/sweeper=optuna, `quantbench
+# search`) and colorlog, its one requirement the lock lacks: a GPU machine says so when a search starts. The next GPU
+# stretch empties this set, regenerates the lock and rebuilds the bundle before it stages (no GPU came on 2026-12-07).
+NOT_YET_ON_GPU = {"optuna", "colorlog"}
 ROOTS = [
     *[
         name

@@ -23,4 +23,5 @@ job 12-fp16-in-float16 fp16 bench.vllm.dtype=float16 "${S[@]}"
 job 13-fp8-kv-fp8 fp8 bench.vllm.kv_cache_dtype=fp8 "${S[@]}"
 job 14-w8a8-int8 w8a8_int8 calibration.num_samples=32 "${S[@]}"
 job 15-awq-head awq method.quantize_lm_head=true method.zero_point=false calibration.num_samples=32 bench.vllm.dtype=float16 bench.vllm.linear_backend=humming "${S[@]}"
+# needs Optuna in the CUDA lock (benchmarks/gpu/cuda_lock.py NOT_YET_ON_GPU emptied, lock and bundle rebuilt)
 step 16-search python run.py -m search=w4a16_h100 hardware="$QB_HARDWARE" hydra.sweeper.n_trials=4 paths.mlruns=/tmp/qb-queue/mlruns
