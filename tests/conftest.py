@@ -43,7 +43,7 @@ class Store:
     def client(self):
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(self.uri)
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def runs(self, experiment: str = "quantbench-tiny"):
         exp = self.client.get_experiment_by_name(experiment)

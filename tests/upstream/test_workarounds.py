@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.run_if import run_if
-from quantbench.upstream import quantizers
+from quantbench.upstream import mlflow_registry, quantizers
 
 # the pin_memory defect only shows without an accelerator
 no_accelerator = run_if(accelerator=False)
@@ -168,3 +169,53 @@ def test_an_engine_core_spawned_after_ray_imports_transformers_without_rays_fold
     check = "assert any(p.endswith('ray/thirdparty_files') for p in sys.path)\n"
     spawned = _python(AFTER_RAY + "import quantbench.job.bench.backends._vllm_engine, transformers.utils\n" + check)
     assert spawned.returncode == 0, spawned.stderr[-2000:]
+
+
+# --- MLflow 3.17: registry calls resolved with the global URIs (upstream/mlflow_registry.py) -------------------------
+
+
+def _store_with_a_champion(root: Path) -> str:
+    """A SQLite store whose registered model `m` has version 1, a folder of one file, under the alias `champion`."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    folder = root / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", source=folder.as_uri())
+    client.set_registered_model_alias("m", "champion", "1")
+    return uri
+
+
+DOWNLOAD = (
+    "import sys, mlflow; print(mlflow.artifacts.download_artifacts('models:/m@champion', dst_path=sys.argv[2], "
+    "tracking_uri=sys.argv[1]))"
+)
+
+
+def test_mlflow_still_resolves_an_alias_with_the_global_registry_not_the_uri_it_is_given(tmp_path):
+    uri = _store_with_a_champion(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in mlflow_registry.ENV}
+    (elsewhere := tmp_path / "cwd").mkdir()  # where MLflow's default store goes
+    out = subprocess.run([sys.executable, "-c", DOWNLOAD, uri, str(tmp_path / "dst")], capture_output=True,
+                         text=True, cwd=elsewhere, env=env, timeout=300)  # fmt: skip
+    assert out.returncode != 0 and "Registered Model with name=m not found" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("before", [None, "sqlite:////elsewhere/mlflow.db"])
+def test_global_uris_resolves_the_alias_then_leaves_the_globals_and_environment_as_they_were(
+    tmp_path, monkeypatch, before
+):
+    import mlflow
+
+    uri = _store_with_a_champion(tmp_path)
+    for key in mlflow_registry.ENV:
+        monkeypatch.delenv(key, raising=False) if before is None else monkeypatch.setenv(key, before)
+    was = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), {k: os.environ.get(k) for k in mlflow_registry.ENV}
+    with mlflow_registry.global_uris(uri):
+        folder = mlflow.artifacts.download_artifacts("models:/m@champion", dst_path=str(tmp_path / "dst"))
+    assert (Path(folder) / "config.json").exists()
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == was[:2]
+    assert {k: os.environ.get(k) for k in mlflow_registry.ENV} == was[2]

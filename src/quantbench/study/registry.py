@@ -15,9 +15,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -32,6 +30,7 @@ from quantbench.study.policy import MEAN_ACCURACY, Decision, decide, load_policy
 from quantbench.study.runs import RunRow, Selection, Store, add_store_args
 from quantbench.tracking import logged_model
 from quantbench.tracking.writer import MODEL_LOCATION_TAG
+from quantbench.upstream.mlflow_registry import global_uris
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def register(
     if same:
         version = min(same, key=lambda v: int(v.version))
     else:
-        with _global_uris(store.uri):  # MLflow 3.17 looks a models:/<model_id> source up in the *global* store
+        with global_uris(store.uri):  # MLflow 3.17 looks a models:/<model_id> source up in the *global* store
             version = client.create_model_version(
                 name,
                 source=source,
@@ -171,24 +170,8 @@ def load_champion(store: Store, name: str, alias: str = "champion", dst: str | P
 
     dst = Path(dst or tempfile.mkdtemp(prefix="quantbench-champion-"))
     # MLflow 3.17 resolves the alias with the *global* registry URI, whatever download_artifacts is passed.
-    with _global_uris(store.uri):
+    with global_uris(store.uri):
         return Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(dst)))
-
-
-@contextmanager
-def _global_uris(uri: str) -> Iterator[None]:
-    """MLflow's global tracking and registry URIs set to `uri` for the block: some of its registry calls ignore
-    the client's own."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
 
 
 def smoke_generate(folder: Path, prompt: str = "Where does", new_tokens: int = 8) -> str:

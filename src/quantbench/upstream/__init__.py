@@ -14,4 +14,6 @@ defect is fixed upstream (the signal to delete the workaround):
   folders break `importlib.metadata`; tests/upstream/test_workarounds.py).
 - `humming_ops.py`, in vLLM's engine processes: humming-kernels' torch ops registered before vLLM loads its compile
   cache, which refers to them (tests/gpu/test_humming_ops.py).
+- `mlflow_registry.py`, in `quantbench register`: MLflow resolving registry calls with its global URIs, set for the
+  block and put back with the environment variables MLflow exports (tests/upstream/test_workarounds.py).
 """
