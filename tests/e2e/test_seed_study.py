@@ -1,8 +1,9 @@
 """The seed study as a user types it, `python run.py -m experiment=seed`, on CPU against the local hub: the model by
 its hub id (gated, a token given), lm-eval's own `mmlu` group and `arc_challenge` over the hub's cais/mmlu and
 allenai/ai2_arc, calibration from allenai/c4, quality on Salesforce/wikitext, the AQLM checkpoint by its hub id, vLLM's
-CPU build serving the benchmark. Only the endpoint, the sizes and vLLM's eager mode differ from the GPU command (every
-override below); then `make report`, `make register` and `make recommend` over that sweep, as the README says."""
+CPU build serving the benchmark. Only the endpoint, the sizes (auto-round's iterations among them) and vLLM's eager
+mode differ from the GPU command (every override below); then `make report`, `make register` and `make recommend`
+over that sweep, as the README says."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ SIZES = (
     # vLLM without torch.compile: its engine starts in ~12 s instead of ~55 on a 2-core CPU (five engines here);
     # the compiled engine is covered by tests/job/bench/backends/test_vllm.py
     "bench.vllm.enforce_eager=true",
+    # auto-round at 50 iterations, as on the embedded model, instead of the seed's 200 (tests/e2e/conf/method_model)
+    f"hydra.searchpath=[{(ROOT / 'tests/e2e/conf').as_uri()}]",
 )
 
 
