@@ -13,7 +13,7 @@ job 2-best-warm-in-process "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_c
 job 3-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
 QUANTBENCH_HUMMING_OPS_FIRST=0 job 4-best-warm-separate-no-ops-first "${BEST[@]}" "${S[@]}" force=true
 step 5-decode-profile python benchmarks/gpu/decode_profile.py "$(grep -aom1 '/[^ ]*/served/[0-9a-f]*' "$W/logs/1-best-cold.log")" --dtype float16 --linear-backend humming
-step 6-gpu-tests python -m pytest -p no:cacheprovider -m gpu -q tests/gpu/test_humming_ops.py tests/gpu/test_pipeline_cuda.py -k "humming or energy"
+step 6-gpu-tests python -m pytest -p no:cacheprovider -m gpu -q tests/job/bench/test_energy.py tests/gpu/test_humming_ops.py tests/gpu/test_pipeline_cuda.py -k "humming or energy or nvml"
 job 7-serve-best "${BEST[@]}" "${SERVE[@]}"
 job 8-serve-fp16 fp16 "${SERVE[@]}"
 job 9-serve-fp8 fp8 "${SERVE[@]}"
