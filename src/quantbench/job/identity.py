@@ -155,6 +155,7 @@ def quantize_inputs(cfg: DictConfig, method_cls: type, model_identity: dict, cal
         "device_type": str(cfg.hardware.device).split(":")[0],
         "libraries": libraries(*QUANTIZE_LIBRARIES, method_cls.library),
         "quantbench_source": source_code(),
+        **method_cls.compute_inputs(cfg.method, cfg.hardware),
     }
     if method_cls.needs_calibration:
         out["calibration"] = OmegaConf.to_container(cfg.calibration, resolve=True)

@@ -45,6 +45,12 @@ class Method:
         (a published checkpoint instead of quantizing) says so here."""
         return cls.time_limit_min
 
+    @classmethod
+    def compute_inputs(cls, knobs: DictConfig, hardware: DictConfig) -> dict:
+        """What the artifact depends on beyond the method's config and the hardware config, resolved on this machine
+        (AWQ's calibration dtype under `auto`): part of the quantize key."""
+        return {}
+
     def __init__(self, name: str):
         # No catch-all **kwargs: a method's knobs are its subclass's constructor arguments, so Hydra's instantiate
         # refuses one it does not have (`+method.typo=1` included).
