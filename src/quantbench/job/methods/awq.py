@@ -118,8 +118,7 @@ class AWQ(Method):
             )
             if calibrate_in != dtype:
                 log.info("AWQ calibrated in %s; saving in %s", calibrate_in, dtype)
-                model.to(dtype)
-                model.config.dtype = dtype
+                model.to(dtype)  # save_pretrained writes config.json's dtype from the parameters
             model.save_pretrained(out_dir, save_compressed=True)  # llm-compressor's save: compressed-tensors
         del model
         gc.collect()
