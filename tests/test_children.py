@@ -169,3 +169,39 @@ def test_a_signal_the_job_was_started_to_ignore_stays_ignored():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "still running" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").exists(), reason="the boot-relative stamp is Linux's")
+def test_a_process_keeps_its_start_stamp_when_the_wall_clock_steps(monkeypatch):
+    """psutil's create_time() is the boot time plus the start since boot, and Linux derives the boot time from the
+    wall clock: an NTP step moves it. The stamp must not move, or a server or job that ran through a step is taken
+    for another process (left running by `server stop`, or marked interrupted while it runs)."""
+    import psutil
+    from psutil import _pslinux
+
+    me = os.getpid()
+    stamp, before = children.start_stamp(me), psutil.Process(me).create_time()
+    stepped = _pslinux.boot_time() + 5.0
+    monkeypatch.setattr(_pslinux, "boot_time", lambda: stepped)
+    assert psutil.Process(me).create_time() - before > 4  # the seam: psutil now sees a clock 5 s ahead
+    assert children.start_stamp(me) == stamp
+    assert children.same_process(me, stamp)
+
+
+def test_a_start_stamp_tells_a_reused_or_finished_pid_from_the_process_it_was_taken_of():
+    import psutil
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs, mine = children.start_stamp(other.pid), children.start_stamp(os.getpid())
+        assert theirs and mine and theirs != mine
+        assert children.same_process(other.pid, theirs) and not children.same_process(other.pid, mine)
+        assert children.same_process(other.pid, None)
+        # an older quantbench's stamp: create_time() as a number, within a second
+        created = psutil.Process(other.pid).create_time()
+        assert children.same_process(other.pid, repr(created)) and not children.same_process(other.pid, "12345.0")
+    finally:
+        other.kill()
+        other.wait()
+    assert children.start_stamp(other.pid) is None
+    assert not children.same_process(other.pid, theirs) and not children.same_process(other.pid, None)

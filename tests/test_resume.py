@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import CACHE, ROOT, run_cli
+from quantbench import children
 from quantbench.study import runs as runs_module
 from quantbench.tracking import logged_model
 from quantbench.tracking.writer import Tracker
@@ -43,7 +44,7 @@ def test_only_runs_whose_process_is_gone_on_this_host_are_marked_interrupted(tmp
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     alive = _running_run(
-        tracker, "alive", {"host.name": here, "pid": str(me.pid), "pid_started": repr(me.create_time())}
+        tracker, "alive", {"host.name": here, "pid": str(me.pid), "pid_started": children.start_stamp(me.pid)}
     )
     gone = _running_run(tracker, "gone", {"host.name": here, "pid": str(dead.pid)})
     reused = _running_run(tracker, "reused", {"host.name": here, "pid": str(me.pid), "pid_started": "12345.0"})

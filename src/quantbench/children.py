@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_stamp(pid: int) -> str | None:
+    """When process `pid` started, in a form no change of the wall clock alters; None if it is gone.
+
+    Why: psutil's create_time() is the start since boot plus the boot time, and Linux derives the boot time from the
+    wall clock, so an NTP step moves it. A job or server that ran through a step then looked like another process,
+    and was left running, or marked interrupted, while alive. On Linux the stamp is this boot's id and the start in
+    clock ticks since boot (/proc/PID/stat, field 22); elsewhere create_time()."""
+    import psutil
+
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    if not boot_id.exists():
+        try:
+            return repr(psutil.Process(pid).create_time())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and ')': fields 3.. follow its last ')'
+    return f"{boot_id.read_text().strip()}:{fields[22 - 3]}"
+
+
+def same_process(pid: int, stamp: str | None) -> bool:
+    """Whether `pid` still runs and is the process stamped `stamp` by start_stamp (a reused pid is not; None: any).
+    A bare number is an older quantbench's create_time(), compared as it was, within a second."""
+    now = start_stamp(pid)
+    if now is None or stamp is None:
+        return now is not None
+    try:
+        recorded = float(stamp)
+    except ValueError:
+        return now == stamp
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return abs(psutil.Process(pid).create_time() - recorded) < 1.0
+    return False
 
 
 def describe_exit(code: int) -> str:

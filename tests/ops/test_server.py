@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import world_enterable_folder
+from quantbench import children
 from quantbench.children import free_port
 from quantbench.ops import server
 
@@ -164,14 +165,18 @@ def test_the_tracking_server_and_its_database_listen_on_loopback_only(postgres_s
     assert all(ipaddress.ip_address(ip).is_loopback for ip, _ in listening), listening
 
 
-@pytest.mark.parametrize("pid_file", ["bare pid", "pid with the stranger's own start time"])
+@pytest.mark.parametrize("pid_file", ["bare pid", "pid with the stranger's start stamp", "an older pid file's time"])
 def test_stop_with_a_stale_pid_file_never_signals_the_process_that_now_has_that_pid(tmp_path, pid_file):
     """After a reboot or a kill -9 the pid in server.pid may belong to anything; `quantbench server stop` must check
     that it is this folder's server (start time and command line) before it signals it."""
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
-        started = psutil.Process(stranger.pid).create_time()
-        text = str(stranger.pid) if pid_file == "bare pid" else json.dumps({"pid": stranger.pid, "started": started})
+        started = {
+            "bare pid": None,
+            "pid with the stranger's start stamp": children.start_stamp(stranger.pid),
+            "an older pid file's time": psutil.Process(stranger.pid).create_time(),
+        }[pid_file]
+        text = str(stranger.pid) if started is None else json.dumps({"pid": stranger.pid, "started": started})
         server.pid_file(tmp_path).write_text(text)
         assert server.stop(tmp_path, timeout_s=5) is False
         assert stranger.poll() is None, "quantbench server stop signalled an unrelated process"

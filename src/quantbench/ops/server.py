@@ -279,9 +279,7 @@ def start_detached(mlruns: Path, port: int, store: str, pg_port: int, host: str 
     cmd += ["--store", store, "--pg-port", str(pg_port), "--host", host]
     with log_file.open("a") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    import psutil
-
-    identity = {"pid": process.pid, "started": psutil.Process(process.pid).create_time(), "mlruns": str(mlruns)}
+    identity = {"pid": process.pid, "started": children.start_stamp(process.pid), "mlruns": str(mlruns)}
     pid_file(mlruns).write_text(json.dumps(identity))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
@@ -312,9 +310,10 @@ def running_server(mlruns: Path):
     try:
         process = psutil.Process(recorded["pid"])
         cmdline = process.cmdline()
-        same_start = recorded["started"] is None or abs(process.create_time() - recorded["started"]) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
         return None
+    started = recorded["started"]
+    same_start = children.same_process(process.pid, None if started is None else str(started))
     ours = "quantbench" in cmdline and "server" in cmdline and str(mlruns) in cmdline
     if same_start and ours:
         return process

@@ -1,5 +1,5 @@
 """Where and what a job ran: the host, its CPU and GPU, the library versions, the git commit, the Ray or SLURM
-launcher; and whether the process that ran a job is still alive."""
+launcher, and the pid and start stamp that let a later job tell a killed run from a running one."""
 
 from __future__ import annotations
 
@@ -9,21 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from quantbench.children import start_stamp
 from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.versions import library_version
 
 TRACKED_LIBRARIES = ("torch", "transformers", "lm-eval", "mlflow", "hydra-core")
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """Whether process `pid` still runs and is the one that started at `started` (a reused pid is not)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def git_commit() -> str:
@@ -62,14 +52,12 @@ def environment_tags() -> dict[str, str]:
 
     cpu_model, cpu_flags = cpu_info()
     tags = {f"version.{d}": library_version(d) for d in TRACKED_LIBRARIES}
-    import psutil
-
     tags.update(
         {
             "git_commit": git_commit(),
             "host.name": platform.node(),
             "pid": str(os.getpid()),  # with pid_started: lets a later job tell a killed run from a running one
-            "pid_started": repr(psutil.Process().create_time()),
+            "pid_started": start_stamp(os.getpid()) or "",
             "host.platform": platform.platform(),
             "host.cpu_count": str(os.cpu_count()),
             "host.cpu": cpu_model,

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from quantbench import atomic, measure, redact
 from quantbench.tracking import logged_model
 from quantbench.stores import check_reachable, mlflow_uri, unreachable
-from quantbench.tracking.host import environment_tags, process_alive
+from quantbench.children import same_process
+from quantbench.tracking.host import environment_tags
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,7 @@ class Tracker:
         def interrupted(tags: dict[str, str]) -> str | None:
             if tags.get("host.name") != host or "pid" not in tags:
                 return None
-            started = float(tags["pid_started"]) if "pid_started" in tags else None
-            if process_alive(int(tags["pid"]), started):
+            if same_process(int(tags["pid"]), tags.get("pid_started") or None):
                 return None
             return (
                 f"interrupted: the process that ran this job (pid {tags['pid']} on {host}) is gone; it was "
