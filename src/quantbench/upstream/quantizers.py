@@ -10,6 +10,7 @@ them), which is the signal to delete it here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -168,6 +169,66 @@ def auto_round_state_restored():
 
 
 # -- aqlm and transformers' AQLM integration ------------------------------------------------------------------------
+
+
+def auto_round_torch_layers() -> tuple[type, ...]:
+    """auto-round's plain-torch QuantLinear classes (the auto_round and auto_gptq formats' CPU kernels)."""
+    from auto_round_extension.torch.qlinear_torch import QuantLinear as Gptq
+    from auto_round_extension.torch.qlinear_torch_zp import QuantLinear as AutoRound
+
+    return Gptq, AutoRound
+
+
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class _MatmulInLinearLayout(torch.overrides.TorchFunctionMode):
+    """torch.matmul(x, w), w a contiguous [in, out] bfloat16/float16 CPU matrix, computed as F.linear(x, w.T)
+    with w.T made contiguous: the same product, through the weight layout that CPU GEMMs are built for."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.matmul and len(args) == 2 and not kwargs:
+            x, w = args
+            if w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu" and w.dtype in REDUCED_DTYPES:
+                return torch.nn.functional.linear(x, w.t().contiguous())
+        return func(*args, **kwargs)
+
+
+def _forward_in_linear_layout(forward, x):
+    if x.numel() == x.shape[-1]:  # one row (a one-stream decode step): the mode's dispatch costs more than it saves
+        return forward(x)
+    with _MatmulInLinearLayout():
+        return forward(x)
+
+
+def auto_round_linear_layout(model: torch.nn.Module) -> int:
+    """Make auto-round's plain-torch CPU kernel multiply in the weight layout that CPU GEMMs are built for.
+
+    Upstream defect (auto-round 0.15.1, auto_round_extension/torch/qlinear_torch*.py `forward`): each forward
+    dequantizes the weight to a contiguous [in, out] matrix and calls torch.matmul(x, weights). torch 2.13's CPU
+    GEMM in bfloat16 takes a slow path for that layout on a CPU without native bfloat16 (AVX2): 10x slower than the
+    [out, in] layout nn.Linear uses (benchmarks/auto_round_cpu_layout.py).
+    The product is the same: only the layout of the right operand changes (the logits' distance to a float32
+    product is the same within bfloat16 rounding; the benchmark prints it). Returns the number of layers changed.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, auto_round_torch_layers())
+        and m.qweight.device.type == "cpu"
+        and not getattr(m, "_quantbench_linear_layout", False)
+    ]
+    for m in layers:
+        m.forward = functools.partial(_forward_in_linear_layout, m.forward)
+        m._quantbench_linear_layout = True
+    if layers:
+        log.info(
+            "auto-round CPU kernel: %d layer(s) multiply in nn.Linear's weight layout (auto-round 0.15.1's "
+            "[in, out] layout takes torch's slow bfloat16 GEMM path)",
+            len(layers),
+        )
+    return len(layers)
 
 
 def fix_not_to_quantize(quantization_config: dict) -> dict:

@@ -20,7 +20,11 @@ from quantbench.errors import ConfigError
 from quantbench.job.methods._weight_only import check_group_size
 from quantbench.job.methods.base import Method, torch_dtype
 from quantbench.job.models import SourceModel
-from quantbench.upstream.quantizers import auto_round_state_restored, release_auto_round_state
+from quantbench.upstream.quantizers import (
+    auto_round_linear_layout,
+    auto_round_state_restored,
+    release_auto_round_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +65,14 @@ class AutoRoundSym(Method):
         torch_compile: bool = False,
     ):
         super().__init__(name)
+        self.on_cpu = False  # known once validated on the hardware
         self.bits, self.group_size, self.iters = bits, group_size, iters
         self.seqlen, self.nsamples, self.seed = seqlen, nsamples, seed
         self.export_format, self.torch_compile = str(export_format), bool(torch_compile)
         self.quant_format = FORMATS.get(self.export_format, self.export_format)
 
     def validate(self, model_config, hardware: DictConfig) -> None:
+        self.on_cpu = str(hardware.device) == "cpu"
         if self.export_format not in FORMATS:
             raise ConfigError(
                 f"method.export_format={self.export_format!r} is not an export format of {self.name}; "
@@ -141,6 +147,12 @@ class AutoRoundSym(Method):
         self._check_saved_format(out_dir)
         return self._reload(out_dir, dtype, hardware.device)
 
+    def tags(self) -> dict[str, str]:
+        tags = super().tags()
+        if self.on_cpu and self.export_format in ("auto_round", "auto_gptq"):  # loaded with auto-round's torch kernel
+            tags["auto_round_cpu_matmul"] = "linear_layout"  # quantbench.upstream.quantizers.auto_round_linear_layout
+        return tags
+
     def load_saved(self, out_dir: Path, source: SourceModel, hardware: DictConfig) -> torch.nn.Module:
         return self._reload(out_dir, torch_dtype(hardware.dtype), hardware.device)
 
@@ -195,6 +207,7 @@ class AutoRoundSym(Method):
             kwargs["quantization_config"] = AutoRoundConfig()
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, device_map=device, **kwargs)
         model.eval()
+        auto_round_linear_layout(model)  # CPU layers only
         return model
 
 
