@@ -24,11 +24,11 @@ from quantbench.upstream import quantizers
 log = logging.getLogger("benchmarks.auto_round_cpu_layout")
 
 
-def layer(infeatures: int, outfeatures: int) -> torch.nn.Module:
-    """A 4-bit auto_round-format layer (zero points packed, as auto-round exports symmetric weights) with random
-    packed weights and scales."""
+def layer(infeatures: int, outfeatures: int, cls: type | None = None) -> torch.nn.Module:
+    """A 4-bit layer of auto-round's torch kernel with random packed weights, zero points and scales; by default of
+    the auto_round format (zero points packed, as auto-round exports symmetric weights)."""
     g = torch.Generator().manual_seed(0)
-    cls = quantizers.auto_round_torch_layers()[1]
+    cls = cls or quantizers.auto_round_torch_layers()[1]
     m = cls(bits=4, group_size=128, infeatures=infeatures, outfeatures=outfeatures, bias=False)
     for name in ("qweight", "qzeros"):
         buf = getattr(m, name)

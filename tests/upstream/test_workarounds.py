@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from helpers.run_if import run_if
 from quantbench.upstream import mlflow_registry, quantizers
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import auto_round_cpu_layout  # noqa: E402  (a 4-bit layer of auto-round's torch kernel)
 
 # the pin_memory defect only shows without an accelerator
 no_accelerator = run_if(accelerator=False)
@@ -187,21 +191,10 @@ class _Products(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _auto_round_layer(cls, infeatures: int = 256, outfeatures: int = 64) -> torch.nn.Module:
-    """A 4-bit layer of auto-round's torch kernel with random packed weights, zero points and scales."""
-    g = torch.Generator().manual_seed(0)
-    layer = cls(bits=4, group_size=128, infeatures=infeatures, outfeatures=outfeatures, bias=False)
-    for name in ("qweight", "qzeros"):
-        buf = getattr(layer, name)
-        buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=g, dtype=torch.int64).to(torch.int32))
-    layer.scales.copy_(torch.rand(layer.scales.shape, generator=g) * 0.02 + 0.001)
-    return layer
-
-
 @pytest.mark.parametrize("which", [0, 1], ids=["auto_gptq", "auto_round"])
 def test_auto_rounds_cpu_kernel_still_multiplies_by_a_contiguous_in_by_out_weight(which):
     """When this fails, auto-round multiplies in another layout: delete auto_round_linear_layout."""
-    layer = _auto_round_layer(quantizers.auto_round_torch_layers()[which])
+    layer = auto_round_cpu_layout.layer(256, 64, quantizers.auto_round_torch_layers()[which])
     with torch.no_grad(), _Products() as products:
         layer(torch.randn(8, 256, dtype=torch.bfloat16))
     assert products.calls == [("matmul", (256, 64), True)]
@@ -209,7 +202,7 @@ def test_auto_rounds_cpu_kernel_still_multiplies_by_a_contiguous_in_by_out_weigh
 
 @pytest.mark.parametrize("which", [0, 1], ids=["auto_gptq", "auto_round"])
 def test_auto_round_linear_layout_gives_the_same_product_through_linear(which):
-    layer = _auto_round_layer(quantizers.auto_round_torch_layers()[which])
+    layer = auto_round_cpu_layout.layer(256, 64, quantizers.auto_round_torch_layers()[which])
     x = torch.randn(8, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
     model = torch.nn.Sequential(layer)
     with torch.no_grad():
