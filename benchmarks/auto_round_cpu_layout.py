@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from quantbench.measure import cpu_info
+from quantbench.measure import CPU_ISA_FLAGS, cpu_info
 from quantbench.upstream import quantizers
 
 log = logging.getLogger("benchmarks.auto_round_cpu_layout")
@@ -53,7 +53,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_name, flags = cpu_info()
-    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    isa = " ".join(f for f in CPU_ISA_FLAGS if f in flags)
     log.info("CPU: %s (%s), torch %s, %d threads", model_name, isa, torch.__version__, torch.get_num_threads())
     log.info(
         "%-12s %14s %14s %7s %16s %16s", "layer", "auto-round ms", "linear ms", "ratio", "err auto-round", "err linear"

@@ -168,9 +168,6 @@ def auto_round_state_restored():
         torch.set_default_dtype(default_dtype)
 
 
-# -- aqlm and transformers' AQLM integration ------------------------------------------------------------------------
-
-
 def auto_round_torch_layers() -> tuple[type, ...]:
     """auto-round's plain-torch QuantLinear classes (the auto_round and auto_gptq formats' CPU kernels)."""
     from auto_round_extension.torch.qlinear_torch import QuantLinear as Gptq
@@ -207,10 +204,11 @@ def auto_round_linear_layout(model: torch.nn.Module) -> int:
 
     Upstream defect (auto-round 0.15.1, auto_round_extension/torch/qlinear_torch*.py `forward`): each forward
     dequantizes the weight to a contiguous [in, out] matrix and calls torch.matmul(x, weights). torch 2.13's CPU
-    GEMM in bfloat16 takes a slow path for that layout on a CPU without native bfloat16 (AVX2): 10x slower than the
-    [out, in] layout nn.Linear uses (benchmarks/auto_round_cpu_layout.py).
-    The product is the same: only the layout of the right operand changes (the logits' distance to a float32
-    product is the same within bfloat16 rounding; the benchmark prints it). Returns the number of layers changed.
+    GEMM in bfloat16 takes a slow path for that layout on a CPU without native bfloat16 (AVX2): against the [out, in]
+    layout nn.Linear uses, 7-9x slower on the embedded model's layers and 31x on an 8B MLP layer
+    (benchmarks/auto_round_cpu_layout.py). The product is the same: only the layout of the right operand changes
+    (the distance to a float32 product is the same within bfloat16 rounding; the benchmark prints it). Returns the
+    number of layers changed.
     """
     layers = [
         m
@@ -229,6 +227,9 @@ def auto_round_linear_layout(model: torch.nn.Module) -> int:
             len(layers),
         )
     return len(layers)
+
+
+# -- aqlm and transformers' AQLM integration ------------------------------------------------------------------------
 
 
 def fix_not_to_quantize(quantization_config: dict) -> dict:
