@@ -6,6 +6,7 @@ unreachable store fails a job in seconds where the imports alone take longer on 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -99,3 +100,25 @@ def optuna_storage(tracking_uri: str) -> str | None:
         return None
     folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
     return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def study_storage(url: str, attempts: int = 5, **kwargs):
+    """Optuna's RDBStorage at `url`, retried while another process creates its schema. Opening a storage writes (the
+    tables, a version row, then alembic's revision row), even to read a study, so two processes that open a new
+    database together (two workers, or `quantbench search` beside a starting search) race: the loser meets "table
+    already exists" or a UNIQUE alembic_version row, and succeeds once the winner has committed."""
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna = import_optuna()
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1:
+                raise
+            logging.getLogger(__name__).info(
+                "The study's database is being created by another process (%s): retrying", type(exc).__name__
+            )
+            time.sleep(1 + attempt)

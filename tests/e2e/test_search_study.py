@@ -5,11 +5,9 @@ with the default sweep's runs; a search killed with kill -9 continues where it s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from conftest import CACHE, ROOT, run_cli
 from helpers.ray_local import local_ray, most_at_once
 
 from quantbench import measure
+from quantbench.stores import study_storage
 from quantbench.study import search
 from quantbench.study.runs import Store
 
@@ -142,28 +141,16 @@ def test_a_search_killed_with_kill_9_continues_without_repeating_finished_trials
     assert all(r.data.tags["search_trial"] == str(killed) for r in failed), [r.data.tags for r in failed]
 
 
-def schema_ready(path: str) -> bool:
-    """Whether the sweeper has created Optuna's tables (it writes the version row last). Opening the study any sooner
-    would create them here too, racing the sweeper: "table studies already exists" on a slow AVX2 machine."""
-    if not os.path.exists(path):
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT count(*) FROM version_info").fetchone()[0] > 0
-    except sqlite3.OperationalError:  # no such table yet, or the sweeper holds a write lock
-        return False
-
-
 def wait_for(storage: str, name: str, done, proc, timeout_s: float = 600):
     """The study's trials once `done(trials)` holds (polling its database), before `proc` ends."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the search ended before it could be killed"
-        if not schema_ready(storage.removeprefix("sqlite:///")):
+        if not os.path.exists(storage.removeprefix("sqlite:///")):
             time.sleep(0.5)
             continue
-        try:
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        try:  # opening the storage writes its schema if the sweeper has not yet: study_storage retries that race
+            trials = optuna.load_study(study_name=name, storage=study_storage(storage)).get_trials()
             if done(trials):
                 return trials
         except KeyError:  # the study is not created yet

@@ -3,6 +3,7 @@ sign convention, and where the study is stored. The sweeper itself runs end to e
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 
 import pytest
@@ -48,3 +49,32 @@ def test_a_machine_without_optuna_is_told_how_to_get_it_before_a_search_starts(m
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an import of a missing module meets
     with pytest.raises(ConfigError, match="needs Optuna.*CUDA lock.*requirements-lock.txt"):
         import_optuna()
+
+
+def open_after(barrier, url: str, results) -> None:
+    barrier.wait()
+    try:
+        from quantbench.stores import study_storage
+
+        study_storage(url)
+        results.put("ok")
+    except Exception as exc:  # what the test reports: which process lost the race, and how
+        results.put(f"{type(exc).__name__}: {exc}"[:200])
+
+
+def test_processes_that_open_a_new_study_database_together_all_get_it(tmp_path):
+    """Opening Optuna's storage creates its schema (tables, a version row, alembic's revision row) even to read, so
+    processes that open a new database at once race: without the retry, one in about three loses with "table studies
+    already exists" or a UNIQUE alembic_version row (CI on 2c0df7e: the kill -9 search test's reader beside its
+    sweeper). Four processes at once, on three new databases."""
+    ctx = multiprocessing.get_context("fork")
+    for i in range(3):
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [
+            ctx.Process(target=open_after, args=(barrier, f"sqlite:///{tmp_path}/{i}.db", results)) for _ in range(4)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4

@@ -38,10 +38,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from sqlalchemy.exc import SQLAlchemyError
 
 from quantbench.names import SEARCH_TRIAL_ENV
-from quantbench.stores import import_optuna, optuna_storage
+from quantbench.stores import import_optuna, optuna_storage, study_storage
 
 log = logging.getLogger(__name__)
 # Heartbeats and stale-trial retries are what make a killed search resumable; Optuna marks them experimental and
@@ -160,21 +159,12 @@ class OptunaSweeper(Sweeper):
         if not conf.objectives:
             raise ValueError("hydra.sweeper.objectives is empty: name the metrics to optimize, e.g. disk_gb: minimize")
         url = conf.storage or default_storage(str(self.config.tracking.uri))
-        storage = None
-        for attempt in range(5):  # workers that start together race to create the schema: the losers retry
-            try:
-                storage = optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=int(conf.heartbeat_interval_s),
-                    grace_period=int(conf.grace_period_s),
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                )
-                break
-            except SQLAlchemyError as exc:
-                if attempt == 4:
-                    raise
-                log.info("The study's database is being created by another worker (%s): retrying", type(exc).__name__)
-                time.sleep(1 + attempt)
+        storage = study_storage(  # workers that start together race to create the schema: the losers retry
+            url,
+            heartbeat_interval=int(conf.heartbeat_interval_s),
+            grace_period=int(conf.grace_period_s),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
         study = optuna.create_study(
             study_name=conf.study_name,
             storage=storage,

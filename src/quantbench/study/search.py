@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantbench.errors import ConfigError
-from quantbench.stores import import_optuna, optuna_storage
+from quantbench.stores import import_optuna, optuna_storage, study_storage
 from quantbench.study.runs import ALL_SWEEPS, ROOT, Store, add_store_args
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def load(storage: str, study_name: str):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(study_name=study_name, storage=study_storage(storage))
     except KeyError as exc:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise ConfigError(f"No study {study_name!r} in {storage}; it holds {names or 'none'}.") from exc
