@@ -46,10 +46,9 @@ TARGET = default_environment() | {
     "os_name": "posix",
 }
 # Requirements added after the last GPU install (benchmarks/results/*/environment.txt): left out of the CUDA lock until
-# a GPU run installs and records them, so that the lock stays what ran. Optuna (hydra/sweeper=optuna, `quantbench
-# search`) and colorlog, its one requirement the lock lacks: a GPU machine says so when a search starts. The next GPU
-# stretch empties this set, regenerates the lock and rebuilds the bundle before it stages (no GPU came on 2026-12-07).
-NOT_YET_ON_GPU = {"optuna", "colorlog"}
+# a GPU run installs and records them, so that the lock stays what ran. Empty: Optuna and colorlog, the last ones, were
+# installed from the lock on an H100 on 2026-12-07 (benchmarks/results/2026-12-07-h100-pm/environment.txt).
+NOT_YET_ON_GPU: set[str] = set()
 ROOTS = [
     *[
         name

@@ -6,7 +6,8 @@
 #
 #   start PLAN     run PLAN, a bash file of `job` and `step` lines (benchmarks/gpu/plans/), in the background
 #   poll SECONDS   wait up to SECONDS for PLAN to end (keep it inside the command's limit), then copy the store
-#                  (a consistent SQLite backup while jobs write) and every log to $OUT and print what each job said
+#                  and a search's study (consistent SQLite backups while jobs write) and every log to $OUT and print
+#                  what each job said
 #
 # In PLAN:
 #   job NAME METHOD [OVERRIDES...]   one seed_shape job (benchmarks/gpu/seed_shape.sh: 8B shape, this machine's
@@ -46,9 +47,11 @@ case "${1:?start PLAN | poll SECONDS}" in
     note "queue done"; touch "$W/done" ;;
   poll)
     for _ in $(seq "${2:-540}"); do [ -e "$W/done" ] && break; sleep 1; done
-    [ -e "$W/mlruns/mlflow.db" ] && bash "$HERE/device.sh" run python -c \
-      "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-      "$W/mlruns/mlflow.db" "${OUT:?}/mlflow.db"
+    for db in mlflow.db optuna.db; do  # the MLflow store, and a search's study beside it
+      [ -e "$W/mlruns/$db" ] && bash "$HERE/device.sh" run python -c \
+        "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+        "$W/mlruns/$db" "${OUT:?}/$db"
+    done
     tar -C "$W" -cJf "$OUT/logs.tar.xz" logs 2>/dev/null
     cat "$W/logs/queue.log"; df -h / | tail -1
     for f in "$W"/logs/*.log; do

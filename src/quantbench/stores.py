@@ -77,17 +77,17 @@ def mlflow_uri(uri: str) -> str:
 
 
 def import_optuna():
-    """Optuna, or a ConfigError that says how to get it: the CPU lock has it, the CUDA lock not yet (no GPU run has
-    installed it: benchmarks/gpu/cuda_lock.py NOT_YET_ON_GPU)."""
+    """Optuna, or a ConfigError that says how to get it. Both locks pin it; an environment installed otherwise (or
+    from the CUDA lock before 2026-12-07, which left it out) may lack it."""
     from quantbench.errors import ConfigError
 
     try:
         import optuna
     except ModuleNotFoundError as exc:
         raise ConfigError(
-            "A search (hydra/sweeper=optuna, quantbench search) needs Optuna, which this environment lacks: the CUDA "
-            "lock leaves it out until a GPU run has installed it. Install optuna and colorlog at the versions "
-            "requirements-lock.txt pins (pip install --no-deps optuna==<pin> colorlog==<pin>) into this environment."
+            "A search (hydra/sweeper=optuna, quantbench search) needs Optuna, which this environment lacks. `make "
+            "install` installs it (both locks pin it; the CUDA lock only since 2026-12-07); or install optuna and "
+            "colorlog at the versions requirements-lock.txt pins (pip install --no-deps optuna==<pin> colorlog==<pin>)."
         ) from exc
     return optuna
 

@@ -41,13 +41,13 @@ def test_the_study_sits_beside_a_sqlite_store_and_a_server_needs_one_named(tmp_p
 
 
 def test_a_machine_without_optuna_is_told_how_to_get_it_before_a_search_starts(monkeypatch):
-    """The CUDA lock leaves Optuna out until a GPU run installs it (benchmarks/gpu/cuda_lock.py NOT_YET_ON_GPU)."""
+    """An environment installed otherwise, or from the CUDA lock before it pinned Optuna (2026-12-07), lacks it."""
     from quantbench.errors import ConfigError
     from quantbench.stores import import_optuna
 
     assert import_optuna().__version__
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an import of a missing module meets
-    with pytest.raises(ConfigError, match="needs Optuna.*CUDA lock.*requirements-lock.txt"):
+    with pytest.raises(ConfigError, match="needs Optuna.*make install.*requirements-lock.txt"):
         import_optuna()
 
 

@@ -49,3 +49,17 @@ def test_beaten_needs_every_objective_strictly_better(tmp_path):
             SimpleNamespace(label="fp16", metrics={"quality_kl_mean": 0.0, "disk_gb": 7.0})]  # fmt: skip
     pairs = search.beaten(front, grid, {"quality_kl_mean": "minimize", "disk_gb": "minimize"})
     assert [(t.number, row.label) for t, row in pairs] == [(0, "bnb_nf4")]
+
+
+def test_no_importance_is_shown_from_fewer_than_four_complete_trials(tmp_path):
+    """Two trials gave PED-ANOVA's figures, every parameter about 0.25 (the H100 search of 2026-12-07): not a finding."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="two", storage=storage, directions=["maximize"])
+    study.set_user_attr("objectives", ["tokens_per_s_1_stream"])
+    for g, speed in [(64, 219.5), (128, 241.7), (32, 0.0)]:
+        t = study.ask({"g": optuna.distributions.CategoricalDistribution([32, 64, 128])})
+        study.tell(t, state=TrialState.FAIL) if g == 32 else study.tell(t, [speed])
+    study = search.load(storage, "two")
+    imp = search.importances(study)
+    assert imp == {"tokens_per_s_1_stream": {}}
+    assert "too few complete trials to say" in search.page(study, search.trials(study), imp, None, "")

@@ -84,6 +84,11 @@ def trials(study) -> list[Trial]:
     return out
 
 
+# PED-ANOVA sets the best trials apart from the rest: with fewer complete trials it still returns figures (on two,
+# every parameter about equal), which would read as a finding
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
 def importances(study) -> dict[str, dict[str, float]]:
     """Optuna's importance of each parameter, per objective (PED-ANOVA: the parameters that set the top quantile
     apart). Empty where there are too few complete trials to say."""
@@ -91,6 +96,9 @@ def importances(study) -> dict[str, dict[str, float]]:
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.study import StudyDirection
 
+    complete = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+    if complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return {name: {} for name in objectives(study)}
     out = {}
     for i, name in enumerate(objectives(study)):
         sign = -1.0 if study.directions[i] == StudyDirection.MAXIMIZE else 1.0  # PED-ANOVA: low is good
@@ -142,7 +150,10 @@ def page(study, rows: list[Trial], imp: dict[str, dict[str, float]], beats: list
                      f"{(r.run_id or '—')[:8]} | {r.why} |")  # fmt: skip
     lines += ["", "## Parameter importance (Optuna, PED-ANOVA)", ""]
     for name, by_param in imp.items():
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in by_param.items()) or "too few complete trials to say"
+        shown = (
+            ", ".join(f"{k} {v:.2f}" for k, v in by_param.items())
+            or f"too few complete trials to say (fewer than {MIN_TRIALS_FOR_IMPORTANCE})"
+        )
         lines.append(f"- {name}: {shown}")
     if beats is not None:
         lines += ["", f"## Against {grid_name}", ""]

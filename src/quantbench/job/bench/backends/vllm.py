@@ -281,6 +281,7 @@ def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
 
 
 EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+PROCESS_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\)\s*")  # vLLM's prefix on its processes' lines: "(EngineCore pid=7) "
 
 
 def root_cause(lines: list[str]) -> str:
@@ -288,6 +289,7 @@ def root_cause(lines: list[str]) -> str:
     raises "Engine core initialization failed. See root cause above"), so that a FAILED run's reason starts with it."""
     for line in lines:
         text = line.split("] - ", 1)[-1].strip()  # as logged through quantbench.job.bench.vllm_engine, or raw
+        text = PROCESS_PREFIX.sub("", text)
         if EXCEPTION_LINE.match(text):
             return text
     return "(no exception in its output; its last lines follow)"
