@@ -13,6 +13,7 @@ The stores are read with sqlite3, read-only: the committed files are never opene
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 import sys
@@ -49,7 +50,13 @@ class Figure:
 
 
 def stores() -> list[Path]:
-    return sorted(RESULTS.rglob("*.db"))
+    """The MLflow stores under benchmarks/results (a search's Optuna study, optuna.db, sits beside its store)."""
+    return sorted(p for p in RESULTS.rglob("*.db") if _is_mlflow_store(p))
+
+
+def _is_mlflow_store(path: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone() is not None
 
 
 def _measured_bandwidth(store: Path, gpu: str) -> tuple[float | None, str]:

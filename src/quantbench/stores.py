@@ -78,7 +78,7 @@ def mlflow_uri(uri: str) -> str:
 
 def import_optuna():
     """Optuna, or a ConfigError that says how to get it. Both locks pin it; an environment installed otherwise (or
-    from the CUDA lock before 2026-12-07, which left it out) may lack it."""
+    from an older CUDA lock, which left it out) may lack it."""
     from quantbench.errors import ConfigError
 
     try:
@@ -86,7 +86,7 @@ def import_optuna():
     except ModuleNotFoundError as exc:
         raise ConfigError(
             "A search (hydra/sweeper=optuna, quantbench search) needs Optuna, which this environment lacks. `make "
-            "install` installs it (both locks pin it; the CUDA lock only since 2026-12-07); or install optuna and "
+            "install` installs it (both locks pin it; older CUDA locks did not); or install optuna and "
             "colorlog at the versions requirements-lock.txt pins (pip install --no-deps optuna==<pin> colorlog==<pin>)."
         ) from exc
     return optuna
@@ -106,19 +106,32 @@ def study_storage(url: str, attempts: int = 5, **kwargs):
     """Optuna's RDBStorage at `url`, retried while another process creates its schema. Opening a storage writes (the
     tables, a version row, then alembic's revision row), even to read a study, so two processes that open a new
     database together (two workers, or `quantbench search` beside a starting search) race: the loser meets "table
-    already exists" or a UNIQUE alembic_version row, and succeeds once the winner has committed."""
+    already exists", a locked database or a UNIQUE row, and succeeds once the winner has committed. Any other error (a
+    wrong URL, a database that does not answer) is raised at once."""
     import time
-
-    from sqlalchemy.exc import SQLAlchemyError
 
     optuna = import_optuna()
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
-        except SQLAlchemyError as exc:
-            if attempt == attempts - 1:
+        except Exception as exc:
+            if attempt == attempts - 1 or not _schema_race(exc):
                 raise
             logging.getLogger(__name__).info(
-                "The study's database is being created by another process (%s): retrying", type(exc).__name__
+                "The study's database is being created by another process (%s): retrying", str(exc).splitlines()[0]
             )
             time.sleep(1 + attempt)
+
+
+def _schema_race(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it wraps: Optuna raises StorageInternalError from SQLAlchemy's) is what a process meets
+    while another creates the same schema."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    while exc is not None:
+        if isinstance(exc, IntegrityError):
+            return True
+        if isinstance(exc, OperationalError):
+            return any(s in str(exc) for s in ("already exists", "database is locked"))
+        exc = exc.__cause__
+    return False

@@ -149,3 +149,16 @@ def test_lm_evals_own_arc_challenge_scores_acc_and_acc_norm_and_its_tag_is_refus
     assert evaluation._accuracy_problem("arc_challenge", builtin_index) is None
     assert "'ai2_arc' is a tag, not a group" in evaluation._accuracy_problem("ai2_arc", builtin_index)
     assert "scores ['exact_match'], not 'acc'" in evaluation._accuracy_problem("gsm8k", builtin_index)
+
+
+def test_the_task_index_is_built_once_per_folder_and_again_when_the_folder_changes(tmp_path, tiny_root):
+    """A sweep's jobs share one index of a folder (validate and eval ask for it in every job); a task added to the
+    folder in the meantime is known to the next job."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    task(folder, "qb_one", tiny_root / "tasks" / "tiny_arith.jsonl")
+    first = evaluation.task_manager(str(folder))
+    assert evaluation.task_manager(str(folder)) is first
+    task(folder, "qb_two", tiny_root / "tasks" / "tiny_arith.jsonl")
+    again = evaluation.task_manager(str(folder))
+    assert again is not first and "qb_two" in again.all_tasks and "qb_two" not in first.all_tasks

@@ -41,7 +41,7 @@ def test_the_study_sits_beside_a_sqlite_store_and_a_server_needs_one_named(tmp_p
 
 
 def test_a_machine_without_optuna_is_told_how_to_get_it_before_a_search_starts(monkeypatch):
-    """An environment installed otherwise, or from the CUDA lock before it pinned Optuna (2026-12-07), lacks it."""
+    """An environment installed otherwise, or from an older CUDA lock that left Optuna out, lacks it."""
     from quantbench.errors import ConfigError
     from quantbench.stores import import_optuna
 
@@ -65,8 +65,7 @@ def open_after(barrier, url: str, results) -> None:
 def test_processes_that_open_a_new_study_database_together_all_get_it(tmp_path):
     """Opening Optuna's storage creates its schema (tables, a version row, alembic's revision row) even to read, so
     processes that open a new database at once race: without the retry, one in about three loses with "table studies
-    already exists" or a UNIQUE alembic_version row (CI on 2c0df7e: the kill -9 search test's reader beside its
-    sweeper). Four processes at once, on three new databases."""
+    already exists" or a UNIQUE alembic_version row. Four processes at once, on three new databases."""
     ctx = multiprocessing.get_context("fork")
     for i in range(3):
         barrier, results = ctx.Barrier(4), ctx.Queue()
@@ -78,3 +77,18 @@ def test_processes_that_open_a_new_study_database_together_all_get_it(tmp_path):
         for p in procs:
             p.join(timeout=120)
         assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
+
+
+def test_a_storage_that_is_wrong_fails_at_once_without_retrying(tmp_path):
+    """Only the schema race is retried: a wrong URL or a folder that does not exist raises on the first attempt."""
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from quantbench.stores import study_storage
+
+    for url in ("optuna.db", f"sqlite:///{tmp_path}/missing/optuna.db"):
+        started = time.monotonic()
+        with pytest.raises(SQLAlchemyError):
+            study_storage(url)
+        assert time.monotonic() - started < 1.0, url

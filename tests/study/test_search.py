@@ -52,7 +52,7 @@ def test_beaten_needs_every_objective_strictly_better(tmp_path):
 
 
 def test_no_importance_is_shown_from_fewer_than_four_complete_trials(tmp_path):
-    """Two trials gave PED-ANOVA's figures, every parameter about 0.25 (the H100 search of 2026-12-07): not a finding."""
+    """On two trials PED-ANOVA still gives figures (every parameter about equal): not a finding, so none is shown."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="two", storage=storage, directions=["maximize"])
     study.set_user_attr("objectives", ["tokens_per_s_1_stream"])
@@ -63,3 +63,18 @@ def test_no_importance_is_shown_from_fewer_than_four_complete_trials(tmp_path):
     imp = search.importances(study)
     assert imp == {"tokens_per_s_1_stream": {}}
     assert "too few complete trials to say" in search.page(study, search.trials(study), imp, None, "")
+
+
+def test_importance_from_four_complete_trials_compares_the_best_two_with_the_rest(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="four", storage=storage, directions=["maximize"])
+    study.set_user_attr("objectives", ["tokens_per_s_1_stream"])
+    for g, speed in [(64, 220.0), (128, 240.0), (32, 200.0), (64, 221.0)]:
+        study.tell(study.ask({"g": optuna.distributions.CategoricalDistribution([32, 64, 128])}), [speed])
+    assert search.importance_quantile(4) == 0.5 and search.importance_quantile(40) == 0.1
+    study = search.load(storage, "four")
+    imp = search.importances(study)
+    assert set(imp["tokens_per_s_1_stream"]) == {"g"}
+    assert "Over 4 complete trials, the best 50% against the rest." in search.page(
+        study, search.trials(study), imp, None, ""
+    )

@@ -171,7 +171,7 @@ def test_transformers_imported_first_survives_what_ray_does_to_the_path():
 def test_an_engine_core_spawned_after_ray_imports_transformers_without_rays_folder(main):
     """vLLM's spawned engine core inherits the path `import ray` left in the parent, then imports our module (its
     __mp_main__: the offline engine's, or the server's) first: transformers must build its map without ray's folder,
-    and the path must stay as it was. Without it in the server's, its engine core died at start on an H100."""
+    and the path must stay as it was."""
     check = "assert any(p.endswith('ray/thirdparty_files') for p in sys.path)\n"
     spawned = _python(AFTER_RAY + f"import quantbench.job.bench.backends.{main}, transformers.utils\n" + check)
     assert spawned.returncode == 0, spawned.stderr[-2000:]

@@ -182,11 +182,19 @@ def _size_weighted(cfg: dict, index: dict, seen: frozenset[str] = frozenset()) -
     return True
 
 
-@functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | None):
-    """lm-eval's index of tasks, built once per process and folder: each job asks for it twice (validate, eval), and
-    a sweep's jobs share the Hydra process. Indexing lm-eval's 14,683 built-in tasks takes 13 s on a 2-core AVX2 VM;
-    the index is only read afterwards (each evaluation loads its tasks from it anew)."""
+    """lm-eval's index of tasks, built once per process and folder (rebuilt if a file in the folder changes): each
+    job asks for it twice (validate, eval), and a sweep's jobs share the Hydra process. Indexing lm-eval's 14,683
+    built-in tasks takes 13 s on a 2-core AVX2 VM; the index is only read afterwards (each evaluation loads its tasks
+    from it anew)."""
+    stamp = None
+    if include_path is not None:
+        stamp = tuple(sorted((str(p), p.stat().st_mtime_ns) for p in Path(include_path).rglob("*") if p.is_file()))
+    return _task_manager(include_path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, stamp: tuple | None):
     from lm_eval.tasks import TaskManager
 
     # A local folder alone: indexing lm-eval's ~14,000 built-in tasks takes longer than evaluating the tiny model.

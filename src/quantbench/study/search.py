@@ -84,14 +84,20 @@ def trials(study) -> list[Trial]:
     return out
 
 
-# PED-ANOVA sets the best trials apart from the rest: with fewer complete trials it still returns figures (on two,
-# every parameter about equal), which would read as a finding
+# PED-ANOVA sets the best trials (its top quantile) apart from the rest. With fewer complete trials it still returns
+# figures (on two, every parameter about equal), which would read as a finding; its default quantile, 0.1, makes the
+# top one trial up to ten, so the quantile used holds at least two.
 MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+def importance_quantile(complete: int) -> float:
+    """PED-ANOVA's top quantile over `complete` trials: Optuna's 0.1, or as much as holds two trials."""
+    return max(0.1, 2 / complete)
 
 
 def importances(study) -> dict[str, dict[str, float]]:
     """Optuna's importance of each parameter, per objective (PED-ANOVA: the parameters that set the top quantile
-    apart). Empty where there are too few complete trials to say."""
+    apart). Empty where there are too few complete trials to say, or PED-ANOVA cannot (logged)."""
     optuna = import_optuna()
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.study import StudyDirection
@@ -104,7 +110,9 @@ def importances(study) -> dict[str, dict[str, float]]:
         sign = -1.0 if study.directions[i] == StudyDirection.MAXIMIZE else 1.0  # PED-ANOVA: low is good
         try:
             out[name] = optuna.importance.get_param_importances(
-                study, evaluator=PedAnovaImportanceEvaluator(), target=lambda t, i=i, s=sign: s * t.values[i]
+                study,
+                evaluator=PedAnovaImportanceEvaluator(target_quantile=importance_quantile(complete)),
+                target=lambda t, i=i, s=sign: s * t.values[i],
             )
         except (ValueError, RuntimeError) as exc:
             log.info("No importances for %s: %s", name, exc)
@@ -148,12 +156,20 @@ def page(study, rows: list[Trial], imp: dict[str, dict[str, float]], beats: list
         front = ("**front**" + "".join(f", {label}" for label in best.get(r.number, []))) if r.on_front else ""
         lines.append(f"| {r.number} | {front} | {r.state} | {vals} | {params} | "
                      f"{(r.run_id or '—')[:8]} | {r.why} |")  # fmt: skip
+    complete = sum(r.state == "COMPLETE" for r in rows)
     lines += ["", "## Parameter importance (Optuna, PED-ANOVA)", ""]
+    if complete >= MIN_TRIALS_FOR_IMPORTANCE:
+        lines += [
+            f"Over {complete} complete trials, the best {importance_quantile(complete):.0%} against the rest.",
+            "",
+        ]
     for name, by_param in imp.items():
-        shown = (
-            ", ".join(f"{k} {v:.2f}" for k, v in by_param.items())
-            or f"too few complete trials to say (fewer than {MIN_TRIALS_FOR_IMPORTANCE})"
-        )
+        if by_param:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in by_param.items())
+        elif complete < MIN_TRIALS_FOR_IMPORTANCE:
+            shown = f"too few complete trials to say ({complete}; at least {MIN_TRIALS_FOR_IMPORTANCE})"
+        else:
+            shown = "PED-ANOVA gave none (see the log)"
         lines.append(f"- {name}: {shown}")
     if beats is not None:
         lines += ["", f"## Against {grid_name}", ""]

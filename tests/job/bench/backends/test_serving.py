@@ -94,3 +94,28 @@ def test_one_generator_run_per_point_with_its_flags(tmp_path):
     assert (flag["--random-input-len"], flag["--random-output-len"], flag["--seed"]) == ("100", "250", "0")
     assert "--ignore-eos" in argv and flag["--percentile-metrics"] == "ttft,tpot,itl,e2el"
     assert "--max-concurrency" not in points[2]["argv"] and "2.5" in points[2]["argv"]
+
+
+def test_a_server_that_dies_is_named_by_its_engine_cores_error_far_above_its_last_lines(tmp_path):
+    """vLLM's engine core prints its traceback, then the front end's own runs for dozens of lines ending in "See root
+    cause above"; every line carries its process's prefix. The error names the engine core's exception and shows its
+    traceback as well as the last lines."""
+
+    class Exited:
+        pid = 0
+
+        def poll(self):
+            return 1
+
+    core = ["(EngineCore pid=7) Traceback (most recent call last):",
+            '(EngineCore pid=7)   File "/venv/lib/python3.12/site-packages/transformers/__init__.py", line 1',
+            "(EngineCore pid=7) TypeError: Distribution.files.<locals>.make_file() missing 1 required positional argument"]  # fmt: skip
+    front = [f'(APIServer pid=5)   File "api_server.py", line {n}, in run' for n in range(60)]
+    log = tmp_path / "server.log"
+    log.write_text("\n".join(["(APIServer pid=5) INFO starting", *core, *front,
+                              "(APIServer pid=5) RuntimeError: Engine core initialization failed. See root cause above."]))  # fmt: skip
+    with pytest.raises(RuntimeError) as error:
+        serving.wait_healthy(Exited(), 0, None, log)
+    message = str(error.value)
+    assert message.startswith("vLLM's server exited with 1 before it answered /health: TypeError: Distribution.files")
+    assert core[1] in message and "See root cause above" in message

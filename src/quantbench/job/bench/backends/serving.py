@@ -371,17 +371,27 @@ def kv_cache_bytes(model_dir: Path, users: int, tokens: int, kv_cache_dtype: str
     return 2 * config["num_hidden_layers"] * heads * head_dim * width * users * tokens
 
 
+def died(lines: list[str], tail: int = 40) -> str:
+    """A dead server's first exception, its traceback (the engine core's sits above the front end's "See root cause
+    above", often more than `tail` lines up) and the log's last lines."""
+    cause = vllm.root_cause(lines)
+    at = next((i for i, line in enumerate(lines) if line.endswith(cause)), None)
+    shown = lines[-tail:]
+    if at is not None and at < len(lines) - tail:
+        shown = [*lines[max(0, at - 15) : at + 1], "...", *shown]
+    return cause + "\n" + "\n".join(shown)
+
+
 def wait_healthy(server: subprocess.Popen, port: int, timeout_s: float | None, server_log: Path) -> None:
     """Poll GET /health until it answers 200; RuntimeError naming the server's own error if it exits first or
     `timeout_s` passes (the caller kills its group)."""
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
     while True:
         code = server.poll()
-        if code is not None:  # the engine core's own error sits above the front end's traceback: search it all
+        if code is not None:
             lines = [line for line in server_log.read_text(errors="replace").splitlines() if line.strip(" ^~")]
             raise RuntimeError(
-                f"vLLM's server {children.describe_exit(code)} before it answered /health: "
-                f"{vllm.root_cause(lines)}\n" + "\n".join(lines[-40:])
+                f"vLLM's server {children.describe_exit(code)} before it answered /health: {died(lines)}"
             )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:

@@ -281,7 +281,7 @@ def slow_kernel(device: str, kernels: dict[str, int]) -> str | None:
 
 
 EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
-PROCESS_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\)\s*")  # vLLM's prefix on its processes' lines: "(EngineCore pid=7) "
+PROCESS_PREFIX = re.compile(r"^\([\w.:-]+ pid=\d+\)\s*")  # vLLM's prefix on its processes' lines: "(EngineCore pid=7) "
 
 
 def root_cause(lines: list[str]) -> str:
