@@ -34,13 +34,17 @@ case "${1:?start PLAN | poll SECONDS}" in
       note "job $name start"
       OUT=$W/logs QB_LOG=$name QB_MLRUNS=$W/mlruns QB_JOB_TIMEOUT=${QB_JOB_TIMEOUT:-900} \
         bash "$HERE/seed_shape.sh" "$@" > /dev/null 2>&1
-      note "job $name exit $?"
+      note "job $name exit $?"; tidy
     }
+    # A job folder's model is a copy (fp16) or hard links into the quantized-model cache: removed after each job or
+    # step, so that a 64 GB disk holds the cache and not every job's copy as well (jobs refuse to start without room
+    # for their artifact: disk_headroom_gb).
+    tidy() { rm -rf multirun/*/*/model-*; note "disk: $(df -h --output=avail . | tail -1) free"; }
     step() {
       local name=$1; shift
       note "step $name start"
       bash "$HERE/device.sh" run "$@" > "$W/logs/$name.log" 2>&1
-      note "step $name exit $?"
+      note "step $name exit $?"; tidy
     }
     # shellcheck source=/dev/null
     source "$2"

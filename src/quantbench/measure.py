@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -99,14 +100,36 @@ def linear_shapes(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
     }
 
 
-def linear_shapes_of_config(model_config) -> dict[str, tuple[int, int]]:
-    """`linear_shapes` of the model a config describes, built on the meta device: no weights are loaded."""
+def skeleton_of_config(model_config) -> torch.nn.Module:
+    """The model a config describes, built on the meta device: its shapes, no weights."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    return linear_shapes(skeleton)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def linear_shapes_of_config(model_config) -> dict[str, tuple[int, int]]:
+    """`linear_shapes` of the model a config describes: no weights are loaded."""
+    return linear_shapes(skeleton_of_config(model_config))
+
+
+def bytes_16bit(skeleton: torch.nn.Module) -> int:
+    """Every weight of a model in 16 bits (a tied embedding once): the size of its 16-bit checkpoint, and the most any
+    method here writes (fp16 saves that copy; every other format is smaller, a kept 16-bit layer at most equal)."""
+    return 2 * sum(p.numel() for p in skeleton.parameters())
+
+
+def free_space(folders: list[Path]) -> list[tuple[Path, int]]:
+    """(folder, free bytes) for each file system the folders are on, once each; a folder not made yet is measured at
+    its nearest existing parent."""
+    seen: dict[int, tuple[Path, int]] = {}
+    for folder in folders:
+        existing = Path(folder).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        seen.setdefault(existing.stat().st_dev, (Path(folder), shutil.disk_usage(existing).free))
+    return list(seen.values())
 
 
 # The x86 features that decide CPU kernel paths (vLLM's kernel library, oneDNN's bf16 GEMMs), for tags and cache keys.

@@ -234,6 +234,7 @@ class RootConfig:
     quantized_cache: QuantizedCacheConfig = field(default_factory=QuantizedCacheConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     repeats: int = knob(1, ge=1)
+    disk_headroom_gb: float | None = knob(2.0, ge=0)
 
 
 SCHEMAS = {"model": ModelConfig, "eval": EvalConfig, "quality": QualityConfig, "hardware": HardwareConfig,

