@@ -50,8 +50,23 @@ class Figure:
 
 
 def stores() -> list[Path]:
-    """The MLflow stores under benchmarks/results (a search's Optuna study, optuna.db, sits beside its store)."""
-    return sorted(p for p in RESULTS.rglob("*.db") if _is_mlflow_store(p))
+    """The MLflow stores under benchmarks/results (a search's Optuna study, optuna.db, sits beside its store), in the
+    order their last run started: a stretch whose store was seeded with an earlier one's comes after it."""
+    found = [p for p in RESULTS.rglob("*.db") if _is_mlflow_store(p)]
+    return sorted(found, key=lambda p: (_last_start(p), str(p)))
+
+
+def _last_start(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT COALESCE(MAX(start_time), 0) FROM runs").fetchone()[0]
+
+
+def once_per_run(all_figures: list[Figure]) -> list[Figure]:
+    """Each run's figures from the first store that has it: a seeded store holds copies of the earlier one's runs."""
+    first: dict[str, str] = {}
+    for f in all_figures:
+        first.setdefault(f.run, f.store)
+    return [f for f in all_figures if first[f.run] == f.store]
 
 
 def _is_mlflow_store(path: Path) -> bool:
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if the committed page differs from the stores'")
     parser.add_argument("--out", type=Path, default=PAGE)
     args = parser.parse_args(argv)
-    text = page([f for store in stores() for f in figures(store)])
+    text = page(once_per_run([f for store in stores() for f in figures(store)]))
     if args.check:
         if not args.out.is_file() or args.out.read_text() != text:
             print(f"{args.out} is not what the stores give: run python benchmarks/gpu_results_page.py", file=sys.stderr)

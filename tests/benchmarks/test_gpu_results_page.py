@@ -28,3 +28,12 @@ def test_a_run_with_no_measured_bandwidth_in_its_session_shows_none(tmp_path):
     rows = gpu_results_page.figures(h200)
     assert rows and all(f.measured_gbs is None and f.bound_measured is None for f in rows)
     assert "| — | — | — |" in gpu_results_page.page(rows)
+
+
+def test_a_run_copied_into_a_later_stretchs_seeded_store_is_listed_once_from_its_first():
+    # 2026-12-07-h100-eve's store was seeded with 2026-12-07-h100-pm's: the afternoon's search trials are in both
+    order = [p.parent.name for p in gpu_results_page.stores()]
+    assert order.index("2026-12-07-h100-pm") < order.index("2026-12-07-h100-eve")
+    figures = gpu_results_page.once_per_run([f for s in gpu_results_page.stores() for f in gpu_results_page.figures(s)])
+    trials = [f for f in figures if f.run in ("6444323b", "2537216d")]
+    assert len(trials) == 4 and {f.store.split("/")[0] for f in trials} == {"2026-12-07-h100-pm"}
