@@ -33,7 +33,7 @@ STREAMS = (1, 8)
 @dataclass
 class Figure:
     store: str
-    run: str
+    run: str  # the run id's first 8 characters, as the page shows it
     gpu: str
     method: str
     model: str
@@ -62,7 +62,8 @@ def _last_start(path: Path) -> int:
 
 
 def once_per_run(all_figures: list[Figure]) -> list[Figure]:
-    """Each run's figures from the first store that has it: a seeded store holds copies of the earlier one's runs."""
+    """Each run's figures from the first store that has it: a seeded store holds copies of the earlier one's runs
+    (matched on the id's first 8 characters, as the page shows them)."""
     first: dict[str, str] = {}
     for f in all_figures:
         first.setdefault(f.run, f.store)

@@ -81,20 +81,21 @@ def test_runs_are_tagged_with_the_cpu_and_the_features_that_decide_kernel_paths(
     assert set(tags["host.cpu_isa"].split()) == {f for f in measure.CPU_ISA_FLAGS if f in flags} or not flags
 
 
-def test_the_16_bit_size_of_llama_31_8b_from_its_config_alone():
+def test_the_largest_artifact_of_llama_31_8b_from_its_config_alone():
     from transformers import LlamaConfig
 
     from quantbench.embedded.random_shape import SHAPES
 
     skeleton = measure.skeleton_of_config(LlamaConfig(**SHAPES["llama-3.1-8b"]))
-    assert measure.bytes_16bit(skeleton) == 2 * 8_030_261_248  # Meta's published parameter count
+    assert measure.weights_bytes(skeleton, torch.bfloat16) == 2 * 8_030_261_248  # Meta's published parameter count
+    assert measure.weights_bytes(skeleton, torch.float32) == 4 * 8_030_261_248  # fp16 saves in hardware.dtype
     assert all(p.device.type == "meta" for p in skeleton.parameters())  # no weights were made
 
 
-def test_free_space_is_measured_once_per_file_system_at_the_nearest_existing_folder(tmp_path):
+def test_a_folder_not_made_yet_is_measured_on_the_file_system_of_its_nearest_parent(tmp_path):
     import shutil
 
     (tmp_path / "a").mkdir()
-    found = measure.free_space([tmp_path / "a", tmp_path / "not" / "made" / "yet"])
-    assert [folder for folder, _ in found] == [tmp_path / "a"]  # one file system: once
-    assert 0 < found[0][1] <= shutil.disk_usage(tmp_path).total
+    dev, free = measure.file_system(tmp_path / "a" / "not" / "made" / "yet")
+    assert dev == tmp_path.stat().st_dev
+    assert 0 < free <= shutil.disk_usage(tmp_path).total

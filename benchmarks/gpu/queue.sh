@@ -38,7 +38,8 @@ case "${1:?start PLAN | poll SECONDS}" in
     }
     # A job folder's model is a copy (fp16) or hard links into the quantized-model cache: removed after each job or
     # step, so that a 64 GB disk holds the cache and not every job's copy as well (jobs refuse to start without room
-    # for their artifact: disk_headroom_gb).
+    # for their artifact: disk_headroom_gb). A plan's jobs therefore keep tracking.log_model at copy or none (the
+    # seed_shape and search experiments' none), never reference, whose runs point into these folders.
     tidy() { rm -rf multirun/*/*/model-*; note "disk: $(df -h --output=avail . | tail -1) free"; }
     step() {
       local name=$1; shift

@@ -114,22 +114,21 @@ def linear_shapes_of_config(model_config) -> dict[str, tuple[int, int]]:
     return linear_shapes(skeleton_of_config(model_config))
 
 
-def bytes_16bit(skeleton: torch.nn.Module) -> int:
-    """Every weight of a model in 16 bits (a tied embedding once): the size of its 16-bit checkpoint, and the most any
-    method here writes (fp16 saves that copy; every other format is smaller, a kept 16-bit layer at most equal)."""
-    return 2 * sum(p.numel() for p in skeleton.parameters())
+def weights_bytes(skeleton: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Every weight of a model (a tied embedding once) at 16 bits, or at `dtype` where that is wider: the largest
+    artifact a method here writes (fp16 saves that copy; the others store most weights in fewer bits and keep the
+    rest in `dtype`; AQLM's codebooks, a fixed size per layer, can outgrow a tiny model's layers, which the disk
+    check's headroom covers)."""
+    return max(2, dtype.itemsize) * sum(p.numel() for p in skeleton.parameters())
 
 
-def free_space(folders: list[Path]) -> list[tuple[Path, int]]:
-    """(folder, free bytes) for each file system the folders are on, once each; a folder not made yet is measured at
-    its nearest existing parent."""
-    seen: dict[int, tuple[Path, int]] = {}
-    for folder in folders:
-        existing = Path(folder).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        seen.setdefault(existing.stat().st_dev, (Path(folder), shutil.disk_usage(existing).free))
-    return list(seen.values())
+def file_system(folder: Path) -> tuple[int, int]:
+    """(device id, free bytes) of the file system a folder is on; a folder not made yet is measured at its nearest
+    existing parent."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing.stat().st_dev, shutil.disk_usage(existing).free
 
 
 # The x86 features that decide CPU kernel paths (vLLM's kernel library, oneDNN's bf16 GEMMs), for tags and cache keys.

@@ -237,6 +237,16 @@ def test_every_bad_value_is_refused_with_its_name_before_any_model_loads(name, t
     assert "\n" not in str(err.value)  # one paragraph
 
 
+@pytest.mark.parametrize("log_model", ["copy", "none"])
+def test_the_disk_check_counts_mlflows_copy_of_the_artifact_on_the_same_disk(tiny_root, tmp_path, log_model):
+    cfg = cfg_with("disk_headroom_gb=1e9", f"paths.mlruns={tmp_path / 'mlruns'}", f"tracking.log_model={log_model}")
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg, tmp_path / "job" / "model")
+    assert "the artifact" in str(err.value) and str(tmp_path / "job" / "model") in str(err.value)
+    assert ("MLflow's copy of it" in str(err.value)) == (log_model == "copy")
+    assert "\n" not in str(err.value)
+
+
 def test_a_value_of_the_wrong_type_at_the_root_is_refused_by_hydra_and_an_unknown_root_key_by_the_job():
     with pytest.raises(Exception, match="repeats=abc"):
         cfg_with("repeats=abc")

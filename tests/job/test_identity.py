@@ -50,7 +50,8 @@ FULL = ("method=rtn", "bench=smoke")
 def test_the_job_key_ignores_where_things_go_and_changes_with_what_is_measured(tiny_root, tmp_path):
     key = identity.job_key(cfg_with(*FULL))
     moved = cfg_with(*FULL, f"paths.root={tmp_path}", f"paths.mlruns={tmp_path}/m", "force=true",
-                     f"quantized_cache.dir={tmp_path}/q", "tracking.experiment=other", "timeouts.artifact_check_s=5")  # fmt: skip
+                     f"quantized_cache.dir={tmp_path}/q", "tracking.experiment=other", "timeouts.artifact_check_s=5",
+                     "disk_headroom_gb=null")  # fmt: skip
     assert identity.job_key(moved) == key
     # what a job asks of a launcher (a SLURM time limit raised after a timeout) is not what it measures
     assert identity.job_key(cfg_with(*FULL, "hardware.job_time_min=600", "hardware.job_cpus=4")) == key

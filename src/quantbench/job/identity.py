@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the whole quantbench package
 # Where a job writes and logs, and whether it reruns, do not change what it measures: left out of the job key.
-NOT_IN_CONFIG_HASH = ("hydra", *LOCATION_GROUPS, "force", "timeouts")
+NOT_IN_CONFIG_HASH = ("hydra", *LOCATION_GROUPS, "force", "timeouts", "disk_headroom_gb")
 QUANTIZE_LIBRARIES = ("torch", "transformers")
 EVAL_LIBRARIES = ("lm-eval",)
 LATER_STAGES = ("eval", "quality", "bench")

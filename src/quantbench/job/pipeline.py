@@ -55,8 +55,9 @@ class Job:
     quality_ids: torch.Tensor | None = None  # the held-out windows, cut before any weights load
 
 
-def prepare(cfg: DictConfig) -> Job:
-    """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem."""
+def prepare(cfg: DictConfig, out_dir: Path | None = None) -> Job:
+    """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem.
+    `out_dir`: where the job will save its model (default: where `run` would put it)."""
     schema.check(cfg)
     writer.check(cfg.tracking)
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
@@ -94,7 +95,7 @@ def prepare(cfg: DictConfig) -> Job:
         ) from exc
     method.validate(model_config, hw)
     skeleton = measure.skeleton_of_config(model_config)
-    check_disk(cfg, measure.bytes_16bit(skeleton))
+    check_disk(cfg, measure.weights_bytes(skeleton, torch_dtype(hw.dtype)), out_dir or Path(_job_output_dir(False)))
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
     # the windows need only the tokenizer: a num_tokens the text cannot fill is told before any weights load
@@ -111,22 +112,36 @@ def prepare(cfg: DictConfig) -> Job:
     )
 
 
-def check_disk(cfg: DictConfig, artifact_bytes: int) -> None:
-    """Refuse a job whose disk cannot hold the largest artifact it may write plus `disk_headroom_gb`, before any
-    weights load: a job that fills the disk mid-way fails in a library's own words, and its run may be left RUNNING
-    when MLflow's SQLite store cannot write the failure either."""
+def check_disk(cfg: DictConfig, artifact_bytes: int, out_dir: Path) -> None:
+    """Refuse a job whose disks cannot hold what it writes after validating (its artifact, MLflow's copy of it under
+    tracking.log_model=copy with a local artifact store, compile caches under paths.cache) plus `disk_headroom_gb` on
+    each file system, before quantizing: a job that fills the disk mid-way fails in a library's own words, and its
+    run may be left RUNNING when MLflow's SQLite store cannot write the failure either. The source model is already
+    on disk by then (built or downloaded while resolving it); a copy into the quantized-model cache on another file
+    system is not counted, since a cache store that fails leaves the job's results whole."""
     headroom = cfg.get("disk_headroom_gb")
     if headroom is None:
         return
-    need = artifact_bytes + float(headroom) * 1e9
-    for folder, free in measure.free_space([Path(_job_output_dir(make=False)), Path(cfg.paths.cache)]):
-        if free < need:
+    writes = [(out_dir, artifact_bytes, "the artifact"), (Path(cfg.paths.cache), 0, "caches")]
+    root = str(cfg.tracking.get("artifact_root") or "")
+    if cfg.tracking.get("log_model") == "copy" and root and ("://" not in root or root.startswith("file://")):
+        writes.append((Path(root.removeprefix("file://")), artifact_bytes, "MLflow's copy of it"))
+    by_disk: dict[int, tuple[Path, int, int, list[str]]] = {}
+    for folder, size, what in writes:
+        dev, free = measure.file_system(folder)
+        first, _, total, parts = by_disk.get(dev, (folder, free, 0, []))
+        if size:
+            parts = [*parts, f"{what} {size / 1e9:.3g} GB at {folder}"]
+        by_disk[dev] = (first, free, total + size, parts)
+    for folder, free, total, parts in by_disk.values():
+        if free < total + float(headroom) * 1e9:
             raise ConfigError(
-                f"disk: {free / 1e9:.1f} GB free at {folder}, but this job may write {artifact_bytes / 1e9:.1f} GB "
-                f"(the model's weights in 16 bits, the largest artifact a method saves) plus "
-                f"disk_headroom_gb={float(headroom):g} for compile caches and logs. Free space there (`make "
-                f"clean-cache` removes the quantized-model cache; paths.cache and hydra.sweep.dir move it and the "
-                f"job folders), or set disk_headroom_gb=null to skip this check."
+                f"disk: {free / 1e9:.3g} GB free at {folder}, but this job may write {total / 1e9:.3g} GB there "
+                f"({'; '.join(parts) or 'nothing but caches'}; the model's weights at 16 bits or wider, the largest "
+                f"artifact a method saves) plus disk_headroom_gb={float(headroom):g} for compile caches and logs. "
+                f"Free space there (`make clean-cache` removes the quantized-model cache), move the folders "
+                f"(hydra.run.dir, hydra.sweep.dir, paths.cache, paths.mlruns), or set disk_headroom_gb=null to skip "
+                f"this check."
             )
 
 
@@ -306,7 +321,7 @@ def _run_tags(cfg: DictConfig) -> dict[str, str]:
 def validate(work: Work) -> StageResult:
     """Every input checked before any weights load (`prepare`); a hub model's repo and resolved commit tagged."""
     try:
-        work.job = prepare(work.cfg)
+        work.job = prepare(work.cfg, work.out_dir)
     except ConfigError as exc:
         log.error("Bad input: %s", exc)
         raise
@@ -631,7 +646,8 @@ def _release_memory() -> None:
 
 
 def _job_output_dir(make: bool = True) -> str:
-    """Hydra's folder for this job; outside Hydra, a new temporary folder (`make=False`: where it would be made)."""
+    """Hydra's folder for this job; outside Hydra, a new temporary folder (`make=False`: the folder it would be made
+    in)."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
