@@ -173,6 +173,9 @@ def test_an_engine_failure_names_the_engine_cores_own_error_first():
     served = ["(EngineCore pid=2310) " + out[1], "(APIServer pid=2305) " + out[2]]
     assert vllm_backend.root_cause(served).startswith("TypeError: Distribution.files")
     assert vllm_backend.root_cause(["INFO loading", "done"]).startswith("(no exception")
+    # Python's caret lines under a traceback's code are dropped from what a reason shows, the rest kept in order
+    carets = [out[0], "    ^^^^^^^^^^^^^^^^^^", "  ~~~~^^^", out[1]]
+    assert vllm_backend.output_lines(carets) == [out[0], out[1]]
 
 
 def test_every_bench_config_composes_a_valid_vllm_plan():

@@ -393,7 +393,7 @@ def wait_healthy(server: subprocess.Popen, port: int, timeout_s: float | None, s
     while True:
         code = server.poll()
         if code is not None:
-            lines = [line for line in server_log.read_text(errors="replace").splitlines() if line.strip(" ^~")]
+            lines = vllm.output_lines(server_log.read_text(errors="replace").splitlines())
             raise RuntimeError(
                 f"vLLM's server {children.describe_exit(code)} before it answered /health: {died(lines)}"
             )

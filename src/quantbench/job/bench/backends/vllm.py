@@ -285,6 +285,12 @@ EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*
 PROCESS_PREFIX = re.compile(r"^\([\w.:-]+ pid=\d+\)\s*")  # vLLM's prefix on its processes' lines: "(EngineCore pid=7) "
 
 
+def output_lines(lines: list[str]) -> list[str]:
+    """A vLLM process's output without Python's caret lines (`^^^^` under a traceback's code), which say nothing once
+    the code above them is cut or reflowed in a run's reason."""
+    return [line for line in lines if line.strip(" ^~")]
+
+
 def root_cause(lines: list[str]) -> str:
     """The first exception line of the engine's output (vLLM's engine core prints its error, then the front end
     raises "Engine core initialization failed. See root cause above"), so that a FAILED run's reason starts with it."""
@@ -707,7 +713,7 @@ def _run_engine(request: dict, env: dict[str, str], device: str = "cpu", timeout
             if cuda:
                 sampler.join()
         if code != 0 or not res.exists():
-            lines = [line for line in tail if line.strip(" ^~")]  # not Python's caret markers
+            lines = output_lines(list(tail))
             raise RuntimeError(
                 f"the vLLM engine process {children.describe_exit(code)}: {root_cause(lines)}\n" + "\n".join(lines)
             )
