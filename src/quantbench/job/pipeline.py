@@ -57,7 +57,7 @@ class Job:
 
 def prepare(cfg: DictConfig, out_dir: Path | None = None) -> Job:
     """Validate every input cheaply, in the order a user would fix them; raise ConfigError on the first problem.
-    `out_dir`: where the job will save its model (default: where `run` would put it)."""
+    `out_dir`: where the job will save its model (default: the temporary folder, where a job outside Hydra saves)."""
     schema.check(cfg)
     writer.check(cfg.tracking)
     check_store_for_launcher(str(cfg.tracking.uri), _launcher_target())
@@ -95,7 +95,7 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None) -> Job:
         ) from exc
     method.validate(model_config, hw)
     skeleton = measure.skeleton_of_config(model_config)
-    check_disk(cfg, measure.weights_bytes(skeleton, torch_dtype(hw.dtype)), out_dir or Path(_job_output_dir(False)))
+    check_disk(cfg, measure.weights_bytes(skeleton, torch_dtype(hw.dtype)), out_dir or Path(tempfile.gettempdir()))
     eval_plan = evaluation.plan(cfg.eval, cfg.paths.cache)
     quality_plan = quality.plan(cfg.quality) if "quality" in cfg else None
     # the windows need only the tokenizer: a num_tokens the text cannot fill is told before any weights load
@@ -123,20 +123,21 @@ def check_disk(cfg: DictConfig, artifact_bytes: int, out_dir: Path) -> None:
     if headroom is None:
         return
     writes = [(out_dir, artifact_bytes, "the artifact"), (Path(cfg.paths.cache), 0, "caches")]
-    root = str(cfg.tracking.get("artifact_root") or "")
-    if cfg.tracking.get("log_model") == "copy" and root and ("://" not in root or root.startswith("file://")):
-        writes.append((Path(root.removeprefix("file://")), artifact_bytes, "MLflow's copy of it"))
-    by_disk: dict[int, tuple[Path, int, int, list[str]]] = {}
+    if cfg.tracking.get("log_model") == "copy" and cfg.tracking.get("artifact_root"):  # a local folder (writer.py)
+        writes.append((Path(cfg.tracking.artifact_root), artifact_bytes, "MLflow's copy of it"))
+    free: dict[int, int] = {}
+    by_disk: dict[int, list[tuple[Path, int, str]]] = {}
     for folder, size, what in writes:
-        dev, free = measure.file_system(folder)
-        first, _, total, parts = by_disk.get(dev, (folder, free, 0, []))
-        if size:
-            parts = [*parts, f"{what} {size / 1e9:.3g} GB at {folder}"]
-        by_disk[dev] = (first, free, total + size, parts)
-    for folder, free, total, parts in by_disk.values():
-        if free < total + float(headroom) * 1e9:
+        dev, free_bytes = measure.file_system(folder)
+        free[dev] = free_bytes
+        by_disk.setdefault(dev, []).append((folder, size, what))
+    for dev, on_disk in by_disk.items():
+        total = sum(size for _, size, _ in on_disk)
+        if free[dev] < total + float(headroom) * 1e9:
+            parts = [f"{what} {size / 1e9:.3g} GB at {folder}" for folder, size, what in on_disk if size]
             raise ConfigError(
-                f"disk: {free / 1e9:.3g} GB free at {folder}, but this job may write {total / 1e9:.3g} GB there "
+                f"disk: {free[dev] / 1e9:.3g} GB free at {on_disk[0][0]}, but this job may write "
+                f"{total / 1e9:.3g} GB there "
                 f"({'; '.join(parts) or 'nothing but caches'}; the model's weights at 16 bits or wider, the largest "
                 f"artifact a method saves) plus disk_headroom_gb={float(headroom):g} for compile caches and logs. "
                 f"Free space there (`make clean-cache` removes the quantized-model cache), move the folders "
@@ -645,14 +646,12 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _job_output_dir(make: bool = True) -> str:
-    """Hydra's folder for this job; outside Hydra, a new temporary folder (`make=False`: the folder it would be made
-    in)."""
+def _job_output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return HydraConfig.get().runtime.output_dir
-    return tempfile.mkdtemp(prefix="quantbench-") if make else tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="quantbench-")
 
 
 def _sweep_tags() -> dict[str, str]:
