@@ -20,10 +20,24 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.children import free_port
-from quantbench import schema
-from quantbench.ops import server
-from quantbench.paths import ROOT, cache_root  # the one place that knows where things are
+
+def _share_cores_between_workers() -> None:
+    """Give each pytest-xdist worker, and every process it starts, an equal share of the cores as OpenMP threads.
+
+    torch (and MKL) otherwise take every core in each process, so two workers on two cores run four spinning
+    threads: small matmuls then take several times as long as with one thread each
+    (`python benchmarks/oversubscription.py` prints the ratio). A value set by hand wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_share_cores_between_workers()  # before torch is imported, here or in a child
+
+from quantbench.children import free_port  # noqa: E402
+from quantbench import schema  # noqa: E402
+from quantbench.ops import server  # noqa: E402
+from quantbench.paths import ROOT, cache_root  # noqa: E402 (the one place that knows where things are)
 
 pytest_plugins = ["helpers.sigterm", "helpers.hub"]  # hub: the local hub fixtures (local_hub, stopped_hub)
 
