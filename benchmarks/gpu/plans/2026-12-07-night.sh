@@ -19,6 +19,8 @@ job 2-best-warm-in-process "${BEST[@]}" "${S[@]}" bench.vllm.engine_core=in_proc
 job 3-best-warm-again "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
 job 4-fp16-in-float16 fp16 bench.vllm.dtype=float16 "${S[@]}"
 job 5-nvfp4 nvfp4 "${S[@]}" "${NOCACHE[@]}"
+# the warm start again with the engine core in its own process (the default on CUDA), in case in_process fails
+job 5b-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
 job 6-w8a8-int8 w8a8_int8 calibration.num_samples=32 "${S[@]}" "${NOCACHE[@]}"
 for n in 4 5 6; do
   step 7-search-$n python run.py -m search=w4a16_h100 hardware="$QB_HARDWARE" hydra.sweeper.n_trials=$n paths.mlruns="$W/mlruns" "${NOCACHE[@]}"
