@@ -1,7 +1,7 @@
 """Build the GPU bundle: every entry of requirements-cuda-lock.txt that the GPU image lacks, as wheels, in chunks that
 fit beside the repository in one device command (the GPU machine has no network).
 
-    python benchmarks/gpu/make_bundle.py .gpu/bundle [--chunk-mb 30]      # here, with network to PyPI
+    python benchmarks/gpu/make_bundle.py .gpu/bundle [--chunk-mb N]       # here, with network to PyPI
     bash benchmarks/gpu/device.sh stage 1 .. stage N; bash benchmarks/gpu/device.sh install    # there
 
 What is carried is `python benchmarks/gpu/cuda_lock.py carried`: nothing here names a version. Binary wheels for
@@ -133,12 +133,28 @@ def pack(files: list[Path], out: Path, chunk: int) -> int:
     return len(folders)
 
 
+CARRIED_MB = 64  # what one device command carries: the repository's tracked files and one chunk
+MARGIN_MB = 2  # for files committed after the bundle is made (a GPU stretch's store and logs)
+
+
+def room_beside_repository() -> int:
+    """MiB left for a chunk beside the repository's tracked files, which grow with every committed GPU stretch."""
+    root = Path(__file__).resolve().parents[2]
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    tracked = sum((root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file())
+    return int(CARRIED_MB - tracked / 2**20 - MARGIN_MB)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="a new folder (git-ignored, e.g. .gpu/bundle); replaced if it exists")
-    parser.add_argument("--chunk-mb", type=int, default=30, help="largest chunk; the repository travels beside it")
+    parser.add_argument("--chunk-mb", type=int, default=None,
+                        help=f"largest chunk (default: {CARRIED_MB} MiB less the tracked files, less {MARGIN_MB})")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.chunk_mb is None:
+        args.chunk_mb = room_beside_repository()
+        log.info("chunks of at most %d MiB, to travel beside the repository's tracked files", args.chunk_mb)
     carried = cuda_lock.carried()
     cuda_lock.META.mkdir(parents=True, exist_ok=True)
     cache = cuda_lock.META.parent / "xz"
