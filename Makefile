@@ -16,8 +16,8 @@ UV     := uv==0.13.8
 LOCK   := $(if $(filter cuda,$(STACK)),requirements-cuda-lock.txt,requirements-lock.txt)
 SWEEP  ?=
 PORT   ?= 5000
-# Test files run on this many pytest-xdist workers, a file at a time (its module fixtures run once), the files
-# that read the default sweep together in one worker (tests/conftest.py groups them). Two keep both cores of a
+# Test files run on this many pytest-xdist workers, a file at a time (its module fixtures run once), the longest
+# files first (tests/conftest.py orders them). Two keep both cores of a
 # 2-core machine busy: one worker alone used 1.0 of them (48 min CPU in 52 min wall, 2026-12-06). TEST_WORKERS=0
 # runs in this process. Each worker, and what it starts, gets an equal share of the cores as OpenMP threads
 # (tests/conftest.py; benchmarks/oversubscription.py shows why).

@@ -103,20 +103,42 @@ def run_cli(
     return Store(uri=f"sqlite:///{mlruns}/mlflow.db", artifacts=mlruns / "artifacts", result=result)
 
 
+# The files that take longest on a 2-core machine (`make test`'s --durations), longest first: the workers start on
+# them and the many short files fill in at the end, instead of a long file starting last while the other worker
+# idles (pytest-xdist's own order is by test count, which put the seed study's five tests near the end). The default
+# sweep's file comes first, so that the session's one default sweep (a file lock: the first worker to ask runs it)
+# has finished before the other worker, busy with the seed study, reaches a file that reads it.
+LONGEST_FILES = (
+    "tests/e2e/test_default_sweep.py",
+    "tests/e2e/test_seed_study.py",
+    "tests/e2e/test_search_study.py",
+    "tests/job/test_quantized_cache.py",
+    "tests/test_resume.py",
+    "tests/faults/test_shared_state_faults.py",
+    "tests/job/bench/backends/test_vllm.py",
+    "tests/e2e/test_serving_sweep.py",
+    "tests/job/methods/test_preset.py",
+    "tests/e2e/test_launchers.py",
+    "tests/faults/test_process_faults.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's `--dist loadgroup` (`make test`), each file is one group, so a worker runs all of a file's
-    tests and its module fixtures run once; the files that read the default sweep are one group together, so it runs
-    once and no worker sits waiting on another's."""
-    sweep_files = {item.path for item in items if "default_sweep" in item.fixturenames}
+    tests and its module fixtures run once; LONGEST_FILES go first."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     for item in items:
-        group = "default_sweep" if item.path in sweep_files else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 def pytest_configure(config):
-    """Under pytest-xdist on a machine of several GPUs (`pytest -m gpu -n 2`), each worker takes one GPU, round
-    robin, before anything initialises CUDA: the GPU tests then run side by side instead of sharing GPU 0."""
+    """pytest-xdist's controller hands out the groups in the workers' collection order (LONGEST_FILES first), not
+    sorted by test count. Under pytest-xdist on a machine of several GPUs (`pytest -m gpu -n 2`), each worker takes one
+    GPU, round robin, before anything initialises CUDA: the GPU tests then run side by side instead of sharing GPU 0."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw") or not shutil.which("nvidia-smi"):
         return
