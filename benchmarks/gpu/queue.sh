@@ -13,6 +13,8 @@
 #   job NAME METHOD [OVERRIDES...]   one seed_shape job (benchmarks/gpu/seed_shape.sh: 8B shape, this machine's
 #                                    hardware config), into the stretch's one store; log NAME.log
 #   step NAME COMMAND...             any command in the installed environment; log NAME.log
+#   seed FOLDER                      start the stretch's store and study from a committed stretch's (FOLDER/mlflow.db,
+#                                    FOLDER/optuna.db), so that one report holds every stretch's runs
 # Environment set on a `job` line (e.g. `QUANTBENCH_HUMMING_OPS_FIRST=0 job ...`) reaches its job only.
 set -uo pipefail
 W=${QB_QUEUE_DIR:-/tmp/qb-queue}
@@ -46,6 +48,10 @@ case "${1:?start PLAN | poll SECONDS}" in
       note "step $name start"
       bash "$HERE/device.sh" run "$@" > "$W/logs/$name.log" 2>&1
       note "step $name exit $?"; tidy
+    }
+    seed() {
+      mkdir -p "$W/mlruns"
+      for db in mlflow.db optuna.db; do [ -e "$W/mlruns/$db" ] || cp "$1/$db" "$W/mlruns/"; done
     }
     # shellcheck source=/dev/null
     source "$2"

@@ -5,10 +5,7 @@
 # The night's store and study seed this machine's, so that one report holds every stretch's runs.
 # Disk (64 GB): only the pair that must share an artifact keeps the quantized-model cache; queue.sh removes each job
 # folder's model after its job or step, and the search runs one trial a step.
-mkdir -p "$W/mlruns"
-for db in mlflow.db optuna.db; do
-  [ -e "$W/mlruns/$db" ] || cp benchmarks/results/2026-12-07-h100-night/$db "$W/mlruns/"
-done
+seed benchmarks/results/2026-12-07-h100-night
 S=(bench.streams=[1,8,32] bench.vllm.kv_cache_gb=2)
 BEST=(rtn method.quantize_lm_head=true bench.vllm.dtype=float16 bench.vllm.linear_backend=humming)
 SERVE=(bench=serving bench.vllm.kv_cache_gb=4 hardware.cost_per_hour=3.0)
