@@ -1,7 +1,8 @@
-# The GPU stretch after 2026-12-07 night's (benchmarks/gpu/queue.sh start THIS), in order of need: the two Hopper
-# rows issue 29 still lacks (nvfp4, w8a8_int8), the best artifact's warm start with vLLM's debug log (the night's
-# 42.6 s had 16.4 s of vLLM's own warm-up after graph capture, not yet explained), energy per token under load for
-# W4A16 and BF16 (the night measured fp8's), then the search continued (issue 31).
+# The GPU stretch after 2026-12-07 night's (benchmarks/gpu/queue.sh start THIS), in order of need: nvfp4 (a Hopper
+# row issue 29 still lacks), the best artifact cold then warm with its start sampled (the night's warm 42.6 s had
+# 16.4 s after graph capture in vLLM 0.26's V2 runner warm-up, warmup_kernels; QUANTBENCH_SAMPLE_ENGINE_START logs
+# where the main thread spent it), w8a8_int8, energy per token under load for W4A16 and BF16 (the night measured
+# fp8's), then the search continued (issue 31).
 # The night's store and study seed this machine's, so that one report holds every stretch's runs.
 # Disk (64 GB): only the pair that must share an artifact keeps the quantized-model cache; queue.sh removes each job
 # folder's model after its job or step, and the search runs one trial a step.
@@ -12,10 +13,10 @@ SERVE=(bench=serving bench.vllm.kv_cache_gb=4 hardware.cost_per_hour=3.0)
 NOCACHE=(quantized_cache.enabled=false)
 
 job 1-nvfp4 nvfp4 "${S[@]}" "${NOCACHE[@]}"
-job 2-w8a8-int8 w8a8_int8 calibration.num_samples=32 "${S[@]}" "${NOCACHE[@]}"
-job 3-best-cold "${BEST[@]}" "${S[@]}" bench.vllm.engine_core=in_process
-VLLM_LOGGING_LEVEL=DEBUG job 4-best-warm-debug "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
-job 5-best-warm-separate "${BEST[@]}" "${S[@]}" force=true
+job 2-best-cold "${BEST[@]}" "${S[@]}" bench.vllm.engine_core=in_process
+QUANTBENCH_SAMPLE_ENGINE_START=1 job 3-best-warm-sampled "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
+job 4-w8a8-int8 w8a8_int8 calibration.num_samples=32 "${S[@]}" "${NOCACHE[@]}"
+job 5-best-warm-again "${BEST[@]}" "${S[@]}" force=true bench.vllm.engine_core=in_process
 job 6-serve-best-energy "${BEST[@]}" "${SERVE[@]}" "${NOCACHE[@]}"
 job 7-serve-fp16-energy fp16 "${SERVE[@]}"
 for n in 4 5 6; do

@@ -612,3 +612,26 @@ def test_cuda_graphs_are_captured_for_the_benchmarks_stream_counts_unless_asked_
     assert result.tags["vllm_cuda_graph_sizes"] == ("1,8" if captured else "none" if eager else "vLLM's default list")
     with pytest.raises(ConfigError, match="bench.vllm.cuda_graph_sizes"):
         bench.plan(OmegaConf.create({**SEED_BENCH, "vllm": {"cuda_graph_sizes": "all"}}))
+
+
+def test_the_start_sampler_puts_the_seconds_where_the_main_thread_spent_them(caplog):
+    """QUANTBENCH_SAMPLE_ENGINE_START's sampler: a function that holds the main thread for ~0.6 s is credited with
+    about that, inclusively, and one that returned at once with nothing."""
+    import time
+
+    from quantbench.job.bench.backends._vllm_engine import sampled_stacks
+
+    def slow_part():
+        time.sleep(0.6)
+
+    def quick_part():
+        return None
+
+    with caplog.at_level("INFO", logger="quantbench.job.bench.vllm_engine"):
+        with sampled_stacks(interval_s=0.05) as inclusive:
+            quick_part()
+            slow_part()
+    slow = sum(n for where, n in inclusive.items() if where.endswith(":slow_part")) * 0.05
+    assert 0.4 <= slow <= 0.8
+    assert not any(where.endswith(":quick_part") for where in inclusive)
+    assert any("start sampled" in r.getMessage() and "slow_part" in r.getMessage() for r in caplog.records)

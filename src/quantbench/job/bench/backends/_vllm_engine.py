@@ -17,8 +17,11 @@ import os
 import re
 import resource
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from quantbench.upstream.humming_ops import register_humming_ops
@@ -96,6 +99,36 @@ def backend_family(backend: str) -> list[str] | None:
     return sorted(k.__name__ for k in _LINEAR_BACKEND_KERNEL_MAP.get(backend, ()))
 
 
+@contextmanager
+def sampled_stacks(interval_s: float = 0.2, top: int = 25) -> Iterator[Counter[str]]:
+    """Where this process's main thread spends a span, by sampling its stack every `interval_s` (a poor man's py-spy:
+    no tracing, so what is timed runs at its own speed); on exit logs the functions that held the most samples, with
+    their inclusive seconds. QUANTBENCH_SAMPLE_ENGINE_START=1 samples the engine start with it (in-process engine
+    core: vLLM's warm-up runs in this thread)."""
+    main = threading.main_thread().ident
+    inclusive: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            frame, seen = sys._current_frames().get(main), set()
+            while frame is not None:
+                code = frame.f_code
+                seen.add(f"{Path(code.co_filename).parent.name}/{Path(code.co_filename).name}:{code.co_name}")
+                frame = frame.f_back
+            inclusive.update(seen)
+
+    sampler = threading.Thread(target=sample, name="start-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield inclusive
+    finally:
+        stop.set()
+        sampler.join()
+        for where, samples in inclusive.most_common(top):
+            log.info("start sampled: %6.1f s in %s", samples * interval_s, where)
+
+
 def measure(request: dict) -> dict:
     """Start one engine on the saved model, then time every stream count of the plan."""
     from quantbench.upstream.vllm_cpu import installed_vllm
@@ -104,7 +137,9 @@ def measure(request: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=request["model_dir"], **request["engine"])
+    sampling = sampled_stacks() if os.environ.get("QUANTBENCH_SAMPLE_ENGINE_START") == "1" else nullcontext()
+    with sampling:
+        llm = LLM(model=request["model_dir"], **request["engine"])
     engine_start_s = time.perf_counter() - started
     log.info("vLLM engine ready in %.1f s", engine_start_s)
 
