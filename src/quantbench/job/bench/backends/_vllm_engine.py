@@ -100,7 +100,7 @@ def backend_family(backend: str) -> list[str] | None:
 
 
 @contextmanager
-def sampled_stacks(interval_s: float = 0.2, top: int = 25) -> Iterator[Counter[str]]:
+def sampled_stacks(interval_s: float = 0.2, top: int = 40) -> Iterator[Counter[str]]:
     """Where this process's main thread spends a span, by sampling its stack every `interval_s` (a poor man's py-spy:
     no tracing, so what is timed runs at its own speed); on exit logs the functions that held the most samples, with
     their inclusive seconds. QUANTBENCH_SAMPLE_ENGINE_START=1 samples the engine start with it (in-process engine
@@ -141,7 +141,8 @@ def measure(request: dict) -> dict:
     with sampling:
         llm = LLM(model=request["model_dir"], **request["engine"])
     engine_start_s = time.perf_counter() - started
-    log.info("vLLM engine ready in %.1f s", engine_start_s)
+    # where this process's Triton kernels were cached: vLLM points TRITON_CACHE_DIR at its compile cache's folder
+    log.info("vLLM engine ready in %.1f s (TRITON_CACHE_DIR %s)", engine_start_s, os.environ.get("TRITON_CACHE_DIR"))
 
     quant_method = llm.llm_engine.model_config.quantization or "none"
     try:
