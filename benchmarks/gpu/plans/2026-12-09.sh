@@ -1,8 +1,10 @@
 # The GPU stretch after 2026-12-08's (benchmarks/gpu/queue.sh start THIS), in order of need:
-# 1. Why the best artifact's second start still JIT-compiles vLLM's sampler kernels (20 s of its 49.2 s; the third
-#    start took 28.7 s with 1 s of warm-up): three starts of one artifact with the engine core in process, each
-#    followed by a listing of every Triton cache folder on the machine (the job log names the TRITON_CACHE_DIR its
-#    engine ended with), the second one sampled.
+# 1. The best artifact's second start with one Triton cache for every engine (upstream/vllm_cpu.py, workaround 6:
+#    on 2026-12-08 the second start JIT-compiled vLLM's sampler kernels again, 20 s of its 49.2 s; the third took
+#    28.7 s): three starts of one artifact with the engine core in process, each followed by a listing of every
+#    Triton cache folder on the machine (the job log names the TRITON_CACHE_DIR its engine ended with), the second
+#    one sampled; then a fourth start with an empty Triton cache of its own, back to back, for the tokens/s with and
+#    without the shared one.
 # 2. BF16 under load with energy (issue 30; 2026-12-08's was cut off).
 # 3. The search continued (issue 31).
 seed benchmarks/results/2026-12-08-h100
@@ -21,6 +23,7 @@ QUANTBENCH_SAMPLE_ENGINE_START=1 job 3-best-second "${BEST[@]}" "${S[@]}" force=
 step 4-triton-after-second "${TRITON_CACHES[@]}"
 job 5-best-third "${BEST[@]}" "${S[@]}" force=true
 step 6-triton-after-third "${TRITON_CACHES[@]}"
+TRITON_CACHE_DIR=/tmp/triton-empty job 6b-best-own-triton-cache "${BEST[@]}" "${S[@]}" force=true
 job 7-serve-fp16-energy fp16 "${SERVE[@]}"
 for n in 4 5 6; do
   step 8-search-$n python run.py -m search=w4a16_h100 hardware="$QB_HARDWARE" hydra.sweeper.n_trials=$n paths.mlruns="$W/mlruns" "${NOCACHE[@]}"

@@ -33,6 +33,17 @@
 5. Caches: vLLM writes its torch.compile/inductor caches under VLLM_CACHE_ROOT (default ~/.cache/vllm). We keep
    them in the project cache (`<cache>/vllm`, the folder above quantbench.embedded.tiny.default_cache_dir()),
    where a second engine start for the same model loads the compiled graph instead of compiling (~2 min -> ~15 s).
+
+6. Triton's cache on CUDA: vLLM 0.26 (its default standalone compile) leaves TRITON_CACHE_DIR unset, and torch's
+   Inductor sets it in the process to the compiled model's own folder (`<VLLM_CACHE_ROOT>/torch_compile_cache/
+   torch_aot_compile/<hash>/inductor_cache/triton/<device>`) only where it builds a kernel launcher (its
+   CachingAutotuner's __init__): on a cold start, not on a warm one, which unpickles them. The Triton kernels vLLM's V2
+   runner JIT-compiles in its warm-up (its sampler's among them) therefore go to that model's folder on a cold start
+   and to Triton's default (~/.triton/cache) on a warm one, and a model's first warm start compiled them again: on an
+   H100, 20.2 s of a 49.2 s second start against 1.0 s of a 28.7 s third one
+   (benchmarks/results/2026-12-08-h100/README.md). `engine_env` sets one folder for every CUDA engine,
+   `<VLLM_CACHE_ROOT>/triton` (Triton keys each kernel by its source and options, so models share it); an explicit
+   setting is left alone.
 """
 
 from __future__ import annotations
@@ -113,6 +124,7 @@ def engine_env(device: str, threads: int | None = None, base: dict[str, str] | N
         env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # workaround 3
         if importlib.util.find_spec("flashinfer") is None:
             env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # workaround 4
+        env.setdefault("TRITON_CACHE_DIR", str(Path(env["VLLM_CACHE_ROOT"]) / "triton"))  # workaround 6
     return env
 
 

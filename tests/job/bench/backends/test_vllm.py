@@ -215,6 +215,15 @@ def test_a_cuda_engine_without_flashinfer_uses_vllms_own_sampler_and_an_explicit
     assert "VLLM_USE_FLASHINFER_SAMPLER" not in engine_env("cpu", base={})
 
 
+def test_every_cuda_engine_caches_triton_kernels_in_one_project_folder_and_an_explicit_one_stays():
+    """Workaround 6: with TRITON_CACHE_DIR unset, a cold and a warm start of one model cache vLLM's warm-up kernels
+    in two folders (torch sets it only where it builds launchers), so the first warm start compiles them again."""
+    env = engine_env("cuda", base={})
+    assert env["TRITON_CACHE_DIR"] == str(Path(env["VLLM_CACHE_ROOT"]) / "triton")
+    assert engine_env("cuda", base={"TRITON_CACHE_DIR": "/elsewhere"})["TRITON_CACHE_DIR"] == "/elsewhere"
+    assert "TRITON_CACHE_DIR" not in engine_env("cpu", base={})
+
+
 # --- end to end: our figure against vLLM's own benchmark ----------------------------------------------------------
 
 PROMPT, OUTPUT, STREAMS = 100, 250, 8  # the seed's shape, at 8 concurrent streams
