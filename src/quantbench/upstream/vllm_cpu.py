@@ -37,13 +37,13 @@
 6. Triton's cache on CUDA: vLLM 0.26 (its default standalone compile) leaves TRITON_CACHE_DIR unset, and torch's
    Inductor sets it in the process to the compiled model's own folder (`<VLLM_CACHE_ROOT>/torch_compile_cache/
    torch_aot_compile/<hash>/inductor_cache/triton/<device>`) only where it builds a kernel launcher (its
-   CachingAutotuner's __init__): on a cold start, not on a warm one, which unpickles them. The Triton kernels vLLM's V2
-   runner JIT-compiles in its warm-up (its sampler's among them) therefore go to that model's folder on a cold start
-   and to Triton's default (~/.triton/cache) on a warm one, and a model's first warm start compiled them again: on an
-   H100, 20.2 s of a 49.2 s second start against 1.0 s of a 28.7 s third one
-   (benchmarks/results/2026-12-08-h100/README.md). `engine_env` sets one folder for every CUDA engine,
-   `<VLLM_CACHE_ROOT>/triton` (Triton keys each kernel by its source and options, so models share it); an explicit
-   setting is left alone.
+   CachingAutotuner's __init__): on a cold start, not on a warm one, which loads them from vLLM's AOT artifact (as
+   read from torch's source; the starts below agree). The Triton kernels vLLM's V2 runner JIT-compiles in its
+   warm-up (its sampler's among them) therefore go to that model's folder on a cold start and to Triton's default
+   (~/.triton/cache) on a warm one, and a model's first warm start compiled them again: on an H100, 20.2 s of a
+   49.2 s second start against 1.0 s of a 28.7 s third one (benchmarks/results/2026-12-08-h100/README.md).
+   `engine_env` sets one folder for every CUDA engine, `<VLLM_CACHE_ROOT>/triton` (Triton keys each kernel by its
+   source and options, so models share it); an explicit setting is left alone.
 """
 
 from __future__ import annotations
