@@ -624,8 +624,8 @@ def test_cuda_graphs_are_captured_for_the_benchmarks_stream_counts_unless_asked_
 
 
 def test_the_start_sampler_puts_the_seconds_where_the_main_thread_spent_them(caplog):
-    """QUANTBENCH_SAMPLE_ENGINE_START's sampler: a function that holds the main thread for ~0.6 s is credited with
-    about that, inclusively, and one that returned at once with nothing."""
+    """QUANTBENCH_SAMPLE_ENGINE_START's sampler: a function that holds the main thread for 0.6 s is credited with
+    about that, inclusively (within one sampling interval), and one that returned at once with nothing."""
     import time
 
     from quantbench.job.bench.backends._vllm_engine import sampled_stacks
@@ -640,7 +640,7 @@ def test_the_start_sampler_puts_the_seconds_where_the_main_thread_spent_them(cap
         with sampled_stacks(interval_s=0.05) as inclusive:
             quick_part()
             slow_part()
-    slow = sum(n for where, n in inclusive.items() if where.endswith(":slow_part")) * 0.05
-    assert 0.4 <= slow <= 0.8
+    slow = sum(seconds for where, seconds in inclusive.items() if where.endswith(":slow_part"))
+    assert 0.45 <= slow <= 0.8
     assert not any(where.endswith(":quick_part") for where in inclusive)
     assert any("start sampled" in r.getMessage() and "slow_part" in r.getMessage() for r in caplog.records)

@@ -102,21 +102,26 @@ def backend_family(backend: str) -> list[str] | None:
 @contextmanager
 def sampled_stacks(interval_s: float = 0.2, top: int = 40) -> Iterator[Counter[str]]:
     """Where this process's main thread spends a span, by sampling its stack every `interval_s` (a poor man's py-spy:
-    no tracing, so what is timed runs at its own speed); on exit logs the functions that held the most samples, with
-    their inclusive seconds. QUANTBENCH_SAMPLE_ENGINE_START=1 samples the engine start with it (in-process engine
+    no tracing, so what is timed runs at its own speed): each function on the stack is credited with the time since
+    the previous sample, so a late wake-up under load still adds up to the span. On exit logs the functions with the
+    most seconds, inclusive. QUANTBENCH_SAMPLE_ENGINE_START=1 samples the engine start with it (in-process engine
     core: vLLM's warm-up runs in this thread)."""
     main = threading.main_thread().ident
     inclusive: Counter[str] = Counter()
     stop = threading.Event()
 
     def sample() -> None:
+        last = time.perf_counter()
         while not stop.wait(interval_s):
             frame, seen = sys._current_frames().get(main), set()
             while frame is not None:
                 code = frame.f_code
                 seen.add(f"{Path(code.co_filename).parent.name}/{Path(code.co_filename).name}:{code.co_name}")
                 frame = frame.f_back
-            inclusive.update(seen)
+            now = time.perf_counter()
+            for where in seen:
+                inclusive[where] += now - last
+            last = now
 
     sampler = threading.Thread(target=sample, name="start-sampler", daemon=True)
     sampler.start()
@@ -125,8 +130,8 @@ def sampled_stacks(interval_s: float = 0.2, top: int = 40) -> Iterator[Counter[s
     finally:
         stop.set()
         sampler.join()
-        for where, samples in inclusive.most_common(top):
-            log.info("start sampled: %6.1f s in %s", samples * interval_s, where)
+        for where, seconds in inclusive.most_common(top):
+            log.info("start sampled: %6.1f s in %s", seconds, where)
 
 
 def measure(request: dict) -> dict:
