@@ -146,7 +146,8 @@ def measure(request: dict) -> dict:
     with sampling:
         llm = LLM(model=request["model_dir"], **request["engine"])
     engine_start_s = time.perf_counter() - started
-    # where this process's Triton kernels were cached: vLLM points TRITON_CACHE_DIR at its compile cache's folder
+    # where this process's Triton kernels are cached: engine_env's folder on CUDA unless set otherwise (workaround 6 of
+    # upstream/vllm_cpu.py), else whatever torch set during the start
     log.info("vLLM engine ready in %.1f s (TRITON_CACHE_DIR %s)", engine_start_s, os.environ.get("TRITON_CACHE_DIR"))
 
     quant_method = llm.llm_engine.model_config.quantization or "none"
