@@ -34,7 +34,7 @@ from quantbench.job.bench.speed import stream_label
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
+GB = measure.GB
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
 

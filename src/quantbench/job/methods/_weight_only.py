@@ -7,6 +7,9 @@ import re
 
 from quantbench.errors import ConfigError
 
+# compressed-tensors packs 1..8 bits, but vLLM's compressed-tensors WNA16 kernels serve only 4 and 8 (AWQ and RTN
+# save that format).
+COMPRESSED_TENSORS_BITS = (4, 8)
 # Group sizes offered when a configured one does not fit; -1 means one scale per output channel (no groups).
 CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 

@@ -17,14 +17,18 @@ from omegaconf import DictConfig
 from quantbench import measure
 from quantbench.errors import ConfigError
 from quantbench.upstream.quantizers import llmcompressor_scope
-from quantbench.job.methods._weight_only import check_bits, check_group_size, encode, int_weight_modifier
+from quantbench.job.methods._weight_only import (
+    COMPRESSED_TENSORS_BITS,
+    check_bits,
+    check_group_size,
+    encode,
+    int_weight_modifier,
+)
 from quantbench.job.methods.base import Method, torch_dtype
 from quantbench.job.models import SourceModel
 
 log = logging.getLogger(__name__)
 
-# compressed-tensors packs 1..8 bits, but vLLM's compressed-tensors WNA16 kernels serve only 4 and 8.
-SUPPORTED_BITS = (4, 8)
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -74,7 +78,7 @@ class AWQ(Method):
         return self.zero_point
 
     def validate(self, model_config, hardware: DictConfig) -> None:
-        check_bits("awq", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
+        check_bits("awq", self.bits, COMPRESSED_TENSORS_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("awq", self.group_size, model_config)
         if self.n_grid < 3:
             raise ConfigError(f"method.n_grid={self.n_grid}: AWQ's scale search needs at least 3 grid points.")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from quantbench.job.methods._preset import PresetScheme
 from quantbench.job.methods._weight_only import (
+    COMPRESSED_TENSORS_BITS,
     check_bits,
     check_group_size,
     check_keep_bits,
@@ -19,7 +20,6 @@ from quantbench.job.methods._weight_only import (
     keep_layout,
     keep_patterns,
 )
-from quantbench.job.methods.awq import SUPPORTED_BITS
 
 
 class RTN(PresetScheme):
@@ -49,9 +49,9 @@ class RTN(PresetScheme):
 
     def validate(self, model_config, hardware: DictConfig) -> None:
         super().validate(model_config, hardware)
-        check_bits("rtn", self.bits, SUPPORTED_BITS, "what vLLM's compressed-tensors kernels serve")
+        check_bits("rtn", self.bits, COMPRESSED_TENSORS_BITS, "what vLLM's compressed-tensors kernels serve")
         check_group_size("rtn", self.group_size, model_config)
-        check_keep_bits(self.bits, self.keep_bits, SUPPORTED_BITS)
+        check_keep_bits(self.bits, self.keep_bits, COMPRESSED_TENSORS_BITS)
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         self.keep_targets = keep_patterns(self.keep, int(text.num_hidden_layers))
 

@@ -454,24 +454,7 @@ class Vllm(Backend):
 
         device = str(hardware.device)
         knobs = self.knobs(plan)
-        engine = {
-            "dtype": knobs.serving_dtype(str(hardware.dtype)),
-            "max_model_len": knobs.max_model_len or plan.prompt_tokens + plan.output_tokens,
-            "max_num_seqs": max(plan.streams),
-            "enable_prefix_caching": False,
-            "enforce_eager": bool(knobs.enforce_eager),
-            "seed": 0,
-        }
-        if knobs.linear_backend != "auto":
-            engine["linear_backend"] = knobs.linear_backend
-        if knobs.kv_cache_dtype != "auto":
-            engine["kv_cache_dtype"] = knobs.kv_cache_dtype
-        if knobs.kv_cache_gb is not None:
-            engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
-        if device.startswith("cuda"):
-            engine["gpu_memory_utilization"] = gpu_share(knobs, device)
-            if knobs.cuda_graph_sizes == "streams" and not knobs.enforce_eager:
-                engine["cudagraph_capture_sizes"] = sorted(set(plan.streams))
+        engine = engine_args(plan, knobs, device, str(hardware.dtype))
         env = engine_env(device, knobs.cpu_threads)
         core = knobs.engine_core_mode(device)
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "in_process" else "1"
@@ -488,7 +471,7 @@ class Vllm(Backend):
             "prompts": {str(n): hf.random_prompts(tokenizer, n, plan.prompt_tokens).tolist() for n in plan.streams},
         }
         out = _run_engine(request, env, device, knobs.timeout_s)
-
+        kernels = checked_kernels(out, knobs, device)
         split, compile_cache = engine_start_split(out["start_lines"], out["engine_start_s"])
         metrics: dict[str, float] = {
             **{f"vllm_engine_{part}_s": seconds for part, seconds in split.items()},
@@ -502,59 +485,7 @@ class Vllm(Backend):
             metrics["vllm_gpu_mem_gb"] = out["gpu_mem_gb"]
         speed, speed_tags = speed_metrics(out["runs"], plan.output_tokens)
         metrics.update(speed)
-        kernels = out["linear_kernels"]
-        if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
-            kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
-        slow = slow_kernel(device, kernels)
-        ran = kernel_names(kernels)
-        still_used = [k for k in knobs.disabled_kernels if k in ran]
-        if still_used:
-            raise RuntimeError(
-                f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
-                f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
-            )
-        outside = outside_family(knobs.linear_backend, out.get("linear_backend_family"), kernels)
-        if outside:
-            raise RuntimeError(
-                f"bench.vllm.linear_backend={knobs.linear_backend} but vLLM ran {outside}, not one of its "
-                f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
-                f"where the family has no kernel for the model's layers (here: {device})"
-            )
-        path = "vllm.LLM offline engine, " + (
-            "in-process engine core" if core == "in_process" else "engine-core process"
-        )
-        if device.startswith("cpu"):
-            path += f", {env['OMP_NUM_THREADS']} OpenMP thread(s)"
-        tags = {
-            "bench_backend": "vllm",
-            "bench_path": path,
-            "vllm_version": f"{out['vllm_distribution']}=={out['vllm_version']}",
-            "vllm_quant_method": out["quant_method"],
-            "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
-            or out["kernel_source"],
-            "slow_kernel_fallback": "true" if slow else "false",
-            "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
-            "vllm_kv_cache_dtype": knobs.kv_cache_dtype,
-            "vllm_engine_core": core,
-            "vllm_compile_cache": compile_cache,
-            "vllm_cuda_graph_sizes": (
-                "none"
-                if knobs.enforce_eager or not device.startswith("cuda")
-                else ",".join(map(str, engine.get("cudagraph_capture_sizes", []))) or "vLLM's default list"
-            ),
-            # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
-            "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
-        }
-        tags.update(speed_tags)
-        if knobs.disabled_kernels:
-            tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
-        if knobs.linear_backend != "auto":
-            tags["vllm_linear_backend"] = knobs.linear_backend
-        if knobs.dtype != "auto":
-            tags["vllm_dtype"] = knobs.dtype
-        if slow:
-            tags["slow_kernel_reason"] = slow
-            log.warning("vLLM runs a known slow fallback: %s", slow)
+        tags = run_tags(out, knobs, device, engine, env, kernels) | {"vllm_compile_cache": compile_cache} | speed_tags
         detail = {
             "backend": "vllm",
             "engine_args": engine,
@@ -573,6 +504,94 @@ class Vllm(Backend):
             **{k: out[k] for k in ("engine_start_s", "quant_method", "kernel_source")},
         }
         return BenchResult(metrics=metrics, tags=tags, detail=detail)
+
+
+def engine_args(plan: BenchPlan, knobs: VllmKnobs, device: str, hardware_dtype: str) -> dict:
+    """vllm.LLM's keyword arguments for this benchmark: sized to its longest request and its most streams."""
+    engine = {
+        "dtype": knobs.serving_dtype(hardware_dtype),
+        "max_model_len": knobs.max_model_len or plan.prompt_tokens + plan.output_tokens,
+        "max_num_seqs": max(plan.streams),
+        "enable_prefix_caching": False,
+        "enforce_eager": bool(knobs.enforce_eager),
+        "seed": 0,
+    }
+    if knobs.linear_backend != "auto":
+        engine["linear_backend"] = knobs.linear_backend
+    if knobs.kv_cache_dtype != "auto":
+        engine["kv_cache_dtype"] = knobs.kv_cache_dtype
+    if knobs.kv_cache_gb is not None:
+        engine["kv_cache_memory_bytes"] = int(float(knobs.kv_cache_gb) * GiB)
+    if device.startswith("cuda"):
+        engine["gpu_memory_utilization"] = gpu_share(knobs, device)
+        if knobs.cuda_graph_sizes == "streams" and not knobs.enforce_eager:
+            engine["cudagraph_capture_sizes"] = sorted(set(plan.streams))
+    return engine
+
+
+def checked_kernels(out: dict, knobs: VllmKnobs, device: str) -> dict[str, int]:
+    """The linear kernels the engine ran ({"scheme: kernel": layers}); raises where they are not what the knobs
+    asked for (a disabled kernel still ran, a kernel outside the chosen family), since the run would then measure
+    something other than its tags say."""
+    kernels = out["linear_kernels"]
+    if not kernels and out["logged_kernels"]:  # the model walk failed: fall back to vLLM's own log records
+        kernels = {f"{scheme}: {kernel}{FROM_LOG}": 1 for kernel, scheme in out["logged_kernels"]}
+    ran = kernel_names(kernels)
+    still_used = [k for k in knobs.disabled_kernels if k in ran]
+    if still_used:
+        raise RuntimeError(
+            f"bench.vllm.disabled_kernels={list(knobs.disabled_kernels)} but vLLM still ran {still_used}: "
+            f"this vLLM does not honour VLLM_DISABLED_KERNELS for these layers"
+        )
+    outside = outside_family(knobs.linear_backend, out.get("linear_backend_family"), kernels)
+    if outside:
+        raise RuntimeError(
+            f"bench.vllm.linear_backend={knobs.linear_backend} but vLLM ran {outside}, not one of its "
+            f"{knobs.linear_backend} kernels {out['linear_backend_family']}: this vLLM falls back to its own choice "
+            f"where the family has no kernel for the model's layers (here: {device})"
+        )
+    return kernels
+
+
+def run_tags(
+    out: dict, knobs: VllmKnobs, device: str, engine: dict, env: dict[str, str], kernels: dict[str, int]
+) -> dict[str, str]:
+    """What ran: vLLM's version, path, quantization method, kernels (a known slow fallback said at WARNING), the
+    engine's settings and what serve_mem_gb measured."""
+    core = knobs.engine_core_mode(device)
+    path = "vllm.LLM offline engine, " + ("in-process engine core" if core == "in_process" else "engine-core process")
+    if device.startswith("cpu"):
+        path += f", {env['OMP_NUM_THREADS']} OpenMP thread(s)"
+    slow = slow_kernel(device, kernels)
+    tags = {
+        "bench_backend": "vllm",
+        "bench_path": path,
+        "vllm_version": f"{out['vllm_distribution']}=={out['vllm_version']}",
+        "vllm_quant_method": out["quant_method"],
+        "vllm_linear_kernel": ", ".join(f"{k} x{c}" for k, c in sorted(kernels.items(), key=lambda kv: -kv[1]))
+        or out["kernel_source"],
+        "slow_kernel_fallback": "true" if slow else "false",
+        "bench_threads": env.get("OMP_NUM_THREADS", "?") if device.startswith("cpu") else "gpu",
+        "vllm_kv_cache_dtype": knobs.kv_cache_dtype,
+        "vllm_engine_core": core,
+        "vllm_cuda_graph_sizes": (
+            "none"
+            if knobs.enforce_eager or not device.startswith("cuda")
+            else ",".join(map(str, engine.get("cudagraph_capture_sizes", []))) or "vLLM's default list"
+        ),
+        # what serve_mem_gb measured (measure.MEM_BASES): the device's used memory, or the engine process's RSS
+        "mem_basis.serve_mem_gb": "cuda_device_used" if device.startswith("cuda") else "engine_process_rss",
+    }
+    if knobs.disabled_kernels:
+        tags["vllm_disabled_kernels"] = ",".join(knobs.disabled_kernels)
+    if knobs.linear_backend != "auto":
+        tags["vllm_linear_backend"] = knobs.linear_backend
+    if knobs.dtype != "auto":
+        tags["vllm_dtype"] = knobs.dtype
+    if slow:
+        tags["slow_kernel_reason"] = slow
+        log.warning("vLLM runs a known slow fallback: %s", slow)
+    return tags
 
 
 START_TEXTS = [t for _, ts in COMPILE_CACHE for t in ts] + [t for span in START_SPANS.values() for t in span]
