@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
 from conftest import ROOT, run_cli
@@ -120,6 +121,17 @@ def test_the_readme_runs_the_seed_study_with_a_command_hydra_accepts():
             break
     else:
         pytest.fail("the README shows no `run.py -m experiment=...` command")
+
+
+@pytest.mark.parametrize("group", ["experiment", "search", "debug"])
+def test_a_group_that_is_off_by_default_refuses_an_option_it_lacks_and_lists_its_own(group):
+    """experiment, search and debug select nothing by default; a misspelt option stops the command, naming the
+    options there are. (As `optional` defaults they once dropped it in silence: `experiment=seed_shap` ran the
+    embedded model's default sweep.)"""
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'") as refused:
+        compose_with(f"{group}=nope")
+    assert all(option in str(refused.value) for option in options(group)), str(refused.value)
+    assert options(group)
 
 
 @pytest.mark.parametrize(
