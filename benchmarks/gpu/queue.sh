@@ -16,6 +16,7 @@
 #   seed FOLDER                      start the stretch's store and study from a committed stretch's (FOLDER/mlflow.db,
 #                                    FOLDER/optuna.db), so that one report holds every stretch's runs
 # Environment set on a `job` line (e.g. `QUANTBENCH_HUMMING_OPS_FIRST=0 job ...`) reaches its job only.
+# Check a plan on a CPU machine before a GPU runs it: .venv/bin/python benchmarks/gpu/check_plan.py PLAN
 set -uo pipefail
 W=${QB_QUEUE_DIR:-/tmp/qb-queue}
 HERE=$(cd "$(dirname "$0")" && pwd)
