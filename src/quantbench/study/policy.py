@@ -278,31 +278,9 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
         d.tie_value = metric(d.row, c.tie_break, sel.tasks)
         if not d.rejected and d.score is None:
             d.reject("rank_by", f"has no {c.rank_by} to rank by" + _nan_note(d.row, c.rank_by))
-    finished = [d for d in decisions if d.row.ok]
-    memory_limits = (
-        ("max_serve_mem_gb", c.max_serve_mem_gb, lambda d: (d.memory_gb, d.memory_kind, d.memory_basis)),
-        ("max_peak_mem_gb", c.max_peak_mem_gb,
-         lambda d: (d.row.metrics.get("peak_mem_gb"), d.row.mem_basis("peak_mem_gb"), d.row.mem_basis("peak_mem_gb"))),
-    )  # fmt: skip
-    for constraint, limit, figure in memory_limits:  # a memory limit holds runs to one number: it must mean one thing
-        if limit is None or c.rank_across_backends:
-            continue
-        kinds: dict[str, list[Decision]] = {}
-        for d in finished:  # the runs the limit decides between: those no other constraint rejects
-            if not set(d.by) - {constraint} and figure(d)[0] is not None:
-                kinds.setdefault(figure(d)[1], []).append(d)
-        if len(kinds) > 1:
-            refused = (
-                f"{constraint} cannot be applied: the runs' memory figures measured different things ("
-                + "; ".join(f"{kind}: {', '.join(d.row.label for d in group)}" for kind, group in kinds.items())
-                + f"), so one limit of {limit:g} GB would not hold them to the same test; choose runs of one kind "
-                "(e.g. --filter), or set rank_across_backends=true"
-            )
-            lines = [f"{d.row.label} ({d.row.run_id}): {figure(d)[0]:.3g} GB, {figure(d)[2]}" for g in kinds.values()
-                     for d in g]  # fmt: skip
-            for d in (d for group in kinds.values() for d in group):
-                d.reject(constraint, refused)
-            return _explained(Outcome(decisions, refused, lines))
+    refused = _mixed_memory_figures(decisions, c)
+    if refused is not None:
+        return refused
     candidates = [d for d in decisions if not d.rejected]
     within = [d for d in candidates if d.within_noise]
     pool = within if c.prefer_within_noise and within else candidates
@@ -319,7 +297,7 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
         return _explained(Outcome(decisions))
     best = max(up_rank * d.score for d in pool)
     best_score = up_rank * best
-    rank, tie = c.rank_by, c.tie_break
+    rank = c.rank_by
     tied = [d for d in pool if best - up_rank * d.score <= c.tie_tolerance]
     for d in pool:  # explained before a refusal below can return: a run outside the tie lost on rank_by either way
         if d not in tied:
@@ -340,7 +318,47 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
                 d.reject("rank_across_backends", refused)
             lines = [f"{r.label} ({r.run_id}): {basis}" for basis, rows in groups.items() for r in rows]
             return _explained(Outcome(decisions, refused, lines))
-    # on a complete tie, the run that needs less memory
+    _break_tie(tied, c, (up_rank, up_tie), best_score)
+    return _explained(Outcome(decisions))
+
+
+def _mixed_memory_figures(decisions: list[Decision], c: Constraints) -> Outcome | None:
+    """A memory limit holds runs to one number, so it must mean one thing: where the runs it decides between measured
+    different things (a GPU's used memory, a process's RSS), every one of them is rejected with the reason, and the
+    Outcome says so; None where the limits can apply."""
+    finished = [d for d in decisions if d.row.ok]
+    memory_limits = (
+        ("max_serve_mem_gb", c.max_serve_mem_gb, lambda d: (d.memory_gb, d.memory_kind, d.memory_basis)),
+        ("max_peak_mem_gb", c.max_peak_mem_gb,
+         lambda d: (d.row.metrics.get("peak_mem_gb"), d.row.mem_basis("peak_mem_gb"), d.row.mem_basis("peak_mem_gb"))),
+    )  # fmt: skip
+    for constraint, limit, figure in memory_limits:
+        if limit is None or c.rank_across_backends:
+            continue
+        kinds: dict[str, list[Decision]] = {}
+        for d in finished:  # the runs the limit decides between: those no other constraint rejects
+            if not set(d.by) - {constraint} and figure(d)[0] is not None:
+                kinds.setdefault(figure(d)[1], []).append(d)
+        if len(kinds) > 1:
+            refused = (
+                f"{constraint} cannot be applied: the runs' memory figures measured different things ("
+                + "; ".join(f"{kind}: {', '.join(d.row.label for d in group)}" for kind, group in kinds.items())
+                + f"), so one limit of {limit:g} GB would not hold them to the same test; choose runs of one kind "
+                "(e.g. --filter), or set rank_across_backends=true"
+            )
+            lines = [f"{d.row.label} ({d.row.run_id}): {figure(d)[0]:.3g} GB, {figure(d)[2]}" for g in kinds.values()
+                     for d in g]  # fmt: skip
+            for d in (d for group in kinds.values() for d in group):
+                d.reject(constraint, refused)
+            return _explained(Outcome(decisions, refused, lines))
+    return None
+
+
+def _break_tie(tied: list[Decision], c: Constraints, ups: tuple[int, int], best_score: float) -> None:
+    """The winner among the runs within tie_tolerance of the best: the best tie_break, then the best rank_by, then
+    (on a complete tie) the one that needs less memory; each tied run says why it won or lost."""
+    rank, tie = c.rank_by, c.tie_break
+    up_rank, up_tie = ups  # 1 where more is better, -1 where less is
     tied.sort(
         key=lambda d: (
             d.tie_value is None,
@@ -364,7 +382,6 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
                 f"tied on {rank} ({_v(d.score)} vs best {_v(best_score)}, within {c.tie_tolerance:g}) "
                 f"but lost the tie-break on {tie}: {_v(d.tie_value)} vs {_v(winner.tie_value)}"
             )
-    return _explained(Outcome(decisions))
 
 
 def _explained(outcome: Outcome) -> Outcome:
