@@ -103,12 +103,12 @@ def shape_config(reference: str):
     from transformers import LlamaConfig
 
     from quantbench.embedded import random_shape
-    from quantbench.job.models import EMBEDDED_PREFIX
+    from quantbench.job.models import EMBEDDED_PREFIX, has_random_weights
 
-    name = reference.removeprefix(EMBEDDED_PREFIX)
-    if not reference.startswith(EMBEDDED_PREFIX) or not random_shape.is_shape(name):
+    if not has_random_weights(reference):
         return None
-    return LlamaConfig(**random_shape.SHAPES[name.removesuffix(random_shape.SUFFIX)])
+    shape = reference.removeprefix(EMBEDDED_PREFIX).removesuffix(random_shape.SUFFIX)
+    return LlamaConfig(**random_shape.SHAPES[shape])
 
 
 def check(plan: Path, hardware: str) -> list[str]:
@@ -133,10 +133,14 @@ def check(plan: Path, hardware: str) -> list[str]:
     return failures
 
 
+def newest_plan() -> Path:
+    """The plan the next GPU stretch runs: the latest by its dated name."""
+    return max(PLANS.glob("*.sh"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    newest = max(PLANS.glob("*.sh"))
-    p.add_argument("plan", nargs="?", type=Path, default=newest, help="a plan (default: %(default)s)")
+    p.add_argument("plan", nargs="?", type=Path, default=newest_plan(), help="a plan (default: %(default)s)")
     p.add_argument("--hardware", default="h100", help="conf/hardware option the GPU machine gets (default: h100)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

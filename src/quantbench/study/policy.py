@@ -318,7 +318,7 @@ def choose(sel: Selection, comparisons: stats.Comparisons, constraints: Constrai
                 d.reject("rank_across_backends", refused)
             lines = [f"{r.label} ({r.run_id}): {basis}" for basis, rows in groups.items() for r in rows]
             return _explained(Outcome(decisions, refused, lines))
-    _break_tie(tied, c, (up_rank, up_tie), best_score)
+    _break_tie(tied, c, up_rank, up_tie, best_score)
     return _explained(Outcome(decisions))
 
 
@@ -354,11 +354,10 @@ def _mixed_memory_figures(decisions: list[Decision], c: Constraints) -> Outcome 
     return None
 
 
-def _break_tie(tied: list[Decision], c: Constraints, ups: tuple[int, int], best_score: float) -> None:
+def _break_tie(tied: list[Decision], c: Constraints, up_rank: int, up_tie: int, best_score: float) -> None:
     """The winner among the runs within tie_tolerance of the best: the best tie_break, then the best rank_by, then
     (on a complete tie) the one that needs less memory; each tied run says why it won or lost."""
-    rank, tie = c.rank_by, c.tie_break
-    up_rank, up_tie = ups  # 1 where more is better, -1 where less is
+    rank, tie = c.rank_by, c.tie_break  # up_rank, up_tie: 1 where more is better, -1 where less is
     tied.sort(
         key=lambda d: (
             d.tie_value is None,
